@@ -1,0 +1,246 @@
+"""Structured, validated configs: YAML files or named presets plus dotted ``key=value`` overrides.
+
+Pydantic models give types, ranges and unknown-key rejection; this module turns every failure
+into one ``ConfigError`` that names each bad key, what is wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from threetowers.towers.pretrained import BACKBONES, BACKBONES_NEEDING_PATH, FIXED_FEATURE_DIMS
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A config the user wrote (or overrode) is invalid; the message says where and how to fix."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ImageTowerConfig(Section):
+    image_size: int = Field(64, gt=0)
+    patch_size: int = Field(8, gt=0)
+    width: int = Field(192, gt=0)
+    depth: int = Field(6, gt=0)
+    heads: int = Field(3, gt=0)
+    mlp_ratio: float = Field(4.0, gt=0)
+    pool: Literal["cls", "gap", "map"] = "gap"
+
+    @model_validator(mode="after")
+    def _shapes_fit(self) -> ImageTowerConfig:
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}"
+            )
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        return self
+
+
+class TextTowerConfig(Section):
+    vocab_size: int = Field(8192, gt=1)
+    context_length: int = Field(32, gt=0)
+    width: int = Field(192, gt=0)
+    depth: int = Field(4, gt=0)
+    heads: int = Field(3, gt=0)
+    mlp_ratio: float = Field(4.0, gt=0)
+    causal: bool = False
+    pool: Literal["eot", "first", "mean"] = "mean"
+    pad_id: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TextTowerConfig:
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if self.pad_id >= self.vocab_size:
+            raise ValueError(
+                f"pad_id {self.pad_id} is outside the vocabulary (size {self.vocab_size})"
+            )
+        if self.causal and self.pool == "first":
+            raise ValueError(
+                "pool 'first' with causal attention sees only the first token; "
+                "use pool 'eot' or 'mean', or set causal false"
+            )
+        return self
+
+
+class ThirdTowerConfig(Section):
+    backbone: str = "efficientnet_lite0"
+    path: str | None = None
+    pool: Literal["auto", "cls", "pooler", "mean"] = "auto"
+    head: Literal["linear", "mlp", "identity"] = "linear"
+
+    @model_validator(mode="after")
+    def _known(self) -> ThirdTowerConfig:
+        if self.backbone not in BACKBONES:
+            raise ValueError(
+                f"unknown backbone {self.backbone!r}; choose one of {sorted(BACKBONES)}"
+            )
+        if self.backbone in BACKBONES_NEEDING_PATH and not self.path:
+            raise ValueError(f"backbone {self.backbone!r} needs a path (model.third.path=...)")
+        return self
+
+
+class ModelConfig(Section):
+    mode: Literal["clip", "lit", "3t"] = "3t"
+    embed_dim: int = Field(128, gt=0)
+    head: Literal["linear", "mlp"] = "linear"
+    share_alignment_heads: bool = False
+    image: ImageTowerConfig = ImageTowerConfig()
+    text: TextTowerConfig = TextTowerConfig()
+    third: ThirdTowerConfig | None = ThirdTowerConfig()
+
+    @model_validator(mode="after")
+    def _mode_has_its_towers(self) -> ModelConfig:
+        if self.mode in ("lit", "3t") and self.third is None:
+            raise ValueError(
+                f"mode {self.mode!r} needs a third tower; set model.third.backbone "
+                "(e.g. efficientnet_lite0) or use mode 'clip'"
+            )
+        if self.third is not None and self.third.head == "identity":
+            dim = FIXED_FEATURE_DIMS.get(self.third.backbone)
+            if dim is not None and dim != self.embed_dim:
+                raise ValueError(
+                    f"third.head 'identity' needs embed_dim equal to the {self.third.backbone} "
+                    f"feature dim {dim}, got embed_dim {self.embed_dim}; use head 'linear'"
+                )
+        return self
+
+
+class TermWeights(Section):
+    """Weights of the 3T terms; the objective is their weighted mean. Weight 0 drops a term."""
+
+    f_g: float = Field(1.0, ge=0)
+    fh_h: float = Field(1.0, ge=0)
+    gh_h: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _not_all_zero(self) -> TermWeights:
+        if self.f_g + self.fh_h + self.gh_h == 0:
+            raise ValueError("all term weights are 0; at least one must be positive")
+        return self
+
+
+class LossConfig(Section):
+    kind: Literal["softmax", "sigmoid"] = "softmax"
+    shared_temperature: bool = False
+    init_scale: float | None = Field(None, gt=0)  # None: 10 for both kinds (big_vision, SigLIP)
+    max_scale: float = Field(100.0, gt=0)
+    init_bias: float = -10.0  # sigmoid only
+    weights: TermWeights = TermWeights()
+    alignment: Literal["contrastive", "l2"] = "contrastive"
+
+    @model_validator(mode="after")
+    def _scale_in_range(self) -> LossConfig:
+        if self.init_scale is not None and self.init_scale > self.max_scale:
+            raise ValueError(f"init_scale {self.init_scale} exceeds max_scale {self.max_scale}")
+        return self
+
+
+class Config(Section):
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+
+
+def load_config(source: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """A YAML file, a preset name (``tiny``, ``b16``, ...) or None (defaults), then overrides."""
+    raw = _read_source(source) if source is not None else {}
+    for item in overrides or []:
+        _apply_override(raw, item)
+    return config_from_dict(raw, origin=str(source) if source is not None else "defaults")
+
+
+def config_from_dict(raw: dict[str, Any], origin: str = "config") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_describe(error, origin)) from None
+
+
+def preset_names() -> list[str]:
+    return sorted(path.stem for path in PRESETS_DIR.glob("*.yaml"))
+
+
+def _read_source(source: str | Path) -> dict[str, Any]:
+    path = Path(source)
+    if not path.exists() and (PRESETS_DIR / f"{source}.yaml").exists():
+        path = PRESETS_DIR / f"{source}.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            f"config {str(source)!r} is neither a file nor a preset; presets: {preset_names()}"
+        )
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}"
+        )
+    return raw
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. model.mode=clip)")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    parts = key.strip().split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(
+                f"override {item!r}: {'.'.join(parts[: depth + 1])} is a value, not a section"
+            )
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe(error: ValidationError, origin: str) -> str:
+    lines = [f"invalid config ({origin}):"]
+    for problem in error.errors():
+        where = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        if problem["type"] == "extra_forbidden":
+            lines.append(f"  {where}: unknown key{_suggestion(problem['loc'])}")
+        elif problem["type"] in ("value_error", "assertion_error"):
+            message = problem["msg"].removeprefix("Value error, ")
+            lines.append(f"  {where}: {message}")
+        else:
+            lines.append(f"  {where}: {problem['msg']} (got {problem.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _suggestion(loc: tuple) -> str:
+    """Name the valid keys of the section holding an unknown key, closest first."""
+    section: type[BaseModel] = Config
+    for part in loc[:-1]:
+        annotation = section.model_fields[part].annotation if part in section.model_fields else None
+        candidates = [
+            arg
+            for arg in getattr(annotation, "__args__", (annotation,))
+            if isinstance(arg, type) and issubclass(arg, BaseModel)
+        ]
+        if not candidates:
+            return ""
+        section = candidates[0]
+    valid = list(section.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{hint} valid keys: {', '.join(valid)}"

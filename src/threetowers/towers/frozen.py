@@ -1,0 +1,112 @@
+"""A frozen pretrained image backbone: the third tower h (and LiT's image tower).
+
+Frozen means four things, all enforced here rather than left to the caller: no parameter
+requires a gradient (so none reaches an optimizer built from trainable parameters), the
+module stays in eval mode whatever ``train()`` is called with (BatchNorm statistics and
+dropout never move), and the forward runs under ``torch.inference_mode``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RESIZE_MODES = ("bicubic", "bilinear", "nearest")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a backbone wants its images: every tower declares its own.
+
+    Images are resized so the shorter side is ``image_size / crop_fraction`` (with
+    ``resize`` interpolation), centre-cropped to ``image_size``, scaled to [0, 1] and
+    normalised with ``mean`` / ``std`` per RGB channel.
+    """
+
+    image_size: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    resize: str = "bicubic"
+    crop_fraction: float = 0.875
+
+    def __post_init__(self) -> None:
+        if self.image_size <= 0:
+            raise ValueError(f"Preprocessing.image_size must be positive, got {self.image_size}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(
+                f"Preprocessing needs three means and three positive stds, got "
+                f"mean={self.mean} std={self.std}"
+            )
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(
+                f"Preprocessing.resize must be one of {RESIZE_MODES}, got {self.resize!r}"
+            )
+        if not 0 < self.crop_fraction <= 1:
+            raise ValueError(
+                f"Preprocessing.crop_fraction must be in (0, 1], got {self.crop_fraction}"
+            )
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalise a (B, 3, H, W) batch of [0, 1] images with this backbone's statistics."""
+        mean = torch.tensor(self.mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+        return (images - mean) / std
+
+
+class FrozenBackbone(nn.Module):
+    """Wraps any module mapping normalised images (B, 3, S, S) to pooled features (B, C).
+
+    ``feature_dim`` is measured with one dummy forward when not given.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        preprocessing: Preprocessing,
+        feature_dim: int | None = None,
+        name: str = "custom",
+    ) -> None:
+        super().__init__()
+        self.module = module
+        self.preprocessing = preprocessing
+        self.name = name
+        for param in self.module.parameters():
+            param.requires_grad_(False)
+        super().train(False)
+        self.feature_dim = feature_dim if feature_dim is not None else self._measure_feature_dim()
+
+    def train(self, mode: bool = True) -> FrozenBackbone:
+        # Frozen towers never leave eval mode: BatchNorm statistics and dropout stay fixed.
+        return super().train(False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            features = self.module(images)
+        if features.ndim != 2:
+            raise ValueError(
+                f"third tower {self.name!r} returned features of shape {tuple(features.shape)}; "
+                "it must return pooled (batch, dim) features"
+            )
+        # Inference tensors cannot enter autograd; a clone (B x C, cheap) turns them into
+        # ordinary constants that the trainable head on h can consume.
+        return features.clone()
+
+    def _measure_feature_dim(self) -> int:
+        param = next(self.module.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        if device.type == "meta":
+            raise ValueError(
+                f"give feature_dim for third tower {self.name!r} built on the meta device"
+            )
+        size = self.preprocessing.image_size
+        probe = torch.zeros(1, 3, size, size, device=device)
+        return int(self(probe).shape[-1])

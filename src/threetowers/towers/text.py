@@ -1,0 +1,74 @@
+"""The text tower g: a Transformer over token ids, trained from scratch.
+
+Captions are right-padded with ``pad_id``. Padding is masked out of attention and out of
+pooling, so the embedding of a caption does not depend on how much padding follows it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from threetowers.towers.transformer import Encoder
+
+TEXT_POOLS = ("eot", "first", "mean")
+
+
+class TextTransformer(nn.Module):
+    """``pool``: ``eot`` (the last non-padding token, i.e. end-of-text), ``first`` (a leading
+    [CLS]/BOS token; needs bidirectional attention) or ``mean`` over non-padding tokens.
+    Output: (B, width) pooled features."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        context_length: int,
+        width: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        causal: bool = False,
+        pool: str = "mean",
+        pad_id: int = 0,
+    ) -> None:
+        super().__init__()
+        if pool not in TEXT_POOLS:
+            raise ValueError(f"text pool must be one of {TEXT_POOLS}, got {pool!r}")
+        if causal and pool == "first":
+            raise ValueError(
+                "text pool 'first' with causal attention would see only the first token; "
+                "use pool 'eot' or 'mean', or causal false"
+            )
+        self.context_length = context_length
+        self.causal = causal
+        self.pool = pool
+        self.pad_id = pad_id
+        self.feature_dim = width
+        self.token_embed = nn.Embedding(vocab_size, width)
+        self.pos_embed = nn.Parameter(torch.randn(1, context_length, width) * 0.01)
+        self.encoder = Encoder(width, depth, heads, mlp_ratio)
+        self.norm = nn.LayerNorm(width)
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        batch, length = tokens.shape
+        if length > self.context_length:
+            raise ValueError(
+                f"token batch has length {length} but the text tower's context_length is "
+                f"{self.context_length}; truncate the captions or raise context_length"
+            )
+        # Captions are right-padded and never empty (the tokenizer adds begin/end tokens), so
+        # the non-padding tokens are a prefix; no check here to keep the step free of host syncs.
+        keep = tokens != self.pad_id
+        mask = keep[:, None, None, :]  # (B, 1, 1, L): no query attends to padding keys
+        if self.causal:
+            mask = mask & torch.ones(length, length, dtype=torch.bool, device=tokens.device).tril()
+        x = self.encoder(self.token_embed(tokens) + self.pos_embed[:, :length], mask)
+        x = self.norm(x)
+        if self.pool == "first":
+            return x[:, 0]
+        if self.pool == "eot":
+            last = keep.sum(dim=1) - 1
+            return x[torch.arange(batch, device=tokens.device), last]
+        weights = keep.to(x.dtype).unsqueeze(-1)
+        return (x * weights).sum(dim=1) / weights.sum(dim=1)

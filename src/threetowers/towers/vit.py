@@ -1,0 +1,81 @@
+"""The image tower f: a Vision Transformer trained from scratch."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from threetowers.towers.transformer import Encoder
+
+IMAGE_POOLS = ("cls", "gap", "map")
+
+
+class AttentionPool(nn.Module):
+    """Multi-head attention pooling with one learned query (big_vision's MAP head)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.probe = nn.Parameter(torch.zeros(1, 1, width))
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+        self.out = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width)
+        hidden = round(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+        nn.init.normal_(self.probe, std=0.02)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        batch, length, width = tokens.shape
+        head_dim = width // self.heads
+        q = self.q(self.probe).view(1, 1, self.heads, head_dim).transpose(1, 2)
+        k, v = self.kv(tokens).view(batch, length, 2, self.heads, head_dim).permute(2, 0, 3, 1, 4)
+        pooled = F.scaled_dot_product_attention(q.expand(batch, -1, -1, -1), k, v)
+        pooled = self.out(pooled.transpose(1, 2).reshape(batch, width))
+        return pooled + self.mlp(self.norm(pooled))
+
+
+class VisionTransformer(nn.Module):
+    """Patchify, add learned positions, pre-LN Transformer, final LayerNorm, pool.
+
+    ``pool``: ``cls`` (a class token), ``gap`` (mean over patches) or ``map`` (attention
+    pooling). The class token exists only for ``cls``. Output: (B, width) pooled features.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        patch_size: int,
+        width: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        pool: str = "gap",
+    ) -> None:
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
+        if pool not in IMAGE_POOLS:
+            raise ValueError(f"image pool must be one of {IMAGE_POOLS}, got {pool!r}")
+        self.pool = pool
+        self.feature_dim = width
+        num_patches = (image_size // patch_size) ** 2
+        self.patch_embed = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if pool == "cls" else None
+        num_tokens = num_patches + (1 if pool == "cls" else 0)
+        self.pos_embed = nn.Parameter(torch.randn(1, num_tokens, width) * 0.02)
+        self.encoder = Encoder(width, depth, heads, mlp_ratio)
+        self.norm = nn.LayerNorm(width)
+        self.attention_pool = AttentionPool(width, heads, mlp_ratio) if pool == "map" else None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch_embed(images).flatten(2).transpose(1, 2)
+        if self.cls_token is not None:
+            tokens = torch.cat([self.cls_token.expand(len(tokens), -1, -1), tokens], dim=1)
+        tokens = self.norm(self.encoder(tokens + self.pos_embed))
+        if self.pool == "cls":
+            return tokens[:, 0]
+        if self.pool == "gap":
+            return tokens.mean(dim=1)
+        return self.attention_pool(tokens)

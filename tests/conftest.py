@@ -1,0 +1,64 @@
+"""Shared test helpers: tiny configs and a tiny frozen backbone with BatchNorm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import threetowers as tt
+
+
+class TinyCNN(nn.Module):
+    """A small conv net with BatchNorm and dropout, so freezing has something to get wrong."""
+
+    feature_dim = 24
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 12, 3, stride=2, padding=1),
+            nn.BatchNorm2d(12),
+            nn.ReLU(),
+            nn.Dropout(0.5),
+            nn.Conv2d(12, self.feature_dim, 3, stride=2, padding=1),
+            nn.BatchNorm2d(self.feature_dim),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        for module in self.net:
+            if isinstance(module, nn.BatchNorm2d):  # non-trivial statistics
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+
+def tiny_backbone(image_size: int = 24) -> tt.FrozenBackbone:
+    torch.manual_seed(123)
+    return tt.FrozenBackbone(TinyCNN(), tt.Preprocessing(image_size), name="tiny_cnn")
+
+
+def tiny_config(mode: str = "3t", *overrides: str) -> tt.Config:
+    return tt.load_config("tiny", [f"model.mode={mode}", "model.embed_dim=16", *overrides])
+
+
+def tiny_model(mode: str = "3t", *overrides: str, seed: int = 0) -> tt.ThreeTowers:
+    torch.manual_seed(seed)
+    cfg = tiny_config(mode, *overrides)
+    return tt.build_model(cfg, third_tower=None if mode == "clip" else tiny_backbone())
+
+
+def tiny_batch(batch: int = 8, seed: int = 1, image_size: int = 32, context: int = 16):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, image_size, image_size, generator=generator)
+    lengths = torch.randint(2, context + 1, (batch,), generator=generator)
+    tokens = torch.randint(1, 512, (batch, context), generator=generator)
+    tokens[torch.arange(context)[None, :] >= lengths[:, None]] = 0
+    return images, tokens
+
+
+@pytest.fixture
+def backbone() -> tt.FrozenBackbone:
+    return tiny_backbone()

@@ -1,0 +1,106 @@
+"""Configs: presets, YAML, overrides, and one clear message per mistake."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import threetowers as tt
+from threetowers.config import preset_names
+
+
+def test_presets_and_overrides_load_typed_values(tmp_path):
+    assert {"tiny", "b16", "l16", "g14"} <= set(preset_names())
+    cfg = tt.load_config(
+        "tiny",
+        [
+            "model.mode=lit",
+            "loss.kind=sigmoid",
+            "model.text.causal=true",
+            "model.text.pool=eot",
+            "loss.weights.fh_h=0.5",
+        ],
+    )
+    assert cfg.model.mode == "lit" and cfg.loss.kind == "sigmoid"
+    assert cfg.model.text.causal is True and cfg.loss.weights.fh_h == 0.5
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  mode: clip\n  image: {width: 96, heads: 4}\n")
+    cfg = tt.load_config(path, ["model.embed_dim=48"])
+    assert (cfg.model.mode, cfg.model.image.width, cfg.model.embed_dim) == ("clip", 96, 48)
+    assert tt.load_config().model.mode == "3t"  # defaults
+
+
+def test_override_can_create_a_section_left_null():
+    cfg = tt.load_config("tiny", ["model.mode=clip", "model.third=null", "model.third.head=mlp"])
+    assert cfg.model.third.head == "mlp" and cfg.model.third.backbone == "efficientnet_lite0"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.image.widht=3"], r"model.image.widht: unknown key; did you mean 'width'\?"),
+        (["loss.kinds=softmax"], r"loss.kinds: unknown key; did you mean 'kind'\?"),
+        (["model.image.width=wide"], r"model.image.width: .*integer.*\(got 'wide'\)"),
+        (["model.mode=siglip"], r"model.mode: Input should be 'clip', 'lit' or '3t'"),
+        (["model.mode=3t", "model.third=null"], r"mode '3t' needs a third tower"),
+        (["model.mode=lit", "model.third=null"], r"mode 'lit' needs a third tower"),
+        (["model.third.backbone=resnet50"], r"unknown backbone 'resnet50'; choose one of"),
+        (["model.third.backbone=hf"], r"backbone 'hf' needs a path"),
+        (
+            ["model.third.head=identity"],
+            r"needs embed_dim equal to the efficientnet_lite0 feature dim 1280",
+        ),
+        (["model.image.patch_size=5"], r"image_size 32 is not divisible by patch_size 5"),
+        (["model.text.heads=3"], r"width 64 is not divisible by heads 3"),
+        (["model.text.causal=true", "model.text.pool=first"], r"pool 'first' with causal"),
+        (
+            ["loss.weights.f_g=0", "loss.weights.fh_h=0", "loss.weights.gh_h=0"],
+            r"all term weights are 0",
+        ),
+        (["loss.init_scale=200"], r"init_scale 200.0 exceeds max_scale 100.0"),
+        (["model.embed_dim=-4"], r"model.embed_dim: Input should be greater than 0"),
+        (["model.image.width"], r"not of the form key=value"),
+        (["model.mode.x=1"], r"model.mode is a value, not a section"),
+    ],
+)
+def test_mistakes_give_one_clear_message(overrides, message):
+    with pytest.raises(tt.ConfigError, match=message) as error:
+        tt.load_config("tiny", overrides)
+    assert "Traceback" not in str(error.value)
+
+
+def test_missing_file_and_bad_yaml_are_named(tmp_path):
+    with pytest.raises(tt.ConfigError, match="neither a file nor a preset; presets:"):
+        tt.load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(tt.ConfigError, match="not valid YAML"):
+        tt.load_config(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(tt.ConfigError, match="top level must be a mapping"):
+        tt.load_config(bad)
+
+
+def test_identity_head_checked_against_a_loaded_backbone(backbone):
+    cfg = tt.load_config(
+        "tiny",
+        [
+            "model.third.backbone=checkpoint",
+            "model.third.path=x",
+            "model.third.head=identity",
+            "model.embed_dim=16",
+        ],
+    )
+    with pytest.raises(tt.ConfigError, match=r"feature dim \(24\), got embed_dim 16"):
+        tt.build_model(cfg, third_tower=backbone)
+    ok = tt.load_config(
+        "tiny",
+        [
+            "model.third.backbone=checkpoint",
+            "model.third.path=x",
+            "model.third.head=identity",
+            "model.embed_dim=24",
+        ],
+    )
+    model = tt.build_model(ok, third_tower=backbone)
+    assert isinstance(model.heads["h"], torch.nn.Identity)

@@ -1,0 +1,29 @@
+# `make test` and `make demo` set up .venv on first use (torch pinned to the CPU build) and reuse it.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH := torch==2.13.0
+
+.PHONY: test demo lint clean
+
+$(BIN)/threetowers: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and pinned, so that no dependency can pull an unpinned (CUDA) build.
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e ".[hf,test]" $(TORCH)
+	touch $@
+
+test: $(BIN)/threetowers
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
+	$(BIN)/ruff check src tests
+
+demo: $(BIN)/threetowers
+	$(BIN)/threetowers summary tiny
+
+lint: $(BIN)/threetowers
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

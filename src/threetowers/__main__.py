@@ -1,0 +1,5 @@
+import sys
+
+from threetowers.cli import main
+
+sys.exit(main())

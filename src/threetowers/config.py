@@ -146,9 +146,70 @@ class LossConfig(Section):
         return self
 
 
+class WorldConfig(Section):
+    """The embedded image-caption world, generated on first use (threetowers.data.world)."""
+
+    dir: str = "worlds/default"
+    seed: int = 0
+    image_size: int = Field(64, gt=7)
+    train_pairs: int = Field(20000, gt=0)
+    workers: int = Field(2, gt=0)
+
+
+class DataConfig(Section):
+    train: str | None = None  # pairs: CSV/TSV/JSONL file, shard directory or pattern; None: world
+    world: WorldConfig = WorldConfig()
+    tokenizer: str | None = None  # tokenizer.json; None: train a BPE on the training captions
+    batch_size: int = Field(256, gt=0)
+    num_workers: int = Field(1, ge=0)
+    shuffle_buffer: int = Field(2000, ge=1)
+    augment: bool = True  # random resized crops for the image tower f (h never sees augmentation)
+    crop_scale: tuple[float, float] = (0.6, 1.0)
+    cache: Literal["auto", "off"] = "auto"  # auto: precompute h's features once and reuse them
+    cache_dir: str = "~/.cache/threetowers/features"
+
+    @model_validator(mode="after")
+    def _crop_scale_in_range(self) -> DataConfig:
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
+        return self
+
+
+class EvalConfig(Section):
+    """Benchmarks; left empty with the embedded world, its own sets are used."""
+
+    retrieval: str | None = None  # Karpathy-split JSON (dataset_flickr30k.json, ...)
+    retrieval_split: str = "test"
+    zeroshot: dict[str, str] = {}  # name -> class-folder root (classnames.txt, templates.txt)
+    zeroshot_split: str | None = "test"
+    fewshot_shots: int = Field(10, ge=0)  # per class, drawn from the class folder's val split
+    alpha_sweep: bool = True
+    every: int = Field(0, ge=0)  # steps between evaluations; 0: only at the end
+    batch_size: int = Field(256, gt=0)
+
+
+class TrainConfig(Section):
+    steps: int = Field(1000, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    grad_clip: float = Field(1.0, ge=0)  # 0: off
+    seed: int = 0
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast is for GPUs; slow on CPUs
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    checkpoint_every: int = Field(200, gt=0)
+    keep_checkpoints: int = Field(3, gt=0)
+    log_every: int = Field(10, gt=0)
+    run_dir: str = "runs/default"
+
+
 class Config(Section):
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
 
 
 def load_config(source: str | Path | None = None, overrides: list[str] | None = None) -> Config:

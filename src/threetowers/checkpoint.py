@@ -1,0 +1,136 @@
+"""Training checkpoints: atomic, self-checking, safe to load, the last K kept.
+
+A checkpoint is a directory ``RUN/checkpoints/step_00001234/`` holding
+
+    model.safetensors   the model's trainable state (the frozen third tower is left out:
+                        it is reloaded from its source, and its fingerprint is recorded)
+    state.pt            optimizer, scheduler, RNG and data position; plain tensors and
+                        containers only, read with ``torch.load(weights_only=True)``
+    meta.json           step, sha256 of both files, third-tower fingerprint
+
+written into a temporary directory, fsynced, then renamed into place: a crash at any moment
+leaves either the complete checkpoint or none. A checkpoint whose checksums do not match is
+reported and skipped in favour of the previous one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+PREFIX = "step_"
+TMP_PREFIX = ".tmp-"
+FROZEN_PREFIX = "third_tower."
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    model: dict[str, torch.Tensor]
+    state: dict[str, Any]
+    meta: dict[str, Any]
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state without the frozen third tower."""
+    return {
+        k: v.detach().contiguous().cpu()
+        for k, v in model.state_dict().items()
+        if not k.startswith(FROZEN_PREFIX)
+    }
+
+
+def save_checkpoint(
+    directory: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    state: dict[str, Any],
+    meta: dict[str, Any] | None = None,
+    keep: int = 3,
+) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"{PREFIX}{step:08d}"
+    tmp = directory / f"{TMP_PREFIX}{PREFIX}{step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(trainable_state(model), str(tmp / "model.safetensors"))
+    torch.save(state, tmp / "state.pt")
+    record = dict(meta or {}, step=step)
+    record["sha256"] = {name: _sha256(tmp / name) for name in ("model.safetensors", "state.pt")}
+    (tmp / "meta.json").write_text(json.dumps(record, indent=1))
+    for name in ("model.safetensors", "state.pt", "meta.json"):
+        _fsync(tmp / name)
+    if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync(directory)
+    _prune(directory, keep)
+    return final
+
+
+def load_latest(directory: str | Path) -> Checkpoint | None:
+    """The newest checkpoint that passes its checksums; corrupt ones are reported and skipped."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    for path in sorted(_checkpoints(directory), reverse=True):
+        try:
+            return load_checkpoint(path)
+        except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as error:
+            warnings.warn(f"skipping checkpoint {path}: {error}", stacklevel=2)
+    return None
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    meta = json.loads((path / "meta.json").read_text())
+    for name, digest in meta["sha256"].items():
+        if _sha256(path / name) != digest:
+            raise ValueError(f"{name} does not match its checksum (corrupted or partly written)")
+    model = load_file(str(path / "model.safetensors"))
+    state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
+    return Checkpoint(step=int(meta["step"]), model=model, state=state, meta=meta)
+
+
+def remove_stale_temporaries(directory: str | Path) -> None:
+    """Delete what a killed writer left behind (never a complete checkpoint)."""
+    if not Path(directory).is_dir():
+        return
+    for tmp in Path(directory).glob(f"{TMP_PREFIX}*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _checkpoints(directory: Path) -> list[Path]:
+    return [p for p in directory.glob(f"{PREFIX}*") if p.is_dir()]
+
+
+def _prune(directory: Path, keep: int) -> None:
+    for old in sorted(_checkpoints(directory))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,65 @@
+"""The run directory: resolved config, environment record, and guards for resuming."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import yaml
+
+from threetowers.config import Config, ConfigError
+
+RECORDED_PACKAGES = ("threetowers", "torch", "numpy", "tokenizers", "webdataset", "safetensors",
+                     "pydantic", "transformers")
+
+
+def prepare_run_dir(cfg: Config, run_dir: str | Path | None) -> Path:
+    """Create the run directory, or check that an existing one was made by the same config."""
+    run_dir = Path(run_dir if run_dir is not None else cfg.train.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    config_file = run_dir / "config.yaml"
+    if config_file.exists() and config_file.read_text() != resolved:
+        raise ConfigError(
+            f"{run_dir} holds a run with a different config ({config_file}); resuming it with "
+            "this one would mix two runs. Use a new run directory, or the same config to resume."
+        )
+    config_file.write_text(resolved)
+    (run_dir / "environment.json").write_text(json.dumps(environment(), indent=1))
+    return run_dir
+
+
+def environment() -> dict:
+    versions = {}
+    for name in RECORDED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"python": platform.python_version(), "platform": platform.platform(),
+            "packages": versions, "git_revision": git_revision()}
+
+
+def git_revision() -> str | None:
+    """The revision of the checkout holding this package, with '+dirty' for local changes."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True,
+                               text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return rev + ("+dirty" if dirty else "")
+
+
+def drop_metrics_after(path: Path, step: int) -> None:
+    """After a resume from ``step``, forget what a killed run logged beyond it."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept))

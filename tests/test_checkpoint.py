@@ -7,13 +7,13 @@ import pickle
 import pytest
 import torch
 
+from tests.conftest import tiny_model
 from threetowers.checkpoint import (
     load_checkpoint,
     load_latest,
     remove_stale_temporaries,
     save_checkpoint,
 )
-from tests.conftest import tiny_model
 
 
 def state(step: int) -> dict:

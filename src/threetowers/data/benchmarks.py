@@ -1,0 +1,181 @@
+"""Evaluation sets: Karpathy-split retrieval (Flickr30k, COCO) and class-folder classification."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from threetowers.data.transforms import to_rgb
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
+DEFAULT_TEMPLATES = (
+    "a photo of a {}.",
+    "a photo of the {}.",
+    "a close-up photo of a {}.",
+    "a blurry photo of a {}.",
+    "a picture of a {}.",
+)
+_INDEX_PREFIX = re.compile(r"^\d+_")
+
+
+@dataclass(frozen=True)
+class RetrievalSet:
+    """Images and their captions; caption ``j`` describes image ``image_of_caption[j]``."""
+
+    image_paths: list[Path]
+    captions: list[str]
+    image_of_caption: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+
+@dataclass(frozen=True)
+class ClassificationSet:
+    """Images with labels; ``class_names[label]`` fills each ``{}`` of ``templates``."""
+
+    image_paths: list[Path]
+    labels: torch.Tensor
+    class_names: list[str]
+    templates: list[str]
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+
+def _missing_error(missing: list[Path], total: int, hint: str) -> FileNotFoundError:
+    shown = ", ".join(str(p) for p in missing[:3])
+    return FileNotFoundError(f"{len(missing)} of {total} images not found, e.g. {shown}; {hint}")
+
+
+def load_karpathy(
+    json_path: str | Path,
+    image_root: str | Path | None = None,
+    split: str | Sequence[str] = "test",
+) -> RetrievalSet:
+    """Read ``dataset_flickr30k.json`` / ``dataset_coco.json`` (Karpathy splits).
+
+    Image ``i`` lives at ``image_root / filepath / filename`` (``filepath`` only in COCO);
+    ``image_root`` defaults to the JSON's folder. ``split`` may be one name or several
+    (e.g. ``("train", "restval")``). Captions are the ``raw`` sentences, stripped.
+    """
+    json_path = Path(json_path)
+    if not json_path.is_file():
+        raise FileNotFoundError(f"Karpathy split file not found: {json_path}")
+    root = Path(image_root) if image_root is not None else json_path.parent
+    with open(json_path, encoding="utf-8") as handle:
+        data = json.load(handle)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise ValueError(f"{json_path} is not a Karpathy split file (no 'images' list)")
+    wanted = {split} if isinstance(split, str) else set(split)
+    present = sorted({str(image.get("split")) for image in data["images"]})
+    unknown = sorted(wanted - set(present))
+    if unknown:
+        raise ValueError(f"{json_path} has no split {unknown}; it has splits {present}")
+    image_paths: list[Path] = []
+    captions: list[str] = []
+    owners: list[int] = []
+    for image in data["images"]:
+        if image.get("split") not in wanted:
+            continue
+        index = len(image_paths)
+        image_paths.append(root / image.get("filepath", "") / image["filename"])
+        for sentence in image.get("sentences", []):
+            captions.append(sentence["raw"].strip())
+            owners.append(index)
+    missing = [path for path in image_paths if not path.is_file()]
+    if missing:
+        raise _missing_error(
+            missing, len(image_paths), f"is image_root ({root}) the folder holding the images?"
+        )
+    return RetrievalSet(image_paths, captions, torch.tensor(owners, dtype=torch.long))
+
+
+def _read_lines(path: Path) -> list[str]:
+    with open(path, encoding="utf-8") as handle:
+        return [line.strip() for line in handle if line.strip()]
+
+
+def _readable_name(folder: str) -> str:
+    return _INDEX_PREFIX.sub("", folder).replace("_", " ").strip()
+
+
+def load_class_folder(root: str | Path, split: str | None = None) -> ClassificationSet:
+    """Images under ``root/<split>/<class folder>/`` (or ``root/<class folder>/``).
+
+    Label ids follow the sorted folder names (plain string order, so number prefixes should
+    be zero-padded). Class names come from ``root/classnames.txt`` (one per line, in that
+    order) or else from the folder names, without a leading ``NNN_`` and with ``_`` as
+    spaces. Templates come from ``root/templates.txt`` (one per line, each with ``{}``) or
+    else :data:`DEFAULT_TEMPLATES`.
+    """
+    root = Path(root)
+    images_root = root / split if split is not None else root
+    if not images_root.is_dir():
+        raise FileNotFoundError(f"class folder root not found: {images_root}")
+    folders = sorted(p.name for p in images_root.iterdir() if p.is_dir() and p.name[0] != ".")
+    if not folders:
+        raise ValueError(f"no class folders in {images_root}")
+    image_paths: list[Path] = []
+    labels: list[int] = []
+    for label, folder in enumerate(folders):
+        files = sorted(
+            p
+            for p in (images_root / folder).iterdir()
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and p.name[0] != "."
+        )
+        if not files:
+            raise ValueError(f"class folder {images_root / folder} holds no images")
+        image_paths += files
+        labels += [label] * len(files)
+
+    names_file = root / "classnames.txt"
+    if names_file.is_file():
+        class_names = _read_lines(names_file)
+        if len(class_names) != len(folders):
+            raise ValueError(
+                f"{names_file} has {len(class_names)} names but {images_root} has "
+                f"{len(folders)} class folders; give one name per folder, in sorted folder order"
+            )
+    else:
+        class_names = [_readable_name(folder) for folder in folders]
+
+    templates_file = root / "templates.txt"
+    if templates_file.is_file():
+        templates = _read_lines(templates_file)
+        if not templates:
+            raise ValueError(f"{templates_file} holds no templates")
+        for number, template in enumerate(templates, start=1):
+            if "{}" not in template:
+                raise ValueError(
+                    f"{templates_file}: template {number} ({template!r}) has no '{{}}' for "
+                    "the class name"
+                )
+    else:
+        templates = list(DEFAULT_TEMPLATES)
+    return ClassificationSet(
+        image_paths, torch.tensor(labels, dtype=torch.long), class_names, templates
+    )
+
+
+class ImageFiles(Dataset):
+    """Evaluation images as (index, transform(image)) for batched embedding."""
+
+    def __init__(self, paths: Sequence[str | Path], transform: Callable) -> None:
+        self.paths = [Path(p) for p in paths]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
+        with Image.open(self.paths[index]) as image:
+            image.load()
+            return index, self.transform(to_rgb(image))

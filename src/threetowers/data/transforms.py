@@ -1,0 +1,162 @@
+"""Image transforms from PIL images to normalised tensors, for evaluation and training.
+
+Hand-written on PIL + torch because torchvision is not usable in this environment; the
+maths follows the usual resize / centre-crop / random-resized-crop definitions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from threetowers.towers.frozen import Preprocessing
+
+_RESAMPLE = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+}
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+_WHITE = (255, 255, 255, 255)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Upright 8-bit RGB: EXIF orientation applied, transparency composited on white.
+
+    16-bit (and 32-bit integer) greyscale is scaled from 0..65535 rather than clipped, so a
+    16-bit PNG does not come out as a mostly white picture.
+    """
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # corrupt EXIF blocks are common in web data; orientation is a nicety
+        pass
+    mode = image.mode
+    if mode == "RGB" and "transparency" not in image.info:
+        return image
+    if mode in _SIXTEEN_BIT:
+        values = np.asarray(image, dtype=np.float64)
+        grey = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _WHITE)
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    try:
+        return image.convert("RGB")
+    except ValueError as error:
+        raise ValueError(f"cannot convert an image of mode {mode!r} to RGB: {error}") from error
+
+
+def _to_tensor(image: Image.Image, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    array = np.asarray(image, dtype=np.uint8)
+    tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32).div_(255.0)
+    return tensor.sub_(mean).div_(std).contiguous()
+
+
+class _Normalised:
+    """Shared state of both transforms: output size, resampling filter and statistics."""
+
+    def __init__(self, pre: Preprocessing) -> None:
+        self.pre = pre
+        self.size = pre.image_size
+        self.resample = _RESAMPLE[pre.resize]
+        self._mean = torch.tensor(pre.mean, dtype=torch.float32).view(3, 1, 1)
+        self._std = torch.tensor(pre.std, dtype=torch.float32).view(3, 1, 1)
+
+    def _finish(self, image: Image.Image) -> torch.Tensor:
+        return _to_tensor(image, self._mean, self._std)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.pre})"
+
+
+class EvalTransform(_Normalised):
+    """Resize the shorter side to ``round(S / crop_fraction)``, centre-crop S, normalise."""
+
+    def __init__(self, pre: Preprocessing) -> None:
+        super().__init__(pre)
+        self.resize_to = round(pre.image_size / pre.crop_fraction)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = to_rgb(image)
+        width, height = image.size
+        short = min(width, height)
+        new_w = self.resize_to if width == short else round(width * self.resize_to / short)
+        new_h = self.resize_to if height == short else round(height * self.resize_to / short)
+        if (new_w, new_h) != (width, height):
+            image = image.resize((new_w, new_h), resample=self.resample)
+        left = int(round((new_w - self.size) / 2.0))
+        top = int(round((new_h - self.size) / 2.0))
+        image = image.crop((left, top, left + self.size, top + self.size))
+        return self._finish(image)
+
+
+class TrainTransform(_Normalised):
+    """Random resized crop (no horizontal flip: captions say "left" and "right").
+
+    A crop with area fraction in ``scale`` and aspect ratio (w/h) in ``ratio`` is drawn up to
+    ten times; if none fits, the largest centred crop with a clamped aspect ratio is used.
+    The crop is then resized to S x S and normalised. All randomness comes from ``rng``.
+    """
+
+    def __init__(
+        self,
+        pre: Preprocessing,
+        scale: tuple[float, float] = (0.6, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    ) -> None:
+        super().__init__(pre)
+        if not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"train_transform scale must satisfy 0 < lo <= hi <= 1, got {scale}")
+        if not 0 < ratio[0] <= ratio[1]:
+            raise ValueError(f"train_transform ratio must satisfy 0 < lo <= hi, got {ratio}")
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.ratio = (float(ratio[0]), float(ratio[1]))
+
+    def crop_box(self, width: int, height: int, rng: np.random.Generator) -> tuple[int, ...]:
+        """(left, top, right, bottom) of the crop for a width x height image."""
+        area = width * height
+        log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        for _ in range(10):
+            target = area * rng.uniform(self.scale[0], self.scale[1])
+            aspect = math.exp(rng.uniform(log_lo, log_hi))
+            w = int(round(math.sqrt(target * aspect)))
+            h = int(round(math.sqrt(target / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                left = int(rng.integers(0, width - w + 1))
+                top = int(rng.integers(0, height - h + 1))
+                return left, top, left + w, top + h
+        aspect = width / height
+        if aspect < self.ratio[0]:
+            w, h = width, int(round(width / self.ratio[0]))
+        elif aspect > self.ratio[1]:
+            w, h = int(round(height * self.ratio[1])), height
+        else:
+            w, h = width, height
+        left, top = (width - w) // 2, (height - h) // 2
+        return left, top, left + w, top + h
+
+    def __call__(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
+        image = to_rgb(image)
+        box = self.crop_box(*image.size, rng)
+        # resize(box=...) crops and resamples in one pass, without an intermediate copy.
+        image = image.resize((self.size, self.size), resample=self.resample, box=box)
+        return self._finish(image)
+
+
+def eval_transform(pre: Preprocessing) -> EvalTransform:
+    """Picklable callable: PIL image -> (3, S, S) float32 tensor, normalised for ``pre``."""
+    return EvalTransform(pre)
+
+
+def train_transform(
+    pre: Preprocessing,
+    scale: tuple[float, float] = (0.6, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> TrainTransform:
+    """Picklable callable: (PIL image, numpy Generator) -> (3, S, S) float32 tensor."""
+    return TrainTransform(pre, scale, ratio)

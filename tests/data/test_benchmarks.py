@@ -1,0 +1,146 @@
+"""Evaluation sets: a Karpathy-format JSON and class folders written here."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from threetowers.data.benchmarks import (
+    DEFAULT_TEMPLATES,
+    ImageFiles,
+    load_class_folder,
+    load_karpathy,
+)
+from threetowers.data.transforms import eval_transform
+from threetowers.towers.frozen import Preprocessing
+
+KARPATHY = [  # (filepath, filename, split, number of sentences)
+    ("val2014", "a.jpg", "test", 2),
+    ("train2014", "b.jpg", "train", 1),
+    ("val2014", "c.jpg", "test", 3),
+    ("val2014", "d.jpg", "val", 2),
+    ("val2014", "e.jpg", "restval", 1),
+    ("val2014", "f.jpg", "test", 1),
+]
+
+
+def write_karpathy(root, skip=()):
+    images = []
+    for number, (filepath, filename, split, count) in enumerate(KARPATHY):
+        sentences = [
+            {"raw": f" {filename} caption {j}\n", "tokens": [filename, "caption"], "sentid": j}
+            for j in range(count)
+        ]
+        images.append(
+            {"filepath": filepath, "filename": filename, "split": split, "imgid": number,
+             "sentences": sentences}
+        )  # fmt: skip
+        if filename not in skip:
+            (root / filepath).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8), (number, 0, 0)).save(root / filepath / filename)
+    path = root / "dataset_coco.json"
+    path.write_text(json.dumps({"images": images, "dataset": "coco"}))
+    return path
+
+
+def test_karpathy_test_split(tmp_path):
+    data = load_karpathy(write_karpathy(tmp_path))
+    assert data.image_paths == [tmp_path / "val2014" / name for name in ("a.jpg", "c.jpg", "f.jpg")]
+    assert data.captions == [
+        "a.jpg caption 0", "a.jpg caption 1",
+        "c.jpg caption 0", "c.jpg caption 1", "c.jpg caption 2",
+        "f.jpg caption 0",
+    ]  # fmt: skip
+    assert data.image_of_caption.tolist() == [0, 0, 1, 1, 1, 2]
+    assert data.image_of_caption.dtype == torch.long and len(data) == 3
+
+
+def test_karpathy_split_choice_and_image_root(tmp_path):
+    (tmp_path / "json").mkdir()
+    path = write_karpathy(tmp_path)
+    moved = tmp_path / "json" / path.name
+    path.rename(moved)
+    train = load_karpathy(moved, image_root=tmp_path, split=("train", "restval"))
+    assert [p.name for p in train.image_paths] == ["b.jpg", "e.jpg"]
+    assert train.image_paths[0] == tmp_path / "train2014" / "b.jpg"
+    assert train.image_of_caption.tolist() == [0, 1]
+    # Flickr30k has no "filepath": images sit directly under image_root.
+    flickr = json.loads(moved.read_text())
+    for image in flickr["images"]:
+        image.pop("filepath")
+    (tmp_path / "val2014" / "dataset_flickr30k.json").write_text(json.dumps(flickr))
+    val = load_karpathy(tmp_path / "val2014" / "dataset_flickr30k.json", split="val")
+    assert val.image_paths == [tmp_path / "val2014" / "d.jpg"]
+
+
+def test_karpathy_errors(tmp_path):
+    path = write_karpathy(tmp_path, skip=("c.jpg", "f.jpg"))
+    with pytest.raises(ValueError, match=r"no split \['tset'\].*\['restval', 'test', 'train', "):
+        load_karpathy(path, split="tset")
+    with pytest.raises(FileNotFoundError, match="2 of 3 images not found.*c.jpg.*f.jpg"):
+        load_karpathy(path)
+    assert len(load_karpathy(path, split="val")) == 1
+    with pytest.raises(FileNotFoundError, match="Karpathy split file not found"):
+        load_karpathy(tmp_path / "nope.json")
+
+
+def make_folders(root, folders, per_class=2):
+    for label, folder in enumerate(folders):
+        (root / folder).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (12, 10), (label * 40, i, 0)).save(root / folder / f"{i}.png")
+        (root / folder / "notes.txt").write_text("not an image")
+
+
+def test_class_folders_labels_follow_sorted_names(tmp_path):
+    make_folders(tmp_path / "val", ["002_golden_retriever", "000_tench", "001_goldfish"])
+    data = load_class_folder(tmp_path, split="val")
+    assert data.class_names == ["tench", "goldfish", "golden retriever"]
+    assert data.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert data.image_paths[0] == tmp_path / "val" / "000_tench" / "0.png"
+    assert data.templates == list(DEFAULT_TEMPLATES)
+    assert all("{}" in template for template in data.templates)
+
+
+def test_class_names_and_templates_files(tmp_path):
+    make_folders(tmp_path, ["b", "a"], per_class=1)
+    (tmp_path / "classnames.txt").write_text("apple\nbanana split\n")
+    (tmp_path / "templates.txt").write_text("a photo of {}.\n\nart of the {}\n")
+    data = load_class_folder(tmp_path)
+    assert data.class_names == ["apple", "banana split"]
+    assert data.templates == ["a photo of {}.", "art of the {}"]
+    assert [p.parent.name for p in data.image_paths] == ["a", "b"]
+
+
+def test_class_folder_errors(tmp_path):
+    make_folders(tmp_path, ["x", "y"], per_class=1)
+    (tmp_path / "classnames.txt").write_text("only one\n")
+    with pytest.raises(ValueError, match="1 names but .* has 2 class folders"):
+        load_class_folder(tmp_path)
+    (tmp_path / "classnames.txt").unlink()
+    (tmp_path / "templates.txt").write_text("a photo of {}\na photo\n")
+    with pytest.raises(ValueError, match="template 2 .*'a photo'.* no '\\{\\}'"):
+        load_class_folder(tmp_path)
+    (tmp_path / "templates.txt").unlink()
+    (tmp_path / "z").mkdir()
+    with pytest.raises(ValueError, match="holds no images"):
+        load_class_folder(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_class_folder(tmp_path, split="test")
+
+
+def test_image_files_in_batches(tmp_path):
+    make_folders(tmp_path, ["a", "b", "c"], per_class=2)
+    data = load_class_folder(tmp_path)
+    pre = Preprocessing(8)
+    dataset = ImageFiles(data.image_paths, eval_transform(pre))
+    batches = list(DataLoader(dataset, batch_size=4))
+    indices = torch.cat([index for index, _ in batches])
+    images = torch.cat([image for _, image in batches])
+    assert indices.tolist() == list(range(6)) and images.shape == (6, 3, 8, 8)
+    red = images[:, 0, 0, 0] * pre.std[0] + pre.mean[0]
+    torch.testing.assert_close(red, data.labels.float() * 40 / 255, rtol=0, atol=1e-5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import replace
 
 import torch
 
@@ -47,9 +48,11 @@ def build_model(
     if mode == "clip":
         third_tower = None  # clip never builds, loads or runs h
     elif third_tower is None:
-        third_tower = load_backbone(
-            model_cfg.third.backbone, model_cfg.third.path, model_cfg.third.pool
-        )
+        third = model_cfg.third
+        third_tower = load_backbone(third.backbone, third.path, third.pool)
+        if third.image_size is not None:
+            resized = replace(third_tower.preprocessing, image_size=third.image_size)
+            third_tower.preprocessing = resized
     elif not isinstance(third_tower, FrozenBackbone):
         raise ConfigError(
             "third_tower must be a FrozenBackbone: wrap your module as "

@@ -78,6 +78,9 @@ class ThirdTowerConfig(Section):
     path: str | None = None
     pool: Literal["auto", "cls", "pooler", "mean"] = "auto"
     head: Literal["linear", "mlp", "identity"] = "linear"
+    # Input size for h; None: the backbone's own. Convolutional backbones accept smaller
+    # inputs, which cost quadratically less (EfficientNet-Lite0: 224 px native).
+    image_size: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _known(self) -> ThirdTowerConfig:
@@ -153,6 +156,15 @@ class WorldConfig(Section):
     seed: int = 0
     image_size: int = Field(64, gt=7)
     train_pairs: int = Field(20000, gt=0)
+    val_pairs: int = Field(1000, gt=0)
+    retrieval_test: int = Field(1000, gt=0)
+    retrieval_val: int = Field(500, gt=0)
+    captions_per_image: int = Field(5, gt=0)
+    zeroshot_per_class: int = Field(100, gt=0)
+    zeroshot_val_per_class: int = Field(50, gt=0)
+    pretrain_objects_per_class: int = Field(1500, gt=0)
+    pretrain_scenes_per_class: int = Field(600, gt=0)
+    shard_size: int = Field(2000, gt=0)
     workers: int = Field(2, gt=0)
 
 

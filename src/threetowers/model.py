@@ -132,6 +132,32 @@ class ThreeTowers(nn.Module):
             pixels = F.interpolate(pixels, size=size, mode=mode, antialias=True).clamp(0, 1)
         return target.normalize(pixels)
 
+    def image_embeddings(
+        self,
+        images: torch.Tensor | None,
+        third_features: torch.Tensor | None = None,
+        third_images: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Every image-side embedding of this mode: z_f, z_fh (clip/3t) and z_h (lit/3t)."""
+        out = {}
+        if self.image_tower is not None:
+            image = self.image_tower(images)
+            out["z_f"] = self._embed("f", image)
+            if self.mode == "3t":
+                shared = self.share_alignment_heads
+                out["z_fh"] = out["z_f"] if shared else self._embed("fh", image)
+        if self.third_tower is not None:
+            out["z_h"] = self._embed("h", self.third_features(images, third_features, third_images))
+        return out
+
+    def text_embeddings(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every text-side embedding of this mode: z_g, and z_gh in 3t."""
+        text = self.text_tower(tokens)
+        out = {"z_g": self._embed("g", text)}
+        if self.mode == "3t":
+            out["z_gh"] = out["z_g"] if self.share_alignment_heads else self._embed("gh", text)
+        return out
+
     def forward(
         self,
         images: torch.Tensor | None,
@@ -143,19 +169,9 @@ class ThreeTowers(nn.Module):
 
         In lit mode with ``third_features`` given, ``images`` may be None.
         """
-        text = self.text_tower(tokens)
-        out = {"z_g": self._embed("g", text)}
-        if self.image_tower is not None:
-            image = self.image_tower(images)
-            out["z_f"] = self._embed("f", image)
-        if self.third_tower is not None:
-            out["z_h"] = self._embed("h", self.third_features(images, third_features, third_images))
-        if self.mode == "3t":
-            if self.share_alignment_heads:
-                out["z_fh"], out["z_gh"] = out["z_f"], out["z_g"]
-            else:
-                out["z_fh"], out["z_gh"] = self._embed("fh", image), self._embed("gh", text)
-        return out
+        return self.text_embeddings(tokens) | self.image_embeddings(
+            images, third_features, third_images
+        )
 
     def loss(self, out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(total, logs) of this mode's objective; see ``ThreeTowersLoss``."""

@@ -12,8 +12,16 @@ import yaml
 
 from threetowers.config import Config, ConfigError
 
-RECORDED_PACKAGES = ("threetowers", "torch", "numpy", "tokenizers", "webdataset", "safetensors",
-                     "pydantic", "transformers")
+RECORDED_PACKAGES = (
+    "threetowers",
+    "torch",
+    "numpy",
+    "tokenizers",
+    "webdataset",
+    "safetensors",
+    "pydantic",
+    "transformers",
+)
 
 
 def prepare_run_dir(cfg: Config, run_dir: str | Path | None) -> Path:
@@ -39,18 +47,34 @@ def environment() -> dict:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    return {"python": platform.python_version(), "platform": platform.platform(),
-            "packages": versions, "git_revision": git_revision()}
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": versions,
+        "git_revision": git_revision(),
+    }
 
 
 def git_revision() -> str | None:
     """The revision of the checkout holding this package, with '+dirty' for local changes."""
     here = Path(__file__).resolve().parent
     try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                             text=True, check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True,
-                               text=True, check=True, timeout=10).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return rev + ("+dirty" if dirty else "")
@@ -60,6 +84,9 @@ def drop_metrics_after(path: Path, step: int) -> None:
     """After a resume from ``step``, forget what a killed run logged beyond it."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line).get("step", 0) <= step
+    ]
     path.write_text("".join(line + "\n" for line in kept))

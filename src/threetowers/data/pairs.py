@@ -292,11 +292,9 @@ class ShardPairs:
         return f"ShardPairs({len(self.shards)} shards, first {str(self.shards[0])!r})"
 
 
-def _decode_sample(sample: dict[str, Any]) -> Pair:
-    key, url = sample["__key__"], sample.get("__url__", "?")
-    where = f"sample {key!r} of {url}"
-    data = next(sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample)
-    captions = None
+def sample_captions(sample: dict[str, Any]) -> list[str]:
+    """The captions of a raw shard sample: the ``.json`` "captions" list, else the ``.txt``."""
+    where = f"sample {sample['__key__']!r} of {sample.get('__url__', '?')}"
     if "json" in sample:
         try:
             meta = json.loads(sample["json"])
@@ -304,12 +302,27 @@ def _decode_sample(sample: dict[str, Any]) -> Pair:
             raise ValueError(f"{where}: bad .json: {error}") from None
         listed = meta.get("captions") if isinstance(meta, dict) else None
         if isinstance(listed, list) and listed:
-            captions = [str(c) for c in listed]
-    if captions is None:
-        if "txt" not in sample:
-            raise ValueError(f"{where}: no caption (.txt, or .json with a 'captions' list)")
-        captions = [sample["txt"].decode("utf-8").strip()]
-    return Pair(key, _load_image(data, where), captions)
+            return [str(c) for c in listed]
+    if "txt" not in sample:
+        raise ValueError(f"{where}: no caption (.txt, or .json with a 'captions' list)")
+    return [sample["txt"].decode("utf-8").strip()]
+
+
+def _decode_sample(sample: dict[str, Any]) -> Pair:
+    key, url = sample["__key__"], sample.get("__url__", "?")
+    data = next(sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample)
+    return Pair(key, _load_image(data, f"sample {key!r} of {url}"), sample_captions(sample))
+
+
+def iter_captions(source: PairSource) -> Iterator[str]:
+    """Every caption of a dataset, without decoding an image (to train a tokenizer)."""
+    pairs = open_pairs(source)
+    if isinstance(pairs, PairTable):
+        yield from itertools.chain.from_iterable(pairs.captions)
+        return
+    stream = wds.WebDataset([str(s) for s in pairs.shards], shardshuffle=False, empty_check=False)
+    for sample in stream:
+        yield from sample_captions(sample)
 
 
 # --------------------------------------------------------------------------- opening

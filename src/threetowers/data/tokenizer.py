@@ -123,6 +123,9 @@ class CaptionTokenizer:
         self._tokenizer.save(str(file))
         return file
 
+    def to_json(self) -> str:
+        return self._tokenizer.to_str()
+
     @property
     def vocab_size(self) -> int:
         return self._tokenizer.get_vocab_size()

@@ -1,0 +1,134 @@
+"""What a training run reads: its pairs, its tokenizer, each tower's view, h's feature cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from threetowers.config import Config, WorldConfig
+from threetowers.data.cache import FeatureCache, feature_cache
+from threetowers.data.pairs import Pair, iter_captions, open_pairs, pair_batches
+from threetowers.data.tokenizer import CaptionTokenizer
+from threetowers.data.transforms import eval_transform, train_transform
+from threetowers.data.world import WorldSpec, write_world
+from threetowers.model import ThreeTowers
+
+# Tokenizers' own thread pool does not survive DataLoader worker forks; captions are short.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def ensure_world(world: WorldConfig) -> dict:
+    """Generate the embedded world on first use; return its manifest (with its root)."""
+    manifest_path = write_world(world.dir, WorldSpec(**world.model_dump(exclude={"dir"})))
+    return json.loads(manifest_path.read_text()) | {"root": str(manifest_path.parent)}
+
+
+def training_source(cfg: Config) -> tuple[str | list[str], dict | None]:
+    """The training pairs (the user's, or the world's train shards) and the world manifest."""
+    if cfg.data.train is not None:
+        return cfg.data.train, None
+    manifest = ensure_world(cfg.data.world)
+    root = Path(manifest["root"])
+    return [str(root / name) for name in manifest["files"]["pairs/train"]], manifest
+
+
+def load_or_train_tokenizer(cfg: Config, run_dir: Path, source) -> CaptionTokenizer:
+    """The configured tokenizer, the run's own (on resume), or a new one trained on the
+    training captions; the run directory always keeps a copy."""
+    context = cfg.model.text.context_length
+    saved = run_dir / "tokenizer.json"
+    if cfg.data.tokenizer is not None:
+        tokenizer = CaptionTokenizer.load(cfg.data.tokenizer, context)
+    elif saved.exists():
+        tokenizer = CaptionTokenizer.load(saved, context)
+    else:
+        tokenizer = CaptionTokenizer.train(
+            iter_captions(source), cfg.model.text.vocab_size, context
+        )
+    if tokenizer.vocab_size > cfg.model.text.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but model.text.vocab_size is "
+            f"{cfg.model.text.vocab_size}; raise model.text.vocab_size"
+        )
+    if not saved.exists():
+        tokenizer.save(saved)
+    return tokenizer
+
+
+class TrainingExample:
+    """One pair -> the tensors a step needs. Picklable, so it runs in loader workers."""
+
+    def __init__(
+        self, tokenizer: CaptionTokenizer, image_view=None, augment=None, third_view=None
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.image_view = image_view  # f's (or in lit, h's) eval transform; None: not needed
+        self.augment = augment  # f's random resized crop; None: no augmentation
+        self.third_view = third_view  # h's eval transform when h runs live in 3t
+
+    def __call__(self, pair: Pair, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        out = {"tokens": self.tokenizer.encode([pair.caption])[0]}
+        if self.augment is not None:
+            out["images"] = self.augment(pair.image, rng)
+        elif self.image_view is not None:
+            out["images"] = self.image_view(pair.image)
+        if self.third_view is not None:
+            out["third_images"] = self.third_view(pair.image)
+        return out
+
+
+class TrainingData:
+    def __init__(self, cfg: Config, run_dir: Path) -> None:
+        self.cfg = cfg
+        self.source, self.world = training_source(cfg)
+        self.pairs = open_pairs(self.source)
+        self.tokenizer = load_or_train_tokenizer(cfg, run_dir, self.pairs)
+        self.cache: FeatureCache | None = None
+        self.example: TrainingExample | None = None
+
+    def attach(self, model: ThreeTowers, progress: bool = True) -> None:
+        """Choose each tower's view for this model; build or load h's feature cache."""
+        data = self.cfg.data
+        h = model.third_tower
+        if h is not None and data.cache == "auto":
+            self.cache = feature_cache(
+                h, self.pairs, data.cache_dir, data.batch_size, data.num_workers, progress
+            )
+        needs_images = model.mode != "lit" or self.cache is None
+        view = eval_transform(model.image_preprocessing) if needs_images else None
+        augment = None
+        if needs_images and model.mode != "lit" and data.augment:
+            augment = train_transform(model.image_preprocessing, scale=tuple(data.crop_scale))
+        third = None
+        if h is not None and self.cache is None and model.mode == "3t":
+            third = eval_transform(h.preprocessing)
+        self.example = TrainingExample(self.tokenizer, view, augment, third)
+
+    def batches(self, epoch: int, start_batch: int):
+        data = self.cfg.data
+        for batch in pair_batches(
+            self.pairs,
+            example=self.example,
+            batch_size=data.batch_size,
+            seed=self.cfg.train.seed,
+            epoch=epoch,
+            start_batch=start_batch,
+            num_workers=data.num_workers,
+            shuffle_buffer=data.shuffle_buffer,
+        ):
+            if self.cache is not None:
+                batch["third_features"] = self.cache.lookup(batch["keys"])
+            yield batch
+
+    def fingerprints(self) -> dict[str, str]:
+        """What a checkpoint records so that a resume with other data is caught."""
+        tokenizer = hashlib.sha256(self.tokenizer.to_json().encode()).hexdigest()
+        out = {"tokenizer_sha256": tokenizer}
+        if self.cache is not None:
+            out["feature_cache"] = self.cache.fingerprint
+        return out

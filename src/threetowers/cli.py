@@ -41,6 +41,14 @@ def _summary(args: argparse.Namespace) -> None:
     print(f"  total trainable  {sum(p.numel() for p in model.trainable_parameters()):>14,}")
 
 
+def _train(args: argparse.Namespace) -> None:
+    from threetowers.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = train(cfg, args.run_dir, progress=not args.quiet)
+    print(f"run directory: {run_dir}")
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
         prog="threetowers", description="Three Towers (3T), LiT and CLIP image-text training."
@@ -52,6 +60,14 @@ def parser() -> argparse.ArgumentParser:
     summary = commands.add_parser("summary", help="build the model and count its parameters")
     _config_arguments(summary)
     summary.set_defaults(run=_summary)
+    train = commands.add_parser(
+        "train",
+        help="train a model (re-run the same command to resume from the last checkpoint)",
+    )
+    _config_arguments(train)
+    train.add_argument("--run-dir", help="where the run lives (default: train.run_dir)")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.set_defaults(run=_train)
     return root
 
 

@@ -177,7 +177,7 @@ class DataConfig(Section):
     shuffle_buffer: int = Field(2000, ge=1)
     augment: bool = True  # random resized crops for the image tower f (h never sees augmentation)
     crop_scale: tuple[float, float] = (0.6, 1.0)
-    cache: Literal["auto", "off"] = "auto"  # auto: precompute h's features once and reuse them
+    cache: bool = True  # precompute h's features once and reuse them (h is never augmented)
     cache_dir: str = "~/.cache/threetowers/features"
 
     @model_validator(mode="after")

@@ -95,7 +95,7 @@ class TrainingData:
         """Choose each tower's view for this model; build or load h's feature cache."""
         data = self.cfg.data
         h = model.third_tower
-        if h is not None and data.cache == "auto":
+        if h is not None and data.cache:
             self.cache = feature_cache(
                 h, self.pairs, data.cache_dir, data.batch_size, data.num_workers, progress
             )

@@ -1,4 +1,4 @@
-"""Caption tokenizer: a WordPiece vocabulary trained with Hugging Face ``tokenizers``.
+"""Caption tokenizer: a BPE vocabulary trained with Hugging Face ``tokenizers``.
 
 Every caption becomes ``[BOS] tokens [EOS]`` right-padded with ``[PAD]`` (id 0), which is
 what the text tower expects: padding masked out, at least one real token, end-of-text last.
@@ -6,6 +6,7 @@ what the text tower expects: padding masked out, at least one real token, end-of
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from tokenizers import (
 )
 
 PAD, BOS, EOS, UNK = "[PAD]", "[BOS]", "[EOS]", "[UNK]"
+WORD_END = "</w>"  # marks a word's last piece, so decoding restores the spaces
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)  # their ids are their positions: 0, 1, 2, 3
 FILENAME = "tokenizer.json"
 
@@ -28,6 +30,23 @@ FILENAME = "tokenizer.json"
 def _json_path(path: str | Path) -> Path:
     path = Path(path)
     return path / FILENAME if path.is_dir() or not path.suffix else path
+
+
+def _canonical_ids(tokenizer: Tokenizer) -> Tokenizer:
+    """Renumber a trained BPE vocabulary: specials, then the alphabet sorted, then merge
+    products in merge order. The trainer numbers equally frequent characters in hash order,
+    which differs between processes; tokenization depends on the merges only, so this makes
+    token ids a function of the captions alone."""
+    spec = json.loads(tokenizer.to_str())
+    model = spec["model"]
+    merged = ["".join(pair) for pair in model["merges"]]
+    produced = set(merged)
+    alphabet = sorted(t for t in model["vocab"] if t not in produced and t not in SPECIAL_TOKENS)
+    order = list(SPECIAL_TOKENS) + alphabet + list(dict.fromkeys(merged))
+    model["vocab"] = {token: i for i, token in enumerate(order)}
+    for added in spec.get("added_tokens", []):
+        added["id"] = model["vocab"][added["content"]]
+    return Tokenizer.from_str(json.dumps(spec))
 
 
 class CaptionTokenizer:
@@ -72,9 +91,11 @@ class CaptionTokenizer:
     def train(
         cls, captions: Iterable[str], vocab_size: int, context_length: int
     ) -> CaptionTokenizer:
-        """Learn a WordPiece vocabulary of at most ``vocab_size`` entries (specials included).
+        """Learn a BPE vocabulary of at most ``vocab_size`` entries (specials included).
 
         Text is NFKC-normalised and lower-cased, then split on whitespace and punctuation.
+        BPE rather than WordPiece: the WordPiece trainer breaks ties differently in every
+        process, so a resumed run (or a colleague) would get other token ids.
         """
         if vocab_size <= len(SPECIAL_TOKENS):
             raise ValueError(
@@ -84,14 +105,18 @@ class CaptionTokenizer:
         captions = [str(caption) for caption in captions]
         if not any(caption.strip() for caption in captions):
             raise ValueError("cannot train a tokenizer on no captions (all were empty)")
-        tokenizer = Tokenizer(models.WordPiece(unk_token=UNK))
+        tokenizer = Tokenizer(models.BPE(unk_token=UNK, end_of_word_suffix=WORD_END))
+        tokenizer.decoder = decoders.BPEDecoder(suffix=WORD_END)
         tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
         tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tokenizer.decoder = decoders.WordPiece()
-        trainer = trainers.WordPieceTrainer(
-            vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False
+        trainer = trainers.BpeTrainer(
+            end_of_word_suffix=WORD_END,
+            vocab_size=vocab_size,
+            special_tokens=list(SPECIAL_TOKENS),
+            show_progress=False,
         )
         tokenizer.train_from_iterator(captions, trainer=trainer)
+        tokenizer = _canonical_ids(tokenizer)
         learned = tokenizer.get_vocab_size()
         if learned > vocab_size:
             # The trainer keeps every character it saw, even past vocab_size; a text tower

@@ -1,0 +1,140 @@
+"""End to end on a tiny embedded world: training, exact resume after SIGKILL, cache vs live h."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import threetowers as tt
+from threetowers.train import train
+
+TINY_WORLD = {
+    "train_pairs": 256,
+    "val_pairs": 32,
+    "retrieval_test": 40,
+    "retrieval_val": 20,
+    "zeroshot_per_class": 4,
+    "zeroshot_val_per_class": 2,
+    "pretrain_objects_per_class": 4,
+    "pretrain_scenes_per_class": 4,
+    "shard_size": 64,
+    "workers": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def world_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("world")
+
+
+def tiny_run_config(world_dir: Path, cache_dir: Path, *overrides: str) -> tt.Config:
+    base = [
+        "model.embed_dim=32",
+        "model.image.image_size=32",
+        "model.image.patch_size=8",
+        "model.image.width=64",
+        "model.image.depth=2",
+        "model.image.heads=2",
+        "model.text.vocab_size=300",
+        "model.text.context_length=32",
+        "model.text.width=64",
+        "model.text.depth=2",
+        "model.text.heads=2",
+        "model.third.image_size=64",
+        f"data.world.dir={world_dir}",
+        f"data.cache_dir={cache_dir}",
+        "data.batch_size=32",
+        "data.num_workers=0",
+        "train.warmup_steps=2",
+        "train.log_every=1",
+    ]
+    base += [f"data.world.{k}={v}" for k, v in TINY_WORLD.items()]
+    return tt.load_config(None, base + list(overrides))
+
+
+def write_config(cfg: tt.Config, path: Path) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    return path
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    last = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+    return load_file(str(last / "model.safetensors"))
+
+
+def test_run_directory_holds_config_metrics_tokenizer_and_checkpoints(world_dir, tmp_path):
+    cfg = tiny_run_config(
+        world_dir, tmp_path / "cache", "train.steps=4", "train.checkpoint_every=2"
+    )
+    run = train(cfg, tmp_path / "run", progress=False)
+    names = {p.name for p in run.iterdir()}
+    assert {"config.yaml", "environment.json", "metrics.jsonl", "tokenizer.json"} <= names
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    env = json.loads((run / "environment.json").read_text())
+    assert env["packages"]["torch"].startswith("2.")
+    with pytest.raises(tt.ConfigError, match="holds a run with a different config"):
+        train(tiny_run_config(world_dir, tmp_path / "cache", "train.steps=5"), run, progress=False)
+
+
+def test_killed_run_resumes_to_the_same_weights(world_dir, tmp_path):
+    cfg = tiny_run_config(
+        world_dir, tmp_path / "cache", "train.steps=40", "train.checkpoint_every=5", "model.mode=3t"
+    )
+    config = write_config(cfg, tmp_path / "run.yaml")
+    command = [sys.executable, "-m", "threetowers", "train", str(config), "--quiet", "--run-dir"]
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    subprocess.run(command + [str(tmp_path / "straight")], check=True, env=env)
+
+    interrupted = tmp_path / "interrupted"
+    for kill_after in ("step_00000005", "step_00000020"):
+        process = subprocess.Popen(command + [str(interrupted)], env=env)
+        deadline = time.time() + 120
+        while not (interrupted / "checkpoints" / kill_after).exists():
+            assert process.poll() is None, "training ended before it could be killed"
+            assert time.time() < deadline
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        assert not (interrupted / "checkpoints" / "step_00000040").exists()
+    subprocess.run(command + [str(interrupted)], check=True, env=env)
+
+    expected, got = final_weights(tmp_path / "straight"), final_weights(interrupted)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    steps = [
+        json.loads(line)["step"]
+        for line in (interrupted / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == list(range(1, 41))
+    assert not list((interrupted / "checkpoints").glob(".tmp-*"))
+
+
+def test_cached_third_tower_features_give_the_live_loss(world_dir, tmp_path):
+    losses = {}
+    for cache in (True, False):
+        cfg = tiny_run_config(
+            world_dir,
+            tmp_path / "cache",
+            "train.steps=3",
+            "data.augment=false",
+            f"data.cache={cache}",
+        )
+        run = train(cfg, tmp_path / f"cache_{cache}", progress=False)
+        losses[cache] = [
+            json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+        ]
+    assert list((tmp_path / "cache").glob("efficientnet_lite0-*.safetensors"))
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)

@@ -19,7 +19,7 @@ test: $(BIN)/threetowers
 	$(BIN)/ruff check src tests
 
 demo: $(BIN)/threetowers
-	$(BIN)/threetowers summary tiny
+	$(BIN)/threetowers train configs/demo.yaml
 
 lint: $(BIN)/threetowers
 	$(BIN)/ruff check src tests

@@ -80,8 +80,15 @@ def test_run_directory_holds_config_metrics_tokenizer_and_checkpoints(world_dir,
     run = train(cfg, tmp_path / "run", progress=False)
     names = {p.name for p in run.iterdir()}
     assert {"config.yaml", "environment.json", "metrics.jsonl", "tokenizer.json"} <= names
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if "eval" in r] == [4]
+    scores = json.loads((run / "eval.json").read_text())
+    assert {"i2t_R@1", "t2i_R@1", "zeroshot_top1", "fewshot_top1", "alpha_sweep"} <= set(scores)
+    assert [row["alpha"] for row in scores["alpha_sweep"]] == pytest.approx(
+        [i / 10 for i in range(11)]
+    )
+    assert (run / "alpha_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     env = json.loads((run / "environment.json").read_text())
     assert env["packages"]["torch"].startswith("2.")
     with pytest.raises(tt.ConfigError, match="holds a run with a different config"):
@@ -114,11 +121,10 @@ def test_killed_run_resumes_to_the_same_weights(world_dir, tmp_path):
     assert expected.keys() == got.keys()
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
-    steps = [
-        json.loads(line)["step"]
-        for line in (interrupted / "metrics.jsonl").read_text().splitlines()
+    records = [
+        json.loads(line) for line in (interrupted / "metrics.jsonl").read_text().splitlines()
     ]
-    assert steps == list(range(1, 41))
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 41))
     assert not list((interrupted / "checkpoints").glob(".tmp-*"))
 
 
@@ -133,8 +139,7 @@ def test_cached_third_tower_features_give_the_live_loss(world_dir, tmp_path):
             f"data.cache={cache}",
         )
         run = train(cfg, tmp_path / f"cache_{cache}", progress=False)
-        losses[cache] = [
-            json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
-        ]
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        losses[cache] = [r["loss"] for r in records if "loss" in r]
     assert list((tmp_path / "cache").glob("efficientnet_lite0-*.safetensors"))
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)

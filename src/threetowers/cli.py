@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 import yaml
 
 from threetowers.build import build_model
 from threetowers.config import ConfigError, load_config, preset_names
+from threetowers.eval_suite import results_table
 
 
 def _config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +49,14 @@ def _train(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.overrides)
     run_dir = train(cfg, args.run_dir, progress=not args.quiet)
-    print(f"run directory: {run_dir}")
+    _print_results(run_dir)
+
+
+def _print_results(run_dir: Path) -> None:
+    results = json.loads((run_dir / "eval.json").read_text())
+    chance = json.loads((run_dir / "chance.json").read_text())
+    print(f"\nresults of {run_dir} (%, {results.get('mode', '')}):")
+    print(results_table(results, chance))
 
 
 def parser() -> argparse.ArgumentParser:

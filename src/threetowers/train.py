@@ -19,6 +19,7 @@ from threetowers.build import build_model
 from threetowers.checkpoint import load_latest, remove_stale_temporaries, save_checkpoint
 from threetowers.config import Config
 from threetowers.data.pipeline import TrainingData
+from threetowers.eval_suite import chance_levels, evaluate_model, resolve_benchmarks
 from threetowers.model import ThreeTowers
 from threetowers.optim import make_optimizer
 from threetowers.run_dir import drop_metrics_after, prepare_run_dir
@@ -46,6 +47,8 @@ def train(cfg: Config, run_dir: str | Path | None = None, progress: bool = True)
     data = TrainingData(cfg, run_dir)
     model = build_model(cfg, device=device)
     data.attach(model, progress)
+    benchmarks = resolve_benchmarks(cfg.eval, data.world)
+    (run_dir / "chance.json").write_text(json.dumps(chance_levels(benchmarks), indent=1))
     optimizer, schedule = make_optimizer(
         model, cfg.train.lr, cfg.train.weight_decay, cfg.train.warmup_steps, cfg.train.steps
     )
@@ -92,6 +95,11 @@ def train(cfg: Config, run_dir: str | Path | None = None, progress: bool = True)
                     data.fingerprints(),
                     keep=cfg.train.keep_checkpoints,
                 )
+            if step == cfg.train.steps or (cfg.eval.every and step % cfg.eval.every == 0):
+                scores = evaluate_model(model, data.tokenizer, benchmarks, cfg.eval, run_dir)
+                headline = {k: v for k, v in scores.items() if not isinstance(v, list)}
+                metrics_file.write(json.dumps({"step": step, "eval": headline}) + "\n")
+                metrics_file.flush()
             if step >= cfg.train.steps:
                 break
         else:

@@ -123,6 +123,10 @@ class TrainingData:
         ):
             if self.cache is not None:
                 batch["third_features"] = self.cache.lookup(batch["keys"])
+            # Padding never changes a caption's embedding, so drop the all-padding columns:
+            # the text tower's cost follows the longest caption, not the context length.
+            longest = int((batch["tokens"] != self.tokenizer.pad_id).sum(dim=1).max())
+            batch["tokens"] = batch["tokens"][:, :longest]
             yield batch
 
     def fingerprints(self) -> dict[str, str]:

@@ -1,0 +1,204 @@
+"""Evaluate a model on its benchmarks: zero-shot, retrieval, few-shot probe, the α-sweep.
+
+LiT is evaluated with (h, g), CLIP and 3T with (f, g); for 3T the α-sweep also scores the
+convex combination with (h, g_h). Metric names are flat (``zeroshot_top1``, ``i2t_R@1``, …);
+the first zero-shot set is the primary one, others are prefixed with their name.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from threetowers import evaluate as metrics
+from threetowers.config import EvalConfig
+from threetowers.data.benchmarks import (
+    ClassificationSet,
+    ImageFiles,
+    RetrievalSet,
+    load_class_folder,
+    load_karpathy,
+)
+from threetowers.data.tokenizer import CaptionTokenizer
+from threetowers.data.transforms import eval_transform
+from threetowers.model import ThreeTowers
+
+SWEEP_METRICS = ("zeroshot_top1", "i2t_R@1", "t2i_R@1")
+
+
+@dataclass
+class Benchmarks:
+    retrieval: RetrievalSet | None = None
+    zeroshot: dict[str, ClassificationSet] = field(default_factory=dict)
+    fewshot_train: ClassificationSet | None = None  # labelled shots for the primary set
+
+
+def resolve_benchmarks(cfg: EvalConfig, world: dict | None) -> Benchmarks:
+    """The configured benchmarks; with the embedded world and nothing configured, its own."""
+    retrieval_json, zeroshot = cfg.retrieval, dict(cfg.zeroshot)
+    if world is not None:
+        root = Path(world["root"])
+        retrieval_json = retrieval_json or str(root / "retrieval" / "dataset_world.json")
+        zeroshot = zeroshot or {
+            "objects": str(root / "zeroshot_objects"),
+            "places": str(root / "zeroshot_places"),
+        }
+    sets = Benchmarks()
+    if retrieval_json:
+        sets.retrieval = load_karpathy(retrieval_json, split=cfg.retrieval_split)
+    for name, root in zeroshot.items():
+        sets.zeroshot[name] = load_class_folder(root, cfg.zeroshot_split)
+    if sets.zeroshot and cfg.fewshot_shots > 0 and cfg.zeroshot_split is not None:
+        primary = Path(next(iter(zeroshot.values())))
+        if (primary / "val").is_dir():
+            sets.fewshot_train = load_class_folder(primary, "val")
+    return sets
+
+
+@torch.no_grad()
+def embed_images(model: ThreeTowers, paths, batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """Every image-side embedding of ``model`` (z_f and/or z_h) for image files."""
+    views = {"images": ImageFiles(paths, eval_transform(model.image_preprocessing))}
+    if model.mode == "3t":  # h's own view, as in training
+        views["third_images"] = ImageFiles(paths, eval_transform(model.third_tower.preprocessing))
+    device = next(p for p in model.parameters()).device
+    loaders = {name: DataLoader(view, batch_size=batch_size) for name, view in views.items()}
+    chunks: dict[str, list[torch.Tensor]] = {}
+    for batches in zip(*loaders.values(), strict=True):
+        inputs = {
+            name: images.to(device) for name, (_, images) in zip(loaders, batches, strict=True)
+        }
+        for key, value in model.image_embeddings(**inputs).items():
+            chunks.setdefault(key, []).append(value.float().cpu())
+    return {key: torch.cat(values) for key, values in chunks.items()}
+
+
+@torch.no_grad()
+def embed_texts(model: ThreeTowers, tokenizer: CaptionTokenizer, texts, batch_size: int = 256):
+    device = next(p for p in model.parameters()).device
+    chunks: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, len(texts), batch_size):
+        tokens = tokenizer.encode(list(texts[start : start + batch_size])).to(device)
+        for key, value in model.text_embeddings(tokens).items():
+            chunks.setdefault(key, []).append(value.float().cpu())
+    return {key: torch.cat(values) for key, values in chunks.items()}
+
+
+def evaluate_model(
+    model: ThreeTowers,
+    tokenizer: CaptionTokenizer,
+    benchmarks: Benchmarks,
+    cfg: EvalConfig,
+    out_dir: str | Path | None = None,
+) -> dict:
+    """All metrics of ``model`` on ``benchmarks``; writes eval.json (and the α plot) to out_dir."""
+    was_training = model.training
+    model.eval()
+    image_key = "z_h" if model.mode == "lit" else "z_f"
+    sweep = model.mode == "3t" and cfg.alpha_sweep
+    results: dict = {"mode": model.mode}
+    sweeps: dict[float, dict] = {}
+
+    if benchmarks.retrieval is not None:
+        images = embed_images(model, benchmarks.retrieval.image_paths, cfg.batch_size)
+        texts = embed_texts(model, tokenizer, benchmarks.retrieval.captions, cfg.batch_size)
+        image_of_text = benchmarks.retrieval.image_of_caption
+        results |= metrics.retrieval(images[image_key], texts["z_g"], image_of_text)
+        if sweep:
+            _merge(
+                sweeps,
+                metrics.alpha_sweep(
+                    images["z_f"],
+                    images["z_h"],
+                    texts["z_g"],
+                    texts["z_gh"],
+                    lambda i, t: metrics.retrieval(i, t, image_of_text),
+                ),
+            )
+
+    for position, (name, dataset) in enumerate(benchmarks.zeroshot.items()):
+        prefix = "zeroshot" if position == 0 else f"zeroshot_{name}"
+        images = embed_images(model, dataset.image_paths, cfg.batch_size)
+        classes = {
+            key: metrics.class_embeddings(
+                lambda prompts, key=key: embed_texts(model, tokenizer, prompts, cfg.batch_size)[
+                    key
+                ],
+                dataset.class_names,
+                dataset.templates,
+            )
+            for key in (("z_g", "z_gh") if sweep else ("z_g",))
+        }
+        scores = metrics.zeroshot(images[image_key], classes["z_g"], dataset.labels)
+        results |= {k.replace("zeroshot", prefix): v for k, v in scores.items()}
+        if sweep:
+            per_alpha = metrics.alpha_sweep(
+                images["z_f"],
+                images["z_h"],
+                classes["z_g"],
+                classes["z_gh"],
+                lambda i, c, labels=dataset.labels: metrics.zeroshot(i, c, labels),
+            )
+            _merge(
+                sweeps,
+                [{k.replace("zeroshot", prefix): v for k, v in row.items()} for row in per_alpha],
+            )
+        if position == 0 and benchmarks.fewshot_train is not None:
+            train = benchmarks.fewshot_train
+            # Never more shots than the smallest class holds (tiny worlds in tests).
+            shots = min(cfg.fewshot_shots, int(torch.bincount(train.labels).min()))
+            embedded = embed_images(model, train.image_paths, cfg.batch_size)
+            results["fewshot_top1"] = metrics.linear_probe(
+                embedded[image_key], train.labels, images[image_key], dataset.labels, shots=shots
+            )
+            results["fewshot_shots"] = shots
+
+    if sweeps:
+        results["alpha_sweep"] = [{"alpha": alpha} | row for alpha, row in sorted(sweeps.items())]
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "eval.json").write_text(json.dumps(results, indent=1))
+        if sweeps:
+            present = [m for m in SWEEP_METRICS if m in results["alpha_sweep"][0]]
+            metrics.plot_alpha_sweep(
+                {"3t": results["alpha_sweep"]}, present, out_dir / "alpha_sweep.png"
+            )
+    model.train(was_training)
+    return results
+
+
+def chance_levels(benchmarks: Benchmarks) -> dict[str, float]:
+    """What random embeddings would score, in %, to print next to the results."""
+    chance: dict[str, float] = {}
+    if benchmarks.retrieval is not None:
+        # A text finds its one image among N at random with k/N; an image with c of the M
+        # captions finds one of them with about k*c/M = k/N as well.
+        images = len(benchmarks.retrieval)
+        for k in (1, 5, 10):
+            chance[f"t2i_R@{k}"] = chance[f"i2t_R@{k}"] = 100 * min(1.0, k / images)
+    for position, (name, dataset) in enumerate(benchmarks.zeroshot.items()):
+        prefix = "zeroshot" if position == 0 else f"zeroshot_{name}"
+        classes = len(dataset.class_names)
+        chance[f"{prefix}_top1"] = 100 / classes
+        chance[f"{prefix}_top5"] = 100 * min(1.0, 5 / classes)
+        if position == 0:
+            chance["fewshot_top1"] = 100 / classes
+    return chance
+
+
+def results_table(results: dict, chance: dict[str, float]) -> str:
+    rows = [f"{'metric':<22}{'model':>9}{'chance':>9}"]
+    for key, value in results.items():
+        if isinstance(value, float) and key in chance:
+            rows.append(f"{key:<22}{value:>9.1f}{chance[key]:>9.1f}")
+    return "\n".join(rows)
+
+
+def _merge(sweeps: dict[float, dict], rows: list[dict]) -> None:
+    for row in rows:
+        sweeps.setdefault(row["alpha"], {}).update({k: v for k, v in row.items() if k != "alpha"})

@@ -58,26 +58,17 @@ def environment() -> dict:
 def git_revision() -> str | None:
     """The revision of the checkout holding this package, with '+dirty' for local changes."""
     here = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", *args], cwd=here, capture_output=True, text=True, check=True, timeout=10
+        )
+        return done.stdout.strip()
+
     try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=here,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"],
-            cwd=here,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
+        return git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain") else "")
     except (OSError, subprocess.SubprocessError):
         return None
-    return rev + ("+dirty" if dirty else "")
 
 
 def drop_metrics_after(path: Path, step: int) -> None:

@@ -24,8 +24,8 @@ TINY_WORLD = {
     "retrieval_val": 20,
     "zeroshot_per_class": 4,
     "zeroshot_val_per_class": 2,
-    "pretrain_objects_per_class": 4,
-    "pretrain_scenes_per_class": 4,
+    "pretrain_objects_per_class": 10,
+    "pretrain_scenes_per_class": 10,
     "shard_size": 64,
     "workers": 1,
 }

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import torch
 
-from threetowers.config import Config, ConfigError, LossConfig, ModelConfig
+from threetowers.config import Config, ConfigError, LossConfig, ModelConfig, ThirdTowerConfig
 from threetowers.losses import ThreeTowersLoss
 from threetowers.model import ThreeTowers
 from threetowers.towers.frozen import FrozenBackbone, Preprocessing
@@ -32,6 +32,14 @@ def build_loss(mode: str, cfg: LossConfig) -> ThreeTowersLoss:
     )
 
 
+def build_third_tower(third: ThirdTowerConfig) -> FrozenBackbone:
+    """The configured frozen backbone, at ``third.image_size`` when one is set."""
+    tower = load_backbone(third.backbone, third.path, third.pool)
+    if third.image_size is not None:
+        tower.preprocessing = replace(tower.preprocessing, image_size=third.image_size)
+    return tower
+
+
 def build_model(
     cfg: Config | ModelConfig,
     third_tower: FrozenBackbone | None = None,
@@ -48,11 +56,7 @@ def build_model(
     if mode == "clip":
         third_tower = None  # clip never builds, loads or runs h
     elif third_tower is None:
-        third = model_cfg.third
-        third_tower = load_backbone(third.backbone, third.path, third.pool)
-        if third.image_size is not None:
-            resized = replace(third_tower.preprocessing, image_size=third.image_size)
-            third_tower.preprocessing = resized
+        third_tower = build_third_tower(model_cfg.third)
     elif not isinstance(third_tower, FrozenBackbone):
         raise ConfigError(
             "third_tower must be a FrozenBackbone: wrap your module as "

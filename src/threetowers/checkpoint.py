@@ -103,6 +103,17 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(step=int(meta["step"]), model=model, state=state, meta=meta)
 
 
+def restore_model(model: torch.nn.Module, checkpoint: Checkpoint) -> None:
+    """Load a checkpoint's weights; everything but the frozen third tower must match."""
+    missing, unexpected = model.load_state_dict(checkpoint.model, strict=False)
+    missing = [k for k in missing if not k.startswith(FROZEN_PREFIX)]
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint step {checkpoint.step} does not fit this model (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}); the config changed since it was written"
+        )
+
+
 def remove_stale_temporaries(directory: str | Path) -> None:
     """Delete what a killed writer left behind (never a complete checkpoint)."""
     if not Path(directory).is_dir():

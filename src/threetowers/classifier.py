@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from threetowers.towers.cnn import SmallResNet
 from threetowers.towers.frozen import FrozenBackbone, Preprocessing
 from threetowers.towers.vit import VisionTransformer
 
@@ -31,6 +32,7 @@ VERSION = "1"
 # Backbones a classifier checkpoint can hold: name -> constructor from its JSON kwargs. Each
 # returns a module mapping normalised images to pooled features, with ``feature_dim``.
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    "cnn": SmallResNet,
     "vit": VisionTransformer,
 }
 

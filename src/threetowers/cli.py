@@ -59,6 +59,67 @@ def _print_results(run_dir: Path) -> None:
     print(results_table(results, chance))
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from threetowers.data.pipeline import ensure_world
+    from threetowers.eval_suite import chance_levels, evaluate_model, resolve_benchmarks
+    from threetowers.trained import load_trained
+
+    run = load_trained(args.run)
+    foreign = [item for item in args.overrides if not item.startswith("eval.")]
+    if foreign:
+        raise ConfigError(f"eval takes eval.* overrides only (the model is fixed), got {foreign}")
+    cfg = load_config(run.run_dir / "config.yaml", args.overrides)
+    world = ensure_world(cfg.data.world) if cfg.data.train is None else None
+    benchmarks = resolve_benchmarks(cfg.eval, world)
+    out = Path(args.out) if args.out else run.run_dir
+    results = evaluate_model(run.model, run.tokenizer, benchmarks, cfg.eval, out)
+    print(f"step {run.step} of {run.run_dir}; eval.json in {out}")
+    print(results_table(results, chance_levels(benchmarks)))
+
+
+def _embed(args: argparse.Namespace) -> None:
+    from threetowers.embed import embed, save_embeddings
+    from threetowers.trained import load_trained
+
+    run = load_trained(args.run)
+    vectors, keys = embed(run.model, run.tokenizer, args.images, args.texts, args.alpha)
+    save_embeddings(args.out, vectors, keys)
+    print(f"{len(keys)} embeddings of dim {vectors.shape[1]} -> {args.out}")
+
+
+def _cache(args: argparse.Namespace) -> None:
+    from threetowers.build import build_third_tower
+    from threetowers.data.cache import feature_cache
+    from threetowers.data.pipeline import training_source
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.model.mode == "clip" or cfg.model.third is None:
+        raise ConfigError("mode 'clip' has no third tower to cache; use model.mode=3t or lit")
+    source, _ = training_source(cfg)
+    cache = feature_cache(
+        build_third_tower(cfg.model.third),
+        source,
+        cfg.data.cache_dir,
+        cfg.data.batch_size,
+        cfg.data.num_workers,
+    )
+    print(
+        f"{len(cache.row)} feature vectors of dim {cache.features.shape[1]} cached "
+        f"({cache.fingerprint[:12]}) in {cfg.data.cache_dir}"
+    )
+
+
+def _pretrain(args: argparse.Namespace) -> None:
+    from threetowers.pretrain import pretrain
+
+    out = pretrain(load_config(args.config, args.overrides), progress=not args.quiet)
+    report = json.loads(out.with_suffix(".json").read_text())
+    print(
+        f"classifier ({report['classes']} classes, val top-1 {report['val_top1']:.1f}%) -> "
+        f"{out}; use it with model.third.backbone=checkpoint model.third.path={out}"
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
         prog="threetowers", description="Three Towers (3T), LiT and CLIP image-text training."
@@ -66,10 +127,10 @@ def parser() -> argparse.ArgumentParser:
     commands = root.add_subparsers(dest="command", required=True)
     config = commands.add_parser("config", help="print the resolved, validated config")
     _config_arguments(config)
-    config.set_defaults(run=_config)
+    config.set_defaults(handler=_config)
     summary = commands.add_parser("summary", help="build the model and count its parameters")
     _config_arguments(summary)
-    summary.set_defaults(run=_summary)
+    summary.set_defaults(handler=_summary)
     train = commands.add_parser(
         "train",
         help="train a model (re-run the same command to resume from the last checkpoint)",
@@ -77,14 +138,46 @@ def parser() -> argparse.ArgumentParser:
     _config_arguments(train)
     train.add_argument("--run-dir", help="where the run lives (default: train.run_dir)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
-    train.set_defaults(run=_train)
+    train.set_defaults(handler=_train)
+
+    evaluate = commands.add_parser(
+        "eval", help="evaluate a run (zero-shot, retrieval, few-shot, alpha sweep for 3t)"
+    )
+    evaluate.add_argument("run", help="a run directory, or one of its checkpoints/step_N")
+    evaluate.add_argument("overrides", nargs="*", help="eval.* overrides, e.g. eval.retrieval=F")
+    evaluate.add_argument("--out", help="where eval.json goes (default: the run directory)")
+    evaluate.set_defaults(handler=_eval)
+
+    embed = commands.add_parser("embed", help="embed images or captions with a trained run")
+    embed.add_argument("run", help="a run directory, or one of its checkpoints/step_N")
+    embed.add_argument("--images", help="a directory of images (searched recursively)")
+    embed.add_argument("--texts", help="a text file, one caption per line")
+    embed.add_argument(
+        "--alpha",
+        type=float,
+        default=1.0,
+        help="3t only: < 1 gives the convex-combination embeddings",
+    )
+    embed.add_argument("--out", required=True, help="output .safetensors or .npy")
+    embed.set_defaults(handler=_embed)
+
+    pretrain = commands.add_parser(
+        "pretrain", help="train a classifier on class folders; the result serves as a third tower"
+    )
+    _config_arguments(pretrain)
+    pretrain.add_argument("--quiet", action="store_true", help="no progress bar")
+    pretrain.set_defaults(handler=_pretrain)
+
+    cache = commands.add_parser("cache", help="precompute the third tower's training features")
+    _config_arguments(cache)
+    cache.set_defaults(handler=_cache)
     return root
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        args.run(args)
+        args.handler(args)
     except (ConfigError, ValueError, FileNotFoundError, ImportError) as error:
         print(f"threetowers {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -216,12 +216,32 @@ class TrainConfig(Section):
     run_dir: str = "runs/default"
 
 
+class PretrainConfig(Section):
+    """Supervised pretraining of a classifier that later serves as a third tower."""
+
+    data: str | None = None  # class folders with train/ and val/; None: the world's set below
+    world_set: Literal["objects", "scenes"] = "objects"
+    architecture: Literal["cnn", "vit"] = "cnn"
+    cnn_widths: list[int] = [16, 32, 64, 128]
+    vit: ImageTowerConfig = ImageTowerConfig()
+    image_size: int = Field(64, gt=0)
+    steps: int = Field(1500, gt=0)
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    crop_scale: tuple[float, float] = (0.6, 1.0)
+    num_workers: int = Field(1, ge=0)
+    out: str = "runs/pretrain/classifier.safetensors"
+
+
 class Config(Section):
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    pretrain: PretrainConfig = PretrainConfig()
 
 
 def load_config(source: str | Path | None = None, overrides: list[str] | None = None) -> Config:

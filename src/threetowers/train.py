@@ -16,7 +16,12 @@ import torch
 from tqdm import tqdm
 
 from threetowers.build import build_model
-from threetowers.checkpoint import load_latest, remove_stale_temporaries, save_checkpoint
+from threetowers.checkpoint import (
+    load_latest,
+    remove_stale_temporaries,
+    restore_model,
+    save_checkpoint,
+)
 from threetowers.config import Config
 from threetowers.data.pipeline import TrainingData
 from threetowers.eval_suite import chance_levels, evaluate_model, resolve_benchmarks
@@ -136,14 +141,7 @@ def _resume(checkpoints: Path, model, optimizer, schedule) -> tuple[int, int, in
     checkpoint = load_latest(checkpoints)
     if checkpoint is None:
         return 0, 0, 0
-    missing, unexpected = model.load_state_dict(checkpoint.model, strict=False)
-    missing = [k for k in missing if not k.startswith("third_tower.")]
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint step {checkpoint.step} does not fit this model (missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]}); the config changed since it was written — use a new "
-            "run directory"
-        )
+    restore_model(model, checkpoint)
     optimizer.load_state_dict(checkpoint.state["optimizer"])
     schedule.load_state_dict(checkpoint.state["schedule"])
     torch.set_rng_state(checkpoint.state["rng"])

@@ -1,0 +1,131 @@
+"""Supervised pretraining of an image classifier, saved as a third-tower checkpoint.
+
+This makes the in-world object classifier (labels = the zero-shot classes: the JFT/ImageNet
+analogue) and scene classifier (labels that ignore objects: the Places365 analogue), and
+serves anyone with a labelled domain dataset in class folders.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from threetowers.classifier import ARCHITECTURES, Classifier, save_classifier
+from threetowers.config import Config
+from threetowers.data.benchmarks import ClassificationSet, load_class_folder
+from threetowers.data.pipeline import ensure_world
+from threetowers.data.transforms import eval_transform, to_rgb, train_transform
+from threetowers.optim import make_optimizer
+from threetowers.towers.frozen import Preprocessing
+
+# Classifiers trained here see [-1, 1] pixels of the whole (square) image.
+PRETRAIN_MEAN = PRETRAIN_STD = (0.5, 0.5, 0.5)
+
+
+class LabelledImages(Dataset):
+    """(image tensor, label); with ``augment``, a random resized crop seeded per sample."""
+
+    def __init__(self, data: ClassificationSet, pre: Preprocessing, augment=None, seed=0):
+        self.data, self.view, self.augment = data, eval_transform(pre), augment
+        self.seed, self.epoch = seed, 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        with Image.open(self.data.image_paths[index]) as image:
+            image = to_rgb(image)
+            if self.augment is None:
+                pixels = self.view(image)
+            else:
+                rng = np.random.default_rng([self.seed, self.epoch, index])
+                pixels = self.augment(image, rng)
+        return pixels, int(self.data.labels[index])
+
+
+def pretraining_data(cfg: Config) -> tuple[ClassificationSet, ClassificationSet]:
+    root = cfg.pretrain.data
+    if root is None:
+        world = ensure_world(cfg.data.world)
+        root = str(Path(world["root"]) / f"pretrain_{cfg.pretrain.world_set}")
+    return load_class_folder(root, "train"), load_class_folder(root, "val")
+
+
+@torch.no_grad()
+def accuracy(backbone: nn.Module, head: nn.Linear, loader: DataLoader) -> float:
+    backbone.eval()
+    correct = total = 0
+    for images, labels in loader:
+        correct += int((head(backbone(images)).argmax(dim=1) == labels).sum())
+        total += len(labels)
+    return 100.0 * correct / total
+
+
+def pretrain(cfg: Config, progress: bool = True) -> Path:
+    """Train the classifier of ``cfg.pretrain``; returns the checkpoint path."""
+    p = cfg.pretrain
+    train_set, val_set = pretraining_data(cfg)
+    torch.manual_seed(cfg.train.seed)
+    if p.architecture == "cnn":
+        arch_config = {"widths": list(p.cnn_widths)}
+    else:
+        arch_config = p.vit.model_dump() | {"image_size": p.image_size}
+    backbone = ARCHITECTURES[p.architecture](**arch_config)
+    head = nn.Linear(backbone.feature_dim, len(train_set.class_names))
+    pre = Preprocessing(p.image_size, PRETRAIN_MEAN, PRETRAIN_STD, crop_fraction=1.0)
+    augment = train_transform(pre, scale=tuple(p.crop_scale))
+    train_images = LabelledImages(train_set, pre, augment, seed=cfg.train.seed)
+    val_loader = DataLoader(LabelledImages(val_set, pre), batch_size=256, num_workers=p.num_workers)
+    model = nn.ModuleDict({"backbone": backbone, "head": head})
+    optimizer, schedule = make_optimizer(model, p.lr, p.weight_decay, p.warmup_steps, p.steps)
+
+    step, bar = 0, tqdm(total=p.steps, disable=not progress, desc="pretrain", unit="step")
+    while step < p.steps:
+        order = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + train_images.epoch)
+        loader = DataLoader(
+            train_images,
+            batch_size=p.batch_size,
+            shuffle=True,
+            drop_last=True,
+            generator=order,
+            num_workers=p.num_workers,
+        )
+        backbone.train()
+        for images, labels in loader:
+            loss = F.cross_entropy(head(backbone(images)), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if step >= p.steps:
+                break
+        train_images.epoch += 1
+    bar.close()
+
+    val_top1 = accuracy(backbone, head, val_loader)
+    out = Path(p.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_classifier(
+        out,
+        Classifier(backbone, head, p.architecture, arch_config, pre, list(train_set.class_names)),
+    )
+    report = {
+        "val_top1": val_top1,
+        "steps": p.steps,
+        "classes": len(train_set.class_names),
+        "train_images": len(train_set),
+        "architecture": p.architecture,
+    }
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    return out

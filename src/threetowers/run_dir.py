@@ -81,3 +81,31 @@ def drop_metrics_after(path: Path, step: int) -> None:
         if line.strip() and json.loads(line).get("step", 0) <= step
     ]
     path.write_text("".join(line + "\n" for line in kept))
+
+
+class MetricsLog:
+    """metrics.jsonl, plus TensorBoard event files when the tensorboard package is installed."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.file = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.board = SummaryWriter(str(run_dir / "tensorboard"))
+        except ImportError:
+            self.board = None
+
+    def log(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.board is not None:
+            flat = record.get("eval", record)
+            prefix = "eval/" if "eval" in record else "train/"
+            for key, value in flat.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.board.add_scalar(prefix + key, value, record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.board is not None:
+            self.board.close()

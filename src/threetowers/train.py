@@ -27,7 +27,7 @@ from threetowers.data.pipeline import TrainingData
 from threetowers.eval_suite import chance_levels, evaluate_model, resolve_benchmarks
 from threetowers.model import ThreeTowers
 from threetowers.optim import make_optimizer
-from threetowers.run_dir import drop_metrics_after, prepare_run_dir
+from threetowers.run_dir import MetricsLog, drop_metrics_after, prepare_run_dir
 
 
 def resolve_device(name: str) -> torch.device:
@@ -62,7 +62,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, progress: bool = True)
     step, epoch, batch_in_epoch = _resume(checkpoints, model, optimizer, schedule)
     drop_metrics_after(run_dir / "metrics.jsonl", step)
 
-    metrics_file = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - lives for the loop
+    metrics = MetricsLog(run_dir)
     bar = tqdm(total=cfg.train.steps, initial=step, disable=not progress, unit="step")
     model.train()
     seen, started = 0, time.perf_counter()
@@ -78,8 +78,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, progress: bool = True)
                     "lr": schedule.get_last_lr()[0],
                     "pairs_per_s": rate,
                 } | {k: v.item() for k, v in logs.items()}
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
+                metrics.log(record)
                 bar.set_postfix(
                     loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}", pairs_s=f"{rate:.0f}"
                 )
@@ -103,14 +102,13 @@ def train(cfg: Config, run_dir: str | Path | None = None, progress: bool = True)
             if step == cfg.train.steps or (cfg.eval.every and step % cfg.eval.every == 0):
                 scores = evaluate_model(model, data.tokenizer, benchmarks, cfg.eval, run_dir)
                 headline = {k: v for k, v in scores.items() if not isinstance(v, list)}
-                metrics_file.write(json.dumps({"step": step, "eval": headline}) + "\n")
-                metrics_file.flush()
+                metrics.log({"step": step, "eval": headline})
             if step >= cfg.train.steps:
                 break
         else:
             epoch, batch_in_epoch = epoch + 1, 0
     bar.close()
-    metrics_file.close()
+    metrics.close()
     return run_dir
 
 

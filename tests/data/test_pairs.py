@@ -11,14 +11,13 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from threetowers.data.loader import num_batches, pair_batches
 from threetowers.data.pairs import (
     PairTable,
     ShardPairs,
     count_shard_samples,
     epoch_size,
-    num_batches,
     open_pairs,
-    pair_batches,
 )
 
 SHARD_SIZES = [5, 7, 6, 8, 4, 9]

@@ -20,7 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from threetowers.data.pairs import PairTable, ShardPairs, open_pairs, pair_batches
+from threetowers.data.loader import pair_batches
+from threetowers.data.pairs import PairTable, ShardPairs, open_pairs
 from threetowers.data.transforms import eval_transform
 from threetowers.towers.frozen import FrozenBackbone
 

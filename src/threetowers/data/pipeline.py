@@ -12,7 +12,8 @@ import torch
 
 from threetowers.config import Config, WorldConfig
 from threetowers.data.cache import FeatureCache, feature_cache
-from threetowers.data.pairs import Pair, iter_captions, open_pairs, pair_batches
+from threetowers.data.loader import pair_batches
+from threetowers.data.pairs import Pair, iter_captions, open_pairs
 from threetowers.data.tokenizer import CaptionTokenizer
 from threetowers.data.transforms import eval_transform, train_transform
 from threetowers.data.world import WorldSpec, write_world

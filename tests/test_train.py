@@ -91,6 +91,10 @@ def test_run_directory_holds_config_metrics_tokenizer_and_checkpoints(world_dir,
     assert (run / "alpha_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     env = json.loads((run / "environment.json").read_text())
     assert env["packages"]["torch"].startswith("2.")
+    # A crash after the last checkpoint but before the evaluation: re-running evaluates.
+    (run / "eval.json").unlink()
+    train(cfg, run, progress=False)
+    assert json.loads((run / "eval.json").read_text())["step"] == 4
     with pytest.raises(tt.ConfigError, match="holds a run with a different config"):
         train(tiny_run_config(world_dir, tmp_path / "cache", "train.steps=5"), run, progress=False)
 

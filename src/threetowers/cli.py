@@ -72,7 +72,7 @@ def _eval(args: argparse.Namespace) -> None:
     world = ensure_world(cfg.data.world) if cfg.data.train is None else None
     benchmarks = resolve_benchmarks(cfg.eval, world)
     out = Path(args.out) if args.out else run.run_dir
-    results = evaluate_model(run.model, run.tokenizer, benchmarks, cfg.eval, out)
+    results = evaluate_model(run.model, run.tokenizer, benchmarks, cfg.eval, out, step=run.step)
     print(f"step {run.step} of {run.run_dir}; eval.json in {out}")
     print(results_table(results, chance_levels(benchmarks)))
 

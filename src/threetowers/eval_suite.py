@@ -94,13 +94,14 @@ def evaluate_model(
     benchmarks: Benchmarks,
     cfg: EvalConfig,
     out_dir: str | Path | None = None,
+    step: int | None = None,
 ) -> dict:
     """All metrics of ``model`` on ``benchmarks``; writes eval.json (and the α plot) to out_dir."""
     was_training = model.training
     model.eval()
     image_key = "z_h" if model.mode == "lit" else "z_f"
     sweep = model.mode == "3t" and cfg.alpha_sweep
-    results: dict = {"mode": model.mode}
+    results: dict = {"mode": model.mode, "step": step}
     sweeps: dict[float, dict] = {}
 
     if benchmarks.retrieval is not None:

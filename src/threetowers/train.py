@@ -99,17 +99,29 @@ def train(cfg: Config, run_dir: str | Path | None = None, progress: bool = True)
                     data.fingerprints(),
                     keep=cfg.train.keep_checkpoints,
                 )
-            if step == cfg.train.steps or (cfg.eval.every and step % cfg.eval.every == 0):
-                scores = evaluate_model(model, data.tokenizer, benchmarks, cfg.eval, run_dir)
-                headline = {k: v for k, v in scores.items() if not isinstance(v, list)}
-                metrics.log({"step": step, "eval": headline})
+            if step < cfg.train.steps and cfg.eval.every and step % cfg.eval.every == 0:
+                _evaluate(model, data, benchmarks, cfg, run_dir, step, metrics)
             if step >= cfg.train.steps:
                 break
         else:
             epoch, batch_in_epoch = epoch + 1, 0
     bar.close()
+    if _evaluated_step(run_dir) != step:  # also after a crash between checkpoint and eval
+        _evaluate(model, data, benchmarks, cfg, run_dir, step, metrics)
     metrics.close()
     return run_dir
+
+
+def _evaluate(model, data, benchmarks, cfg: Config, run_dir: Path, step: int, metrics) -> None:
+    scores = evaluate_model(model, data.tokenizer, benchmarks, cfg.eval, run_dir, step=step)
+    metrics.log(
+        {"step": step, "eval": {k: v for k, v in scores.items() if not isinstance(v, list)}}
+    )
+
+
+def _evaluated_step(run_dir: Path) -> int | None:
+    path = run_dir / "eval.json"
+    return json.loads(path.read_text()).get("step") if path.exists() else None
 
 
 def _step(model: ThreeTowers, batch: dict, optimizer, schedule, cfg: Config, device):

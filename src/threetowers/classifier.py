@@ -134,6 +134,7 @@ def load_classifier_backbone(path: str | Path | None) -> FrozenBackbone:
         classifier.preprocessing,
         feature_dim=classifier.head.in_features,
         name=f"checkpoint:{Path(path).name}",
+        channels_last=classifier.architecture == "cnn",
     )
 
 

@@ -58,3 +58,35 @@ def test_bad_configuration_and_overlong_input_are_named():
     tower = TextTransformer(32, 4, 32, 1, 4)
     with pytest.raises(ValueError, match="context_length is 4"):
         tower(torch.ones(1, 6, dtype=torch.long))
+
+
+@pytest.mark.parametrize(("causal", "pool"), [(False, "mean"), (True, "eot")])
+def test_length_buckets_give_the_same_embeddings_and_gradients(causal, pool):
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(1)
+    captions = [
+        torch.randint(1, 32, (int(n),), generator=generator).tolist()
+        for n in torch.randint(2, 17, (101,), generator=generator)
+    ]
+    tokens = padded(captions, 16)
+    # float64, so that only a real difference (not summation order) can fail the comparison
+    tower = TextTransformer(32, 16, 32, 2, 4, causal=causal, pool=pool).double()
+    target = torch.randn(len(captions), 32, generator=generator, dtype=torch.float64)
+
+    encode, shapes = tower._encode, []
+    tower._encode = lambda t: shapes.append(tuple(t.shape)) or encode(t)
+
+    def run(buckets):
+        tower.zero_grad()
+        tower.length_buckets = buckets
+        out = tower(tokens)
+        (out * target).sum().backward()
+        return out.detach(), [p.grad.clone() for p in tower.parameters()]
+
+    (plain, plain_grads), (bucketed, bucketed_grads) = run(1), run(3)
+    torch.testing.assert_close(bucketed, plain, rtol=1e-10, atol=1e-12)
+    for got, expected in zip(bucketed_grads, plain_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    # one full call, then three buckets of 34, 34, 33 captions trimmed to their longest
+    assert [rows for rows, _ in shapes] == [101, 34, 34, 33]
+    assert shapes[0][1] == 16 and shapes[1][1] < shapes[2][1] < shapes[3][1] == 16

@@ -15,7 +15,7 @@ from threetowers.data.cache import FeatureCache, feature_cache
 from threetowers.data.loader import pair_batches
 from threetowers.data.pairs import Pair, iter_captions, open_pairs
 from threetowers.data.tokenizer import CaptionTokenizer
-from threetowers.data.transforms import eval_transform, train_transform
+from threetowers.data.transforms import EvalTransform, TrainTransform
 from threetowers.data.world import WorldSpec, write_world
 from threetowers.model import ThreeTowers
 
@@ -61,8 +61,44 @@ def load_or_train_tokenizer(cfg: Config, run_dir: Path, source) -> CaptionTokeni
     return tokenizer
 
 
+class _Pixels:
+    """Transform mixin: end at uint8 (3, S, S) pixels instead of normalised float32.
+
+    On a few CPU cores the loader's per-image work bounds the training loop, and scaling and
+    normalising one small image at a time costs more in per-call overhead than in arithmetic.
+    :class:`Normalise` does it once per batch with the same operations in the same order, so
+    the floats equal the transforms' own bit for bit.
+    """
+
+    def _finish(self, image) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+class PixelEvalTransform(_Pixels, EvalTransform):
+    """``EvalTransform`` (resize, centre crop) returning uint8 pixels; see :class:`Normalise`."""
+
+
+class PixelTrainTransform(_Pixels, TrainTransform):
+    """``TrainTransform`` (random resized crop) returning uint8 pixels; see :class:`Normalise`."""
+
+
+class Normalise:
+    """uint8 (B, 3, S, S) pixels -> the normalised float32 batch of ``pre``'s transforms."""
+
+    def __init__(self, pre) -> None:
+        self.mean = torch.tensor(pre.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(pre.std, dtype=torch.float32).view(1, 3, 1, 1)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels.to(torch.float32).div_(255.0).sub_(self.mean).div_(self.std)
+
+
 class TrainingExample:
-    """One pair -> the tensors a step needs. Picklable, so it runs in loader workers."""
+    """One pair -> the tensors a step needs. Picklable, so it runs in loader workers.
+
+    Images leave as uint8 pixels (``PixelEvalTransform``/``PixelTrainTransform``);
+    ``TrainingData.batches`` normalises them per batch.
+    """
 
     def __init__(
         self, tokenizer: CaptionTokenizer, image_view=None, augment=None, third_view=None
@@ -91,6 +127,7 @@ class TrainingData:
         self.tokenizer = load_or_train_tokenizer(cfg, run_dir, self.pairs)
         self.cache: FeatureCache | None = None
         self.example: TrainingExample | None = None
+        self.normalise: dict[str, Normalise] = {}  # batch key -> its tower's normalisation
 
     def attach(self, model: ThreeTowers, progress: bool = True) -> None:
         """Choose each tower's view for this model; build or load h's feature cache."""
@@ -101,13 +138,16 @@ class TrainingData:
                 h, self.pairs, data.cache_dir, data.batch_size, data.num_workers, progress
             )
         needs_images = model.mode != "lit" or self.cache is None
-        view = eval_transform(model.image_preprocessing) if needs_images else None
+        pre = model.image_preprocessing
+        view = PixelEvalTransform(pre) if needs_images else None
         augment = None
         if needs_images and model.mode != "lit" and data.augment:
-            augment = train_transform(model.image_preprocessing, scale=tuple(data.crop_scale))
+            augment = PixelTrainTransform(pre, scale=tuple(data.crop_scale))
+        self.normalise = {"images": Normalise(pre)} if needs_images else {}
         third = None
         if h is not None and self.cache is None and model.mode == "3t":
-            third = eval_transform(h.preprocessing)
+            third = PixelEvalTransform(h.preprocessing)
+            self.normalise["third_images"] = Normalise(h.preprocessing)
         self.example = TrainingExample(self.tokenizer, view, augment, third)
 
     def batches(self, epoch: int, start_batch: int):
@@ -122,6 +162,8 @@ class TrainingData:
             num_workers=data.num_workers,
             shuffle_buffer=data.shuffle_buffer,
         ):
+            for key, normalise in self.normalise.items():
+                batch[key] = normalise(batch[key])
             if self.cache is not None:
                 batch["third_features"] = self.cache.lookup(batch["keys"])
             # Padding never changes a caption's embedding, so drop the all-padding columns:

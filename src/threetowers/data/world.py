@@ -56,7 +56,7 @@ __all__ = [
 ]
 
 # Bump whenever rendering or captions change, so an old world on disk is never reused.
-VERSION = 1
+VERSION = 2
 
 OBJECT_TEMPLATES = [
     "a photo of a {}.",

@@ -229,5 +229,9 @@ def efficientnet_lite0_backbone(weights_path: str | None = None) -> FrozenBackbo
     """The ImageNet EfficientNet-Lite0 as a frozen tower returning pooled 1280-d features."""
     model = efficientnet_lite0_imagenet(weights_path)
     return FrozenBackbone(
-        _Features(model), PREPROCESSING, feature_dim=HEAD_CHANNELS, name="efficientnet_lite0"
+        _Features(model),
+        PREPROCESSING,
+        feature_dim=HEAD_CHANNELS,
+        name="efficientnet_lite0",
+        channels_last=True,
     )

@@ -65,7 +65,9 @@ class Preprocessing:
 class FrozenBackbone(nn.Module):
     """Wraps any module mapping normalised images (B, 3, S, S) to pooled features (B, C).
 
-    ``feature_dim`` is measured with one dummy forward when not given.
+    ``feature_dim`` is measured with one dummy forward when not given. ``channels_last``
+    runs a convolutional module in NHWC layout, which oneDNN's CPU kernels prefer (the bundled
+    EfficientNet-Lite0 runs about 2x faster); leave it off for attention-only modules.
     """
 
     def __init__(
@@ -74,9 +76,11 @@ class FrozenBackbone(nn.Module):
         preprocessing: Preprocessing,
         feature_dim: int | None = None,
         name: str = "custom",
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
-        self.module = module
+        self.channels_last = channels_last
+        self.module = module.to(memory_format=torch.channels_last) if channels_last else module
         self.preprocessing = preprocessing
         self.name = name
         for param in self.module.parameters():
@@ -89,6 +93,8 @@ class FrozenBackbone(nn.Module):
         return super().train(False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             features = self.module(images)
         if features.ndim != 2:

@@ -6,22 +6,27 @@ TORCH := torch==2.13.0
 
 .PHONY: test demo lint clean
 
+# The package alone for the demo; its test and Hugging Face extras on top for the tests.
 $(BIN)/threetowers: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first and pinned, so that no dependency can pull an unpinned (CUDA) build.
 	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e . $(TORCH)
+	touch $@
+
+$(VENV)/.extras: $(BIN)/threetowers
 	$(BIN)/pip install --quiet -e ".[hf,test]" $(TORCH)
 	touch $@
 
-test: $(BIN)/threetowers
+test: $(VENV)/.extras
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
 	$(BIN)/ruff check src tests
 
 demo: $(BIN)/threetowers
 	$(BIN)/threetowers train configs/demo.yaml
 
-lint: $(BIN)/threetowers
+lint: $(VENV)/.extras
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
 

@@ -52,10 +52,10 @@ from threetowers.data.pairs import (
     check_seed,
     decode_sample,
     open_pairs,
-    sample_rngs,
+    sample_rng,
 )
 
-Example = Callable[[Pair, np.random.Generator], dict[str, torch.Tensor]]
+Example = Callable[[Pair, np.random.Generator], dict[str, torch.Tensor | str]]
 # --------------------------------------------------------------------------- planning
 
 
@@ -172,26 +172,31 @@ def num_batches(
 
 
 def _make_example(pair: Pair, example: Example, seed: int, epoch: int) -> tuple[str, dict]:
-    caption_rng, example_rng = sample_rngs(seed, epoch, pair.key)
-    caption = pair.captions[int(caption_rng.integers(len(pair.captions)))]
-    fields = example(Pair(pair.key, pair.image, [caption]), example_rng)
+    rng = sample_rng(seed, epoch, pair.key)
+    caption = pair.captions[int(rng.integers(len(pair.captions)))]
+    fields = example(Pair(pair.key, pair.image, [caption]), rng)
     if not isinstance(fields, dict) or "keys" in fields:
         raise TypeError(
-            "example must return a dict of tensors without a 'keys' entry (the loader adds it)"
+            "example must return a dict of tensors or strings without a 'keys' entry (the loader "
+            "adds it)"
         )
     return pair.key, fields
 
 
 def _collate(items: list[tuple[str, dict]]) -> dict[str, Any]:
+    """Tensors are stacked; strings (e.g. captions to tokenise per batch) become lists."""
     names = list(items[0][1])
     batch: dict[str, Any] = {}
     for name in names:
+        if isinstance(items[0][1][name], str):
+            batch[name] = [fields[name] for _, fields in items]
+            continue
         try:
             batch[name] = torch.stack([fields[name] for _, fields in items])
         except (KeyError, TypeError, RuntimeError) as error:
             raise ValueError(
                 f"cannot batch example field {name!r}: every example must return the same "
-                f"fields as tensors of one shape ({error})"
+                f"fields, as strings or as tensors of one shape ({error})"
             ) from error
     batch["keys"] = [key for key, _ in items]
     return batch

@@ -120,6 +120,23 @@ def _pretrain(args: argparse.Namespace) -> None:
     )
 
 
+def _reproduce(args: argparse.Namespace) -> None:
+    from threetowers.reproduce import quick, reproduce
+
+    cfg = load_config(args.config, args.overrides)
+    if args.quick:
+        cfg = quick(cfg)
+    if args.seeds is not None:
+        if args.seeds < 1:
+            raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
+        cfg = cfg.model_copy(
+            update={"reproduce": cfg.reproduce.model_copy(update={"seeds": args.seeds})}
+        )
+    reproduce(cfg, args.out, progress=not args.quiet)
+    print((Path(args.out) / "results.md").read_text(), end="")
+    print(f"\nresults.json, results.md, bars.png and alpha.png are in {args.out}")
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
         prog="threetowers", description="Three Towers (3T), LiT and CLIP image-text training."
@@ -167,6 +184,20 @@ def parser() -> argparse.ArgumentParser:
     _config_arguments(pretrain)
     pretrain.add_argument("--quiet", action="store_true", help="no progress bar")
     pretrain.set_defaults(handler=_pretrain)
+
+    repro = commands.add_parser(
+        "reproduce",
+        help="CLIP vs LiT vs 3T with matched, mismatched and ImageNet third towers, over seeds",
+    )
+    repro.add_argument(
+        "--config", default="reproduce", help="a YAML file or a preset (default: reproduce)"
+    )
+    repro.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    repro.add_argument("--quick", action="store_true", help="one seed, short runs (a smoke run)")
+    repro.add_argument("--seeds", type=int, help="seeds per run (default: reproduce.seeds)")
+    repro.add_argument("--out", default="runs/reproduce", help="where runs and results go")
+    repro.add_argument("--quiet", action="store_true", help="no progress bar")
+    repro.set_defaults(handler=_reproduce)
 
     cache = commands.add_parser("cache", help="precompute the third tower's training features")
     _config_arguments(cache)

@@ -236,6 +236,25 @@ class PretrainConfig(Section):
     out: str = "runs/pretrain/classifier.safetensors"
 
 
+class ReproduceConfig(Section):
+    """``threetowers reproduce``: which settings, how many seeds, and the --quick sizes."""
+
+    settings: list[Literal["matched", "mismatched", "imagenet"]] = [
+        "matched",
+        "mismatched",
+        "imagenet",
+    ]
+    seeds: int = Field(3, gt=0)
+    quick_steps: int = Field(150, gt=0)  # train.steps under --quick (one seed)
+    quick_pretrain_steps: int = Field(200, gt=0)  # pretrain.steps under --quick
+
+    @model_validator(mode="after")
+    def _distinct_settings(self) -> ReproduceConfig:
+        if not self.settings or len(set(self.settings)) != len(self.settings):
+            raise ValueError(f"settings must be distinct and not empty, got {self.settings}")
+        return self
+
+
 class Config(Section):
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()
@@ -243,6 +262,7 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     pretrain: PretrainConfig = PretrainConfig()
+    reproduce: ReproduceConfig = ReproduceConfig()
 
 
 def load_config(source: str | Path | None = None, overrides: list[str] | None = None) -> Config:

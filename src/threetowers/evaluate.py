@@ -266,7 +266,7 @@ def alpha_sweep(
 def plot_alpha_sweep(
     sweeps: dict[str, list[dict[str, float]]], metrics: Sequence[str], path
 ) -> None:
-    """Plot metric vs α to a PNG: one line per (setting, metric) present in the sweep.
+    """Plot metric vs α to a PNG: one panel per sweep (e.g. per setting), one line per metric.
 
     Uses ``Figure`` with the Agg canvas directly, so pyplot's global backend is untouched.
     """
@@ -275,22 +275,23 @@ def plot_alpha_sweep(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6.4, 4.4))
+    fig = Figure(figsize=(5.2 * len(sweeps), 4.2))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for setting, rows in sweeps.items():
+    axes = fig.subplots(1, len(sweeps), squeeze=False)[0]
+    for ax, (name, rows) in zip(axes, sweeps.items(), strict=True):
         rows = sorted(rows, key=lambda r: r["alpha"])
         for metric in metrics:
             points = [(r["alpha"], r[metric]) for r in rows if metric in r]
             if points:
                 xs, ys = zip(*points, strict=True)
-                ax.plot(xs, ys, marker="o", label=f"{setting}: {metric}")
-    ax.set_xlabel("α (weight of the main towers f·g; 1 − α on the third tower h·g_h)")
-    ax.set_ylabel("metric (%)")
-    ax.set_xlim(0, 1)
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize="small")
+                ax.plot(xs, ys, marker="o", label=metric)
+        ax.set_title(name, fontsize="medium")
+        ax.set_xlabel("α (1: f·g alone; 0: h·g_h alone)")
+        ax.set_ylabel("metric (%)")
+        ax.set_xlim(0, 1)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize="small")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -79,6 +79,8 @@ def pretrain(cfg: Config, progress: bool = True) -> Path:
     else:
         arch_config = p.vit.model_dump() | {"image_size": p.image_size}
     backbone = ARCHITECTURES[p.architecture](**arch_config)
+    if p.architecture == "cnn":  # NHWC convolutions run ~1.3x faster on CPU (oneDNN)
+        backbone = backbone.to(memory_format=torch.channels_last)
     head = nn.Linear(backbone.feature_dim, len(train_set.class_names))
     pre = Preprocessing(p.image_size, PRETRAIN_MEAN, PRETRAIN_STD, crop_fraction=1.0)
     augment = train_transform(pre, scale=tuple(p.crop_scale))

@@ -106,7 +106,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, progress: bool = True)
         else:
             epoch, batch_in_epoch = epoch + 1, 0
     bar.close()
-    if _evaluated_step(run_dir) != step:  # also after a crash between checkpoint and eval
+    if evaluated_step(run_dir) != step:  # also after a crash between checkpoint and eval
         _evaluate(model, data, benchmarks, cfg, run_dir, step, metrics)
     metrics.close()
     return run_dir
@@ -119,7 +119,7 @@ def _evaluate(model, data, benchmarks, cfg: Config, run_dir: Path, step: int, me
     )
 
 
-def _evaluated_step(run_dir: Path) -> int | None:
+def evaluated_step(run_dir: Path) -> int | None:
     path = run_dir / "eval.json"
     return json.loads(path.read_text()).get("step") if path.exists() else None
 

@@ -154,6 +154,7 @@ def test_backbone_is_frozen_and_matches_forward_features(
     images = PREPROCESSING.normalize(photos[:2])
     features = backbone(images)
     assert features.shape == (2, 1280)
+
     # the backbone runs in NHWC layout (faster on CPU); the reference in the default NCHW
     def stem_is_nhwc(module):  # the stem conv's weight, (32, 3, 3, 3)
         weight = next(p for p in module.parameters() if p.ndim == 4)

@@ -180,6 +180,9 @@ class DataConfig(Section):
     crop_scale: tuple[float, float] = (0.6, 1.0)
     cache: bool = True  # precompute h's features once and reuse them (h is never augmented)
     cache_dir: str = "~/.cache/threetowers/features"
+    # decode f's view of each image once into cache_dir and train from memory (needs
+    # augment false); batches then come from a seeded permutation instead of shard streams
+    preload: bool = False
 
     @model_validator(mode="after")
     def _crop_scale_in_range(self) -> DataConfig:

@@ -285,6 +285,18 @@ def decode_sample(sample: dict[str, Any]) -> Pair:
     return Pair(key, _load_image(data, f"sample {key!r} of {url}"), sample_captions(sample))
 
 
+def iter_pairs(source: PairSource) -> Iterator[Pair]:
+    """Every pair of a dataset in file order, decoded, with all its captions."""
+    pairs = open_pairs(source)
+    if isinstance(pairs, PairTable):
+        yield from (pairs[i] for i in range(len(pairs)))
+        return
+    stream = wds.WebDataset([str(s) for s in pairs.shards], shardshuffle=False, empty_check=False)
+    for sample in stream:
+        if any(ext in sample for ext in IMAGE_EXTENSIONS):  # as count_shard_samples counts
+            yield decode_sample(sample)
+
+
 def iter_captions(source: PairSource) -> Iterator[str]:
     """Every caption of a dataset, without decoding an image (to train a tokenizer)."""
     pairs = open_pairs(source)

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from threetowers.config import Config, WorldConfig
+from threetowers.config import Config, ConfigError, WorldConfig
 from threetowers.data.cache import FeatureCache, feature_cache
 from threetowers.data.loader import pair_batches
 from threetowers.data.pairs import Pair, iter_captions, open_pairs
+from threetowers.data.preload import preload_pairs
 from threetowers.data.tokenizer import CaptionTokenizer
 from threetowers.data.transforms import EvalTransform, TrainTransform
 from threetowers.data.world import WorldSpec, write_world
@@ -117,6 +118,11 @@ class TrainingExample:
         return out
 
 
+def _already_decoded(pixels: torch.Tensor) -> torch.Tensor:
+    """The image view of preloaded pairs: their images are f's pixels already."""
+    return pixels
+
+
 class TrainingData:
     def __init__(self, cfg: Config, run_dir: Path) -> None:
         self.cfg = cfg
@@ -146,6 +152,15 @@ class TrainingData:
         if h is not None and self.cache is None and model.mode == "3t":
             third = PixelEvalTransform(h.preprocessing)
             self.normalise["third_images"] = Normalise(h.preprocessing)
+        if data.preload:
+            if augment is not None or third is not None:
+                raise ConfigError(
+                    "data.preload decodes each image once, so every view must be fixed: set "
+                    "data.augment=false, and keep data.cache=true in 3t (h's view is not "
+                    "preloaded), or set data.preload=false"
+                )
+            self.pairs = preload_pairs(self.pairs, view, data.cache_dir, progress)
+            view = _already_decoded if view is not None else None
         self.example = TrainingExample(view, augment, third)
 
     def batches(self, epoch: int, start_batch: int):
@@ -157,7 +172,8 @@ class TrainingData:
             seed=self.cfg.train.seed,
             epoch=epoch,
             start_batch=start_batch,
-            num_workers=data.num_workers,
+            # preloaded rows are a memory read: worker processes would cost more than they save
+            num_workers=0 if data.preload else data.num_workers,
             shuffle_buffer=data.shuffle_buffer,
         ):
             batch["tokens"] = self.tokenizer.encode(batch.pop("captions"))

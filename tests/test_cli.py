@@ -139,3 +139,14 @@ def test_user_errors_end_in_one_message(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_overrides_may_follow_options(capsys):
+    assert main(["config", "tiny", "model.embed_dim=24"]) == 0
+    assert "embed_dim: 24" in capsys.readouterr().out
+    # options between the config and its overrides: the overrides still apply
+    assert main(["train", "tiny", "--quiet", "model.image.widht=3"]) == 2
+    assert "did you mean 'width'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["config", "tiny", "--bogus", "model.embed_dim=24"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err

@@ -206,7 +206,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    root = parser()
+    # argparse stops filling a positional list at the first option, so overrides after
+    # e.g. --quiet come back unparsed; they are still overrides.
+    args, extra = root.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray or (extra and not hasattr(args, "overrides")):
+        root.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     try:
         args.handler(args)
     except (ConfigError, ValueError, FileNotFoundError, ImportError) as error:

@@ -81,7 +81,11 @@ def classifier(cfg: Config, world_set: str, out: Path, progress: bool) -> tuple[
     pretraining config is unchanged); returns its path and report."""
     path = out / "classifiers" / f"{world_set}.safetensors"
     settings = cfg.pretrain.model_copy(update={"world_set": world_set, "out": str(path)})
-    wanted = settings.model_dump(mode="json") | {"seed": cfg.train.seed}
+    # what the classifier depends on (not where it is written), so a copied one is reused
+    wanted = settings.model_dump(mode="json", exclude={"out"}) | {
+        "seed": cfg.train.seed,
+        "world": cfg.data.world.model_dump(mode="json"),
+    }
     report_path = path.with_suffix(".json")
     if path.exists() and report_path.exists():
         report = json.loads(report_path.read_text())

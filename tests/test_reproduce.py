@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -117,6 +118,8 @@ def test_quick_reproduce_runs_every_setting_and_writes_the_report(tmp_path, caps
         if sweep:
             assert [row["alpha"] for row in sweep] == pytest.approx([i / 10 for i in range(11)])
     assert set(results["classifiers"]) == {"matched", "mismatched"}
+    shared = (out / "tokenizer.json").read_text()  # trained once, read by every run
+    assert all((Path(run["run_dir"]) / "tokenizer.json").read_text() == shared for run in runs)
     assert results["config"]["train"]["steps"] == 2
     for figure in ("bars.png", "alpha.png"):
         assert (out / figure).read_bytes().startswith(b"\x89PNG")

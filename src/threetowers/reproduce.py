@@ -9,23 +9,28 @@ Three pretraining settings for the third tower (and LiT's image tower):
 - ``imagenet``: the bundled ImageNet EfficientNet-Lite0.
 
 Per seed, CLIP is trained once (it has no third tower) and LiT and 3T once per setting, all
-from the same config, so data, steps, batch, towers and schedule are shared. Every run is an
-ordinary run directory under ``OUT/runs``; re-running the command skips finished runs and
-resumes an interrupted one from its last checkpoint. ``reproduce_report`` turns the runs
-into ``results.json``, ``results.md`` and the figures.
+from the same config, so data, steps, batch, towers, tokenizer and schedule are shared. The
+classifiers, the shared caches and the runs are jobs (``jobs.run_jobs``) on
+``reproduce.workers`` processes. Every run is an ordinary run directory under ``OUT/runs``;
+re-running the command skips finished runs and resumes an interrupted one from its last
+checkpoint. ``reproduce_report`` turns the runs into ``results.json``, ``results.md`` and
+the figures.
 """
 
 from __future__ import annotations
 
 import json
-import time
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 from tqdm import tqdm
 
+from threetowers.build import build_model
 from threetowers.config import Config
+from threetowers.data.pipeline import TrainingData, ensure_world
+from threetowers.jobs import Job, run_jobs
 from threetowers.pretrain import pretrain
 from threetowers.reproduce_report import HEADLINE, run_record, write_report
 from threetowers.train import evaluated_step, train
@@ -76,10 +81,13 @@ def quick(cfg: Config) -> Config:
     )
 
 
-def classifier(cfg: Config, world_set: str, out: Path, progress: bool) -> tuple[Path, dict]:
-    """Pretrain the classifier on ``world_set`` into ``out/classifiers`` (reused when its
-    pretraining config is unchanged); returns its path and report."""
-    path = out / "classifiers" / f"{world_set}.safetensors"
+def classifier_path(out: Path, setting: str) -> Path:
+    return out / "classifiers" / f"{PRETRAINING_SETS[setting]}.safetensors"
+
+
+def classifier(cfg: Config, world_set: str, path: Path) -> dict:
+    """Pretrain the classifier on ``world_set`` to ``path`` unless the one there was made
+    with the same pretraining config; returns its report."""
     settings = cfg.pretrain.model_copy(update={"world_set": world_set, "out": str(path)})
     # what the classifier depends on (not where it is written), so a copied one is reused
     wanted = settings.model_dump(mode="json", exclude={"out"}) | {
@@ -90,20 +98,37 @@ def classifier(cfg: Config, world_set: str, out: Path, progress: bool) -> tuple[
     if path.exists() and report_path.exists():
         report = json.loads(report_path.read_text())
         if report.get("pretrain") == wanted:
-            return path, report
-    pretrain(cfg.model_copy(update={"pretrain": settings}), progress=progress)
+            return report
+    pretrain(cfg.model_copy(update={"pretrain": settings}), progress=False)
     report = json.loads(report_path.read_text()) | {"pretrain": wanted}
     report_path.write_text(json.dumps(report, indent=1))
-    return path, report
+    return report
 
 
-def run_config(cfg: Config, spec: RunSpec, out: Path, classifiers: dict[str, Path]) -> Config:
+def prepare_data(configs: list[Config], tokenizer_out: Path | None = None) -> None:
+    """Build what the runs of ``configs`` read and share (h's feature cache, the preloaded
+    pixels or captions) once, through the trainer's own code path, before several runs in
+    parallel would each build it; with ``tokenizer_out``, save the tokenizer there."""
+    for cfg in configs:
+        with tempfile.TemporaryDirectory() as scratch:  # the run directory it asks for
+            data = TrainingData(cfg, Path(scratch))
+            data.attach(build_model(cfg), progress=False)
+            if tokenizer_out is not None:
+                data.tokenizer.save(tokenizer_out)
+
+
+def train_run(cfg: Config) -> None:
+    """Train and evaluate one run, unless it is finished (a partial one resumes)."""
+    if evaluated_step(Path(cfg.train.run_dir)) != cfg.train.steps:
+        train(cfg, progress=False)
+
+
+def run_config(cfg: Config, spec: RunSpec, out: Path) -> Config:
     """``cfg`` for one run: its mode, third tower, seed and run directory."""
     model = cfg.model.model_copy(update={"mode": spec.method})
-    if spec.setting in classifiers:
-        third = model.third.model_copy(
-            update={"backbone": "checkpoint", "path": str(classifiers[spec.setting].resolve())}
-        )
+    if spec.setting in ("matched", "mismatched"):
+        path = classifier_path(out, spec.setting).resolve()
+        third = model.third.model_copy(update={"backbone": "checkpoint", "path": str(path)})
         model = model.model_copy(update={"third": third})
     elif spec.setting == "imagenet":
         third = model.third.model_copy(update={"backbone": "efficientnet_lite0", "path": None})
@@ -113,39 +138,66 @@ def run_config(cfg: Config, spec: RunSpec, out: Path, classifiers: dict[str, Pat
     return cfg.model_copy(update={"model": model, "train": train_cfg})
 
 
+def jobs(cfg: Config, out: Path) -> list[Job]:
+    """The shared tokenizer and data, the classifiers, then the runs seed by seed (the list
+    order is the priority: seed 0 completes first, so a stopped command has whole seeds to
+    report)."""
+    settings = cfg.reproduce.settings
+    clip = run_config(cfg, RunSpec("none", "clip", 0), out)
+    # One tokenizer for every run: the same captions would train the same one each time.
+    tokenizer = None
+    if cfg.data.tokenizer is None:
+        tokenizer = out / "tokenizer.json"  # trained by the first data job, read by the rest
+        shared = cfg.data.model_copy(update={"tokenizer": str(tokenizer.resolve())})
+        cfg = cfg.model_copy(update={"data": shared})
+    out_jobs = [Job("data:none", prepare_data, ([clip], tokenizer))]
+    for setting in settings:
+        after: tuple[str, ...] = ("data:none",)
+        if PRETRAINING_SETS[setting] is not None:
+            path = classifier_path(out, setting)
+            out_jobs.append(
+                Job(f"classifier:{setting}", classifier, (cfg, PRETRAINING_SETS[setting], path))
+            )
+            after += (f"classifier:{setting}",)
+        configs = [run_config(cfg, RunSpec(setting, method, 0), out) for method in ("lit", "3t")]
+        out_jobs.append(Job(f"data:{setting}", prepare_data, (configs,), after))
+    for spec in plan(settings, cfg.reproduce.seeds):
+        out_jobs.append(
+            Job(spec.name, train_run, (run_config(cfg, spec, out),), (f"data:{spec.setting}",))
+        )
+    return out_jobs
+
+
 def reproduce(cfg: Config, out: str | Path, progress: bool = True) -> dict:
     """Pretrain, train and evaluate every run of ``cfg.reproduce``; write the report to ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    settings = cfg.reproduce.settings
-    runs = plan(settings, cfg.reproduce.seeds)
-    pretrained = [s for s in settings if PRETRAINING_SETS[s] is not None]
-    bar = tqdm(
-        total=len(pretrained) + len(runs), disable=not progress, unit="job", desc="reproduce"
-    )
-    classifiers, reports = {}, {}
-    for setting in pretrained:
-        started = time.perf_counter()
-        classifiers[setting], reports[setting] = classifier(
-            cfg, PRETRAINING_SETS[setting], out, progress=False
-        )
-        bar.write(
-            f"classifier {setting:<10} ({reports[setting]['classes']} classes): val top-1 "
-            f"{reports[setting]['val_top1']:.1f}%  [{time.perf_counter() - started:.0f} s]"
-        )
+    ensure_world(cfg.data.world)  # once, here, before any worker needs it
+    todo = jobs(cfg, out)
+    specs = {spec.name: spec for spec in plan(cfg.reproduce.settings, cfg.reproduce.seeds)}
+    bar = tqdm(total=len(todo), disable=not progress, unit="job", desc="reproduce")
+    reports, records = {}, {}
+
+    def done(job: Job, result, seconds: float) -> None:
+        if job.name.startswith("classifier:"):
+            setting = job.name.split(":")[1]
+            reports[setting] = result
+            line = f"classifier {setting} ({result['classes']} classes): val top-1 "
+            line += f"{result['val_top1']:.1f}%"
+        elif job.name in specs:
+            spec = specs[job.name]
+            run_dir = Path(job.args[0].train.run_dir)
+            records[job.name] = run_record(spec.setting, spec.method, spec.seed, run_dir)
+            line = f"{job.name:<28} " + "  ".join(
+                f"{k} {records[job.name][k]:5.1f}" for k in HEADLINE
+            )
+        else:
+            line = f"{job.name} ready"
+        bar.write(f"{line}  [{seconds:.0f} s]")
         bar.update(1)
-    records = []
-    for spec in runs:
-        started = time.perf_counter()
-        run_cfg = run_config(cfg, spec, out, classifiers)
-        run_dir = Path(run_cfg.train.run_dir)
-        if evaluated_step(run_dir) != run_cfg.train.steps:
-            train(run_cfg, progress=False)
-        record = run_record(spec.setting, spec.method, spec.seed, run_dir)
-        records.append(record)
-        headline = "  ".join(f"{k} {record[k]:5.1f}" for k in HEADLINE)
-        bar.write(f"{spec.name:<28} {headline}  [{time.perf_counter() - started:.0f} s]")
-        bar.update(1)
+
+    run_jobs(todo, cfg.reproduce.workers, done)
     bar.close()
-    return write_report(out, cfg, records, reports)
+    ordered = [records[name] for name in specs]
+    return write_report(out, cfg, ordered, reports)

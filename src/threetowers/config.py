@@ -248,8 +248,8 @@ class ReproduceConfig(Section):
         "imagenet",
     ]
     seeds: int = Field(3, gt=0)
-    quick_steps: int = Field(150, gt=0)  # train.steps under --quick (one seed)
-    quick_pretrain_steps: int = Field(200, gt=0)  # pretrain.steps under --quick
+    quick_steps: int = Field(100, gt=0)  # train.steps under --quick (one seed)
+    quick_pretrain_steps: int = Field(100, gt=0)  # pretrain.steps under --quick
     # runs side by side, each on its share of the cores (1: one after another, here)
     workers: int = Field(2, ge=1)
 

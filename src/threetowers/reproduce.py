@@ -126,7 +126,7 @@ def train_run(cfg: Config) -> None:
 def run_config(cfg: Config, spec: RunSpec, out: Path) -> Config:
     """``cfg`` for one run: its mode, third tower, seed and run directory."""
     model = cfg.model.model_copy(update={"mode": spec.method})
-    if spec.setting in ("matched", "mismatched"):
+    if PRETRAINING_SETS.get(spec.setting) is not None:  # a classifier pretrained here
         path = classifier_path(out, spec.setting).resolve()
         third = model.third.model_copy(update={"backbone": "checkpoint", "path": str(path)})
         model = model.model_copy(update={"third": third})

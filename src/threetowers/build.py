@@ -29,6 +29,7 @@ def build_loss(mode: str, cfg: LossConfig) -> ThreeTowersLoss:
         max_scale=cfg.max_scale,
         init_bias=cfg.init_bias,
         alignment=cfg.alignment,
+        block_size=cfg.block_size,
     )
 
 

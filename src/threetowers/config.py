@@ -142,6 +142,9 @@ class LossConfig(Section):
     init_bias: float = -10.0  # sigmoid only
     weights: TermWeights = TermWeights()
     alignment: Literal["contrastive", "l2"] = "contrastive"
+    # >0: contrastive terms computed this many rows at a time, exactly (same loss and
+    # gradients) in O(B·block_size) memory instead of O(B²); 0: the plain B x B logits.
+    block_size: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _scale_in_range(self) -> LossConfig:

@@ -12,11 +12,14 @@ loss on the concatenated batch. Without DDP, average the gradients over ranks yo
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from threetowers.distributed import gather_with_grad
 
@@ -64,6 +67,196 @@ def l2_term(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).pow(2).sum(dim=-1).mean()
 
 
+def blocked_softmax_term(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_all: torch.Tensor,
+    b_all: torch.Tensor,
+    offset: int,
+    scale: torch.Tensor,
+    block_size: int,
+) -> torch.Tensor:
+    """``softmax_term`` computed ``block_size`` rows at a time: same value and gradients."""
+    _check_block_size(block_size)
+    n, acc = a.shape[0], _accumulation_dtype(a.dtype)
+    # The positives are O(B·D); only the log-sum-exps need the blocked Function.
+    pos_ab = scale * (a * b_all[offset : offset + n]).sum(dim=-1, dtype=acc)
+    pos_ba = scale * (b * a_all[offset : offset + n]).sum(dim=-1, dtype=acc)
+    mm = _matmul_dtype(a)
+    if a_all is a and b_all is b:
+        # One process: the b→a logits are the a→b ones transposed, so each block of rows
+        # also yields its part of every column's log-sum-exp (half the matmuls).
+        lse_ab, lse_ba = _BlockedLogSumExp.apply(a.to(mm), b.to(mm), scale, block_size, True)
+    else:
+        lse_ab = _BlockedLogSumExp.apply(a.to(mm), b_all.to(mm), scale, block_size, False)
+        lse_ba = _BlockedLogSumExp.apply(b.to(mm), a_all.to(mm), scale, block_size, False)
+    return ((lse_ab - pos_ab).mean() + (lse_ba - pos_ba).mean()) / 2
+
+
+def blocked_sigmoid_term(
+    a: torch.Tensor,
+    b_all: torch.Tensor,
+    offset: int,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+    block_size: int,
+) -> torch.Tensor:
+    """``sigmoid_term`` computed ``block_size`` rows at a time: same value and gradients."""
+    _check_block_size(block_size)
+    mm = _matmul_dtype(a)
+    total = _BlockedSigmoidLoss.apply(a.to(mm), b_all.to(mm), offset, scale, bias, block_size)
+    return total / (a.shape[0] * b_all.shape[0])
+
+
+def _check_block_size(block_size: int) -> None:
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+
+
+def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would run a matmul of ``x`` in (x's own dtype without autocast).
+
+    The blocked Functions turn autocast off inside and take their inputs already cast, so
+    that the forward and the backward's recomputation see exactly the same logits.
+    """
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Exponentials and sums run in at least float32, as autocast runs softmax."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _autocast_off(x: torch.Tensor) -> torch.autocast:
+    # The backward runs under the caller's autocast too when the engine uses its thread (CPU).
+    return torch.autocast(x.device.type, enabled=False)
+
+
+def _logit_blocks(
+    x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, block: int, dtype: torch.dtype
+) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+    """For each block of x's rows: the rows, s·x[rows], and the logits s·x[rows] yᵀ in dtype."""
+    for start in range(0, x.shape[0], block):
+        rows = slice(start, start + block)
+        xs = x[rows] * scale
+        yield rows, xs, (xs @ y.T).to(dtype)
+
+
+class _InputGrads:
+    """Gradients of x, y and s from the gradient G of the logits s·x yᵀ, one block at a time.
+
+    Only the requested ones are computed (``needs``: x, y, s); y's is accumulated in at least
+    float32 across blocks.
+    """
+
+    def __init__(self, x, y, scale, needs: tuple[bool, bool, bool]) -> None:
+        self.x, self.y, self.scale = x, y, scale
+        self.needs_x, self.needs_y, self.needs_scale = needs
+        acc = _accumulation_dtype(x.dtype)
+        self.dx = torch.empty_like(x) if self.needs_x else None
+        self.dy = y.new_zeros(y.shape, dtype=acc) if self.needs_y else None
+        self.dscale = x.new_zeros((), dtype=acc)
+
+    def add(self, rows: slice, xs: torch.Tensor, grad_logits: torch.Tensor) -> None:
+        g = grad_logits.to(self.x.dtype)
+        if self.needs_x or self.needs_scale:
+            gy = g @ self.y
+            if self.needs_x:
+                self.dx[rows] = gy * self.scale
+            # ∂/∂s of Σ G_ij s xᵢ·yⱼ, without a (block x B) product: Σᵢ xᵢ·(G y)ᵢ.
+            self.dscale += (self.x[rows] * gy).sum(dtype=self.dscale.dtype)
+        if self.needs_y:
+            if self.dy.dtype == g.dtype:
+                self.dy.addmm_(g.T, xs)
+            else:  # low-precision matmul, float32 sum over blocks
+                self.dy += g.T @ xs
+
+    def result(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        dy = self.dy.to(self.y.dtype) if self.needs_y else None
+        return self.dx, dy, self.dscale.to(self.scale.dtype)
+
+
+class _BlockedLogSumExp(torch.autograd.Function):
+    """Row log-sum-exps of s·x yᵀ (with ``columns``, its column ones too), by blocks of rows.
+
+    A block spans all columns, so its row log-sum-exps are final; column ones are merged
+    across blocks with logaddexp, which stays stable without a first pass for the maxima.
+    Saves x, y, s and the log-sum-exps; the backward recomputes each block's logits.
+    """
+
+    @staticmethod
+    def forward(ctx, x, y, scale, block: int, columns: bool):
+        acc = _accumulation_dtype(x.dtype)
+        row_lse = x.new_empty(x.shape[0], dtype=acc)
+        col_lse = y.new_full((y.shape[0],), -math.inf, dtype=acc) if columns else None
+        with _autocast_off(x):
+            for rows, _, logits in _logit_blocks(x, y, scale, block, acc):
+                row_lse[rows] = logits.logsumexp(dim=1)
+                if columns:
+                    col_lse = torch.logaddexp(col_lse, logits.logsumexp(dim=0))
+        ctx.block = block
+        ctx.save_for_backward(x, y, scale, row_lse, col_lse)
+        return (row_lse, col_lse) if columns else row_lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_rows, grad_cols=None):
+        x, y, scale, row_lse, col_lse = ctx.saved_tensors
+        grads = _InputGrads(x, y, scale, ctx.needs_input_grad[:3])
+        with _autocast_off(x):
+            for rows, xs, logits in _logit_blocks(x, y, scale, ctx.block, row_lse.dtype):
+                # ∂ lse / ∂ logits is the softmax along the row (along the column for columns).
+                g = (logits - row_lse[rows, None]).exp_().mul_(grad_rows[rows, None])
+                if col_lse is not None:
+                    g += logits.sub_(col_lse).exp_().mul_(grad_cols)
+                grads.add(rows, xs, g)
+        return *grads.result(), None, None
+
+
+class _BlockedSigmoidLoss(torch.autograd.Function):
+    """Σᵢⱼ −log σ(yᵢⱼ (s xᵢ·yⱼ + β)), y = +1 at j = offset + i and −1 elsewhere, by blocks.
+
+    Saves x, y, s and β; the backward recomputes each block's logits.
+    """
+
+    @staticmethod
+    def forward(ctx, x, y, offset: int, scale, bias, block: int):
+        acc = _accumulation_dtype(x.dtype)
+        total = x.new_zeros((), dtype=acc)
+        with _autocast_off(x):
+            for rows, _, logits in _logit_blocks(x, y, scale, block, acc):
+                total -= F.logsigmoid(_signed(logits.add_(bias), offset + rows.start)).sum()
+        ctx.offset, ctx.block = offset, block
+        ctx.save_for_backward(x, y, scale, bias)
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_total):
+        x, y, scale, bias = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grads = _InputGrads(x, y, scale, (needs[0], needs[1], needs[3]))
+        dbias = grad_total.new_zeros(())
+        with _autocast_off(x):
+            for rows, xs, logits in _logit_blocks(x, y, scale, ctx.block, dbias.dtype):
+                diagonal = ctx.offset + rows.start
+                # ∂/∂logit of −log σ(y·logit) is −y σ(−y·logit).
+                g = _signed(logits.add_(bias), diagonal).neg_().sigmoid_()
+                g.diagonal(diagonal).neg_()
+                g.mul_(grad_total)
+                dbias += g.sum()
+                grads.add(rows, xs, g)
+        dx, dy, dscale = grads.result()
+        return dx, dy, None, dscale, dbias.to(bias.dtype), None
+
+
+def _signed(logits: torch.Tensor, diagonal: int) -> torch.Tensor:
+    """y·logits in place: y = +1 on the positives (the block's ``diagonal``), −1 elsewhere."""
+    logits.neg_().diagonal(diagonal).neg_()
+    return logits
+
+
 @dataclass(frozen=True)
 class Term:
     name: str
@@ -92,7 +285,9 @@ class ThreeTowersLoss(nn.Module):
 
     ``weights`` maps 3T term names (f_g, fh_h, gh_h) to weights; a term of weight 0 is not
     computed and gets no parameters. ``shared_temperature`` uses one scale (and one bias) for
-    all terms. The scale is exp(log_scale) clamped to ``max_scale``.
+    all terms. The scale is exp(log_scale) clamped to ``max_scale``. ``block_size`` > 0
+    computes the contrastive terms that many rows at a time (``blocked_*_term``): the same
+    loss and gradients in O(B·block_size) memory instead of O(B²); 0 uses the plain terms.
     """
 
     def __init__(
@@ -105,12 +300,17 @@ class ThreeTowersLoss(nn.Module):
         max_scale: float = 100.0,
         init_bias: float = -10.0,
         alignment: str = "contrastive",
+        block_size: int = 0,
     ) -> None:
         super().__init__()
         if kind not in LOSS_KINDS:
             raise ValueError(f"unknown loss kind {kind!r}; choose one of {LOSS_KINDS}")
         if alignment not in ALIGNMENTS:
             raise ValueError(f"unknown alignment {alignment!r}; choose one of {ALIGNMENTS}")
+        if not isinstance(block_size, int) or block_size < 0:
+            raise ValueError(
+                f"block_size must be an integer >= 0 (0: unblocked), got {block_size!r}"
+            )
         terms = objective_terms(mode)
         # Term weights are a 3T knob; clip and lit have a single term of weight 1.
         weights = dict(weights or {}) if mode == "3t" else {}
@@ -119,6 +319,13 @@ class ThreeTowersLoss(nn.Module):
             raise ValueError(f"unknown loss terms {sorted(unknown)}; 3t has f_g, fh_h, gh_h")
         self.kind = kind
         self.alignment = alignment
+        self.block_size = block_size
+        self._softmax_term = (
+            partial(blocked_softmax_term, block_size=block_size) if block_size else softmax_term
+        )
+        self._sigmoid_term = (
+            partial(blocked_sigmoid_term, block_size=block_size) if block_size else sigmoid_term
+        )
         self.max_scale = max_scale
         self.terms = tuple(t for t in terms if weights.get(t.name, 1.0) > 0)
         if not self.terms:
@@ -160,10 +367,10 @@ class ThreeTowersLoss(nn.Module):
                 (a_all, offset), (b_all, _) = gathered[term.image_key], gathered[term.text_key]
                 scale = self.scale(term.name)
                 if self.kind == "softmax":
-                    value = softmax_term(a, b, a_all, b_all, offset, scale)
+                    value = self._softmax_term(a, b, a_all, b_all, offset, scale)
                 else:
                     bias = self.bias[self.temperature_of[term.name]]
-                    value = sigmoid_term(a, b_all, offset, scale, bias)
+                    value = self._sigmoid_term(a, b_all, offset, scale, bias)
                     logs[f"bias/{term.name}"] = bias.detach()
                 logs[f"scale/{term.name}"] = scale.detach()
             logs[f"loss/{term.name}"] = value.detach()

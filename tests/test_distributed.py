@@ -15,7 +15,13 @@ from tests.conftest import tiny_batch, tiny_model
 
 WORLD = 2
 GLOBAL_BATCH = 8
-CASES = list(itertools.product(["clip", "lit", "3t"], ["softmax", "sigmoid"]))
+# (mode, kind, loss.block_size): blocked terms on two ranks (their share path) must equal the
+# plain terms in one process too.
+CASES = [
+    *itertools.product(["clip", "lit", "3t"], ["softmax", "sigmoid"], [0]),
+    ("3t", "softmax", 3),
+    ("3t", "sigmoid", 3),
+]
 
 
 def loss_and_grads(model, module, images, tokens):
@@ -34,12 +40,12 @@ def run_rank(rank: int, init_file: str, out_dir: str) -> None:
         images, tokens = tiny_batch(GLOBAL_BATCH)
         shard = slice(rank * GLOBAL_BATCH // WORLD, (rank + 1) * GLOBAL_BATCH // WORLD)
         results = {}
-        for mode, kind in CASES:
-            module = tiny_model(mode, f"loss.kind={kind}")
+        for mode, kind, block in CASES:
+            module = tiny_model(mode, f"loss.kind={kind}", f"loss.block_size={block}")
             ddp = DistributedDataParallel(module)
             loss, grads = loss_and_grads(ddp, module, images[shard], tokens[shard])
             dist.all_reduce(loss)
-            results[(mode, kind)] = (loss / WORLD, grads)
+            results[(mode, kind, block)] = (loss / WORLD, grads)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -52,13 +58,13 @@ def two_rank_results(tmp_path_factory):
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
-@pytest.mark.parametrize(("mode", "kind"), CASES)
-def test_two_ranks_equal_one_process_on_the_concatenated_batch(two_rank_results, mode, kind):
+@pytest.mark.parametrize(("mode", "kind", "block"), CASES)
+def test_two_ranks_equal_one_process_on_the_concatenated_batch(two_rank_results, mode, kind, block):
     module = tiny_model(mode, f"loss.kind={kind}")
     images, tokens = tiny_batch(GLOBAL_BATCH)
     expected_loss, expected_grads = loss_and_grads(module, module, images, tokens)
     for rank_results in two_rank_results:
-        loss, grads = rank_results[(mode, kind)]
+        loss, grads = rank_results[(mode, kind, block)]
         assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-5)
         assert grads.keys() == expected_grads.keys()
         for name, grad in expected_grads.items():

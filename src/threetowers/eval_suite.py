@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from threetowers import evaluate as metrics
+from threetowers.atomic import write_atomic
 from threetowers.config import EvalConfig
 from threetowers.data.benchmarks import (
     ClassificationSet,
@@ -163,7 +164,7 @@ def evaluate_model(
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "eval.json").write_text(json.dumps(results, indent=1))
+        write_atomic(out_dir / "eval.json", json.dumps(results, indent=1))
         if sweeps:
             present = [m for m in SWEEP_METRICS if m in results["alpha_sweep"][0]]
             metrics.plot_alpha_sweep(

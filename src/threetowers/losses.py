@@ -142,6 +142,17 @@ class ThreeTowersLoss(nn.Module):
     def scale(self, term_name: str) -> torch.Tensor:
         return self.log_scale[self.temperature_of[term_name]].exp().clamp(max=self.max_scale)
 
+    @torch.no_grad()
+    def clamp_temperatures_(self) -> None:
+        """Pull each learned log-scale back to log(max_scale) after an optimizer step.
+
+        Above the clamp the scale's gradient is zero, so Adam's momentum would carry the
+        parameter ever further and the scale could never come back down; at the clamp the
+        gradient flows again (as CLIP's training clamps its logit scale).
+        """
+        for log_scale in self.log_scale.values():
+            log_scale.clamp_(max=math.log(self.max_scale))
+
     def forward(
         self, embeddings: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from threetowers.atomic import write_atomic
 from threetowers.classifier import ARCHITECTURES, Classifier, save_classifier
 from threetowers.config import Config
 from threetowers.data.benchmarks import ClassificationSet, load_class_folder
@@ -129,5 +130,5 @@ def pretrain(cfg: Config, progress: bool = True) -> Path:
         "train_images": len(train_set),
         "architecture": p.architecture,
     }
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    write_atomic(out.with_suffix(".json"), json.dumps(report, indent=1))
     return out

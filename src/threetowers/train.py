@@ -40,7 +40,7 @@ from threetowers.run_dir import MetricsLog, drop_metrics_after, prepare_run_dir
 log = logging.getLogger(__name__)
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(FloatingPointError):
     """Too many consecutive steps had a non-finite loss or gradient."""
 
 
@@ -61,12 +61,16 @@ class StepHealth:
             "step %d: non-finite %s; update skipped (%d in a row)", step, values, self.in_a_row
         )
         if self.in_a_row >= self.limit:
-            kept = f"the last checkpoint, {last_checkpoint}," if last_checkpoint else "nothing"
+            kept = (
+                f"the last checkpoint, {last_checkpoint}, is intact"
+                if last_checkpoint
+                else "no checkpoint was written yet"
+            )
             raise NonFiniteError(
                 f"training stopped at step {step}: {self.in_a_row} steps in a row had a "
-                f"non-finite loss or gradient ({values}); their updates were skipped, and "
-                f"{kept} is intact. Lower train.lr or set train.grad_clip, check the data, or "
-                f"raise train.max_bad_steps (now {self.limit})"
+                f"non-finite loss or gradient ({values}); their updates were skipped and "
+                f"{kept}. Lower train.lr or set train.grad_clip, check the data, or raise "
+                f"train.max_bad_steps (now {self.limit})"
             )
 
     def state_dict(self) -> dict[str, int]:
@@ -98,7 +102,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, progress: bool = True)
     data = TrainingData(cfg, run_dir)
     model = build_model(cfg, device=device)
     data.attach(model, progress)
-    benchmarks = resolve_benchmarks(cfg.eval, data.world)
+    benchmarks = resolve_benchmarks(cfg.eval, data.world, cfg.data.allow_absolute_paths)
     write_atomic(run_dir / "chance.json", json.dumps(chance_levels(benchmarks), indent=1))
     optimizer, schedule = make_optimizer(
         model, cfg.train.lr, cfg.train.weight_decay, cfg.train.warmup_steps, cfg.train.steps

@@ -140,7 +140,10 @@ class ThreeTowersLoss(nn.Module):
         return not (term.alignment and self.alignment == "l2")
 
     def scale(self, term_name: str) -> torch.Tensor:
-        return self.log_scale[self.temperature_of[term_name]].exp().clamp(max=self.max_scale)
+        # Clamped in log space, with the very bound clamp_temperatures_ uses (exp of the
+        # float32 log of max_scale may round above max_scale).
+        log_scale = self.log_scale[self.temperature_of[term_name]]
+        return log_scale.clamp(max=math.log(self.max_scale)).exp()
 
     @torch.no_grad()
     def clamp_temperatures_(self) -> None:

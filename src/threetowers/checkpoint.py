@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from threetowers.atomic import fsync, publish, remove_temporaries, temporary_path
+from threetowers.safe_load import UnsafeFileError, load_tensors
 
 PREFIX = "step_"
 FROZEN_PREFIX = "third_tower."
@@ -111,13 +111,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
                     f"{name} does not match its checksum (corrupted or partly written)"
                 )
         model = load_file(str(path / "model.safetensors"))
-        state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
+        state = load_tensors(path / "state.pt")
         return Checkpoint(step=int(meta["step"]), model=model, state=state, meta=meta)
-    except pickle.UnpicklingError as error:
-        raise CheckpointError(
-            f"{path / 'state.pt'} holds objects other than tensors and plain containers "
-            f"(a pickle that could run code); refused to load it ({str(error)[:200]})"
-        ) from None
+    except UnsafeFileError as error:
+        raise CheckpointError(str(error)) from None
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as error:
         if isinstance(error, CheckpointError):
             raise

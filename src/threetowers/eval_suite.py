@@ -56,11 +56,23 @@ def resolve_benchmarks(
         }
     sets = Benchmarks()
     if retrieval_json:
-        sets.retrieval = load_karpathy(
-            retrieval_json, split=cfg.retrieval_split, allow_absolute_paths=allow_absolute_paths
-        )
+        try:
+            sets.retrieval = load_karpathy(
+                retrieval_json, split=cfg.retrieval_split, allow_absolute_paths=allow_absolute_paths
+            )
+        except FileNotFoundError as error:
+            raise FileNotFoundError(
+                f"eval.retrieval: {error}; give a Karpathy-split JSON (dataset_flickr30k.json, "
+                "dataset_coco.json) next to its images, or leave eval.retrieval unset"
+            ) from None
     for name, root in zeroshot.items():
-        sets.zeroshot[name] = load_class_folder(root, cfg.zeroshot_split)
+        try:
+            sets.zeroshot[name] = load_class_folder(root, cfg.zeroshot_split)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(
+                f"eval.zeroshot.{name}: {error}; give a folder of class folders (ROOT/"
+                f"{cfg.zeroshot_split or ''}/CLASS/*.jpg), or remove eval.zeroshot.{name}"
+            ) from None
     if sets.zeroshot and cfg.fewshot_shots > 0 and cfg.zeroshot_split is not None:
         primary = Path(next(iter(zeroshot.values())))
         if (primary / "val").is_dir():

@@ -13,12 +13,22 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
-from threetowers.data.bad_samples import BadDataError, BadSampleLog, Skipped
+from threetowers.data.bad_samples import REASONS, BadDataError, BadSample, BadSampleLog, Skipped
 from threetowers.data.loader import pair_batches
-from threetowers.data.pairs import count_shard_samples, iter_captions, iter_pairs, open_pairs
+from threetowers.data.pairs import (
+    count_shard_samples,
+    decode_sample,
+    iter_captions,
+    iter_pairs,
+    open_pairs,
+)
+from threetowers.data.pipeline import PixelEvalTransform, PixelTrainTransform, TrainingExample
 from threetowers.data.tar_samples import count_samples, read_samples
+from threetowers.towers.frozen import Preprocessing
 
 
 class Size:
@@ -301,3 +311,64 @@ def test_early_batches_do_not_stop_a_run_before_the_grace():
     with pytest.raises(BadDataError, match="data.allow_absolute_paths=true"):
         for _ in range(100):
             paths.record(0, [Skipped("k", "path_outside_root", "x")] * 32)
+
+
+# --------------------------------------------------------------------------- random inputs
+
+VALID_IMAGES = [
+    encoded(rgb(), "PNG"),
+    JPEG,
+    encoded(rgb(), "GIF"),
+    encoded(rgb(), "BMP"),
+    encoded(rgb(), "WEBP"),
+    encoded(rgb(), "TIFF"),
+    *ODD_BUT_VALID.values(),
+]
+VIEW = Preprocessing(8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), crop_fraction=1.0)
+EXAMPLE = TrainingExample(PixelEvalTransform(VIEW), PixelTrainTransform(VIEW), None)
+
+
+@st.composite
+def damaged(draw, originals=VALID_IMAGES, max_flips=8):
+    """A valid file cut short, with bytes overwritten, or random bytes altogether."""
+    if draw(st.booleans()) and draw(st.booleans()):
+        return draw(st.binary(max_size=300))
+    data = bytearray(draw(st.sampled_from(originals)))
+    data = data[: draw(st.integers(0, len(data)))] if draw(st.booleans()) else data
+    for _ in range(draw(st.integers(0, max_flips)) if data else 0):
+        data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+    return bytes(data)
+
+
+@settings(deadline=None, max_examples=150)
+@given(image=damaged(), caption=st.one_of(st.binary(max_size=40), st.text(max_size=40)))
+def test_random_corrupt_images_and_captions_are_used_or_skipped(image, caption):
+    caption = caption.encode("utf-8", "surrogatepass") if isinstance(caption, str) else caption
+    sample = {"__key__": "fuzz", "__url__": "fuzz.tar", "png": image, "txt": caption}
+    try:
+        pair = decode_sample(sample)
+    except BadSample as bad:
+        assert bad.reason in REASONS and "fuzz" in bad.detail
+        return
+    assert pair.image.mode == "RGB" and pair.caption.strip()
+    out = EXAMPLE(pair, np.random.default_rng(0))  # a used sample must also transform
+    assert out["images"].shape == (3, 8, 8) and out["images"].dtype == torch.uint8
+
+
+@settings(deadline=None, max_examples=60)
+@given(data=st.data())
+def test_random_damage_to_a_shard_streams_what_its_headers_count(tmp_path_factory, data):
+    folder = tmp_path_factory.getbasetemp() / "fuzz_shard"
+    if not folder.exists():
+        write_mixed_shards(folder)
+    shard = (folder / "mixed-0.tar").read_bytes()
+    damaged_shard = data.draw(damaged(originals=[shard], max_flips=30))
+    path = folder / "damaged.tar"
+    path.write_bytes(damaged_shard)
+    samples = list(read_samples(path))
+    assert len(samples) == count_samples(path)
+    for sample in samples:
+        try:
+            decode_sample(sample)
+        except BadSample:
+            pass

@@ -29,6 +29,9 @@ def load_image(data: str | Path | bytes, where: str) -> Image.Image:
     """
     try:
         with warnings.catch_warnings():
+            # Pillow's complaints about damaged metadata would repeat for every such image of
+            # a long run; what matters is whether the pixels decode.
+            warnings.simplefilter("ignore")
             # Pillow only warns between 1x and 2x its limit; refuse those too.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             stream = io.BytesIO(data) if isinstance(data, bytes) else data

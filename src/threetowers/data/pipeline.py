@@ -58,7 +58,13 @@ def load_or_train_tokenizer(cfg: Config, run_dir: Path, source) -> CaptionTokeni
     context = cfg.model.text.context_length
     saved = run_dir / "tokenizer.json"
     if cfg.data.tokenizer is not None:
-        tokenizer = CaptionTokenizer.load(cfg.data.tokenizer, context)
+        try:
+            tokenizer = CaptionTokenizer.load(cfg.data.tokenizer, context)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(
+                f"data.tokenizer: {error}; give a tokenizer.json (e.g. one a run wrote), or "
+                "leave data.tokenizer unset to train one on the training captions"
+            ) from None
     elif saved.exists():
         tokenizer = CaptionTokenizer.load(saved, context)
     else:

@@ -152,6 +152,15 @@ def shards(tmp_path_factory):
     return write_mixed_shards(tmp_path_factory.mktemp("errors") / "shards")
 
 
+def test_too_much_bad_data_stops_training_naming_examples(shards, tmp_path, capsys):
+    argv = ["train", "tiny", "model.mode=clip", f"data.train={shards}", "data.batch_size=4"]
+    argv += ["train.steps=2", "data.num_workers=0", "--run-dir", str(tmp_path / "run")]
+    assert main([*argv, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "error: training data:" in err and "more than data.max_bad_fraction=0.01" in err
+    assert "First examples:" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

@@ -48,7 +48,7 @@ class LabelledImages(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor | Skipped, int]:
         path = self.data.image_paths[index]
         try:
-            image = load_image(path, f"image {path}")
+            image = load_image(path, "image")  # the key names the file
         except BadSample as bad:
             return bad.skipped(str(path)), int(self.data.labels[index])
         if self.augment is None:

@@ -179,6 +179,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, progress: bool = True)
                 )
             epoch, batch_in_epoch = epoch + 1, 0
     bar.close()
+    bad_data.check()  # a run shorter than the bad-fraction grace is judged at its end
     log.info(bad_data.summary())
     if health.skipped:
         log.warning("%d steps with a non-finite loss or gradient were skipped", health.skipped)

@@ -198,7 +198,7 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | Skipped]:
         path = self.paths[index]
         try:
-            image = load_image(path, f"image {path}")
+            image = load_image(path, "image")  # the key names the file
         except BadSample as bad:
             return index, bad.skipped(str(path))
         return index, self.transform(image)

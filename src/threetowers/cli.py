@@ -111,18 +111,19 @@ def _embed(args: argparse.Namespace) -> None:
 def _cache(args: argparse.Namespace) -> None:
     from threetowers.build import build_third_tower
     from threetowers.data.cache import feature_cache
-    from threetowers.data.pipeline import training_source
+    from threetowers.data.pipeline import open_training_pairs
 
     cfg = load_config(args.config, args.overrides)
     if cfg.model.mode == "clip" or cfg.model.third is None:
         raise ConfigError("mode 'clip' has no third tower to cache; use model.mode=3t or lit")
-    source, _ = training_source(cfg)
+    pairs, _ = open_training_pairs(cfg)
     cache = feature_cache(
         build_third_tower(cfg.model.third),
-        source,
+        pairs,
         cfg.data.cache_dir,
         cfg.data.batch_size,
         cfg.data.num_workers,
+        max_bad_fraction=cfg.data.max_bad_fraction,
     )
     print(
         f"{len(cache.row)} feature vectors of dim {cache.features.shape[1]} cached "

@@ -27,6 +27,7 @@ from threetowers.data.pairs import (
     open_pairs,
 )
 from threetowers.data.pipeline import PixelEvalTransform, PixelTrainTransform, TrainingExample
+from threetowers.data.preload import preload_pairs
 from threetowers.data.tar_samples import count_samples, read_samples
 from threetowers.towers.frozen import Preprocessing
 
@@ -372,3 +373,26 @@ def test_random_damage_to_a_shard_streams_what_its_headers_count(tmp_path_factor
             decode_sample(sample)
         except BadSample:
             pass
+
+
+def test_preloaded_pairs_keep_bad_rows_as_bad(mixed, tmp_path):
+    view = PixelEvalTransform(VIEW)
+    table = preload_pairs(mixed, view, tmp_path, progress=False)
+    reasons = {}
+    for index in range(len(table)):
+        try:
+            table[index]
+        except BadSample as bad:
+            reasons[table.keys[index]] = bad.reason
+    assert reasons == EXPECTED_BAD
+    again = preload_pairs(mixed, view, tmp_path, progress=False)  # read back from the cache
+    assert again.bad.keys() == table.bad.keys()
+    skipped = [b.key for batch in batches(again, example=Probe()) for b in batch["skipped"]]
+    assert sorted(skipped) == sorted(EXPECTED_BAD)
+
+
+class Probe:
+    """A picklable example for preloaded rows (already pixels)."""
+
+    def __call__(self, pair, rng):
+        return {"pixels": pair.image}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -231,3 +232,21 @@ def test_an_epoch_without_a_single_batch_is_an_error_not_a_hang(world_dir, tmp_p
     )
     with pytest.raises(BadDataError, match="gave no batch to train on.*data.batch_size=1000"):
         train(cfg, tmp_path / "run", progress=False)
+
+
+def test_resume_from_the_end_of_an_epoch(world_dir, tmp_path):
+    # 256 pairs in batches of 32: the checkpoint of step 8 ends epoch 0.
+    cfg = tiny_run_config(
+        world_dir,
+        tmp_path / "cache",
+        "model.mode=clip",
+        "train.steps=10",
+        "train.checkpoint_every=8",
+    )
+    run = train(cfg, tmp_path / "run", progress=False)
+    expected = final_weights(run)
+    shutil.rmtree(run / "checkpoints" / "step_00000010")
+    assert load_latest(run / "checkpoints").state["batch_in_epoch"] == 8
+    got = final_weights(train(cfg, run, progress=False))
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key

@@ -121,7 +121,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, progress: bool = True)
     model.train()
     seen, started = 0, time.perf_counter()
     while step < cfg.train.steps:
-        steps_before = step
+        steps_before, whole_epoch = step, batch_in_epoch == 0
         for batch in data.batches(epoch, batch_in_epoch):
             bad_data.record(len(batch["keys"]), batch.pop("skipped"))
             batch_in_epoch += 1
@@ -171,7 +171,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, progress: bool = True)
             if step >= cfg.train.steps:
                 break
         else:
-            if step == steps_before:  # else the loop would go round empty epochs for ever
+            if whole_epoch and step == steps_before:  # else: empty epochs for ever
                 raise BadDataError(
                     f"epoch {epoch} of the training data gave no batch to train on "
                     f"({len(data.pairs)} samples, data.batch_size={cfg.data.batch_size}; "

@@ -360,15 +360,17 @@ def iter_pairs(source: PairSource) -> Iterator[Pair | Skipped]:
     if isinstance(pairs, PairTable):
         for index in range(len(pairs)):
             try:
-                yield pairs[index]
+                item = pairs[index]
             except BadSample as bad:
-                yield bad.skipped(pairs.keys[index])
+                item = bad.skipped(pairs.keys[index])
+            yield item
         return
     for sample in shard_samples(pairs.shards):
         try:
-            yield decode_sample(sample)
+            item = decode_sample(sample)
         except BadSample as bad:
-            yield bad.skipped(sample["__key__"])
+            item = bad.skipped(sample["__key__"])
+        yield item
 
 
 def iter_captions(source: PairSource) -> Iterator[str]:

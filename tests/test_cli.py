@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import yaml
+from PIL import Image
 from safetensors import safe_open
 
 from tests.test_train import TINY_WORLD, tiny_run_config
@@ -150,3 +151,66 @@ def test_overrides_may_follow_options(capsys):
     with pytest.raises(SystemExit):
         main(["config", "tiny", "--bogus", "model.embed_dim=24"])
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def class_folders(root, classes=3, per_class=40, corrupt=()):
+    """Class folders of small images, the given (class, index) files corrupt."""
+    for label in range(classes):
+        folder = root / "test" / f"class_{label}"
+        folder.mkdir(parents=True)
+        for index in range(per_class):
+            path = folder / f"{index:03d}.png"
+            if (label, index) in corrupt:
+                path.write_bytes(b"\x89PNG\r\n\x1a\n damaged")
+            else:
+                Image.new("RGB", (16, 16), (label * 80, index * 5, 0)).save(path)
+    return root
+
+
+def test_eval_and_embed_skip_unreadable_images_and_stop_above_the_fraction(
+    trained, tmp_path, capsys
+):
+    root, _ = trained
+    one_bad = class_folders(tmp_path / "one_bad", corrupt={(1, 7)})  # 1 of 120: under 1%
+    args = ["eval", str(root / "run"), f"eval.zeroshot.mine={one_bad}", "eval.retrieval=null"]
+    assert main([*args, "--out", str(tmp_path / "eval")]) == 0
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["skipped_images"] == 1
+    assert "class_1/007.png" in capsys.readouterr().err  # named in the log
+
+    many_bad = class_folders(tmp_path / "many_bad", corrupt={(0, i) for i in range(6)})
+    args = ["eval", str(root / "run"), f"eval.zeroshot.mine={many_bad}", "eval.retrieval=null"]
+    assert main([*args, "--out", str(tmp_path / "eval")]) == 2
+    err = capsys.readouterr().err
+    assert "evaluation images: 6 of " in err and "data.max_bad_fraction=0.01" in err
+    assert "class_0/000.png" in err
+    assert "Traceback" not in err
+
+    out = tmp_path / "images.npy"
+    args = ["embed", str(root / "run"), "--images", str(one_bad / "test"), "--out", str(out)]
+    assert main(args) == 0
+    keys = json.loads(out.with_suffix(".keys.json").read_text())
+    assert len(keys) == 119 and "class_1/007.png" not in keys
+    assert "skipped 1 bad of 120 samples" in capsys.readouterr().err
+
+
+def test_embed_texts_skips_lines_that_are_not_utf8(trained, tmp_path, capsys):
+    root, _ = trained
+    texts = tmp_path / "captions.txt"
+    lines = [f"caption number {i}".encode() for i in range(200)] + [b"caf\xe9 au lait"]
+    texts.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "texts.npy"
+    assert main(["embed", str(root / "run"), "--texts", str(texts), "--out", str(out)]) == 0
+    assert len(json.loads(out.with_suffix(".keys.json").read_text())) == 200
+    assert "line 201" in capsys.readouterr().err
+
+
+def test_pretrain_skips_unreadable_images(trained, tmp_path):
+    root, config = trained
+    data = class_folders(tmp_path / "labels", per_class=60, corrupt={(2, 3)})
+    (data / "train").symlink_to(data / "test")
+    (data / "val").symlink_to(data / "test")
+    out = tmp_path / "mine.safetensors"
+    args = ["pretrain", str(config), f"pretrain.data={data}", f"pretrain.out={out}", "--quiet"]
+    assert main(args) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["skipped_images"]["val"] == 1  # train: as many as its few steps visited

@@ -186,3 +186,18 @@ def test_model_parameter_gradients_match_float64_reference(mode, kind):
                 atol=1e-6,
                 msg=lambda m, n=name: f"{n}: {m}",
             )
+
+
+def test_temperatures_stay_within_their_clamp_and_can_come_back():
+    loss_fn = ThreeTowersLoss(mode="clip", init_scale=90.0, max_scale=100.0)
+    parameter = loss_fn.log_scale["f_g"]
+    optimizer = torch.optim.AdamW([parameter], lr=0.5, weight_decay=0.0)
+    for direction in [-1.0] * 20 + [1.0] * 20:  # push the scale up hard, then down
+        optimizer.zero_grad()
+        (direction * loss_fn.scale("f_g")).backward()
+        optimizer.step()
+        loss_fn.clamp_temperatures_()
+        assert loss_fn.scale("f_g").item() <= 100.0 * (1 + 1e-6)  # float32 rounding of log(100)
+        assert parameter.item() <= math.log(100.0) + 1e-6  # float32 rounding of log(100)
+    # At the clamp the gradient still flows, so the scale came back down.
+    assert loss_fn.scale("f_g").item() < 100.0

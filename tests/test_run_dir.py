@@ -44,3 +44,12 @@ def test_resume_forgets_what_a_killed_run_logged_after_the_checkpoint(tmp_path):
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 9)))
     drop_metrics_after(path, 5)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4, 5]
+
+
+def test_a_line_torn_by_a_kill_is_dropped_on_resume(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    whole = "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 4))
+    path.write_text(whole + '{"step": 4, "lo')  # killed in the middle of a write
+    drop_metrics_after(path, 3)
+    assert path.read_text() == whole
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]  # no temporary left

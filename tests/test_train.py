@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 import threetowers as tt
+from threetowers.checkpoint import load_latest
+from threetowers.cli import main
+from threetowers.data.bad_samples import BadDataError
 from threetowers.train import train
 
 TINY_WORLD = {
@@ -147,3 +152,101 @@ def test_cached_third_tower_features_give_the_live_loss(world_dir, tmp_path):
         losses[cache] = [r["loss"] for r in records if "loss" in r]
     assert list((tmp_path / "cache").glob("efficientnet_lite0-*.safetensors"))
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def poison_losses(monkeypatch, bad_calls):
+    """Make the loss non-finite on the given (1-based) calls of ThreeTowers.loss."""
+    original, calls = tt.ThreeTowers.loss, [0]
+
+    def loss(self, out):
+        total, logs = original(self, out)
+        calls[0] += 1
+        if calls[0] in bad_calls:
+            total = total * float("nan")
+            logs["loss"] = total.detach()
+        return total, logs
+
+    monkeypatch.setattr(tt.ThreeTowers, "loss", loss)
+
+
+def checkpoint_weights(run: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "checkpoints" / f"step_{step:08d}" / "model.safetensors"))
+
+
+def test_non_finite_steps_are_skipped_counted_and_never_reach_the_weights(
+    world_dir, tmp_path, monkeypatch
+):
+    cfg = tiny_run_config(
+        world_dir,
+        tmp_path / "cache",
+        "model.mode=clip",
+        "train.steps=6",
+        "train.checkpoint_every=1",
+        "train.keep_checkpoints=10",
+        "train.max_bad_steps=3",
+    )
+    poison_losses(monkeypatch, {3, 4})
+    run = train(cfg, tmp_path / "run", progress=False)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = {r["step"]: r for r in records if "loss" in r}
+    assert [steps[s]["skipped_steps"] for s in range(1, 7)] == [0, 0, 1, 2, 2, 2]
+    assert math.isnan(steps[3]["loss"]) and math.isfinite(steps[5]["loss"])
+    for skipped in (3, 4):  # no update: the weights of step 2 unchanged
+        for key, value in checkpoint_weights(run, skipped).items():
+            assert torch.equal(value, checkpoint_weights(run, 2)[key]), key
+    final = load_latest(run / "checkpoints")
+    assert all(torch.isfinite(v).all() for v in final.model.values())
+    adam_steps = {float(s["step"]) for s in final.state["optimizer"]["state"].values()}
+    assert adam_steps == {4.0}  # Adam's state saw only the 4 finite steps
+    assert final.state["schedule"]["last_epoch"] == 6  # the schedule did not pause
+
+
+def test_consecutive_non_finite_steps_stop_with_the_last_good_checkpoint(
+    world_dir, tmp_path, monkeypatch, capsys
+):
+    cfg = tiny_run_config(
+        world_dir,
+        tmp_path / "cache",
+        "model.mode=clip",
+        "train.steps=10",
+        "train.checkpoint_every=2",
+        "train.max_bad_steps=3",
+    )
+    config = write_config(cfg, tmp_path / "run.yaml")
+    poison_losses(monkeypatch, set(range(4, 100)))
+    run = tmp_path / "run"
+    assert main(["train", str(config), "--run-dir", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "training stopped at step 6: 3 steps in a row had a non-finite loss" in err
+    assert "step_00000004, is intact" in err and "train.max_bad_steps" in err
+    assert "Traceback" not in err
+    latest = load_latest(run / "checkpoints")
+    assert latest.step == 4
+    for key, value in latest.model.items():  # step 4 was skipped: step 3's weights
+        assert torch.isfinite(value).all(), key
+
+
+def test_an_epoch_without_a_single_batch_is_an_error_not_a_hang(world_dir, tmp_path):
+    cfg = tiny_run_config(
+        world_dir, tmp_path / "cache", "model.mode=clip", "data.batch_size=1000", "train.steps=2"
+    )
+    with pytest.raises(BadDataError, match="gave no batch to train on.*data.batch_size=1000"):
+        train(cfg, tmp_path / "run", progress=False)
+
+
+def test_resume_from_the_end_of_an_epoch(world_dir, tmp_path):
+    # 256 pairs in batches of 32: the checkpoint of step 8 ends epoch 0.
+    cfg = tiny_run_config(
+        world_dir,
+        tmp_path / "cache",
+        "model.mode=clip",
+        "train.steps=10",
+        "train.checkpoint_every=8",
+    )
+    run = train(cfg, tmp_path / "run", progress=False)
+    expected = final_weights(run)
+    shutil.rmtree(run / "checkpoints" / "step_00000010")
+    assert load_latest(run / "checkpoints").state["batch_in_epoch"] == 8
+    got = final_weights(train(cfg, run, progress=False))
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key

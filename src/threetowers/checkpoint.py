@@ -9,16 +9,15 @@ A checkpoint is a directory ``RUN/checkpoints/step_00001234/`` holding
     meta.json           step, sha256 of both files, third-tower fingerprint
 
 written into a temporary directory, fsynced, then renamed into place: a crash at any moment
-leaves either the complete checkpoint or none. A checkpoint whose checksums do not match is
-reported and skipped in favour of the previous one.
+leaves either the complete checkpoint or none. A checkpoint whose checksums do not match, or
+that holds anything but tensors and plain containers (a pickle that would run code), is
+refused with :class:`CheckpointError`; :func:`load_latest` reports it and uses the previous.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import pickle
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -26,11 +25,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from threetowers.atomic import fsync, publish, remove_temporaries, temporary_path
+from threetowers.safe_load import UnsafeFileError, load_tensors
+
 PREFIX = "step_"
-TMP_PREFIX = ".tmp-"
 FROZEN_PREFIX = "third_tower."
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used: corrupt, partly written, or holding more than data."""
 
 
 @dataclass
@@ -61,7 +67,7 @@ def save_checkpoint(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"{PREFIX}{step:08d}"
-    tmp = directory / f"{TMP_PREFIX}{PREFIX}{step:08d}-{os.getpid()}"
+    tmp = temporary_path(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(trainable_state(model), str(tmp / "model.safetensors"))
@@ -70,11 +76,11 @@ def save_checkpoint(
     record["sha256"] = {name: _sha256(tmp / name) for name in ("model.safetensors", "state.pt")}
     (tmp / "meta.json").write_text(json.dumps(record, indent=1))
     for name in ("model.safetensors", "state.pt", "meta.json"):
-        _fsync(tmp / name)
+        fsync(tmp / name)
+    fsync(tmp)
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
         shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync(directory)
+    publish(tmp, final)
     _prune(directory, keep)
     return final
 
@@ -87,20 +93,32 @@ def load_latest(directory: str | Path) -> Checkpoint | None:
     for path in sorted(_checkpoints(directory), reverse=True):
         try:
             return load_checkpoint(path)
-        except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as error:
+        except CheckpointError as error:
             warnings.warn(f"skipping checkpoint {path}: {error}", stacklevel=2)
     return None
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read one checkpoint directory; never runs code from it (safetensors, and
+    ``torch.load(weights_only=True)``, which refuses any pickle that is not plain data)."""
     path = Path(path)
-    meta = json.loads((path / "meta.json").read_text())
-    for name, digest in meta["sha256"].items():
-        if _sha256(path / name) != digest:
-            raise ValueError(f"{name} does not match its checksum (corrupted or partly written)")
-    model = load_file(str(path / "model.safetensors"))
-    state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
-    return Checkpoint(step=int(meta["step"]), model=model, state=state, meta=meta)
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        digests = meta["sha256"]
+        for name in ("model.safetensors", "state.pt"):
+            if _sha256(path / name) != digests[name]:
+                raise CheckpointError(
+                    f"{name} does not match its checksum (corrupted or partly written)"
+                )
+        model = load_file(str(path / "model.safetensors"))
+        state = load_tensors(path / "state.pt")
+        return Checkpoint(step=int(meta["step"]), model=model, state=state, meta=meta)
+    except UnsafeFileError as error:
+        raise CheckpointError(str(error)) from None
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as error:
+        if isinstance(error, CheckpointError):
+            raise
+        raise CheckpointError(f"{path} is not a readable checkpoint ({error!r})") from None
 
 
 def restore_model(model: torch.nn.Module, checkpoint: Checkpoint) -> None:
@@ -116,10 +134,7 @@ def restore_model(model: torch.nn.Module, checkpoint: Checkpoint) -> None:
 
 def remove_stale_temporaries(directory: str | Path) -> None:
     """Delete what a killed writer left behind (never a complete checkpoint)."""
-    if not Path(directory).is_dir():
-        return
-    for tmp in Path(directory).glob(f"{TMP_PREFIX}*"):
-        shutil.rmtree(tmp, ignore_errors=True)
+    remove_temporaries(directory)
 
 
 def _checkpoints(directory: Path) -> list[Path]:
@@ -137,11 +152,3 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from threetowers.atomic import fsync, publish, temporary_path
 from threetowers.towers.cnn import SmallResNet
 from threetowers.towers.frozen import FrozenBackbone, Preprocessing
 from threetowers.towers.vit import VisionTransformer
@@ -78,7 +79,10 @@ def save_classifier(path: str | Path, classifier: Classifier) -> None:
         "class_names": json.dumps(classifier.class_names),
     }
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    save_file(tensors, str(path), metadata=metadata)
+    tmp = temporary_path(path)  # whole or absent: a killed pretrain leaves no half classifier
+    save_file(tensors, str(tmp), metadata=metadata)
+    fsync(tmp)
+    publish(tmp, Path(path))
 
 
 def load_classifier(path: str | Path | None) -> Classifier:

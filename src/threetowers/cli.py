@@ -1,9 +1,15 @@
-"""The ``threetowers`` command. Every mistake a user can make ends in one message, exit 2."""
+"""The ``threetowers`` command. Every mistake a user can make ends in one message, exit 2.
+
+What counts as such a mistake: an invalid config or command line, a missing or unreadable
+file, bad data beyond ``data.max_bad_fraction``, a file that is not what it claims to be, a
+run that stopped on non-finite steps. Anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -70,9 +76,17 @@ def _eval(args: argparse.Namespace) -> None:
         raise ConfigError(f"eval takes eval.* overrides only (the model is fixed), got {foreign}")
     cfg = load_config(run.run_dir / "config.yaml", args.overrides)
     world = ensure_world(cfg.data.world) if cfg.data.train is None else None
-    benchmarks = resolve_benchmarks(cfg.eval, world)
+    benchmarks = resolve_benchmarks(cfg.eval, world, cfg.data.allow_absolute_paths)
     out = Path(args.out) if args.out else run.run_dir
-    results = evaluate_model(run.model, run.tokenizer, benchmarks, cfg.eval, out, step=run.step)
+    results = evaluate_model(
+        run.model,
+        run.tokenizer,
+        benchmarks,
+        cfg.eval,
+        out,
+        step=run.step,
+        max_bad_fraction=cfg.data.max_bad_fraction,
+    )
     print(f"step {run.step} of {run.run_dir}; eval.json in {out}")
     print(results_table(results, chance_levels(benchmarks)))
 
@@ -82,7 +96,14 @@ def _embed(args: argparse.Namespace) -> None:
     from threetowers.trained import load_trained
 
     run = load_trained(args.run)
-    vectors, keys = embed(run.model, run.tokenizer, args.images, args.texts, args.alpha)
+    vectors, keys = embed(
+        run.model,
+        run.tokenizer,
+        args.images,
+        args.texts,
+        args.alpha,
+        max_bad_fraction=run.cfg.data.max_bad_fraction,
+    )
     save_embeddings(args.out, vectors, keys)
     print(f"{len(keys)} embeddings of dim {vectors.shape[1]} -> {args.out}")
 
@@ -90,18 +111,19 @@ def _embed(args: argparse.Namespace) -> None:
 def _cache(args: argparse.Namespace) -> None:
     from threetowers.build import build_third_tower
     from threetowers.data.cache import feature_cache
-    from threetowers.data.pipeline import training_source
+    from threetowers.data.pipeline import open_training_pairs
 
     cfg = load_config(args.config, args.overrides)
     if cfg.model.mode == "clip" or cfg.model.third is None:
         raise ConfigError("mode 'clip' has no third tower to cache; use model.mode=3t or lit")
-    source, _ = training_source(cfg)
+    pairs, _ = open_training_pairs(cfg)
     cache = feature_cache(
         build_third_tower(cfg.model.third),
-        source,
+        pairs,
         cfg.data.cache_dir,
         cfg.data.batch_size,
         cfg.data.num_workers,
+        max_bad_fraction=cfg.data.max_bad_fraction,
     )
     print(
         f"{len(cache.row)} feature vectors of dim {cache.features.shape[1]} cached "
@@ -205,7 +227,30 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
+class _Stderr(logging.StreamHandler):
+    """Log lines to whatever ``sys.stderr`` is when they are written (tests swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
+def _log_to_stderr() -> None:
+    """Warnings (bad samples, skipped steps) and summaries as ``threetowers: ...`` lines."""
+    logger = logging.getLogger("threetowers")
+    if not any(isinstance(handler, _Stderr) for handler in logger.handlers):
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("threetowers: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _log_to_stderr()
     root = parser()
     # argparse stops filling a positional list at the first option, so overrides after
     # e.g. --quiet come back unparsed; they are still overrides.
@@ -217,9 +262,19 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     try:
         args.handler(args)
-    except (ConfigError, ValueError, FileNotFoundError, ImportError) as error:
+    # ConfigError, BadDataError, CheckpointError and the loaders' errors are ValueErrors;
+    # OSError covers missing files, permissions and a full disk; a run stopped by
+    # non-finite steps raises FloatingPointError.
+    except (ValueError, OSError, ImportError, FloatingPointError) as error:
         print(f"threetowers {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            f"threetowers {args.command}: interrupted; re-run the same command to resume "
+            "(train resumes from its last checkpoint)",
+            file=sys.stderr,
+        )
+        return 130
     return 0
 
 

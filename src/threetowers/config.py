@@ -23,7 +23,8 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan pass range checks such as gt=0 (inf > 0), then poison a run much later
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ImageTowerConfig(Section):
@@ -186,6 +187,14 @@ class DataConfig(Section):
     # decode f's view of each image once into cache_dir and train from memory (needs
     # augment false); batches then come from a seeded permutation instead of shard streams
     preload: bool = False
+    # Bad samples (corrupt images, missing files, unusable captions, malformed rows) are
+    # skipped and counted; above this fraction of the samples visited, the run stops. Clean
+    # datasets have far under 1%; more means something systematic (a wrong image root, a
+    # truncated download) that should be fixed rather than trained around. 1: never stop.
+    max_bad_fraction: float = Field(0.01, ge=0, le=1)
+    # Image paths in CSV/JSONL tables may be absolute or climb out of the table's folder
+    # ("..") only when this is set: a data file must not make the loader read elsewhere.
+    allow_absolute_paths: bool = False
 
     @model_validator(mode="after")
     def _crop_scale_in_range(self) -> DataConfig:
@@ -219,6 +228,10 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint_every: int = Field(200, gt=0)
     keep_checkpoints: int = Field(3, gt=0)
+    # A step with a non-finite loss or gradient is skipped (no update); this many in a row
+    # stop the run. Skipping changes no weight, so a streak over different batches means the
+    # state or the settings are broken, not one batch.
+    max_bad_steps: int = Field(10, gt=0)
     log_every: int = Field(10, gt=0)
     run_dir: str = "runs/default"
 

@@ -1,19 +1,27 @@
-"""Embed image files and captions with a trained model, for search with an ordinary index."""
+"""Embed image files and captions with a trained model, for search with an ordinary index.
+
+Unreadable images and unusable caption lines (not UTF-8, absurdly long) are skipped,
+counted and named in the log; more than ``max_bad_fraction`` of them is an error.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from threetowers.data.bad_samples import BadDataError, BadSample, BadSampleLog
+from threetowers.data.decode import caption_text, clean_captions
 from threetowers.data.tokenizer import CaptionTokenizer
 from threetowers.eval_suite import embed_images, embed_texts
 from threetowers.evaluate import mix
 from threetowers.model import ThreeTowers
 
+log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
@@ -33,26 +41,54 @@ def embed(
     images: str | Path | None = None,
     texts: str | Path | None = None,
     alpha: float = 1.0,
+    max_bad_fraction: float = 1.0,
 ) -> tuple[torch.Tensor, list[str]]:
-    """Embeddings of every image under ``images`` or every line of ``texts``, with their
-    keys (relative paths or the lines). alpha < 1 gives 3T's convex-combination vectors."""
+    """Embeddings of every usable image under ``images`` or every usable line of ``texts``,
+    with their keys (relative paths or the lines). alpha < 1 gives 3T's convex-combination
+    vectors."""
     if (images is None) == (texts is None):
         raise ValueError("give exactly one of --images DIR or --texts FILE")
     model._check_alpha(alpha)
     if images is not None:
         paths = image_files(images)
-        parts = embed_images(model, paths)
-        keys = [str(p.relative_to(images)) for p in paths]
+        bad = BadSampleLog(max_bad_fraction, f"images under {images}", size=len(paths))
+        parts = embed_images(model, paths, bad_images=bad)
+        keys = [str(paths[i].relative_to(images)) for i in parts["index"].tolist()]
         main, third = ("z_h", None) if model.mode == "lit" else ("z_f", "z_h")
     else:
-        lines = [line.strip() for line in Path(texts).read_text(encoding="utf-8").splitlines()]
-        keys = [line for line in lines if line]
-        if not keys:
-            raise ValueError(f"{texts} holds no captions (one per line)")
+        keys, bad = caption_lines(texts, max_bad_fraction)
         parts = embed_texts(model, tokenizer, keys)
         main, third = "z_g", "z_gh"
+    bad.check()
+    if bad.total:
+        log.warning(bad.summary())
     vectors = parts[main] if alpha == 1.0 else mix(parts[main], parts[third], alpha)
     return vectors, keys
+
+
+def caption_lines(texts: str | Path, max_bad_fraction: float) -> tuple[list[str], BadSampleLog]:
+    """The usable lines of a caption file (blank lines separate, they are not captions)."""
+    path = Path(texts)
+    if not path.is_file():
+        raise FileNotFoundError(f"caption file {path} not found (--texts: one caption per line)")
+    lines = [
+        (number, line)
+        for number, line in enumerate(path.read_bytes().splitlines(), start=1)
+        if line.strip()
+    ]
+    if not lines:
+        raise ValueError(f"{path} holds no captions (one per line)")
+    bad = BadSampleLog(max_bad_fraction, f"captions of {path}", size=len(lines))
+    keys = []
+    for number, line in lines:
+        try:
+            keys += clean_captions([caption_text(line, f"{path}:{number}")], f"{path}:{number}")
+        except BadSample as error:
+            bad.record(0, [error.skipped(f"line {number}")])
+    bad.record(len(keys), [])
+    if not keys:
+        raise BadDataError(f"{bad.summary()}: no caption to embed")
+    return keys, bad
 
 
 def save_embeddings(path: str | Path, vectors: torch.Tensor, keys: list[str]) -> None:

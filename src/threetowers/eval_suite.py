@@ -8,6 +8,7 @@ the first zero-shot set is the primary one, others are prefixed with their name.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,11 +16,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from threetowers import evaluate as metrics
+from threetowers.atomic import write_atomic
 from threetowers.config import EvalConfig
+from threetowers.data.bad_samples import BadDataError, BadSampleLog
 from threetowers.data.benchmarks import (
     ClassificationSet,
     ImageFiles,
     RetrievalSet,
+    collate_images,
     load_class_folder,
     load_karpathy,
 )
@@ -28,6 +32,7 @@ from threetowers.data.transforms import eval_transform
 from threetowers.model import ThreeTowers
 
 SWEEP_METRICS = ("zeroshot_top1", "i2t_R@1", "t2i_R@1")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,7 +42,9 @@ class Benchmarks:
     fewshot_train: ClassificationSet | None = None  # labelled shots for the primary set
 
 
-def resolve_benchmarks(cfg: EvalConfig, world: dict | None) -> Benchmarks:
+def resolve_benchmarks(
+    cfg: EvalConfig, world: dict | None, allow_absolute_paths: bool = False
+) -> Benchmarks:
     """The configured benchmarks; with the embedded world and nothing configured, its own."""
     retrieval_json, zeroshot = cfg.retrieval, dict(cfg.zeroshot)
     if world is not None:
@@ -49,9 +56,23 @@ def resolve_benchmarks(cfg: EvalConfig, world: dict | None) -> Benchmarks:
         }
     sets = Benchmarks()
     if retrieval_json:
-        sets.retrieval = load_karpathy(retrieval_json, split=cfg.retrieval_split)
+        try:
+            sets.retrieval = load_karpathy(
+                retrieval_json, split=cfg.retrieval_split, allow_absolute_paths=allow_absolute_paths
+            )
+        except FileNotFoundError as error:
+            raise FileNotFoundError(
+                f"eval.retrieval: {error}; give a Karpathy-split JSON (dataset_flickr30k.json, "
+                "dataset_coco.json) next to its images, or leave eval.retrieval unset"
+            ) from None
     for name, root in zeroshot.items():
-        sets.zeroshot[name] = load_class_folder(root, cfg.zeroshot_split)
+        try:
+            sets.zeroshot[name] = load_class_folder(root, cfg.zeroshot_split)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(
+                f"eval.zeroshot.{name}: {error}; give a folder of class folders (ROOT/"
+                f"{cfg.zeroshot_split or ''}/CLASS/*.jpg), or remove eval.zeroshot.{name}"
+            ) from None
     if sets.zeroshot and cfg.fewshot_shots > 0 and cfg.zeroshot_split is not None:
         primary = Path(next(iter(zeroshot.values())))
         if (primary / "val").is_dir():
@@ -60,20 +81,37 @@ def resolve_benchmarks(cfg: EvalConfig, world: dict | None) -> Benchmarks:
 
 
 @torch.no_grad()
-def embed_images(model: ThreeTowers, paths, batch_size: int = 256) -> dict[str, torch.Tensor]:
-    """Every image-side embedding of ``model`` (z_f and/or z_h) for image files."""
+def embed_images(
+    model: ThreeTowers, paths, batch_size: int = 256, bad_images: BadSampleLog | None = None
+) -> dict[str, torch.Tensor]:
+    """Every image-side embedding of ``model`` (z_f and/or z_h) for image files.
+
+    Images that cannot be used are skipped (and recorded in ``bad_images``): ``"index"``
+    holds the positions in ``paths`` of the rows that were embedded.
+    """
     views = {"images": ImageFiles(paths, eval_transform(model.image_preprocessing))}
     if model.mode == "3t":  # h's own view, as in training
         views["third_images"] = ImageFiles(paths, eval_transform(model.third_tower.preprocessing))
     device = next(p for p in model.parameters()).device
-    loaders = {name: DataLoader(view, batch_size=batch_size) for name, view in views.items()}
-    chunks: dict[str, list[torch.Tensor]] = {}
+    loaders = {
+        name: DataLoader(view, batch_size=batch_size, collate_fn=collate_images)
+        for name, view in views.items()
+    }
+    chunks: dict[str, list[torch.Tensor]] = {"index": []}
     for batches in zip(*loaders.values(), strict=True):
+        indices, _, skipped = batches[0]  # every view reads the same files
+        if bad_images is not None:
+            bad_images.record(len(indices), skipped)
+        if not len(indices):
+            continue
+        chunks["index"].append(indices)
         inputs = {
-            name: images.to(device) for name, (_, images) in zip(loaders, batches, strict=True)
+            name: images.to(device) for name, (_, images, _) in zip(loaders, batches, strict=True)
         }
         for key, value in model.image_embeddings(**inputs).items():
             chunks.setdefault(key, []).append(value.float().cpu())
+    if not chunks["index"]:
+        raise BadDataError(f"none of the {len(paths)} images could be used, e.g. {paths[0]}")
     return {key: torch.cat(values) for key, values in chunks.items()}
 
 
@@ -95,19 +133,29 @@ def evaluate_model(
     cfg: EvalConfig,
     out_dir: str | Path | None = None,
     step: int | None = None,
+    max_bad_fraction: float = 1.0,
 ) -> dict:
-    """All metrics of ``model`` on ``benchmarks``; writes eval.json (and the α plot) to out_dir."""
+    """All metrics of ``model`` on ``benchmarks``; writes eval.json (and the α plot) to out_dir.
+
+    Unusable images are left out of their set (a retrieval image with its captions) and
+    counted in ``skipped_images``; more than ``max_bad_fraction`` of them is an error."""
     was_training = model.training
     model.eval()
     image_key = "z_h" if model.mode == "lit" else "z_f"
     sweep = model.mode == "3t" and cfg.alpha_sweep
     results: dict = {"mode": model.mode, "step": step}
     sweeps: dict[float, dict] = {}
+    bad_images = BadSampleLog(max_bad_fraction, "evaluation images")
+
+    def embed(paths) -> dict[str, torch.Tensor]:
+        embedded = embed_images(model, paths, cfg.batch_size, bad_images)
+        bad_images.check()  # benchmark sets are small: judged as each one is read
+        return embedded
 
     if benchmarks.retrieval is not None:
-        images = embed_images(model, benchmarks.retrieval.image_paths, cfg.batch_size)
-        texts = embed_texts(model, tokenizer, benchmarks.retrieval.captions, cfg.batch_size)
-        image_of_text = benchmarks.retrieval.image_of_caption
+        images = embed(benchmarks.retrieval.image_paths)
+        captions, image_of_text = _captions_of(benchmarks.retrieval, images["index"])
+        texts = embed_texts(model, tokenizer, captions, cfg.batch_size)
         results |= metrics.retrieval(images[image_key], texts["z_g"], image_of_text)
         if sweep:
             _merge(
@@ -123,7 +171,8 @@ def evaluate_model(
 
     for position, (name, dataset) in enumerate(benchmarks.zeroshot.items()):
         prefix = "zeroshot" if position == 0 else f"zeroshot_{name}"
-        images = embed_images(model, dataset.image_paths, cfg.batch_size)
+        images = embed(dataset.image_paths)
+        labels = dataset.labels[images["index"]]
         classes = {
             key: metrics.class_embeddings(
                 lambda prompts, key=key: embed_texts(model, tokenizer, prompts, cfg.batch_size)[
@@ -134,7 +183,7 @@ def evaluate_model(
             )
             for key in (("z_g", "z_gh") if sweep else ("z_g",))
         }
-        scores = metrics.zeroshot(images[image_key], classes["z_g"], dataset.labels)
+        scores = metrics.zeroshot(images[image_key], classes["z_g"], labels)
         results |= {k.replace("zeroshot", prefix): v for k, v in scores.items()}
         if sweep:
             per_alpha = metrics.alpha_sweep(
@@ -142,7 +191,7 @@ def evaluate_model(
                 images["z_h"],
                 classes["z_g"],
                 classes["z_gh"],
-                lambda i, c, labels=dataset.labels: metrics.zeroshot(i, c, labels),
+                lambda i, c, labels=labels: metrics.zeroshot(i, c, labels),
             )
             _merge(
                 sweeps,
@@ -150,20 +199,26 @@ def evaluate_model(
             )
         if position == 0 and benchmarks.fewshot_train is not None:
             train = benchmarks.fewshot_train
+            embedded = embed(train.image_paths)
+            train_labels = train.labels[embedded["index"]]
             # Never more shots than the smallest class holds (tiny worlds in tests).
-            shots = min(cfg.fewshot_shots, int(torch.bincount(train.labels).min()))
-            embedded = embed_images(model, train.image_paths, cfg.batch_size)
-            results["fewshot_top1"] = metrics.linear_probe(
-                embedded[image_key], train.labels, images[image_key], dataset.labels, shots=shots
-            )
+            classes_held = torch.bincount(train_labels, minlength=len(train.class_names))
+            shots = min(cfg.fewshot_shots, int(classes_held.min()))
+            if shots > 0:
+                results["fewshot_top1"] = metrics.linear_probe(
+                    embedded[image_key], train_labels, images[image_key], labels, shots=shots
+                )
             results["fewshot_shots"] = shots
 
     if sweeps:
         results["alpha_sweep"] = [{"alpha": alpha} | row for alpha, row in sorted(sweeps.items())]
+    results["skipped_images"] = bad_images.total
+    if bad_images.total:
+        log.warning(bad_images.summary())
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "eval.json").write_text(json.dumps(results, indent=1))
+        write_atomic(out_dir / "eval.json", json.dumps(results, indent=1))
         if sweeps:
             present = [m for m in SWEEP_METRICS if m in results["alpha_sweep"][0]]
             metrics.plot_alpha_sweep(
@@ -171,6 +226,16 @@ def evaluate_model(
             )
     model.train(was_training)
     return results
+
+
+def _captions_of(retrieval: RetrievalSet, kept: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+    """The captions of the ``kept`` images, each pointing at its image's row among them."""
+    owners = retrieval.image_of_caption
+    row = torch.full((len(retrieval),), -1, dtype=torch.long)
+    row[kept] = torch.arange(len(kept))
+    mine = row[owners] >= 0
+    captions = [caption for caption, keep in zip(retrieval.captions, mine, strict=True) if keep]
+    return captions, row[owners[mine]]
 
 
 def chance_levels(benchmarks: Benchmarks) -> dict[str, float]:

@@ -391,7 +391,21 @@ class ThreeTowersLoss(nn.Module):
         return not (term.alignment and self.alignment == "l2")
 
     def scale(self, term_name: str) -> torch.Tensor:
-        return self.log_scale[self.temperature_of[term_name]].exp().clamp(max=self.max_scale)
+        # Clamped in log space, with the very bound clamp_temperatures_ uses (exp of the
+        # float32 log of max_scale may round above max_scale).
+        log_scale = self.log_scale[self.temperature_of[term_name]]
+        return log_scale.clamp(max=math.log(self.max_scale)).exp()
+
+    @torch.no_grad()
+    def clamp_temperatures_(self) -> None:
+        """Pull each learned log-scale back to log(max_scale) after an optimizer step.
+
+        Above the clamp the scale's gradient is zero, so Adam's momentum would carry the
+        parameter ever further and the scale could never come back down; at the clamp the
+        gradient flows again (as CLIP's training clamps its logit scale).
+        """
+        for log_scale in self.log_scale.values():
+            log_scale.clamp_(max=math.log(self.max_scale))
 
     def forward(
         self, embeddings: dict[str, torch.Tensor]

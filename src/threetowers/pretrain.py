@@ -8,30 +8,35 @@ serves anyone with a labelled domain dataset in class folders.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from threetowers.atomic import write_atomic
 from threetowers.classifier import ARCHITECTURES, Classifier, save_classifier
 from threetowers.config import Config
+from threetowers.data.bad_samples import BadDataError, BadSample, BadSampleLog, Skipped
 from threetowers.data.benchmarks import ClassificationSet, load_class_folder
+from threetowers.data.decode import load_image
 from threetowers.data.pipeline import ensure_world
-from threetowers.data.transforms import eval_transform, to_rgb, train_transform
+from threetowers.data.transforms import eval_transform, train_transform
 from threetowers.optim import make_optimizer
 from threetowers.towers.frozen import Preprocessing
 
 # Classifiers trained here see [-1, 1] pixels of the whole (square) image.
 PRETRAIN_MEAN = PRETRAIN_STD = (0.5, 0.5, 0.5)
+log = logging.getLogger(__name__)
 
 
 class LabelledImages(Dataset):
-    """(image tensor, label); with ``augment``, a random resized crop seeded per sample."""
+    """(image tensor, label); with ``augment``, a random resized crop seeded per sample. An
+    image that cannot be used comes as (Skipped, label); :func:`collate_labelled` drops it."""
 
     def __init__(self, data: ClassificationSet, pre: Preprocessing, augment=None, seed=0):
         self.data, self.view, self.augment = data, eval_transform(pre), augment
@@ -40,15 +45,26 @@ class LabelledImages(Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        with Image.open(self.data.image_paths[index]) as image:
-            image = to_rgb(image)
-            if self.augment is None:
-                pixels = self.view(image)
-            else:
-                rng = np.random.default_rng([self.seed, self.epoch, index])
-                pixels = self.augment(image, rng)
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | Skipped, int]:
+        path = self.data.image_paths[index]
+        try:
+            image = load_image(path, "image")  # the key names the file
+        except BadSample as bad:
+            return bad.skipped(str(path)), int(self.data.labels[index])
+        if self.augment is None:
+            pixels = self.view(image)
+        else:
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            pixels = self.augment(image, rng)
         return pixels, int(self.data.labels[index])
+
+
+def collate_labelled(items) -> tuple[torch.Tensor | None, torch.Tensor, list[Skipped]]:
+    """(images, labels) of the usable items, and the skipped ones."""
+    used = [(pixels, label) for pixels, label in items if not isinstance(pixels, Skipped)]
+    skipped = [pixels for pixels, _ in items if isinstance(pixels, Skipped)]
+    images = torch.stack([pixels for pixels, _ in used]) if used else None
+    return images, torch.tensor([label for _, label in used], dtype=torch.long), skipped
 
 
 def pretraining_data(cfg: Config) -> tuple[ClassificationSet, ClassificationSet]:
@@ -60,12 +76,17 @@ def pretraining_data(cfg: Config) -> tuple[ClassificationSet, ClassificationSet]
 
 
 @torch.no_grad()
-def accuracy(backbone: nn.Module, head: nn.Linear, loader: DataLoader) -> float:
+def accuracy(backbone: nn.Module, head: nn.Linear, loader: DataLoader, bad: BadSampleLog) -> float:
     backbone.eval()
     correct = total = 0
-    for images, labels in loader:
-        correct += int((head(backbone(images)).argmax(dim=1) == labels).sum())
-        total += len(labels)
+    for images, labels, skipped in loader:
+        bad.record(len(labels), skipped)
+        if images is not None:
+            correct += int((head(backbone(images)).argmax(dim=1) == labels).sum())
+            total += len(labels)
+    bad.check()
+    if not total:
+        raise BadDataError(f"{bad.summary()}: no validation image to score")
     return 100.0 * correct / total
 
 
@@ -85,7 +106,13 @@ def pretrain(cfg: Config, progress: bool = True) -> Path:
     pre = Preprocessing(p.image_size, PRETRAIN_MEAN, PRETRAIN_STD, crop_fraction=1.0)
     augment = train_transform(pre, scale=tuple(p.crop_scale))
     train_images = LabelledImages(train_set, pre, augment, seed=cfg.train.seed)
-    val_loader = DataLoader(LabelledImages(val_set, pre), batch_size=256, num_workers=p.num_workers)
+    val_loader = DataLoader(
+        LabelledImages(val_set, pre),
+        batch_size=256,
+        num_workers=p.num_workers,
+        collate_fn=collate_labelled,
+    )
+    bad_train = BadSampleLog(cfg.data.max_bad_fraction, "pretraining images", len(train_set))
     model = nn.ModuleDict({"backbone": backbone, "head": head})
     optimizer, schedule = make_optimizer(model, p.lr, p.weight_decay, p.warmup_steps, p.steps)
 
@@ -99,9 +126,14 @@ def pretrain(cfg: Config, progress: bool = True) -> Path:
             drop_last=True,
             generator=order,
             num_workers=p.num_workers,
+            collate_fn=collate_labelled,
         )
         backbone.train()
-        for images, labels in loader:
+        steps_before = step
+        for images, labels, skipped in loader:
+            bad_train.record(len(labels), skipped)
+            if images is None:
+                continue
             loss = F.cross_entropy(head(backbone(images)), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -112,10 +144,18 @@ def pretrain(cfg: Config, progress: bool = True) -> Path:
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if step >= p.steps:
                 break
+        if step == steps_before:  # else the loop would go round empty epochs for ever
+            raise BadDataError(
+                f"an epoch of {len(train_set)} pretraining images gave no batch to train on "
+                f"(pretrain.batch_size={p.batch_size}; {bad_train.summary()})"
+            )
         train_images.epoch += 1
     bar.close()
-
-    val_top1 = accuracy(backbone, head, val_loader)
+    bad_val = BadSampleLog(cfg.data.max_bad_fraction, "validation images", len(val_set))
+    val_top1 = accuracy(backbone, head, val_loader, bad_val)
+    for bad in (bad_train, bad_val):
+        if bad.total:
+            log.warning(bad.summary())
     out = Path(p.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_classifier(
@@ -128,6 +168,7 @@ def pretrain(cfg: Config, progress: bool = True) -> Path:
         "classes": len(train_set.class_names),
         "train_images": len(train_set),
         "architecture": p.architecture,
+        "skipped_images": {"train": bad_train.total, "val": bad_val.total},
     }
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    write_atomic(out.with_suffix(".json"), json.dumps(report, indent=1))
     return out

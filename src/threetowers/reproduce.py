@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
+from threetowers.atomic import write_atomic
 from threetowers.build import build_model
 from threetowers.config import Config
 from threetowers.data.pipeline import TrainingData, ensure_world
@@ -101,7 +102,7 @@ def classifier(cfg: Config, world_set: str, path: Path) -> dict:
             return report
     pretrain(cfg.model_copy(update={"pretrain": settings}), progress=False)
     report = json.loads(report_path.read_text()) | {"pretrain": wanted}
-    report_path.write_text(json.dumps(report, indent=1))
+    write_atomic(report_path, json.dumps(report, indent=1))
     return report
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from threetowers.atomic import remove_temporaries, write_atomic
 from threetowers.config import Config, ConfigError
 
 RECORDED_PACKAGES = (
@@ -28,6 +29,7 @@ def prepare_run_dir(cfg: Config, run_dir: str | Path | None) -> Path:
     """Create the run directory, or check that an existing one was made by the same config."""
     run_dir = Path(run_dir if run_dir is not None else cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(run_dir)  # one run per directory: whatever a killed run left is stale
     resolved = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
     config_file = run_dir / "config.yaml"
     if config_file.exists() and config_file.read_text() != resolved:
@@ -35,8 +37,8 @@ def prepare_run_dir(cfg: Config, run_dir: str | Path | None) -> Path:
             f"{run_dir} holds a run with a different config ({config_file}); resuming it with "
             "this one would mix two runs. Use a new run directory, or the same config to resume."
         )
-    config_file.write_text(resolved)
-    (run_dir / "environment.json").write_text(json.dumps(environment(), indent=1))
+    write_atomic(config_file, resolved)
+    write_atomic(run_dir / "environment.json", json.dumps(environment(), indent=1))
     return run_dir
 
 
@@ -72,15 +74,19 @@ def git_revision() -> str | None:
 
 
 def drop_metrics_after(path: Path, step: int) -> None:
-    """After a resume from ``step``, forget what a killed run logged beyond it."""
+    """After a resume from ``step``, forget what a killed run logged beyond it, including
+    a line it was killed in the middle of writing."""
     if not path.exists():
         return
-    kept = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line).get("step", 0) <= step
-    ]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 class MetricsLog:

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from threetowers.data.benchmarks import (
     DEFAULT_TEMPLATES,
     ImageFiles,
+    collate_images,
     load_class_folder,
     load_karpathy,
 )
@@ -81,9 +82,21 @@ def test_karpathy_errors(tmp_path):
     path = write_karpathy(tmp_path, skip=("c.jpg", "f.jpg"))
     with pytest.raises(ValueError, match=r"no split \['tset'\].*\['restval', 'test', 'train', "):
         load_karpathy(path, split="tset")
-    with pytest.raises(FileNotFoundError, match="2 of 3 images not found.*c.jpg.*f.jpg"):
+    assert len(load_karpathy(path)) == 3  # the 2 missing are skipped when embedded
+    path = write_karpathy(tmp_path / "none", skip=("a.jpg", "c.jpg", "f.jpg"))
+    with pytest.raises(FileNotFoundError, match="none of the 3 images .* was found"):
         load_karpathy(path)
     assert len(load_karpathy(path, split="val")) == 1
+    data = json.loads(path.read_text())
+    data["images"][3]["filepath"] = "../none/val2014"  # out and back in
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="leads out of the image root.*allow_absolute_paths"):
+        load_karpathy(path, split="val")
+    assert len(load_karpathy(path, split="val", allow_absolute_paths=True)) == 1
+    data["images"][3].pop("filename")
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="image entry 3 needs a 'filename'"):
+        load_karpathy(path, split="val")
     with pytest.raises(FileNotFoundError, match="Karpathy split file not found"):
         load_karpathy(tmp_path / "nope.json")
 
@@ -137,10 +150,13 @@ def test_image_files_in_batches(tmp_path):
     make_folders(tmp_path, ["a", "b", "c"], per_class=2)
     data = load_class_folder(tmp_path)
     pre = Preprocessing(8)
+    data.image_paths[4].write_bytes(b"not a png")
     dataset = ImageFiles(data.image_paths, eval_transform(pre))
-    batches = list(DataLoader(dataset, batch_size=4))
-    indices = torch.cat([index for index, _ in batches])
-    images = torch.cat([image for _, image in batches])
-    assert indices.tolist() == list(range(6)) and images.shape == (6, 3, 8, 8)
+    batches = list(DataLoader(dataset, batch_size=4, collate_fn=collate_images))
+    indices = torch.cat([index for index, _, _ in batches])
+    images = torch.cat([image for _, image, _ in batches])
+    assert indices.tolist() == [0, 1, 2, 3, 5] and images.shape == (5, 3, 8, 8)
+    (bad,) = [skipped for _, _, batch in batches for skipped in batch]
+    assert bad.key == str(data.image_paths[4]) and bad.reason == "undecodable_image"
     red = images[:, 0, 0, 0] * pre.std[0] + pre.mean[0]
-    torch.testing.assert_close(red, data.labels.float() * 40 / 255, rtol=0, atol=1e-5)
+    torch.testing.assert_close(red, data.labels[indices].float() * 40 / 255, rtol=0, atol=1e-5)

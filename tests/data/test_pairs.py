@@ -74,9 +74,7 @@ def tables(tmp_path_factory):
     (root / "images").mkdir()
     for index in range(N_TABLE):
         (root / "images" / f"{index}.png").write_bytes(png(index))
-    absolute = root / "images" / "0.png"
-    rows = [(absolute if i == 0 else f"images/{i}.png", f"caption {i}") for i in range(N_TABLE)]
-    csv_lines = ["image,caption"] + [f'{image},"caption {i}"' for i, (image, _) in enumerate(rows)]
+    csv_lines = ["image,caption"] + [f'images/{i}.png,"caption {i}"' for i in range(N_TABLE)]
     (root / "pairs.csv").write_text("\n".join(csv_lines) + "\n")
     tsv_lines = ["file\ttext"] + [f"images/{i}.png\tcaption {i}" for i in range(N_TABLE)]
     (root / "pairs.tsv").write_text("\n".join(tsv_lines) + "\n")
@@ -101,6 +99,10 @@ def keys_of(batches):
     return [key for batch in batches for key in batch["keys"]]
 
 
+def skipped_of(batches):
+    return [(bad.key, bad.reason) for batch in batches for bad in batch["skipped"]]
+
+
 def assert_same(left, right):
     assert len(left) == len(right)
     for a, b in zip(left, right, strict=True):
@@ -121,9 +123,11 @@ def check_consistent(batches):
 def test_shards_visit_every_sample_once(shards, workers):
     batches = run(shards, num_workers=workers, drop_last=False)
     assert sorted(keys_of(batches)) == [f"k{i:04d}" for i in range(N_SHARD)]
+    # the caption without an image is a sample, skipped as bad and listed in its batch
+    assert skipped_of(batches) == [("orphan", "no_image")]
     check_consistent(batches)
     dropped = run(shards, num_workers=workers)
-    keys = keys_of(dropped)
+    keys = keys_of(dropped) + [key for key, _ in skipped_of(dropped)]
     assert len(set(keys)) == len(keys) == 4 * len(dropped)
     expected = num_batches(shards, batch_size=4, seed=3, epoch=0, num_workers=workers)
     assert len(dropped) == expected
@@ -181,9 +185,10 @@ def test_multi_caption_picks_vary_by_epoch_but_repeat(tmp_path):
 
 def test_shard_sizes_come_from_headers(shards):
     source = open_pairs(shards)
-    assert isinstance(source, ShardPairs) and source.sizes == SHARD_SIZES
-    assert epoch_size(shards) == N_SHARD  # the image-less "orphan" is not a sample
-    assert count_shard_samples(source.shards[1]) == 7
+    with_orphan = SHARD_SIZES[:1] + [SHARD_SIZES[1] + 1] + SHARD_SIZES[2:]
+    assert isinstance(source, ShardPairs) and source.sizes == with_orphan
+    assert epoch_size(shards) == N_SHARD + 1  # the image-less "orphan" is a (bad) sample
+    assert count_shard_samples(source.shards[1]) == 8
 
 
 def test_shard_sources_open_in_every_spelling(shards):
@@ -235,7 +240,7 @@ def test_table_ranks_are_disjoint_and_cover(tables):
 def test_table_reading(tables):
     csv_table = open_pairs(tables / "pairs.csv")
     assert isinstance(csv_table, PairTable) and epoch_size(csv_table) == N_TABLE
-    assert csv_table.images[0].is_absolute() and csv_table.images[1] == tables / "images/1.png"
+    assert csv_table.images[1] == tables / "images/1.png"
     pair = csv_table[5]
     assert pair.image.mode == "RGB" and pair.image.getpixel((0, 0))[0] == 5
     assert pair.captions == ["caption 5"]
@@ -257,13 +262,14 @@ def test_table_errors(tables, tmp_path):
         open_pairs(unknown)
     broken = tmp_path / "broken.csv"
     broken.write_text("image,caption\nnowhere.png,hello\n")
-    with pytest.raises(FileNotFoundError, match="nowhere.png"):
-        run(broken, batch_size=1)
+    (batch,) = run(broken, batch_size=1)
+    assert batch["keys"] == [] and skipped_of([batch]) == [("000000000", "missing_file")]
+    assert "nowhere.png" in batch["skipped"][0].detail
 
 
 def test_tsv_keeps_bare_quotes(tables, tmp_path):
     path = tmp_path / "quotes.tsv"
     image = tables / "images" / "1.png"
     path.write_text(f'image\tcaption\tkey\n{image}\ta "so-called" cube\tq1\n')
-    table = open_pairs(path)
+    table = open_pairs(path, allow_absolute_paths=True)
     assert table.keys == ["q1"] and table.captions == [['a "so-called" cube']]

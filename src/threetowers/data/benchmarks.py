@@ -1,18 +1,23 @@
-"""Evaluation sets: Karpathy-split retrieval (Flickr30k, COCO) and class-folder classification."""
+"""Evaluation sets: Karpathy-split retrieval (Flickr30k, COCO) and class-folder classification.
+
+Images that turn out unreadable when they are embedded are skipped and counted by the
+evaluation (``ImageFiles`` marks them); only a set with no image at all is refused here.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
-from threetowers.data.transforms import to_rgb
+from threetowers.data.bad_samples import BadSample, Skipped
+from threetowers.data.decode import load_image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
 DEFAULT_TEMPLATES = (
@@ -50,21 +55,19 @@ class ClassificationSet:
         return len(self.image_paths)
 
 
-def _missing_error(missing: list[Path], total: int, hint: str) -> FileNotFoundError:
-    shown = ", ".join(str(p) for p in missing[:3])
-    return FileNotFoundError(f"{len(missing)} of {total} images not found, e.g. {shown}; {hint}")
-
-
 def load_karpathy(
     json_path: str | Path,
     image_root: str | Path | None = None,
     split: str | Sequence[str] = "test",
+    allow_absolute_paths: bool = False,
 ) -> RetrievalSet:
     """Read ``dataset_flickr30k.json`` / ``dataset_coco.json`` (Karpathy splits).
 
     Image ``i`` lives at ``image_root / filepath / filename`` (``filepath`` only in COCO);
-    ``image_root`` defaults to the JSON's folder. ``split`` may be one name or several
-    (e.g. ``("train", "restval")``). Captions are the ``raw`` sentences, stripped.
+    ``image_root`` defaults to the JSON's folder, and no entry may lead out of it unless
+    ``allow_absolute_paths``. ``split`` may be one name or several (e.g.
+    ``("train", "restval")``). Captions are the ``raw`` sentences, stripped. Missing images
+    are skipped when the set is embedded; none found at all is an error.
     """
     json_path = Path(json_path)
     if not json_path.is_file():
@@ -74,6 +77,8 @@ def load_karpathy(
         data = json.load(handle)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise ValueError(f"{json_path} is not a Karpathy split file (no 'images' list)")
+    if not all(isinstance(image, dict) for image in data["images"]):
+        raise ValueError(f"{json_path}: every entry of 'images' must be an object")
     wanted = {split} if isinstance(split, str) else set(split)
     present = sorted({str(image.get("split")) for image in data["images"]})
     unknown = sorted(wanted - set(present))
@@ -82,18 +87,31 @@ def load_karpathy(
     image_paths: list[Path] = []
     captions: list[str] = []
     owners: list[int] = []
-    for image in data["images"]:
+    for number, image in enumerate(data["images"]):
         if image.get("split") not in wanted:
             continue
         index = len(image_paths)
-        image_paths.append(root / image.get("filepath", "") / image["filename"])
-        for sentence in image.get("sentences", []):
-            captions.append(sentence["raw"].strip())
-            owners.append(index)
-    missing = [path for path in image_paths if not path.is_file()]
-    if missing:
-        raise _missing_error(
-            missing, len(image_paths), f"is image_root ({root}) the folder holding the images?"
+        try:
+            relative = Path(image.get("filepath", "")) / image["filename"]
+            raw = [sentence["raw"].strip() for sentence in image.get("sentences", [])]
+        except (KeyError, TypeError, AttributeError) as error:
+            raise ValueError(
+                f"{json_path}: image entry {number} needs a 'filename' and sentences with a "
+                f"'raw' caption ({error!r})"
+            ) from None
+        normal = Path(os.path.normpath(relative))
+        if not allow_absolute_paths and (normal.is_absolute() or normal.parts[:1] == ("..",)):
+            raise ValueError(
+                f"{json_path}: image {str(relative)!r} leads out of the image root {root}; "
+                "set data.allow_absolute_paths=true if that is intended"
+            )
+        image_paths.append(root / relative)
+        captions += raw
+        owners += [index] * len(raw)
+    if image_paths and not any(path.is_file() for path in image_paths):
+        raise FileNotFoundError(
+            f"none of the {len(image_paths)} images of {json_path} was found, e.g. "
+            f"{image_paths[0]}; is image_root ({root}) the folder holding the images?"
         )
     return RetrievalSet(image_paths, captions, torch.tensor(owners, dtype=torch.long))
 
@@ -166,7 +184,9 @@ def load_class_folder(root: str | Path, split: str | None = None) -> Classificat
 
 
 class ImageFiles(Dataset):
-    """Evaluation images as (index, transform(image)) for batched embedding."""
+    """Evaluation images as (index, transform(image)) for batched embedding, or
+    (index, Skipped) for an image that cannot be used; batch them with :func:`collate_images`.
+    """
 
     def __init__(self, paths: Sequence[str | Path], transform: Callable) -> None:
         self.paths = [Path(p) for p in paths]
@@ -175,7 +195,21 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
-        with Image.open(self.paths[index]) as image:
-            image.load()
-            return index, self.transform(to_rgb(image))
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | Skipped]:
+        path = self.paths[index]
+        try:
+            image = load_image(path, "image")  # the key names the file
+        except BadSample as bad:
+            return index, bad.skipped(str(path))
+        return index, self.transform(image)
+
+
+def collate_images(
+    items: list[tuple[int, torch.Tensor | Skipped]],
+) -> tuple[torch.Tensor, torch.Tensor | None, list[Skipped]]:
+    """(indices of the usable images, their stacked tensors or None, the skipped ones)."""
+    used = [(index, image) for index, image in items if not isinstance(image, Skipped)]
+    skipped = [image for _, image in items if isinstance(image, Skipped)]
+    indices = torch.tensor([index for index, _ in used], dtype=torch.long)
+    images = torch.stack([image for _, image in used]) if used else None
+    return indices, images, skipped

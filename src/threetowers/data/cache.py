@@ -11,19 +11,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from threetowers.atomic import fsync, publish, remove_temporaries, temporary_path
+from threetowers.data.bad_samples import BadDataError, BadSampleLog
 from threetowers.data.loader import pair_batches
 from threetowers.data.pairs import PairTable, ShardPairs, open_pairs
 from threetowers.data.transforms import eval_transform
 from threetowers.towers.frozen import FrozenBackbone
+
+log = logging.getLogger(__name__)
 
 
 class FeatureCache:
@@ -81,27 +86,37 @@ def feature_cache(
     batch_size: int = 128,
     num_workers: int = 0,
     progress: bool = True,
+    max_bad_fraction: float = 1.0,
 ) -> FeatureCache:
-    """Load the cache of (backbone, source), computing and saving it first if missing."""
+    """Load the cache of (backbone, source), computing and saving it first if missing.
+
+    Bad samples have no row (training skips them too); more than ``max_bad_fraction`` of
+    them stop the computation with :class:`BadDataError`."""
     fingerprint = hashlib.sha256(
         f"{backbone_digest(backbone)}|{dataset_digest(source)}".encode()
     ).hexdigest()
     path = Path(cache_dir).expanduser() / f"{backbone.name}-{fingerprint[:24]}.safetensors"
     if path.exists():
-        with safe_open(str(path), framework="pt") as handle:
-            keys = json.loads(handle.metadata()["keys"])
-            return FeatureCache(keys, handle.get_tensor("features"), fingerprint)
-    keys, features = _compute(backbone, source, batch_size, num_workers, progress)
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                keys = json.loads(handle.metadata()["keys"])
+                return FeatureCache(keys, handle.get_tensor("features"), fingerprint)
+        except (SafetensorError, OSError, KeyError, TypeError, ValueError) as error:
+            log.warning("feature cache %s is unreadable (%s); computing it again", path, error)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    remove_temporaries(path.parent, only_dead_writers=True)  # shared by concurrent runs
+    keys, features = _compute(backbone, source, batch_size, num_workers, progress, max_bad_fraction)
+    tmp = temporary_path(path)
     save_file({"features": features}, str(tmp), metadata={"keys": json.dumps(keys)})
-    os.replace(tmp, path)  # complete or absent, never half-written
+    fsync(tmp)
+    publish(tmp, path)  # complete or absent, never half-written
     return FeatureCache(keys, features, fingerprint)
 
 
 @torch.no_grad()
-def _compute(backbone, source, batch_size, num_workers, progress):
+def _compute(backbone, source, batch_size, num_workers, progress, max_bad_fraction):
     pairs = open_pairs(source)
+    bad_data = BadSampleLog(max_bad_fraction, f"caching {backbone.name} features", len(pairs))
     device = next(backbone.parameters()).device
     keys, chunks = [], []
     batches = pair_batches(
@@ -116,7 +131,13 @@ def _compute(backbone, source, batch_size, num_workers, progress):
     total = len(pairs) if isinstance(pairs, (PairTable, ShardPairs)) else None
     with tqdm(total=total, disable=not progress, desc=f"caching {backbone.name} features") as bar:
         for batch in batches:
-            chunks.append(backbone(batch["third_images"].to(device)).float().cpu())
-            keys.extend(batch["keys"])
-            bar.update(len(batch["keys"]))
+            bad_data.record(len(batch["keys"]), batch["skipped"])
+            bar.update(len(batch["keys"]) + len(batch["skipped"]))
+            if batch["keys"]:
+                chunks.append(backbone(batch["third_images"].to(device)).float().cpu())
+                keys.extend(batch["keys"])
+    if not keys:
+        raise BadDataError(f"{bad_data.summary()}: nothing to cache")
+    if bad_data.total:
+        log.warning(bad_data.summary())
     return keys, torch.cat(chunks)

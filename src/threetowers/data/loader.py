@@ -24,6 +24,11 @@ the same batches, bit for bit):
     * Each visit of a sample draws its caption (when it has several) and the ``example``
       rng from (seed, epoch, key), so augmentation and caption choice do not depend on
       order, rank or worker.
+    * Bad samples (decoding raised :class:`BadSample`) keep their place in the plan: they
+      are dropped from the batch they were planned in, which then holds fewer examples,
+      and listed in its ``"skipped"`` entry. So batches stay the same, bit for bit, on
+      resume, and counts of bad samples travel with the batches (exact with any number of
+      workers). A batch of bad samples only has ``"keys"`` empty and no example fields.
     * Not guaranteed: the same batches after the data changes, or across versions of
       numpy, webdataset or Pillow (permutations, the shuffle buffer and decoders may move).
       Shards must be local files (sample counts come from their tar headers).
@@ -42,9 +47,9 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from threetowers.data.bad_samples import BadSample, Skipped
 from threetowers.data.pairs import (
     BUFFER_STREAM,
-    IMAGE_EXTENSIONS,
     Pair,
     PairSource,
     PairTable,
@@ -53,6 +58,7 @@ from threetowers.data.pairs import (
     decode_sample,
     open_pairs,
     sample_rng,
+    shard_samples,
 )
 
 Example = Callable[[Pair, np.random.Generator], dict[str, torch.Tensor | str]]
@@ -183,8 +189,13 @@ def _make_example(pair: Pair, example: Example, seed: int, epoch: int) -> tuple[
     return pair.key, fields
 
 
-def _collate(items: list[tuple[str, dict]]) -> dict[str, Any]:
-    """Tensors are stacked; strings (e.g. captions to tokenise per batch) become lists."""
+def _collate(items: list[tuple[str, dict] | Skipped]) -> dict[str, Any]:
+    """Tensors are stacked; strings (e.g. captions to tokenise per batch) become lists; bad
+    samples are left out and listed under ``"skipped"``."""
+    skipped = [item for item in items if isinstance(item, Skipped)]
+    items = [item for item in items if not isinstance(item, Skipped)]
+    if not items:
+        return {"keys": [], "skipped": skipped}
     names = list(items[0][1])
     batch: dict[str, Any] = {}
     for name in names:
@@ -199,6 +210,7 @@ def _collate(items: list[tuple[str, dict]]) -> dict[str, Any]:
                 f"fields, as strings or as tensors of one shape ({error})"
             ) from error
     batch["keys"] = [key for key, _ in items]
+    batch["skipped"] = skipped
     return batch
 
 
@@ -213,8 +225,12 @@ class _TableExamples(Dataset):
     def __len__(self) -> int:
         return len(self.table)
 
-    def __getitem__(self, index: int) -> tuple[str, dict]:
-        return _make_example(self.table[index], self.example, self.seed, self.epoch)
+    def __getitem__(self, index: int) -> tuple[str, dict] | Skipped:
+        try:
+            pair = self.table[index]
+        except BadSample as bad:
+            return bad.skipped(self.table.keys[index])
+        return _make_example(pair, self.example, self.seed, self.epoch)
 
 
 class _ShardStream(IterableDataset):
@@ -244,10 +260,9 @@ class _ShardStream(IterableDataset):
         worker = ((info.id if info is not None else 0) + self.first) % len(self.plans)
         plan = self.plans[worker]
         skip = min(self.skipped[worker] * self.batch_size, plan.samples)
+        shards = [self.urls[i] for i in plan.shards]
         stages: list[Any] = [
-            wds.SimpleShardList([self.urls[i] for i in plan.shards]),
-            wds.tarfile_to_samples(),
-            _with_image,
+            lambda: shard_samples(shards),
             _ExpectCount(plan.samples, worker),
         ]
         if self.shuffle_buffer > 1:
@@ -265,13 +280,12 @@ class _ShardStream(IterableDataset):
         for index, batch in enumerate(wds.DataPipeline(*stages), start=self.skipped[worker]):
             yield worker, index, batch
 
-    def _example(self, sample: dict[str, Any]) -> tuple[str, dict]:
-        return _make_example(decode_sample(sample), self.example, self.seed, self.epoch)
-
-
-def _with_image(samples: Iterable[dict]) -> Iterator[dict]:
-    # Keys without an image (stray files) are not samples; count_shard_samples agrees.
-    return (s for s in samples if any(ext in s for ext in IMAGE_EXTENSIONS))
+    def _example(self, sample: dict[str, Any]) -> tuple[str, dict] | Skipped:
+        try:
+            pair = decode_sample(sample)
+        except BadSample as bad:
+            return bad.skipped(sample["__key__"])
+        return _make_example(pair, self.example, self.seed, self.epoch)
 
 
 class _ExpectCount:
@@ -311,7 +325,8 @@ def pair_batches(
     ``example(pair, rng)`` must be picklable (it runs in DataLoader workers) and return a
     dict of equally shaped tensors; ``pair`` carries this visit's caption, ``rng`` is
     seeded by (seed, epoch, key). ``start_batch=k`` yields batches k, k+1, ... of the same
-    epoch. See the module docstring for what is and is not guaranteed.
+    epoch. Bad samples are left out of their batch and listed in its ``"skipped"``. See the
+    module docstring for what is and is not guaranteed.
     """
     # Plan (and fail) here, eagerly, rather than on the first next() of a generator.
     source = open_pairs(source)

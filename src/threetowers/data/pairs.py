@@ -8,20 +8,21 @@ Sources
       img2dataset: ``KEY.jpg|jpeg|png|webp`` and ``KEY.txt``, optionally ``KEY.json``; a
       ``"captions"`` list in the JSON, when present, replaces the ``.txt`` caption.
 
+Samples that cannot be used (see ``data/bad_samples.py``) raise :class:`BadSample` where they
+are decoded; the loader skips and counts them.
+
 The resumable, rank- and worker-split loader over these sources is in ``data/loader.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
-import io
-import itertools
 import json
-import re
-import tarfile
+import os
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -30,17 +31,16 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 from PIL import Image
-from webdataset.tariterators import base_plus_ext
 
-from threetowers.data.transforms import to_rgb
+from threetowers.data.bad_samples import BadSample, Skipped
+from threetowers.data.decode import caption_text, clean_captions, is_utf8, load_image
+from threetowers.data.tar_samples import count_samples, read_samples
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t", ".jsonl": None}
 # Distinct streams for the separate uses of (seed, epoch): the sample order, the shard
 # order, shuffle buffers and per-sample draws must not share random numbers.
 _ORDER, _SHARDS, BUFFER_STREAM, _SAMPLE = 101, 102, 103, 104
-# The same metadata rule as webdataset's tar reader, so header counts match its stream.
-_META = re.compile(r"__[^/]*__($|/)")
 
 
 @dataclass
@@ -55,18 +55,6 @@ class Pair:
     @property
     def caption(self) -> str:
         return self.captions[0]
-
-
-def _load_image(data: str | Path | bytes, where: str) -> Image.Image:
-    try:
-        stream = io.BytesIO(data) if isinstance(data, bytes) else data
-        with Image.open(stream) as image:
-            image.load()
-            return to_rgb(image)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image not found: {data} ({where})") from None
-    except Exception as error:
-        raise ValueError(f"cannot decode image of {where}: {error}") from error
 
 
 def _key_hash(key: str) -> int:
@@ -89,14 +77,26 @@ def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
 
 
 class PairTable:
-    """Map-style pairs from a CSV/TSV/JSONL file; ``table[i]`` decodes image ``i``."""
+    """Map-style pairs from a CSV/TSV/JSONL file; ``table[i]`` decodes image ``i``.
+
+    Rows that cannot be used (malformed, a duplicate key, a path leaving the table's folder)
+    stay in the table as bad rows: ``table[i]`` raises their :class:`BadSample`, so the loader
+    skips and counts them like any other bad sample, and row numbers keep their meaning.
+    """
 
     def __init__(
-        self, images: Sequence[Path], captions: Sequence[list[str]], keys: Sequence[str], name: str
+        self,
+        images: Sequence[Path],
+        captions: Sequence[list[str]],
+        keys: Sequence[str],
+        name: str,
+        bad: dict[int, BadSample] | None = None,
     ) -> None:
         if not len(images) == len(captions) == len(keys):
             raise ValueError("images, captions and keys must have the same length")
-        duplicates = [key for key, n in Counter(keys).items() if n > 1]
+        self.bad = dict(bad or {})
+        good_keys = [key for i, key in enumerate(keys) if i not in self.bad]
+        duplicates = [key for key, n in Counter(good_keys).items() if n > 1]
         if duplicates:
             raise ValueError(f"{name}: duplicate keys, e.g. {duplicates[:3]}")
         self.images = [Path(p) for p in images]
@@ -112,14 +112,16 @@ class PairTable:
         caption_column: str = "caption",
         key_column: str = "key",
         delimiter: str | None = None,
+        allow_absolute_paths: bool = False,
     ) -> PairTable:
         """CSV (or TSV: ``.tsv`` suffix or ``delimiter="\\t"``) with a header row."""
         path = _existing(path)
         delimiter = delimiter or ("\t" if path.suffix.lower() == ".tsv" else ",")
-        images, captions, keys = [], [], []
+        rows = _Rows(path, allow_absolute_paths)
         # TSV dumps of web captions (e.g. CC3M) carry bare quote characters; only CSV quotes.
         quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-        with open(path, newline="", encoding="utf-8-sig") as handle:
+        # Bytes that are not UTF-8 become lone surrogates: only their row is bad, not the file.
+        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
             reader = csv.DictReader(handle, delimiter=delimiter, quoting=quoting)
             columns = reader.fieldnames or []
             for column in (image_column, caption_column):
@@ -128,49 +130,59 @@ class PairTable:
                         f"{path}: no column {column!r}; the header has {columns} (choose "
                         "columns with image_column= / caption_column=)"
                     )
-            for row in reader:
-                line = reader.line_num
-                image, caption = row.get(image_column), row.get(caption_column)
-                if not image:
-                    raise ValueError(f"{path}:{line}: empty {image_column!r} cell")
-                images.append(_resolve(path, image))
-                captions.append([caption or ""])
-                keys.append(row[key_column] if row.get(key_column) else f"{len(keys):09d}")
-        return cls(images, captions, keys, str(path))
+            while True:
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    break
+                except csv.Error as error:  # e.g. a field over the csv module's size limit
+                    rows.reject(reader.line_num, None, f"unreadable row ({error})")
+                    continue
+                line, key = reader.line_num, row.get(key_column) or None
+                if None in row or None in row.values():
+                    rows.reject(line, key, f"not the {len(columns)} fields of the header")
+                elif not row[image_column]:
+                    rows.reject(line, key, f"empty {image_column!r} cell")
+                else:
+                    rows.add(line, row[image_column], [row[caption_column]], key)
+        return rows.table()
 
     @classmethod
-    def from_jsonl(cls, path: str | Path) -> PairTable:
+    def from_jsonl(cls, path: str | Path, allow_absolute_paths: bool = False) -> PairTable:
         """One JSON object per line: ``image`` and ``caption`` or ``captions`` (a list)."""
         path = _existing(path)
-        images, captions, keys = [], [], []
-        with open(path, encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
+        rows = _Rows(path, allow_absolute_paths)
+        with open(path, "rb") as handle:
+            for line_number, raw in enumerate(handle, start=1):
+                line = raw.decode("utf-8", errors="surrogateescape")
                 if not line.strip():
                     continue
-                where = f"{path}:{line_number}"
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as error:
-                    raise ValueError(f"{where}: not valid JSON: {error}") from None
-                if not isinstance(record, dict) or not record.get("image"):
-                    raise ValueError(f"{where}: each line needs an object with an 'image' field")
+                    rows.reject(line_number, None, f"not valid JSON: {error}")
+                    continue
+                if not isinstance(record, dict) or not isinstance(record.get("image"), str):
+                    rows.reject(line_number, None, "not an object with an 'image' string")
+                    continue
+                key = str(record["key"]) if "key" in record else None
                 texts = record.get("captions", record.get("caption"))
                 texts = [texts] if isinstance(texts, str) else texts
-                if not texts or not all(isinstance(t, str) for t in texts):
-                    raise ValueError(
-                        f"{where}: needs 'caption' (a string) or 'captions' (non-empty list)"
-                    )
-                images.append(_resolve(path, record["image"]))
-                captions.append(list(texts))
-                keys.append(str(record["key"]) if "key" in record else f"{len(keys):09d}")
-        return cls(images, captions, keys, str(path))
+                if not isinstance(texts, list):
+                    rows.reject(line_number, key, "needs 'caption' (a string) or 'captions'")
+                    continue
+                rows.add(line_number, record["image"], texts, key)
+        return rows.table()
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def __getitem__(self, index: int) -> Pair:
+        if index in self.bad:
+            raise self.bad[index]
         where = f"{self.name} key {self.keys[index]}"
-        return Pair(self.keys[index], _load_image(self.images[index], where), self.captions[index])
+        captions = clean_captions(self.captions[index], where)
+        return Pair(self.keys[index], load_image(self.images[index], where), captions)
 
     def order(self, seed: int, epoch: int) -> np.ndarray:
         """The epoch's permutation of row indices, a function of (seed, epoch) only."""
@@ -181,6 +193,50 @@ class PairTable:
         return f"PairTable({self.name!r}, {len(self)} pairs)"
 
 
+class _Rows:
+    """A table's rows as they are read: each with a key, good or bad (see PairTable)."""
+
+    def __init__(self, table: Path, allow_absolute_paths: bool) -> None:
+        self.table_path, self.allow_absolute_paths = table, allow_absolute_paths
+        self.images: list[Path] = []
+        self.captions: list[list[str]] = []
+        self.keys: list[str] = []
+        self.bad: dict[int, BadSample] = {}
+        self.first_line: dict[str, int] = {}
+
+    def add(self, line: int, image: str, captions: list, key: str | None) -> None:
+        where = f"{self.table_path}:{line}"
+        if key is not None and key in self.first_line:
+            self.reject(line, key, f"duplicate key {key!r} (first on line {self.first_line[key]})")
+            return
+        try:
+            if key is not None and not is_utf8(key):
+                raise BadSample("malformed_row", f"{where}: key {key!r} is not UTF-8")
+            path = _resolve(self.table_path, image, self.allow_absolute_paths, where)
+        except BadSample as bad:
+            self._append(Path(), [], key, bad)
+            return
+        key = self._append(path, list(captions), key, None)
+        self.first_line[key] = line
+
+    def reject(self, line: int, key: str | None, problem: str) -> None:
+        bad = BadSample("malformed_row", f"{self.table_path}:{line}: {problem}")
+        self._append(Path(), [], key, bad)
+
+    def _append(self, image: Path, captions: list, key: str | None, bad: BadSample | None) -> str:
+        # Rows without a key are named by their position, bad rows included.
+        key = key if key is not None else f"{len(self.keys):09d}"
+        if bad is not None:
+            self.bad[len(self.keys)] = bad
+        self.images.append(image)
+        self.captions.append(captions)
+        self.keys.append(key)
+        return key
+
+    def table(self) -> PairTable:
+        return PairTable(self.images, self.captions, self.keys, str(self.table_path), self.bad)
+
+
 def _existing(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
@@ -188,9 +244,23 @@ def _existing(path: str | Path) -> Path:
     return path
 
 
-def _resolve(table: Path, image: str) -> Path:
-    image_path = Path(image)
-    return image_path if image_path.is_absolute() else table.parent / image_path
+def _resolve(table: Path, image: str, allow_absolute_paths: bool, where: str) -> Path:
+    """An image path of a table, relative to the table's folder.
+
+    Absolute paths and paths that climb out with ``..`` are refused unless allowed, so that a
+    data file cannot make the loader read elsewhere. The check is lexical: symbolic links
+    inside the folder are the folder owner's choice and are followed.
+    """
+    if not is_utf8(image):
+        raise BadSample("malformed_row", f"{where}: image path {image!r} is not UTF-8")
+    path = Path(image)
+    inside = not path.is_absolute() and Path(os.path.normpath(image)).parts[:1] != (os.pardir,)
+    if not (inside or allow_absolute_paths):
+        raise BadSample(
+            "path_outside_root",
+            f"{where}: image path {image!r} leaves the table's folder {table.parent}",
+        )
+    return path if path.is_absolute() else table.parent / path
 
 
 # --------------------------------------------------------------------------- shards
@@ -199,33 +269,15 @@ _COUNT_CACHE: dict[tuple[str, int, int], int] = {}
 
 
 def count_shard_samples(path: str | Path) -> int:
-    """Samples (keys with an image member) in one tar, from its headers alone; cached per
-    (path, size, mtime). Grouping mirrors webdataset's: consecutive members sharing a key."""
+    """Samples in one tar from its headers alone (see ``tar_samples``), cached per
+    (path, size, mtime). Every key is a sample, with or without an image: those without
+    are streamed, then skipped and counted as bad."""
     path = Path(path)
     stat = path.stat()
     cache_key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if cache_key in _COUNT_CACHE:
-        return _COUNT_CACHE[cache_key]
-    count, current, has_image = 0, None, False
-    try:
-        # Uncompressed tars seek past member data, so only the headers are read.
-        with tarfile.open(path, mode="r:*") as archive:
-            for member in archive:
-                name = member.name
-                if not member.isreg() or _META.match(name):
-                    continue
-                prefix, suffix = base_plus_ext(name)
-                if prefix is None:
-                    continue
-                if prefix != current:
-                    count += has_image
-                    current, has_image = prefix, False
-                has_image = has_image or suffix.lower() in IMAGE_EXTENSIONS
-    except tarfile.TarError as error:
-        raise ValueError(f"{path} is not a readable tar shard: {error}") from error
-    count += has_image
-    _COUNT_CACHE[cache_key] = count
-    return count
+    if cache_key not in _COUNT_CACHE:
+        _COUNT_CACHE[cache_key] = count_samples(path)
+    return _COUNT_CACHE[cache_key]
 
 
 class ShardPairs:
@@ -264,48 +316,76 @@ class ShardPairs:
 
 
 def sample_captions(sample: dict[str, Any]) -> list[str]:
-    """The captions of a raw shard sample: the ``.json`` "captions" list, else the ``.txt``."""
+    """The usable captions of a raw shard sample: the ``.json`` "captions" list when it has
+    one, else the ``.txt``; :class:`BadSample` when there is none."""
     where = f"sample {sample['__key__']!r} of {sample.get('__url__', '?')}"
+    if "__bad__" in sample:
+        raise BadSample(*sample["__bad__"])
     if "json" in sample:
         try:
             meta = json.loads(sample["json"])
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{where}: bad .json: {error}") from None
+        except ValueError:  # unreadable metadata: the .txt caption still serves
+            meta = None
         listed = meta.get("captions") if isinstance(meta, dict) else None
         if isinstance(listed, list) and listed:
-            return [str(c) for c in listed]
+            return clean_captions(listed, where)
     if "txt" not in sample:
-        raise ValueError(f"{where}: no caption (.txt, or .json with a 'captions' list)")
-    return [sample["txt"].decode("utf-8").strip()]
+        raise BadSample("no_caption", f"{where}: no .txt, and no .json with a 'captions' list")
+    return clean_captions([caption_text(sample["txt"], where)], where)
 
 
 def decode_sample(sample: dict[str, Any]) -> Pair:
+    """A raw shard sample as a Pair, or :class:`BadSample` saying why it cannot be used."""
     key, url = sample["__key__"], sample.get("__url__", "?")
-    data = next(sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample)
-    return Pair(key, _load_image(data, f"sample {key!r} of {url}"), sample_captions(sample))
+    where = f"sample {key!r} of {url}"
+    if not is_utf8(key):
+        raise BadSample("malformed_row", f"{where}: the key is not UTF-8")
+    captions = sample_captions(sample)  # before the image: far cheaper to check
+    data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+    if data is None:
+        raise BadSample("no_image", f"{where}: no .{'/.'.join(IMAGE_EXTENSIONS)} member")
+    return Pair(key, load_image(data, where), captions)
 
 
-def iter_pairs(source: PairSource) -> Iterator[Pair]:
-    """Every pair of a dataset in file order, decoded, with all its captions."""
+def shard_samples(shards: Iterable[str | Path]) -> Iterator[dict[str, Any]]:
+    """Raw samples of shards, one after the other (see ``tar_samples.read_samples``)."""
+    for shard in shards:
+        yield from read_samples(shard)
+
+
+def iter_pairs(source: PairSource) -> Iterator[Pair | Skipped]:
+    """Every sample of a dataset in file order: a decoded Pair with all its captions, or
+    the Skipped record of a bad one."""
     pairs = open_pairs(source)
     if isinstance(pairs, PairTable):
-        yield from (pairs[i] for i in range(len(pairs)))
+        for index in range(len(pairs)):
+            try:
+                item = pairs[index]
+            except BadSample as bad:
+                item = bad.skipped(pairs.keys[index])
+            yield item
         return
-    stream = wds.WebDataset([str(s) for s in pairs.shards], shardshuffle=False, empty_check=False)
-    for sample in stream:
-        if any(ext in sample for ext in IMAGE_EXTENSIONS):  # as count_shard_samples counts
-            yield decode_sample(sample)
+    for sample in shard_samples(pairs.shards):
+        try:
+            item = decode_sample(sample)
+        except BadSample as bad:
+            item = bad.skipped(sample["__key__"])
+        yield item
 
 
 def iter_captions(source: PairSource) -> Iterator[str]:
-    """Every caption of a dataset, without decoding an image (to train a tokenizer)."""
+    """Every usable caption of a dataset, without decoding an image (to train a tokenizer).
+    Bad samples are passed over silently here: the passes that use them count them."""
     pairs = open_pairs(source)
     if isinstance(pairs, PairTable):
-        yield from itertools.chain.from_iterable(pairs.captions)
+        for index, captions in enumerate(pairs.captions):
+            if index not in pairs.bad:
+                with contextlib.suppress(BadSample):
+                    yield from clean_captions(captions, pairs.name)
         return
-    stream = wds.WebDataset([str(s) for s in pairs.shards], shardshuffle=False, empty_check=False)
-    for sample in stream:
-        yield from sample_captions(sample)
+    for sample in shard_samples(pairs.shards):
+        with contextlib.suppress(BadSample):
+            yield from sample_captions(sample)
 
 
 # --------------------------------------------------------------------------- opening
@@ -320,10 +400,12 @@ def open_pairs(
     image_column: str = "image",
     caption_column: str = "caption",
     key_column: str = "key",
+    allow_absolute_paths: bool = False,
 ) -> PairTable | ShardPairs:
     """Open ``source``: a ``.csv``/``.tsv``/``.jsonl`` table, a directory of ``*.tar``
     shards, a shard path or brace pattern (``train-{000000..000009}.tar``), or a list of
-    shard paths. Already opened sources are returned as they are."""
+    shard paths. Already opened sources are returned as they are. A table's image paths
+    must stay inside its folder unless ``allow_absolute_paths``."""
     if isinstance(source, (PairTable, ShardPairs)):
         return source
     if isinstance(source, (list, tuple)):
@@ -344,9 +426,15 @@ def open_pairs(
     if suffix == ".tar":
         return ShardPairs([path])
     if suffix in (".csv", ".tsv"):
-        return PairTable.from_csv(path, image_column, caption_column, key_column)
+        return PairTable.from_csv(
+            path,
+            image_column,
+            caption_column,
+            key_column,
+            allow_absolute_paths=allow_absolute_paths,
+        )
     if suffix == ".jsonl":
-        return PairTable.from_jsonl(path)
+        return PairTable.from_jsonl(path, allow_absolute_paths=allow_absolute_paths)
     if not path.exists():
         raise FileNotFoundError(f"pairs source not found: {path}")
     raise ValueError(

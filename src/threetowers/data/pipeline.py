@@ -13,7 +13,7 @@ import torch
 from threetowers.config import Config, ConfigError, WorldConfig
 from threetowers.data.cache import FeatureCache, feature_cache
 from threetowers.data.loader import pair_batches
-from threetowers.data.pairs import Pair, iter_captions, open_pairs
+from threetowers.data.pairs import Pair, PairTable, ShardPairs, iter_captions, open_pairs
 from threetowers.data.preload import preload_pairs
 from threetowers.data.tokenizer import CaptionTokenizer
 from threetowers.data.transforms import EvalTransform, TrainTransform
@@ -39,13 +39,32 @@ def training_source(cfg: Config) -> tuple[str | list[str], dict | None]:
     return [str(root / name) for name in manifest["files"]["pairs/train"]], manifest
 
 
+def open_training_pairs(cfg: Config) -> tuple[PairTable | ShardPairs, dict | None]:
+    """The opened training pairs, under the config's path policy, and the world manifest."""
+    source, world = training_source(cfg)
+    try:
+        pairs = open_pairs(source, allow_absolute_paths=cfg.data.allow_absolute_paths)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(
+            f"data.train: {error}; set data.train to a .csv/.tsv/.jsonl file, a directory of "
+            ".tar shards or a shard pattern, or leave it unset for the embedded world"
+        ) from None
+    return pairs, world
+
+
 def load_or_train_tokenizer(cfg: Config, run_dir: Path, source) -> CaptionTokenizer:
     """The configured tokenizer, the run's own (on resume), or a new one trained on the
     training captions; the run directory always keeps a copy."""
     context = cfg.model.text.context_length
     saved = run_dir / "tokenizer.json"
     if cfg.data.tokenizer is not None:
-        tokenizer = CaptionTokenizer.load(cfg.data.tokenizer, context)
+        try:
+            tokenizer = CaptionTokenizer.load(cfg.data.tokenizer, context)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(
+                f"data.tokenizer: {error}; give a tokenizer.json (e.g. one a run wrote), or "
+                "leave data.tokenizer unset to train one on the training captions"
+            ) from None
     elif saved.exists():
         tokenizer = CaptionTokenizer.load(saved, context)
     else:
@@ -58,7 +77,7 @@ def load_or_train_tokenizer(cfg: Config, run_dir: Path, source) -> CaptionTokeni
             f"{cfg.model.text.vocab_size}; raise model.text.vocab_size"
         )
     if not saved.exists():
-        tokenizer.save(saved)
+        tokenizer.save(saved)  # atomic: a resume must never read half a tokenizer
     return tokenizer
 
 
@@ -126,8 +145,8 @@ def _already_decoded(pixels: torch.Tensor) -> torch.Tensor:
 class TrainingData:
     def __init__(self, cfg: Config, run_dir: Path) -> None:
         self.cfg = cfg
-        self.source, self.world = training_source(cfg)
-        self.pairs = open_pairs(self.source)
+        self.pairs, self.world = open_training_pairs(cfg)
+        self.source = self.pairs  # as opened (``pairs`` becomes the preloaded table)
         self.tokenizer = load_or_train_tokenizer(cfg, run_dir, self.pairs)
         self.cache: FeatureCache | None = None
         self.example: TrainingExample | None = None
@@ -139,7 +158,13 @@ class TrainingData:
         h = model.third_tower
         if h is not None and data.cache:
             self.cache = feature_cache(
-                h, self.pairs, data.cache_dir, data.batch_size, data.num_workers, progress
+                h,
+                self.pairs,
+                data.cache_dir,
+                data.batch_size,
+                data.num_workers,
+                progress,
+                data.max_bad_fraction,
             )
         needs_images = model.mode != "lit" or self.cache is None
         pre = model.image_preprocessing
@@ -176,6 +201,9 @@ class TrainingData:
             num_workers=0 if data.preload else data.num_workers,
             shuffle_buffer=data.shuffle_buffer,
         ):
+            if not batch["keys"]:  # only bad samples: nothing to prepare
+                yield batch
+                continue
             batch["tokens"] = self.tokenizer.encode(batch.pop("captions"))
             for key, normalise in self.normalise.items():
                 batch[key] = normalise(batch[key])

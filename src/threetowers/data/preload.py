@@ -6,20 +6,22 @@ and crop it again every epoch. On a two-core CPU that costs ~40% of a small mode
 :func:`preload_pairs` decodes each image once into a uint8 array, memory-mapped from an
 ``.npy`` file named, like the feature cache, by the dataset's files and the view, and keeps
 every caption. The result is a map-style :class:`PairTable`, so batches come from a seeded
-permutation and resuming needs no I/O.
+permutation and resuming needs no I/O. Bad samples keep their rows, marked bad with their
+reason, so that training skips and counts them as it would from the files.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from threetowers.atomic import fsync, publish, remove_temporaries, temporary_path, write_atomic
+from threetowers.data.bad_samples import BadDataError, BadSample, Skipped
 from threetowers.data.cache import dataset_digest
 from threetowers.data.pairs import Pair, PairSource, PairTable, epoch_size, iter_pairs
 
@@ -32,13 +34,20 @@ class PreloadedPairs(PairTable):
     """
 
     def __init__(
-        self, pixels: np.ndarray | None, captions: list[list[str]], keys: list[str], name: str
+        self,
+        pixels: np.ndarray | None,
+        captions: list[list[str]],
+        keys: list[str],
+        name: str,
+        bad: dict[int, BadSample],
     ) -> None:
         # No super().__init__: there are no image paths, and the source was checked already.
         self.pixels, self.captions, self.keys, self.name = pixels, captions, keys, name
-        self.images = []
+        self.images, self.bad = [], bad
 
     def __getitem__(self, index: int) -> Pair:
+        if index in self.bad:
+            raise self.bad[index]
         if self.pixels is None:
             image = torch.empty(0, dtype=torch.uint8)
         else:
@@ -62,18 +71,24 @@ def preload_pairs(
         _build(source, view, array, index, progress)
     meta = json.loads(index.read_text())
     pixels = np.load(array, mmap_mode="r") if view is not None else None
-    return PreloadedPairs(pixels, meta["captions"], meta["keys"], str(base))
+    bad = {int(row): BadSample(*why) for row, why in meta.get("bad", {}).items()}
+    return PreloadedPairs(pixels, meta["captions"], meta["keys"], str(base), bad)
 
 
 def _build(source: PairSource, view, array: Path, index: Path, progress: bool) -> None:
     array.parent.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(array.parent, only_dead_writers=True)  # shared by concurrent runs
     total = epoch_size(source)
-    keys, captions, pixels = [], [], None
-    tmp_array = array.with_name(f"{array.stem}.tmp-{os.getpid()}.npy")
+    keys, captions, bad, pixels = [], [], {}, None
+    tmp_array = temporary_path(array)
     for row, pair in enumerate(
         tqdm(iter_pairs(source), total=total, disable=not progress, desc="preloading pairs")
     ):
         keys.append(pair.key)
+        if isinstance(pair, Skipped):  # its pixel row stays zero, never read
+            captions.append([])
+            bad[row] = (pair.reason, pair.detail)
+            continue
         captions.append(pair.captions)
         if view is None:
             continue
@@ -85,10 +100,12 @@ def _build(source: PairSource, view, array: Path, index: Path, progress: bool) -
         pixels[row] = image
     if len(keys) != total:
         raise RuntimeError(f"read {len(keys)} pairs where the files hold {total}")
+    if view is not None and pixels is None:
+        raise BadDataError(f"none of the {total} samples of {source} has a usable image")
     if pixels is not None:
         pixels.flush()
         del pixels
-        os.replace(tmp_array, array)
-    tmp_index = index.with_name(f"{index.stem}.tmp-{os.getpid()}.json")
-    tmp_index.write_text(json.dumps({"keys": keys, "captions": captions}))
-    os.replace(tmp_index, index)  # written last: its presence means the pair is complete
+        fsync(tmp_array)
+        publish(tmp_array, array)
+    # written last: its presence means the pair is complete
+    write_atomic(index, json.dumps({"keys": keys, "captions": captions, "bad": bad}))

@@ -21,6 +21,8 @@ from tokenizers import (
     trainers,
 )
 
+from threetowers.atomic import write_atomic
+
 PAD, BOS, EOS, UNK = "[PAD]", "[BOS]", "[EOS]", "[UNK]"
 WORD_END = "</w>"  # marks a word's last piece, so decoding restores the spaces
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)  # their ids are their positions: 0, 1, 2, 3
@@ -142,10 +144,11 @@ class CaptionTokenizer:
         return cls(tokenizer, context_length)
 
     def save(self, path: str | Path) -> Path:
-        """Write ``tokenizer.json`` (``path`` may be a directory or a ``.json`` file)."""
+        """Write ``tokenizer.json`` (``path`` may be a directory or a ``.json`` file), whole
+        or not at all."""
         file = _json_path(path)
         file.parent.mkdir(parents=True, exist_ok=True)
-        self._tokenizer.save(str(file))
+        write_atomic(file, self._tokenizer.to_str(pretty=True))
         return file
 
     def to_json(self) -> str:

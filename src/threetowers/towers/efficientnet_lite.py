@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from threetowers.safe_load import load_tensors
 from threetowers.towers.frozen import FrozenBackbone, Preprocessing
 
 # [-1, 1]: the stem BatchNorm's running statistics match stem-conv outputs on photos best
@@ -205,7 +206,7 @@ def efficientnet_lite0_imagenet(weights_path: str | None = None) -> EfficientNet
     """EfficientNet-Lite0 with ImageNet-1k weights (packaged ones by default), in eval mode."""
     path = weights_path if weights_path is not None else _packaged_weights_path()
     try:
-        sd = torch.load(path, weights_only=True, map_location="cpu")
+        sd = load_tensors(path)
     except FileNotFoundError as err:
         raise FileNotFoundError(
             f"EfficientNet-Lite0 weights not found at {path!r}; pass the path of the lukemelas-"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from threetowers.safe_load import refusal
 from threetowers.towers.frozen import IMAGENET_MEAN, IMAGENET_STD, FrozenBackbone, Preprocessing
 
 POOL_MODES = ("auto", "cls", "pooler", "mean")
@@ -174,8 +176,15 @@ def load_hf_backbone(path: str | os.PathLike, pool: str = "auto") -> FrozenBackb
     transformers.logging.set_verbosity_error()
     try:
         model, info = loader.from_pretrained(
-            directory, local_files_only=True, output_loading_info=True, **kwargs
+            directory,
+            local_files_only=True,
+            output_loading_info=True,
+            weights_only=True,  # transformers' default: said here because it must stay so
+            trust_remote_code=False,
+            **kwargs,
         )
+    except pickle.UnpicklingError as err:
+        raise refusal(directory, err) from None
     except (OSError, ValueError) as err:
         raise ValueError(f"could not load the Hugging Face model in {directory}: {err}") from err
     finally:

@@ -1,0 +1,75 @@
+"""Files that are complete or absent: written beside their target, fsynced, renamed over it.
+
+A ``kill -9`` at any moment leaves the old file or the new one, never a mix: a run that
+resumes must not read half a config, tokenizer or checkpoint. What a killed writer leaves
+behind is a hidden temporary named after its process (``.NAME.tmp-PID``), which the next
+run removes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+TMP_MARK = ".tmp-"
+
+
+def temporary_path(path: str | Path) -> Path:
+    """Where ``path`` is written before it is renamed into place (same folder, same disk)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> None:
+    path = Path(path)
+    tmp = temporary_path(path)
+    with open(tmp, "wb") as handle:
+        handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    publish(tmp, path)
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Rename a finished temporary (file or directory, already fsynced) into place, durably."""
+    os.replace(tmp, path)
+    fsync(path.parent)  # the rename itself survives a power cut only once its folder is synced
+
+
+def fsync(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_temporaries(directory: str | Path, only_dead_writers: bool = False) -> None:
+    """Delete the temporaries that killed writers left in ``directory``.
+
+    A run directory has one writer, so everything there is stale when a run starts. Shared
+    folders (the feature cache) may hold the temporaries of a live process writing beside
+    us: ``only_dead_writers`` keeps those whose process still runs.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    for tmp in directory.glob(f".*{TMP_MARK}*"):
+        pid = tmp.name.rpartition(TMP_MARK)[2]
+        if only_dead_writers and pid.isdigit() and _running(int(pid)):
+            continue
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True

@@ -129,3 +129,14 @@ def test_quick_reproduce_runs_every_setting_and_writes_the_report(tmp_path, caps
     assert main(argv) == 0
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == stamps
     assert json.loads((out / "results.json").read_text())["runs"] == runs
+
+    # classifiers pretrained differently are new files; exactly the runs that read them redo
+    argv[argv.index("reproduce.quick_pretrain_steps=2")] = "reproduce.quick_pretrain_steps=3"
+    assert main(argv) == 0
+    redone = {
+        path.relative_to(out / "runs").parts[0]
+        for path in out.glob("runs/*/checkpoints/*/model.safetensors")
+        if stamps.get(path) != path.stat().st_mtime_ns
+    }
+    assert redone == {f"{s}-{m}-seed0" for s in ("matched", "mismatched") for m in ("lit", "3t")}
+    assert len(list((out / "classifiers").glob("*.safetensors"))) == 4

@@ -19,7 +19,9 @@ the figures.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +29,14 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from threetowers.atomic import write_atomic
 from threetowers.build import build_model
-from threetowers.config import Config
+from threetowers.config import Config, PretrainConfig, ReproduceConfig
 from threetowers.data.pipeline import TrainingData, ensure_world
+from threetowers.data.world import VERSION as WORLD_VERSION
 from threetowers.jobs import Job, run_jobs
 from threetowers.pretrain import pretrain
 from threetowers.reproduce_report import HEADLINE, run_record, write_report
+from threetowers.run_dir import same_config
 from threetowers.train import evaluated_step, train
 
 # setting -> the world's labelled set its classifier is pretrained on (None: bundled ImageNet)
@@ -82,28 +85,34 @@ def quick(cfg: Config) -> Config:
     )
 
 
-def classifier_path(out: Path, setting: str) -> Path:
-    return out / "classifiers" / f"{PRETRAINING_SETS[setting]}.safetensors"
+def classifier_inputs(cfg: Config, world_set: str) -> dict:
+    """What a classifier depends on: its pretraining settings, the seed and the world,
+    including the world's content version (not where the classifier is written)."""
+    settings = cfg.pretrain.model_dump(mode="json", exclude={"out"}) | {"world_set": world_set}
+    return settings | {
+        "seed": cfg.train.seed,
+        "world": cfg.data.world.model_dump(mode="json") | {"version": WORLD_VERSION},
+    }
+
+
+def classifier_path(cfg: Config, out: Path, setting: str) -> Path:
+    """Named after a hash of the classifier's inputs, so that the runs reading it (whose
+    configs hold the path) no longer match once those inputs change."""
+    world_set = PRETRAINING_SETS[setting]
+    inputs = json.dumps(classifier_inputs(cfg, world_set), sort_keys=True).encode()
+    digest = hashlib.sha256(inputs).hexdigest()[:12]
+    return out / "classifiers" / f"{world_set}-{digest}.safetensors"
 
 
 def classifier(cfg: Config, world_set: str, path: Path) -> dict:
-    """Pretrain the classifier on ``world_set`` to ``path`` unless the one there was made
-    with the same pretraining config; returns its report."""
-    settings = cfg.pretrain.model_copy(update={"world_set": world_set, "out": str(path)})
-    # what the classifier depends on (not where it is written), so a copied one is reused
-    wanted = settings.model_dump(mode="json", exclude={"out"}) | {
-        "seed": cfg.train.seed,
-        "world": cfg.data.world.model_dump(mode="json"),
-    }
+    """Pretrain the classifier on ``world_set`` to ``path`` unless it is there (its name
+    says what it was made from); returns its report."""
     report_path = path.with_suffix(".json")
     if path.exists() and report_path.exists():
-        report = json.loads(report_path.read_text())
-        if report.get("pretrain") == wanted:
-            return report
+        return json.loads(report_path.read_text())
+    settings = cfg.pretrain.model_copy(update={"world_set": world_set, "out": str(path)})
     pretrain(cfg.model_copy(update={"pretrain": settings}), progress=False)
-    report = json.loads(report_path.read_text()) | {"pretrain": wanted}
-    write_atomic(report_path, json.dumps(report, indent=1))
-    return report
+    return json.loads(report_path.read_text())
 
 
 def prepare_data(configs: list[Config], tokenizer_out: Path | None = None) -> None:
@@ -119,8 +128,13 @@ def prepare_data(configs: list[Config], tokenizer_out: Path | None = None) -> No
 
 
 def train_run(cfg: Config) -> None:
-    """Train and evaluate one run, unless it is finished (a partial one resumes)."""
-    if evaluated_step(Path(cfg.train.run_dir)) != cfg.train.steps:
+    """Train and evaluate one run, unless it is finished (a partial one resumes). A run made
+    with another config (other settings, or a retrained classifier) is stale: it is removed
+    and trained again, as the command owns ``OUT/runs``."""
+    run_dir = Path(cfg.train.run_dir)
+    if (run_dir / "config.yaml").exists() and not same_config(cfg, run_dir):
+        shutil.rmtree(run_dir)
+    if evaluated_step(run_dir) != cfg.train.steps:
         train(cfg, progress=False)
 
 
@@ -128,7 +142,7 @@ def run_config(cfg: Config, spec: RunSpec, out: Path) -> Config:
     """``cfg`` for one run: its mode, third tower, seed and run directory."""
     model = cfg.model.model_copy(update={"mode": spec.method})
     if PRETRAINING_SETS.get(spec.setting) is not None:  # a classifier pretrained here
-        path = classifier_path(out, spec.setting).resolve()
+        path = classifier_path(cfg, out, spec.setting).resolve()
         third = model.third.model_copy(update={"backbone": "checkpoint", "path": str(path)})
         model = model.model_copy(update={"third": third})
     elif spec.setting == "imagenet":
@@ -136,7 +150,16 @@ def run_config(cfg: Config, spec: RunSpec, out: Path) -> Config:
         model = model.model_copy(update={"third": third})
     run_dir = out / "runs" / spec.name
     train_cfg = cfg.train.model_copy(update={"seed": spec.seed, "run_dir": str(run_dir)})
-    return cfg.model_copy(update={"model": model, "train": train_cfg})
+    # The pretrain and reproduce sections do not change a run (its classifier's path does):
+    # left at their defaults, so that more seeds or another classifier redo only what they must.
+    return cfg.model_copy(
+        update={
+            "model": model,
+            "train": train_cfg,
+            "pretrain": PretrainConfig(),
+            "reproduce": ReproduceConfig(),
+        }
+    )
 
 
 def jobs(cfg: Config, out: Path) -> list[Job]:
@@ -155,7 +178,7 @@ def jobs(cfg: Config, out: Path) -> list[Job]:
     for setting in settings:
         after: tuple[str, ...] = ("data:none",)
         if PRETRAINING_SETS[setting] is not None:
-            path = classifier_path(out, setting)
+            path = classifier_path(cfg, out, setting)
             out_jobs.append(
                 Job(f"classifier:{setting}", classifier, (cfg, PRETRAINING_SETS[setting], path))
             )

@@ -30,16 +30,24 @@ def prepare_run_dir(cfg: Config, run_dir: str | Path | None) -> Path:
     run_dir = Path(run_dir if run_dir is not None else cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_temporaries(run_dir)  # one run per directory: whatever a killed run left is stale
-    resolved = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
     config_file = run_dir / "config.yaml"
-    if config_file.exists() and config_file.read_text() != resolved:
+    if config_file.exists() and not same_config(cfg, run_dir):
         raise ConfigError(
             f"{run_dir} holds a run with a different config ({config_file}); resuming it with "
             "this one would mix two runs. Use a new run directory, or the same config to resume."
         )
-    write_atomic(config_file, resolved)
+    write_atomic(config_file, _resolved(cfg))
     write_atomic(run_dir / "environment.json", json.dumps(environment(), indent=1))
     return run_dir
+
+
+def _resolved(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def same_config(cfg: Config, run_dir: Path) -> bool:
+    """Whether the run in ``run_dir`` was made with ``cfg`` (its config.yaml, resolved)."""
+    return (run_dir / "config.yaml").read_text() == _resolved(cfg)
 
 
 def environment() -> dict:

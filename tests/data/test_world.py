@@ -88,7 +88,8 @@ def test_render_is_deterministic_and_seeded():
         assert _png(image) == _png(again) and meta == meta_again
         other, other_meta = render(WorldSpec(seed=1), split, 7)
         assert not np.array_equal(_pixels(image), _pixels(other))
-        assert other_meta["captions"] != meta["captions"]
+        if meta["captions"]:  # the labelled scenes hold landmarks, no objects to caption
+            assert other_meta["captions"] != meta["captions"]
     # Different splits and indices are different streams.
     base = _pixels(render(TINY, "train", 0)[0])
     assert not np.array_equal(base, _pixels(render(TINY, "val", 0)[0]))
@@ -116,7 +117,22 @@ def test_metadata_and_labels():
         _, meta = render(TINY, "zeroshot_places_test", index)
         assert meta["place"] == PLACES[meta["label"]] == PLACES[index % len(PLACES)]
         _, meta = render(TINY, "pretrain_scenes_train", index)
-        assert meta["scene"] == SCENES[meta["label"]] == SCENES[index % len(SCENES)]
+        # the scene's place in any variant: only the landmark tells the label
+        assert meta["label"] == index % len(SCENES) and meta["objects"] == []
+        assert SCENES.index(meta["scene"]) // 3 == meta["label"] // 3
+
+
+def test_landmarks_tell_the_scenes_of_a_place_apart_and_are_never_objects():
+    assert not set(wr.LANDMARKS) & set(OBJECT_CLASSES)
+    landmarks = [wr.landmark_of(scene) for scene in range(len(SCENES))]
+    for place in range(len(PLACES)):
+        assert len(set(landmarks[3 * place : 3 * place + 3])) == 3
+    assert sorted(landmarks) == sorted(list(wr.LANDMARKS) * 3)
+    # the landmark is drawn: two labels of one place differ where the background is the same
+    image = wr.compose(np.random.default_rng(0), random.Random(0), 64, 0, [])
+    obj = {"class": wr.landmark_of(0), "colour": "red", "size": "large", "position": "centre"}
+    drawn = wr.compose(np.random.default_rng(0), random.Random(0), 64, 0, [obj])
+    assert (_pixels(drawn) != _pixels(image)).any(axis=-1).sum() > 100
 
 
 def test_captions_name_classes_and_cover_what_labels_ignore():

@@ -3,8 +3,13 @@
 It exists so that CLIP, LiT and Three Towers can be trained and compared on two CPU cores with
 the paper's structure intact: captions describe more than any class label does (colour, size,
 position, count, place), an object-labelled pretraining set plays ImageNet/JFT (its labels
-match the zero-shot object classes) and a scene-labelled set plays Places365 (fine labels, rich
-but mismatched: they carry no object class). Every sample is a pure function of
+match the zero-shot object classes) and a scene-labelled set plays Places365: fine labels, rich
+but mismatched. In that set a scene shows its place in any of the place's variants, plus one or
+two *landmarks* (shapes that are never objects), and only its landmark tells it from the other
+scenes of its place, as what a room contains tells a Places365 class. Its classifier must learn
+shape features without ever seeing an object class; when scene labels could be read off the
+palette (version 2) its features held no shape at all and 3T fell to CLIP's level or below.
+Every sample is a pure function of
 ``(seed, split, index)``, so generation is order-independent and parallel.
 
 ``write_world(out_dir, spec)`` writes webdataset shards of pairs, a Karpathy-format retrieval
@@ -37,6 +42,7 @@ from threetowers.data.world_render import (
     VARIANTS,
     captions,
     compose,
+    landmark_of,
     sample_objects,
 )
 
@@ -56,7 +62,7 @@ __all__ = [
 ]
 
 # Bump whenever rendering or captions change, so an old world on disk is never reused.
-VERSION = 2
+VERSION = 3
 
 OBJECT_TEMPLATES = [
     "a photo of a {}.",
@@ -79,7 +85,8 @@ PLACE_TEMPLATES = [
 
 # split name -> (stream id, content). The id seeds the split's random stream, so no two
 # splits share an image. Contents: "pairs" = 1-3 random objects on a random scene; "object" =
-# one object of class index % 12; "place" = place index % 9; "scene" = scene index % 27.
+# one object of class index % 12; "place" = place index % 9; "scene" = scene index % 27, shown
+# by its landmarks on its place (no objects, so no captions).
 SPLITS = {
     "train": (0, "pairs"),
     "val": (1, "pairs"),
@@ -136,29 +143,32 @@ def render(spec: WorldSpec, split: str, index: int) -> tuple[Image.Image, dict]:
     split_id, kind = SPLITS[split]
     rng = np.random.default_rng([spec.seed, split_id, index])
     py = random.Random(int(rng.integers(1 << 62)))  # Python's RNG: fast for scalar choices
-    label = None
+    label, landmarks = None, []
     if kind == "object":  # one object of a fixed class, random everything else
         label = index % len(OBJECT_CLASSES)
         scene = py.randrange(len(SCENES))
         objects = sample_objects(py, 1, OBJECT_CLASSES[label])
+    elif kind == "scene":  # the scene's landmarks tell it apart, not its place's variant
+        label = index % len(SCENES)
+        scene = label // VARIANTS * VARIANTS + py.randrange(VARIANTS)
+        landmarks = sample_objects(py, py.choice((1, 2)), landmark_of(label))
+        landmarks = [thing | {"class": landmark_of(label)} for thing in landmarks]  # all alike
+        objects = []
     else:
         if kind == "place":
             label = index % len(PLACES)
             scene = label * VARIANTS + py.randrange(VARIANTS)
-        elif kind == "scene":
-            label = index % len(SCENES)
-            scene = label
         else:
             scene = py.randrange(len(SCENES))
         objects = sample_objects(py, py.choice((1, 1, 2, 2, 3)))
-    image = compose(rng, py, spec.image_size, scene, objects)
+    image = compose(rng, py, spec.image_size, scene, objects + landmarks)
     meta = {
         "place": PLACES[scene // VARIANTS],
         "scene": SCENES[scene],
         "objects": objects,
         "count": len(objects),
     }
-    meta["captions"] = captions(meta, py, spec.captions_per_image)
+    meta["captions"] = captions(meta, py, spec.captions_per_image) if objects else []
     if label is not None:
         meta["label"] = label
     return image, meta

@@ -1,9 +1,10 @@
 """Drawing and captioning for the embedded image-caption world (see ``world.py``).
 
 An image is a procedural background *scene* (a coarse place in one of three variants) with one
-to three coloured objects on a 3x3 grid. Backgrounds are muted and textured, objects are flat
-and saturated, so every object colour stays distinguishable from every background. Everything
-is vectorised numpy or PIL drawing, so one core renders thousands of 64x64 images a second.
+to three coloured objects on a 3x3 grid (in the labelled scene set, landmarks instead).
+Backgrounds are muted and textured, objects are flat and saturated, so every object colour
+stays distinguishable from every background. Everything is vectorised numpy or PIL drawing, so
+one core renders thousands of 64x64 images a second.
 """
 
 from __future__ import annotations
@@ -293,6 +294,38 @@ _SHAPES = {
         ]
     ),  # fmt: skip
 }
+
+
+def _regular(n: int, start: float = -math.pi / 2) -> np.ndarray:
+    a = start + np.arange(n) * 2 * math.pi / n
+    return np.stack([np.cos(a), np.sin(a)], 1)
+
+
+# Landmarks: shapes that are never objects, so no caption and no zero-shot prompt names them.
+# A scene of the labelled scene set is told apart from the other scenes of its place by its
+# landmark (``landmark_of``), as a Places365 class is told apart by what it contains; a
+# classifier of those labels must learn generic shape features, not the object classes.
+LANDMARKS = {
+    "pentagon": _normalised(_regular(5)),
+    "hexagon": _normalised(_regular(6, 0.0)),
+    "ell": _normalised([(-1, -1), (-0.4, -1), (-0.4, 0.4), (1, 0.4), (1, 1), (-1, 1)]),
+    "tee": _normalised(
+        [(-1, -1), (1, -1), (1, -0.4), (0.3, -0.4), (0.3, 1), (-0.3, 1), (-0.3, -0.4), (-1, -0.4)]
+    ),
+    "chevron": _normalised([(-1, -1), (0, -0.2), (1, -1), (1, -0.3), (0, 0.6), (-1, -0.3)]),
+    "trapezoid": _normalised([(-0.45, -0.7), (0.45, -0.7), (1, 0.7), (-1, 0.7)]),
+    "semicircle": _normalised(_circle_points(24, 1.0, (0, 0), math.pi, 2 * math.pi)),
+    "hourglass": _normalised([(-1, -1), (1, -1), (0.15, 0), (1, 1), (-1, 1), (-0.15, 0)]),
+    "parallelogram": _normalised([(-0.4, -0.6), (1, -0.6), (0.4, 0.6), (-1, 0.6)]),
+}
+_SHAPES |= LANDMARKS
+
+
+def landmark_of(scene: int) -> str:
+    """The landmark of a scene: the three scenes of a place get three different ones, and
+    every landmark serves three places."""
+    place, variant = divmod(scene, VARIANTS)
+    return list(LANDMARKS)[(variant * 3 + place) % len(LANDMARKS)]
 
 
 def sample_objects(py: random.Random, count: int, cls: str | None = None) -> list[dict]:

@@ -69,21 +69,22 @@ def _synchronise(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def step_seconds(model, batch: dict, device: torch.device, repeats: int, warmup: int = 2) -> float:
-    """Median wall time of a full optimiser step after ``warmup`` steps."""
-    optimizer, schedule = make_optimizer(model, 1e-4, 0.1, 1, 1000)
-    times = []
-    for i in range(warmup + repeats):
-        _synchronise(device)
+class _Stepper:
+    """One variant's model, batch and optimiser, stepped one timed step at a time."""
+
+    def __init__(self, model, batch: dict, device: torch.device) -> None:
+        self.model, self.batch, self.device = model, batch, device
+        self.optimizer, self.schedule = make_optimizer(model, 1e-4, 0.1, 1, 1000)
+
+    def timed_step(self) -> float:
+        _synchronise(self.device)
         start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        _forward_backward(model, batch)
-        optimizer.step()
-        schedule.step()
-        _synchronise(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        self.optimizer.zero_grad(set_to_none=True)
+        _forward_backward(self.model, self.batch)
+        self.optimizer.step()
+        self.schedule.step()
+        _synchronise(self.device)
+        return time.perf_counter() - start
 
 
 def step_flops(model, batch: dict) -> int:
@@ -95,14 +96,26 @@ def step_flops(model, batch: dict) -> int:
     return counter.get_total_flops()
 
 
-def measure(cfg: Config, device: torch.device, repeats: int) -> dict:
-    """Per variant: seconds per step, pairs/s and FLOPs per step; and the ratios to clip."""
-    out: dict = {}
+def measure(cfg: Config, device: torch.device, repeats: int, warmup: int = 2) -> dict:
+    """Per variant: seconds per step, pairs/s and FLOPs per step; and the ratios to clip.
+
+    The variants take turns step by step, so drift in the machine's speed (and the first
+    variant's cold caches) fall on every variant alike instead of on whichever runs first.
+    """
+    steppers = {}
     for variant in VARIANTS:
         torch.manual_seed(0)
-        model, batch = _model_and_batch(cfg, variant, device)
-        seconds = step_seconds(model, batch, device, repeats)
-        flops = step_flops(model, batch)
+        steppers[variant] = _Stepper(*_model_and_batch(cfg, variant, device), device)
+    times: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+    for round_ in range(warmup + repeats):
+        for variant, stepper in steppers.items():
+            seconds = stepper.timed_step()
+            if round_ >= warmup:
+                times[variant].append(seconds)
+    out: dict = {}
+    for variant, stepper in steppers.items():
+        seconds = statistics.median(times[variant])
+        flops = step_flops(stepper.model, stepper.batch)
         out[variant] = {
             "step_seconds": seconds,
             "pairs_per_s": cfg.data.batch_size / seconds,

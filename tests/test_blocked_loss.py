@@ -10,13 +10,8 @@ import torch.nn.functional as F
 
 import threetowers as tt
 from tests.conftest import tiny_batch, tiny_model
-from threetowers.losses import (
-    ThreeTowersLoss,
-    blocked_sigmoid_term,
-    blocked_softmax_term,
-    sigmoid_term,
-    softmax_term,
-)
+from threetowers.blocked_losses import blocked_sigmoid_term, blocked_softmax_term
+from threetowers.losses import ThreeTowersLoss, sigmoid_term, softmax_term
 
 # (batch, block): one block larger than the batch, ragged last blocks, exact multiples.
 SIZES = [(1, 3), (7, 3), (7, 256), (64, 16), (64, 64), (100, 16), (100, 256)]

@@ -57,7 +57,7 @@ class TextTowerConfig(Section):
     causal: bool = False
     pool: Literal["eot", "first", "mean"] = "mean"
     pad_id: int = Field(0, ge=0)
-    length_buckets: int = Field(4, ge=1)  # CPU only: run batches in length buckets (1: off)
+    length_buckets: int = Field(8, ge=1)  # CPU only: run batches in length buckets (1: off)
 
     @model_validator(mode="after")
     def _consistent(self) -> TextTowerConfig:

@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 
-from threetowers.data.tokenizer import CaptionTokenizer
+from threetowers.data.tokenizer import CaptionTokenizer, MemoisedEncoder
 
 CAPTIONS = [
     "a red cube to the left of a blue sphere.",
@@ -111,3 +111,14 @@ def test_errors(tmp_path):
         CaptionTokenizer.train(CAPTIONS, vocab_size=300, context_length=1)
     with pytest.raises(ValueError, match="no captions"):
         CaptionTokenizer.train(["", " "], vocab_size=300, context_length=8)
+
+
+def test_memoised_encoder_gives_the_tokenizers_ids(tokenizer):
+    # Batches repeat captions within and across calls, in new orders; ids must not change.
+    memo = MemoisedEncoder(tokenizer)
+    batches = [CAPTIONS[:7], CAPTIONS[3:][::-1], ["an unseen caption", *CAPTIONS[:2]], []]
+    for batch in batches:
+        got = memo(batch)
+        assert got.dtype == torch.long
+        assert torch.equal(got, tokenizer.encode(batch))
+    assert len(memo.rows) == len(set(CAPTIONS)) + 1  # each distinct caption tokenised once

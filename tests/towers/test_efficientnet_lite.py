@@ -3,6 +3,8 @@ evidence for its input normalisation (stem BatchNorm statistics)."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from PIL import Image
 
 from threetowers.towers.efficientnet_lite import (
     PREPROCESSING,
+    ConvBN,
     EfficientNetLite0,
     convert_lukemelas_state_dict,
     efficientnet_lite0_backbone,
@@ -164,3 +167,28 @@ def test_backbone_is_frozen_and_matches_forward_features(
     with torch.no_grad():
         expected = model.forward_features(images)
     torch.testing.assert_close(features, expected)
+
+
+def test_folding_batchnorm_keeps_the_function(model: EfficientNetLite0, photos) -> None:
+    # In float64 the folded convs must reproduce conv -> BatchNorm to rounding, at every
+    # stride and padding (the photos go through every block), and leave no BatchNorm behind.
+    reference = copy.deepcopy(model).double()
+    folded = copy.deepcopy(model).double().fold_batchnorm_()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    images = PREPROCESSING.normalize(photos[:2]).double()
+    with torch.no_grad():
+        torch.testing.assert_close(folded(images), reference(images), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kernel_size, stride", [(3, 1), (5, 1), (3, 2), (5, 2)])
+def test_conv_bn_pads_as_tensorflow_same(kernel_size, stride) -> None:
+    # Stride-1 layers pad inside the conv; the result must be the explicit "SAME" padding's.
+    torch.manual_seed(0)
+    layer = ConvBN(4, 4, kernel_size, stride=stride, groups=4, activation=False).double().eval()
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    padded = same_pad(x, kernel_size, stride)
+    expected = layer.bn(
+        torch.nn.functional.conv2d(padded, layer.conv.weight, stride=stride, groups=4)
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-12)

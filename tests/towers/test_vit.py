@@ -49,3 +49,13 @@ def test_bad_shapes_are_named():
         VisionTransformer(30, 8, 32, 1, 4)
     with pytest.raises(ValueError, match="image pool must be one of"):
         VisionTransformer(32, 8, 32, 1, 4, pool="max")
+
+
+def test_patchify_is_the_patch_convolution():
+    # The matmul over flattened patches must equal the strided convolution whose weights it
+    # reads (float64), so checkpoints and the usual ViT layout stay valid.
+    torch.manual_seed(0)
+    vit = VisionTransformer(12, 4, 8, 1, 2).double()
+    images = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    by_conv = vit.patch_embed(images).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(vit._patchify(images), by_conv, rtol=1e-12, atol=1e-12)

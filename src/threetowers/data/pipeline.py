@@ -15,7 +15,7 @@ from threetowers.data.cache import FeatureCache, feature_cache
 from threetowers.data.loader import pair_batches
 from threetowers.data.pairs import Pair, PairTable, ShardPairs, iter_captions, open_pairs
 from threetowers.data.preload import preload_pairs
-from threetowers.data.tokenizer import CaptionTokenizer
+from threetowers.data.tokenizer import CaptionTokenizer, MemoisedEncoder
 from threetowers.data.transforms import EvalTransform, TrainTransform
 from threetowers.data.world import WorldSpec, write_world
 from threetowers.model import ThreeTowers
@@ -151,6 +151,7 @@ class TrainingData:
         self.cache: FeatureCache | None = None
         self.example: TrainingExample | None = None
         self.normalise: dict[str, Normalise] = {}  # batch key -> its tower's normalisation
+        self.encode = self.tokenizer.encode  # captions -> token ids (memoised when preloaded)
 
     def attach(self, model: ThreeTowers, progress: bool = True) -> None:
         """Choose each tower's view for this model; build or load h's feature cache."""
@@ -185,6 +186,7 @@ class TrainingData:
                     "preloaded), or set data.preload=false"
                 )
             self.pairs = preload_pairs(self.pairs, view, data.cache_dir, progress)
+            self.encode = MemoisedEncoder(self.tokenizer)
             view = _already_decoded if view is not None else None
         self.example = TrainingExample(view, augment, third)
 
@@ -204,7 +206,7 @@ class TrainingData:
             if not batch["keys"]:  # only bad samples: nothing to prepare
                 yield batch
                 continue
-            batch["tokens"] = self.tokenizer.encode(batch.pop("captions"))
+            batch["tokens"] = self.encode(batch.pop("captions"))
             for key, normalise in self.normalise.items():
                 batch[key] = normalise(batch[key])
             if self.cache is not None:

@@ -23,6 +23,7 @@ import re
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from threetowers.safe_load import load_tensors
 from threetowers.towers.frozen import FrozenBackbone, Preprocessing
@@ -64,15 +65,33 @@ class ConvBN(nn.Module):
         activation: bool = True,
     ) -> None:
         super().__init__()
+        # With stride 1 and an odd kernel "SAME" is symmetric, so the conv pads by itself: on
+        # CPU a separate F.pad per layer cost more than the depthwise convolutions.
+        self.pads_itself = stride == 1 and kernel_size % 2 == 1
         self.conv = nn.Conv2d(
-            in_channels, out_channels, kernel_size, stride=stride, groups=groups, bias=False
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=kernel_size // 2 if self.pads_itself else 0,
+            groups=groups,
+            bias=False,
         )
-        self.bn = nn.BatchNorm2d(out_channels, eps=BN_EPS)
+        self.bn: nn.Module = nn.BatchNorm2d(out_channels, eps=BN_EPS)
         self.act = nn.ReLU6(inplace=True) if activation else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = same_pad(x, self.conv.kernel_size[0], self.conv.stride[0])
+        if not self.pads_itself:
+            x = same_pad(x, self.conv.kernel_size[0], self.conv.stride[0])
         return self.act(self.bn(self.conv(x)))
+
+    def fold_batchnorm_(self) -> None:
+        """Fold the BatchNorm's inference-time affine map into the conv (torch's
+        ``fuse_conv_bn_eval``): the same function up to float rounding, one pass over the
+        activations less. Only for a frozen model: BatchNorm cannot train afterwards."""
+        if isinstance(self.bn, nn.BatchNorm2d):
+            self.conv = fuse_conv_bn_eval(self.conv.eval(), self.bn.eval())
+            self.bn = nn.Identity()
 
 
 def same_pad(x: torch.Tensor, kernel_size: int, stride: int) -> torch.Tensor:
@@ -134,6 +153,13 @@ class EfficientNetLite0(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.forward_features(x))
+
+    def fold_batchnorm_(self) -> EfficientNetLite0:
+        """Fold every BatchNorm into its conv (see ``ConvBN.fold_batchnorm_``); returns self."""
+        for module in self.modules():
+            if isinstance(module, ConvBN):
+                module.fold_batchnorm_()
+        return self
 
 
 class _Features(nn.Module):
@@ -227,8 +253,9 @@ def efficientnet_lite0_imagenet(weights_path: str | None = None) -> EfficientNet
 
 
 def efficientnet_lite0_backbone(weights_path: str | None = None) -> FrozenBackbone:
-    """The ImageNet EfficientNet-Lite0 as a frozen tower returning pooled 1280-d features."""
-    model = efficientnet_lite0_imagenet(weights_path)
+    """The ImageNet EfficientNet-Lite0 as a frozen tower returning pooled 1280-d features
+    (BatchNorm folded into the convolutions: the tower never trains)."""
+    model = efficientnet_lite0_imagenet(weights_path).fold_batchnorm_()
     return FrozenBackbone(
         _Features(model),
         PREPROCESSING,

@@ -67,6 +67,7 @@ def _print_results(run_dir: Path) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     from threetowers.data.pipeline import ensure_world
+    from threetowers.eval_inputs import EvalCache
     from threetowers.eval_suite import chance_levels, evaluate_model, resolve_benchmarks
     from threetowers.trained import load_trained
 
@@ -86,6 +87,7 @@ def _eval(args: argparse.Namespace) -> None:
         out,
         step=run.step,
         max_bad_fraction=cfg.data.max_bad_fraction,
+        cache=EvalCache.of(cfg.data),
     )
     print(f"step {run.step} of {run.run_dir}; eval.json in {out}")
     print(results_table(results, chance_levels(benchmarks)))

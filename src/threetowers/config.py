@@ -182,10 +182,13 @@ class DataConfig(Section):
     shuffle_buffer: int = Field(2000, ge=1)
     augment: bool = True  # random resized crops for the image tower f (h never sees augmentation)
     crop_scale: tuple[float, float] = (0.6, 1.0)
-    cache: bool = True  # precompute h's features once and reuse them (h is never augmented)
+    # precompute h's features once and reuse them (h is never augmented), for the training
+    # data and for the benchmark images
+    cache: bool = True
     cache_dir: str = "~/.cache/threetowers/features"
     # decode f's view of each image once into cache_dir and train from memory (needs
-    # augment false); batches then come from a seeded permutation instead of shard streams
+    # augment false); batches then come from a seeded permutation instead of shard streams.
+    # The benchmark images' views and pretrain's images are decoded once there too.
     preload: bool = False
     # Bad samples (corrupt images, missing files, unusable captions, malformed rows) are
     # skipped and counted; above this fraction of the samples visited, the run stops. Clean

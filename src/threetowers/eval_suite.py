@@ -21,14 +21,13 @@ from threetowers.config import EvalConfig
 from threetowers.data.bad_samples import BadDataError, BadSampleLog
 from threetowers.data.benchmarks import (
     ClassificationSet,
-    ImageFiles,
     RetrievalSet,
     collate_images,
     load_class_folder,
     load_karpathy,
 )
 from threetowers.data.tokenizer import CaptionTokenizer
-from threetowers.data.transforms import eval_transform
+from threetowers.eval_inputs import EvalCache, image_inputs
 from threetowers.model import ThreeTowers
 
 SWEEP_METRICS = ("zeroshot_top1", "i2t_R@1", "t2i_R@1")
@@ -82,33 +81,37 @@ def resolve_benchmarks(
 
 @torch.no_grad()
 def embed_images(
-    model: ThreeTowers, paths, batch_size: int = 256, bad_images: BadSampleLog | None = None
+    model: ThreeTowers,
+    paths,
+    batch_size: int = 256,
+    bad_images: BadSampleLog | None = None,
+    cache: EvalCache | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every image-side embedding of ``model`` (z_f and/or z_h) for image files.
 
     Images that cannot be used are skipped (and recorded in ``bad_images``): ``"index"``
-    holds the positions in ``paths`` of the rows that were embedded.
+    holds the positions in ``paths`` of the rows that were embedded. With ``cache``, the
+    views and h's features are made once and read from there (the same embeddings).
     """
-    views = {"images": ImageFiles(paths, eval_transform(model.image_preprocessing))}
-    if model.mode == "3t":  # h's own view, as in training
-        views["third_images"] = ImageFiles(paths, eval_transform(model.third_tower.preprocessing))
+    inputs = image_inputs(model, paths, batch_size, cache)
     device = next(p for p in model.parameters()).device
     loaders = {
-        name: DataLoader(view, batch_size=batch_size, collate_fn=collate_images)
-        for name, view in views.items()
+        name: DataLoader(put.rows, batch_size=batch_size, collate_fn=collate_images)
+        for name, put in inputs.items()
     }
     chunks: dict[str, list[torch.Tensor]] = {"index": []}
     for batches in zip(*loaders.values(), strict=True):
-        indices, _, skipped = batches[0]  # every view reads the same files
+        indices, _, skipped = batches[0]  # every input reads the same files
         if bad_images is not None:
             bad_images.record(len(indices), skipped)
         if not len(indices):
             continue
         chunks["index"].append(indices)
-        inputs = {
-            name: images.to(device) for name, (_, images, _) in zip(loaders, batches, strict=True)
+        tensors = {
+            name: inputs[name].prepare(rows).to(device)
+            for name, (_, rows, _) in zip(loaders, batches, strict=True)
         }
-        for key, value in model.image_embeddings(**inputs).items():
+        for key, value in model.image_embeddings(**({"images": None} | tensors)).items():
             chunks.setdefault(key, []).append(value.float().cpu())
     if not chunks["index"]:
         raise BadDataError(f"none of the {len(paths)} images could be used, e.g. {paths[0]}")
@@ -134,11 +137,13 @@ def evaluate_model(
     out_dir: str | Path | None = None,
     step: int | None = None,
     max_bad_fraction: float = 1.0,
+    cache: EvalCache | None = None,
 ) -> dict:
     """All metrics of ``model`` on ``benchmarks``; writes eval.json (and the α plot) to out_dir.
 
     Unusable images are left out of their set (a retrieval image with its captions) and
-    counted in ``skipped_images``; more than ``max_bad_fraction`` of them is an error."""
+    counted in ``skipped_images``; more than ``max_bad_fraction`` of them is an error. With
+    ``cache``, what every run would make again is made once (see ``eval_inputs``)."""
     was_training = model.training
     model.eval()
     image_key = "z_h" if model.mode == "lit" else "z_f"
@@ -148,7 +153,7 @@ def evaluate_model(
     bad_images = BadSampleLog(max_bad_fraction, "evaluation images")
 
     def embed(paths) -> dict[str, torch.Tensor]:
-        embedded = embed_images(model, paths, cfg.batch_size, bad_images)
+        embedded = embed_images(model, paths, cfg.batch_size, bad_images, cache)
         bad_images.check()  # benchmark sets are small: judged as each one is read
         return embedded
 

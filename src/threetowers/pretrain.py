@@ -21,11 +21,15 @@ from tqdm import tqdm
 from threetowers.atomic import write_atomic
 from threetowers.classifier import ARCHITECTURES, Classifier, save_classifier
 from threetowers.config import Config
-from threetowers.data.bad_samples import BadDataError, BadSample, BadSampleLog, Skipped
+from threetowers.data.bad_samples import BadDataError, BadSampleLog, Skipped
 from threetowers.data.benchmarks import ClassificationSet, load_class_folder
-from threetowers.data.decode import load_image
-from threetowers.data.pipeline import ensure_world
-from threetowers.data.transforms import eval_transform, train_transform
+from threetowers.data.decoded import WholeImage, image_rows
+from threetowers.data.pipeline import (
+    Normalise,
+    PixelEvalTransform,
+    PixelTrainTransform,
+    ensure_world,
+)
 from threetowers.optim import make_optimizer
 from threetowers.towers.frozen import Preprocessing
 
@@ -35,36 +39,39 @@ log = logging.getLogger(__name__)
 
 
 class LabelledImages(Dataset):
-    """(image tensor, label); with ``augment``, a random resized crop seeded per sample. An
-    image that cannot be used comes as (Skipped, label); :func:`collate_labelled` drops it."""
+    """(uint8 pixels, label); with ``augment``, a random resized crop seeded per sample. An
+    image that cannot be used comes as (Skipped, label). ``images``: each image's
+    :class:`WholeImage` row, decoded live or once (``image_rows``). Batch the items with
+    :meth:`collate`, which normalises the batch at once as training does (:class:`Normalise`,
+    the same floats): per image, normalising costs more than the crop."""
 
-    def __init__(self, data: ClassificationSet, pre: Preprocessing, augment=None, seed=0):
-        self.data, self.view, self.augment = data, eval_transform(pre), augment
+    def __init__(
+        self, data: ClassificationSet, images: Dataset, pre: Preprocessing, augment=None, seed=0
+    ):
+        self.data, self.images = data, images
+        self.view, self.augment, self.normalise = PixelEvalTransform(pre), augment, Normalise(pre)
         self.seed, self.epoch = seed, 0
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor | Skipped, int]:
-        path = self.data.image_paths[index]
-        try:
-            image = load_image(path, "image")  # the key names the file
-        except BadSample as bad:
-            return bad.skipped(str(path)), int(self.data.labels[index])
+        label = int(self.data.labels[index])
+        _, pixels = self.images[index]
+        if isinstance(pixels, Skipped):
+            return pixels, label
+        image = WholeImage.image(pixels)
         if self.augment is None:
-            pixels = self.view(image)
-        else:
-            rng = np.random.default_rng([self.seed, self.epoch, index])
-            pixels = self.augment(image, rng)
-        return pixels, int(self.data.labels[index])
+            return self.view(image), label
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        return self.augment(image, rng), label
 
-
-def collate_labelled(items) -> tuple[torch.Tensor | None, torch.Tensor, list[Skipped]]:
-    """(images, labels) of the usable items, and the skipped ones."""
-    used = [(pixels, label) for pixels, label in items if not isinstance(pixels, Skipped)]
-    skipped = [pixels for pixels, _ in items if isinstance(pixels, Skipped)]
-    images = torch.stack([pixels for pixels, _ in used]) if used else None
-    return images, torch.tensor([label for _, label in used], dtype=torch.long), skipped
+    def collate(self, items) -> tuple[torch.Tensor | None, torch.Tensor, list[Skipped]]:
+        """(normalised images, labels) of the usable items, and the skipped ones."""
+        used = [(pixels, label) for pixels, label in items if not isinstance(pixels, Skipped)]
+        skipped = [pixels for pixels, _ in items if isinstance(pixels, Skipped)]
+        images = self.normalise(torch.stack([pixels for pixels, _ in used])) if used else None
+        return images, torch.tensor([label for _, label in used], dtype=torch.long), skipped
 
 
 def pretraining_data(cfg: Config) -> tuple[ClassificationSet, ClassificationSet]:
@@ -104,13 +111,17 @@ def pretrain(cfg: Config, progress: bool = True) -> Path:
         backbone = backbone.to(memory_format=torch.channels_last)
     head = nn.Linear(backbone.feature_dim, len(train_set.class_names))
     pre = Preprocessing(p.image_size, PRETRAIN_MEAN, PRETRAIN_STD, crop_fraction=1.0)
-    augment = train_transform(pre, scale=tuple(p.crop_scale))
-    train_images = LabelledImages(train_set, pre, augment, seed=cfg.train.seed)
+    augment = PixelTrainTransform(pre, scale=tuple(p.crop_scale))
+    # With data.preload every image is decoded once, not once per epoch: the same pixels.
+    cache_dir = cfg.data.cache_dir if cfg.data.preload else None
+
+    def images(data: ClassificationSet) -> Dataset:
+        return image_rows(data.image_paths, WholeImage(), cache_dir, p.num_workers, progress)
+
+    train_images = LabelledImages(train_set, images(train_set), pre, augment, cfg.train.seed)
+    val_images = LabelledImages(val_set, images(val_set), pre)
     val_loader = DataLoader(
-        LabelledImages(val_set, pre),
-        batch_size=256,
-        num_workers=p.num_workers,
-        collate_fn=collate_labelled,
+        val_images, batch_size=256, num_workers=p.num_workers, collate_fn=val_images.collate
     )
     bad_train = BadSampleLog(cfg.data.max_bad_fraction, "pretraining images", len(train_set))
     model = nn.ModuleDict({"backbone": backbone, "head": head})
@@ -126,7 +137,7 @@ def pretrain(cfg: Config, progress: bool = True) -> Path:
             drop_last=True,
             generator=order,
             num_workers=p.num_workers,
-            collate_fn=collate_labelled,
+            collate_fn=train_images.collate,
         )
         backbone.train()
         steps_before = step

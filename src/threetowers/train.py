@@ -32,6 +32,7 @@ from threetowers.checkpoint import (
 from threetowers.config import Config
 from threetowers.data.bad_samples import BadDataError, BadSampleLog
 from threetowers.data.pipeline import TrainingData
+from threetowers.eval_inputs import EvalCache
 from threetowers.eval_suite import chance_levels, evaluate_model, resolve_benchmarks
 from threetowers.model import ThreeTowers
 from threetowers.optim import make_optimizer
@@ -198,6 +199,7 @@ def _evaluate(model, data, benchmarks, cfg: Config, run_dir: Path, step: int, me
         run_dir,
         step=step,
         max_bad_fraction=cfg.data.max_bad_fraction,
+        cache=EvalCache.of(cfg.data),
     )
     metrics.log(
         {"step": step, "eval": {k: v for k, v in scores.items() if not isinstance(v, list)}}

@@ -13,7 +13,10 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
+from stat import S_ISLNK
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -29,6 +32,7 @@ from threetowers.data.transforms import eval_transform
 from threetowers.towers.frozen import FrozenBackbone
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class FeatureCache:
@@ -61,12 +65,36 @@ def backbone_digest(backbone: FrozenBackbone) -> str:
 def dataset_digest(source) -> str:
     """Identity of a dataset's files: paths, sizes and modification times."""
     pairs = open_pairs(source)
-    files = pairs.shards if isinstance(pairs, ShardPairs) else [pairs.name]
+    return files_digest(pairs.shards if isinstance(pairs, ShardPairs) else [pairs.name])
+
+
+def files_digest(paths) -> str:
+    """Identity of files, in order: resolved paths, sizes and modification times; a file that
+    cannot be found counts as missing (it is a bad sample), so its arrival changes it."""
     digest = hashlib.sha256()
-    for path in files:
-        stat = os.stat(path)
-        digest.update(f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    folders: dict[str, str] = {}  # resolved once each: thousands of images share a few
+    for path in paths:
+        folder, name = os.path.split(os.fspath(Path(path)))
+        try:
+            stat = os.lstat(path)
+            if S_ISLNK(stat.st_mode):
+                real, stat = Path(path).resolve(), os.stat(path)
+            else:
+                if folder not in folders:
+                    folders[folder] = os.path.realpath(folder)
+                real = os.path.join(folders[folder], name)
+        except OSError:
+            digest.update(f"{Path(path).resolve()}|missing\n".encode())
+            continue
+        digest.update(f"{real}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
+
+
+def cache_base(cache_dir: str | Path, kind: str, spec: dict) -> Path:
+    """``cache_dir/KIND-HASH``: a name that changes with anything in ``spec``, the
+    JSON-able description of everything a cached file's contents depend on."""
+    fingerprint = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
+    return Path(cache_dir).expanduser() / f"{kind}-{fingerprint}"
 
 
 class _ThirdView:
@@ -96,21 +124,41 @@ def feature_cache(
         f"{backbone_digest(backbone)}|{dataset_digest(source)}".encode()
     ).hexdigest()
     path = Path(cache_dir).expanduser() / f"{backbone.name}-{fingerprint[:24]}.safetensors"
-    if path.exists():
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                keys = json.loads(handle.metadata()["keys"])
-                return FeatureCache(keys, handle.get_tensor("features"), fingerprint)
-        except (SafetensorError, OSError, KeyError, TypeError, ValueError) as error:
-            log.warning("feature cache %s is unreadable (%s); computing it again", path, error)
+
+    def parse(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> FeatureCache:
+        return FeatureCache(json.loads(meta["keys"]), tensors["features"], fingerprint)
+
+    cached = read_features(path, parse)
+    if cached is not None:
+        return cached
+    keys, features = _compute(backbone, source, batch_size, num_workers, progress, max_bad_fraction)
+    write_features(path, {"features": features}, {"keys": json.dumps(keys)})
+    return FeatureCache(keys, features, fingerprint)
+
+
+def read_features(
+    path: Path, parse: Callable[[dict[str, torch.Tensor], dict[str, str]], T]
+) -> T | None:
+    """``parse(tensors, metadata)`` of a cache file; None when it is absent or unreadable
+    (it is then computed again)."""
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            return parse(tensors, handle.metadata())
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError) as error:
+        log.warning("feature cache %s is unreadable (%s); computing it again", path, error)
+        return None
+
+
+def write_features(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_temporaries(path.parent, only_dead_writers=True)  # shared by concurrent runs
-    keys, features = _compute(backbone, source, batch_size, num_workers, progress, max_bad_fraction)
     tmp = temporary_path(path)
-    save_file({"features": features}, str(tmp), metadata={"keys": json.dumps(keys)})
+    save_file(tensors, str(tmp), metadata=metadata)
     fsync(tmp)
     publish(tmp, path)  # complete or absent, never half-written
-    return FeatureCache(keys, features, fingerprint)
 
 
 @torch.no_grad()

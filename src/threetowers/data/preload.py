@@ -12,7 +12,6 @@ reason, so that training skips and counts them as it would from the files.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from tqdm import tqdm
 
 from threetowers.atomic import fsync, publish, remove_temporaries, temporary_path, write_atomic
 from threetowers.data.bad_samples import BadDataError, BadSample, Skipped
-from threetowers.data.cache import dataset_digest
+from threetowers.data.cache import cache_base, dataset_digest
 from threetowers.data.pairs import Pair, PairSource, PairTable, epoch_size, iter_pairs
 
 
@@ -63,9 +62,7 @@ def preload_pairs(
 ) -> PreloadedPairs:
     """``source`` with every image passed through ``view`` (a transform returning uint8
     (3, S, S) pixels, or None for captions only), cached in ``cache_dir``."""
-    spec = {"dataset": dataset_digest(source), "view": repr(view)}
-    fingerprint = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
-    base = Path(cache_dir).expanduser() / f"pairs-{fingerprint}"
+    base = cache_base(cache_dir, "pairs", {"dataset": dataset_digest(source), "view": repr(view)})
     array, index = base.with_suffix(".npy"), base.with_suffix(".json")
     if not index.exists():
         _build(source, view, array, index, progress)

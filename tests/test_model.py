@@ -162,3 +162,22 @@ def test_frozen_backbone_requires_a_wrapper_and_measures_its_dim():
     assert tiny_backbone().feature_dim == 24
     with pytest.raises(ValueError, match="must return pooled"):
         tt.FrozenBackbone(torch.nn.Conv2d(3, 4, 3), tt.Preprocessing(8))
+
+
+def test_convolutional_third_tower_runs_in_cpu_micro_batches_with_the_same_features(monkeypatch):
+    # channels_last backbones run on CPU in chunks of ~CPU_CHUNK_PIXELS; the features must
+    # be those of the whole batch at once, and the chunks must really be smaller.
+    from tests.conftest import TinyCNN
+    from threetowers.towers import frozen
+
+    torch.manual_seed(0)
+    backbone = tt.FrozenBackbone(TinyCNN(), tt.Preprocessing(16), channels_last=True)
+    images = torch.randn(10, 3, 16, 16)
+    with torch.no_grad():
+        whole = backbone.module(images.contiguous(memory_format=torch.channels_last))
+    seen = []
+    forward = backbone.module.forward
+    monkeypatch.setattr(backbone.module, "forward", lambda x: seen.append(len(x)) or forward(x))
+    monkeypatch.setattr(frozen, "CPU_CHUNK_PIXELS", 4 * 16 * 16)
+    torch.testing.assert_close(backbone(images), whole, rtol=1e-6, atol=1e-6)
+    assert seen == [4, 4, 2]

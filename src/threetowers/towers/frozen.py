@@ -62,12 +62,24 @@ class Preprocessing:
         return (images - mean) / std
 
 
+# On CPU a convolutional tower runs fastest on about this many pixels at a time: a whole
+# batch's activations overflow the caches, and each fresh multi-GB buffer costs page faults.
+# Measured on 2 cores: EfficientNet-Lite0 1.5x (64 px) to 1.9x (224 px) faster, bit for bit
+# the same features (in eval mode every image is computed on its own anyway).
+CPU_CHUNK_PIXELS = 2**18
+
+
+def _chunk(images: torch.Tensor) -> int:
+    return max(1, CPU_CHUNK_PIXELS // (images.shape[-1] * images.shape[-2]))
+
+
 class FrozenBackbone(nn.Module):
     """Wraps any module mapping normalised images (B, 3, S, S) to pooled features (B, C).
 
     ``feature_dim`` is measured with one dummy forward when not given. ``channels_last``
     runs a convolutional module in NHWC layout, which oneDNN's CPU kernels prefer (the bundled
-    EfficientNet-Lite0 runs about 2x faster); leave it off for attention-only modules.
+    EfficientNet-Lite0 runs about 2x faster), and on CPU in micro-batches of about
+    ``CPU_CHUNK_PIXELS``; leave it off for attention-only modules.
     """
 
     def __init__(
@@ -96,7 +108,10 @@ class FrozenBackbone(nn.Module):
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            features = self.module(images)
+            if self.channels_last and images.device.type == "cpu":
+                features = torch.cat([self.module(part) for part in images.split(_chunk(images))])
+            else:
+                features = self.module(images)
         if features.ndim != 2:
             raise ValueError(
                 f"third tower {self.name!r} returned features of shape {tuple(features.shape)}; "

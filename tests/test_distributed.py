@@ -1,4 +1,5 @@
-"""Two gloo ranks under DDP equal one process holding the concatenated batch."""
+"""Two gloo ranks under DDP equal one process holding the concatenated batch, also when
+the ranks hold different numbers of rows (bad samples leave batches)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,19 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from tests.conftest import tiny_batch, tiny_model
+from threetowers.distributed import local_batch_size
 
 WORLD = 2
 GLOBAL_BATCH = 8
-# (mode, kind, loss.block_size): blocked terms on two ranks (their share path) must equal the
-# plain terms in one process too.
+# (mode, kind, loss.block_size, rank 0's rows of the 8): blocked terms on two ranks (their
+# share path) must equal the plain terms in one process too.
 CASES = [
-    *itertools.product(["clip", "lit", "3t"], ["softmax", "sigmoid"], [0]),
-    ("3t", "softmax", 3),
-    ("3t", "sigmoid", 3),
+    *itertools.product(["clip", "lit", "3t"], ["softmax", "sigmoid"], [0], [4]),
+    ("3t", "softmax", 3, 4),
+    ("3t", "sigmoid", 3, 4),
+    ("clip", "softmax", 0, 3),
+    ("3t", "softmax", 0, 5),
+    ("3t", "sigmoid", 3, 1),
 ]
 
 
@@ -38,14 +43,18 @@ def run_rank(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         images, tokens = tiny_batch(GLOBAL_BATCH)
-        shard = slice(rank * GLOBAL_BATCH // WORLD, (rank + 1) * GLOBAL_BATCH // WORLD)
         results = {}
-        for mode, kind, block in CASES:
+        for mode, kind, block, first_rows in CASES:
+            shard = slice(0, first_rows) if rank == 0 else slice(first_rows, GLOBAL_BATCH)
             module = tiny_model(mode, f"loss.kind={kind}", f"loss.block_size={block}")
             ddp = DistributedDataParallel(module)
             loss, grads = loss_and_grads(ddp, module, images[shard], tokens[shard])
             dist.all_reduce(loss)
-            results[(mode, kind, block)] = (loss / WORLD, grads)
+            results[(mode, kind, block, first_rows)] = (loss / WORLD, grads)
+        try:
+            local_batch_size(GLOBAL_BATCH + 1)
+        except ValueError as error:
+            results["odd batch"] = str(error)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -58,16 +67,27 @@ def two_rank_results(tmp_path_factory):
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
-@pytest.mark.parametrize(("mode", "kind", "block"), CASES)
-def test_two_ranks_equal_one_process_on_the_concatenated_batch(two_rank_results, mode, kind, block):
+@pytest.mark.parametrize(("mode", "kind", "block", "first_rows"), CASES)
+def test_two_ranks_equal_one_process_on_the_concatenated_batch(
+    two_rank_results, mode, kind, block, first_rows
+):
     module = tiny_model(mode, f"loss.kind={kind}")
     images, tokens = tiny_batch(GLOBAL_BATCH)
     expected_loss, expected_grads = loss_and_grads(module, module, images, tokens)
     for rank_results in two_rank_results:
-        loss, grads = rank_results[(mode, kind, block)]
+        loss, grads = rank_results[(mode, kind, block, first_rows)]
         assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-5)
         assert grads.keys() == expected_grads.keys()
         for name, grad in expected_grads.items():
             torch.testing.assert_close(
                 grads[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
             )
+
+
+def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused(two_rank_results):
+    for rank_results in two_rank_results:
+        assert rank_results["odd batch"] == (
+            "data.batch_size=9 is the global batch and must split evenly over the 2 ranks; "
+            "use a multiple of 2"
+        )
+    assert local_batch_size(9) == 9  # one process takes the whole batch

@@ -17,6 +17,7 @@ import yaml
 
 from threetowers.build import build_model
 from threetowers.config import ConfigError, load_config, preset_names
+from threetowers.distributed import launched_rank
 from threetowers.eval_suite import results_table
 
 
@@ -55,7 +56,8 @@ def _train(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.overrides)
     run_dir = train(cfg, args.run_dir, progress=not args.quiet)
-    _print_results(run_dir)
+    if launched_rank() == 0:  # under torchrun, one table
+        _print_results(run_dir)
 
 
 def _print_results(run_dir: Path) -> None:

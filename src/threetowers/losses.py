@@ -2,11 +2,13 @@
 
 Distributed exactness. Each rank gathers the embeddings of all ranks (with gradients) and
 computes only its own rows of the B x B logits: its *share* of the global loss, scaled so
-that the mean of the shares over ranks is the global loss. The gather's backward sums, into
-each rank's embeddings, the gradients of every rank's share, which is N times the gradient
-of the global loss; DDP then averages parameter gradients over the N ranks, so every
-parameter (temperatures included) ends up with exactly the single-process gradient of the
-loss on the concatenated batch. Without DDP, average the gradients over ranks yourself.
+that the mean of the shares over ranks is the global loss (a rank holding B_r of the B rows
+weighs its row mean by N·B_r/B, so ranks may hold different numbers of rows). The gather's
+backward sums, into each rank's embeddings, the gradients of every rank's share, which is N
+times the gradient of the global loss; DDP then averages parameter gradients over the N
+ranks, so every parameter (temperatures included) ends up with exactly the single-process
+gradient of the loss on the concatenated batch. Without DDP, average the gradients over
+ranks yourself.
 
 Blocked terms (``block_size`` > 0, ``blocked_losses``) give the same shares, values and
 gradients in O(B·block) memory instead of O(B²).
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from threetowers.blocked_losses import blocked_sigmoid_term, blocked_softmax_term
-from threetowers.distributed import gather_with_grad
+from threetowers.distributed import gather_with_grad, row_counts, world_size
 
 MODES = ("clip", "lit", "3t")
 LOSS_KINDS = ("softmax", "sigmoid")
@@ -176,13 +178,22 @@ class ThreeTowersLoss(nn.Module):
             log_scale.clamp_(max=math.log(self.max_scale))
 
     def forward(
-        self, embeddings: dict[str, torch.Tensor]
+        self, embeddings: dict[str, torch.Tensor], counts: list[int] | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Returns (this rank's loss, logs). Logs hold detached per-term losses and scales."""
+        """Returns (this rank's loss, logs). Logs hold detached per-term losses and scales.
+
+        ``counts``: every rank's number of rows (``distributed.row_counts``; looked up when
+        None under torch.distributed, unused in one process).
+        """
         needed = {
             k for t in self.terms if self._is_contrastive(t) for k in (t.image_key, t.text_key)
         }
-        gathered = {key: gather_with_grad(embeddings[key]) for key in sorted(needed)}
+        share = 1.0
+        if world_size() > 1:
+            first = next(iter(embeddings.values()))
+            counts = counts or row_counts(first.shape[0], first.device)
+            share = world_size() * first.shape[0] / sum(counts)
+        gathered = {key: gather_with_grad(embeddings[key], counts) for key in sorted(needed)}
         total = 0.0
         logs: dict[str, torch.Tensor] = {}
         for term in self.terms:
@@ -199,6 +210,8 @@ class ThreeTowersLoss(nn.Module):
                     value = self._sigmoid_term(a, b_all, offset, scale, bias)
                     logs[f"bias/{term.name}"] = bias.detach()
                 logs[f"scale/{term.name}"] = scale.detach()
+            if share != 1.0:
+                value = value * share
             logs[f"loss/{term.name}"] = value.detach()
             total = total + self.weights[term.name] * value
         total = total / sum(self.weights.values())

@@ -173,9 +173,12 @@ class ThreeTowers(nn.Module):
             images, third_features, third_images
         )
 
-    def loss(self, out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(total, logs) of this mode's objective; see ``ThreeTowersLoss``."""
-        return self.objective(out)
+    def loss(
+        self, out: dict[str, torch.Tensor], counts: list[int] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(total, logs) of this mode's objective; see ``ThreeTowersLoss`` (and its
+        ``counts``, every rank's batch size under torch.distributed)."""
+        return self.objective(out, counts)
 
     def _check_alpha(self, alpha: float) -> None:
         if not 0.0 <= alpha <= 1.0:

@@ -25,9 +25,14 @@ RECORDED_PACKAGES = (
 )
 
 
+def run_dir_of(cfg: Config, run_dir: str | Path | None) -> Path:
+    """The run directory: the one given, else the config's train.run_dir."""
+    return Path(run_dir if run_dir is not None else cfg.train.run_dir)
+
+
 def prepare_run_dir(cfg: Config, run_dir: str | Path | None) -> Path:
     """Create the run directory, or check that an existing one was made by the same config."""
-    run_dir = Path(run_dir if run_dir is not None else cfg.train.run_dir)
+    run_dir = run_dir_of(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_temporaries(run_dir)  # one run per directory: whatever a killed run left is stale
     config_file = run_dir / "config.yaml"

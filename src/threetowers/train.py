@@ -12,6 +12,7 @@ weight and no optimizer state, and ``train.max_bad_steps`` of them in a row stop
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -19,8 +20,11 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from threetowers import distributed
 from threetowers.atomic import write_atomic
 from threetowers.build import build_model
 from threetowers.checkpoint import (
@@ -36,7 +40,7 @@ from threetowers.eval_inputs import EvalCache
 from threetowers.eval_suite import chance_levels, evaluate_model, resolve_benchmarks
 from threetowers.model import ThreeTowers
 from threetowers.optim import make_optimizer
-from threetowers.run_dir import MetricsLog, drop_metrics_after, prepare_run_dir
+from threetowers.run_dir import MetricsLog, drop_metrics_after, prepare_run_dir, run_dir_of
 
 log = logging.getLogger(__name__)
 
@@ -96,42 +100,74 @@ def autocast(device: torch.device, precision: str):
 
 
 def train(cfg: Config, run_dir: str | Path | None = None, progress: bool = True) -> Path:
-    """Train (or resume) the run of ``cfg`` in ``run_dir``; returns the run directory."""
-    run_dir = prepare_run_dir(cfg, run_dir)
-    device = resolve_device(cfg.train.device)
+    """Train (or resume) the run of ``cfg`` in ``run_dir``; returns the run directory.
+
+    Under torchrun (WORLD_SIZE > 1) every rank calls this: it joins the process group, and
+    ``data.batch_size`` is the global batch, split evenly over the ranks.
+    """
+    device = distributed.local_device(resolve_device(cfg.train.device))
+    created_group = distributed.init_from_env(device)
+    try:
+        return _train(cfg, run_dir_of(cfg, run_dir), progress, device)
+    finally:
+        if created_group:
+            dist.destroy_process_group()
+
+
+def _train(cfg: Config, run_dir: Path, progress: bool, device: torch.device) -> Path:
+    world, main = distributed.world_size(), distributed.is_main()
+    distributed.local_batch_size(cfg.data.batch_size)  # fail before any work
+    if not main:  # the ranks log the same (global) counts: rank 0 speaks for all
+        logging.getLogger("threetowers").setLevel(logging.ERROR)
     torch.manual_seed(cfg.train.seed)
-    data = TrainingData(cfg, run_dir)
-    model = build_model(cfg, device=device)
-    data.attach(model, progress)
-    benchmarks = resolve_benchmarks(cfg.eval, data.world, cfg.data.allow_absolute_paths)
-    write_atomic(run_dir / "chance.json", json.dumps(chance_levels(benchmarks), indent=1))
+    with distributed.main_first():  # rank 0 writes the run directory, tokenizer and caches
+        if main:
+            prepare_run_dir(cfg, run_dir)
+        data = TrainingData(cfg, run_dir)
+        model = build_model(cfg, device=device)
+        data.attach(model, progress and main)
+    if main:
+        benchmarks = resolve_benchmarks(cfg.eval, data.world, cfg.data.allow_absolute_paths)
+        write_atomic(run_dir / "chance.json", json.dumps(chance_levels(benchmarks), indent=1))
     optimizer, schedule = make_optimizer(
         model, cfg.train.lr, cfg.train.weight_decay, cfg.train.warmup_steps, cfg.train.steps
     )
     checkpoints = run_dir / "checkpoints"
-    remove_stale_temporaries(checkpoints)
+    if main:
+        remove_stale_temporaries(checkpoints)
     bad_data = BadSampleLog(cfg.data.max_bad_fraction, "training data", size=len(data.pairs))
     health = StepHealth(cfg.train.max_bad_steps)
     step, epoch, batch_in_epoch, last_checkpoint = _resume(
         checkpoints, model, optimizer, schedule, bad_data, health
     )
-    drop_metrics_after(run_dir / "metrics.jsonl", step)
-
-    metrics = MetricsLog(run_dir)
-    bar = tqdm(total=cfg.train.steps, initial=step, disable=not progress, unit="step")
+    forward = _distributed_data_parallel(model, device) if world > 1 else model
+    if main:
+        drop_metrics_after(run_dir / "metrics.jsonl", step)
+        metrics = MetricsLog(run_dir)
+    bar = tqdm(total=cfg.train.steps, initial=step, disable=not (progress and main), unit="step")
     model.train()
     seen, started = 0, time.perf_counter()
     while step < cfg.train.steps:
         steps_before, whole_epoch = step, batch_in_epoch == 0
         for batch in data.batches(epoch, batch_in_epoch):
-            bad_data.record(len(batch["keys"]), batch.pop("skipped"))
+            counts, skipped = _across_ranks(len(batch["keys"]), batch.pop("skipped"))
+            bad_data.record(sum(counts), skipped)
             batch_in_epoch += 1
-            if not batch["keys"]:
-                continue  # every sample of this batch was bad: no step
-            logs, finite = _step(model, batch, optimizer, schedule, cfg, device)
-            step, seen = step + 1, seen + len(batch["keys"])
+            if min(counts) == 0:  # some rank has nothing left: no step (the ranks move together)
+                if sum(counts):
+                    log.warning(
+                        "batch %d of epoch %d: a rank's share held only bad samples, so the "
+                        "other ranks' %d samples were not trained on",
+                        batch_in_epoch - 1,
+                        epoch,
+                        sum(counts),
+                    )
+                continue
+            logs, finite = _step(forward, model, batch, counts, optimizer, schedule, cfg, device)
+            step, seen = step + 1, seen + sum(counts)
             health.update(finite, step, logs, last_checkpoint)
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                logs = distributed.mean_over_ranks(logs)  # the shares' mean: the global loss
                 rate = seen / (time.perf_counter() - started)
                 record = (
                     {
@@ -144,7 +180,8 @@ def train(cfg: Config, run_dir: str | Path | None = None, progress: bool = True)
                     | {"skipped_steps": health.skipped}
                     | bad_data.metrics()
                 )
-                metrics.log(record)
+                if main:
+                    metrics.log(record)
                 bar.set_postfix(
                     loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}", pairs_s=f"{rate:.0f}"
                 )
@@ -159,15 +196,20 @@ def train(cfg: Config, run_dir: str | Path | None = None, progress: bool = True)
                     "bad_samples": bad_data.state_dict(),
                     "health": health.state_dict(),
                 }
-                last_checkpoint = save_checkpoint(
-                    checkpoints,
-                    step,
-                    model,
-                    state,
-                    data.fingerprints(),
-                    keep=cfg.train.keep_checkpoints,
-                )
-            if step < cfg.train.steps and cfg.eval.every and step % cfg.eval.every == 0:
+                # Every rank holds the same weights, optimizer state, position and counts.
+                path = checkpoints / f"step_{step:08d}"
+                if main:
+                    path = save_checkpoint(
+                        checkpoints,
+                        step,
+                        model,
+                        state,
+                        data.fingerprints(),
+                        keep=cfg.train.keep_checkpoints,
+                    )
+                last_checkpoint = path
+            periodic_eval = cfg.eval.every and step % cfg.eval.every == 0
+            if main and step < cfg.train.steps and periodic_eval:
                 _evaluate(model, data, benchmarks, cfg, run_dir, step, metrics)
             if step >= cfg.train.steps:
                 break
@@ -184,10 +226,33 @@ def train(cfg: Config, run_dir: str | Path | None = None, progress: bool = True)
     log.info(bad_data.summary())
     if health.skipped:
         log.warning("%d steps with a non-finite loss or gradient were skipped", health.skipped)
-    if evaluated_step(run_dir) != step:  # also after a crash between checkpoint and eval
-        _evaluate(model, data, benchmarks, cfg, run_dir, step, metrics)
-    metrics.close()
+    if main:
+        if evaluated_step(run_dir) != step:  # also after a crash between checkpoint and eval
+            _evaluate(model, data, benchmarks, cfg, run_dir, step, metrics)
+        metrics.close()
+    distributed.barrier()  # the run is complete (checkpoint, eval.json) when any rank returns
     return run_dir
+
+
+def _distributed_data_parallel(model: ThreeTowers, device: torch.device):
+    """DDP over the trainable parts. The frozen h stays outside: DDP neither broadcasts nor
+    synchronises its weights and buffers, and ``_step`` runs it before the wrapped forward."""
+    if model.third_tower is not None:
+        h = model.third_tower
+        frozen = [
+            f"third_tower.{name}"
+            for name, _ in itertools.chain(h.named_parameters(), h.named_buffers())
+        ]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
+    device_ids = [device] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+def _across_ranks(used: int, skipped: list) -> tuple[list[int], list]:
+    """Every rank's batch size and all ranks' bad samples: the counts every rank keeps (and
+    rank 0 checkpoints) are those of the global batch."""
+    shares = distributed.all_gather_objects((used, skipped))
+    return [count for count, _ in shares], [bad for _, share in shares for bad in share]
 
 
 def _evaluate(model, data, benchmarks, cfg: Config, run_dir: Path, step: int, metrics) -> None:
@@ -211,19 +276,23 @@ def evaluated_step(run_dir: Path) -> int | None:
     return json.loads(path.read_text()).get("step") if path.exists() else None
 
 
-def _step(model: ThreeTowers, batch: dict, optimizer, schedule, cfg: Config, device):
-    """One optimizer step; returns its logs and whether it was finite (else nothing moved)."""
+def _step(
+    forward, model: ThreeTowers, batch: dict, counts: list[int], optimizer, schedule, cfg, device
+):
+    """One optimizer step; returns its logs and whether it was finite (else nothing moved).
+
+    ``forward`` is the model or its DDP wrapper; ``counts`` every rank's batch size.
+    """
     batch = {
         k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
     }
     with autocast(device, cfg.train.precision):
-        out = model(
-            batch.get("images"),
-            batch["tokens"],
-            third_features=batch.get("third_features"),
-            third_images=batch.get("third_images"),
-        )
-        loss, logs = model.loss(out)
+        third = batch.get("third_features")
+        if model.third_tower is not None and third is None:  # h live, outside the wrapper
+            images, third_images = batch.get("images"), batch.get("third_images")
+            third = model.third_features(images, third_images=third_images)
+        out = forward(batch.get("images"), batch["tokens"], third_features=third)
+        loss, logs = model.loss(out, counts)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     parameters = model.trainable_parameters()
@@ -233,8 +302,8 @@ def _step(model: ThreeTowers, batch: dict, optimizer, schedule, cfg: Config, dev
         norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
     logs["grad_norm"] = norm.detach()
     # One host sync per step (as AMP's GradScaler makes): a non-finite loss or gradient must
-    # reach neither the weights nor Adam's moments, so the step is decided here.
-    finite = bool(torch.isfinite(loss.detach() + norm.detach()))
+    # reach neither the weights nor Adam's moments, so the step is decided here, on all ranks.
+    finite = distributed.all_ranks(torch.isfinite(loss.detach() + norm.detach()))
     if finite:
         optimizer.step()
         model.objective.clamp_temperatures_()

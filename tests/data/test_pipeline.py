@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import webdataset as wds
 from PIL import Image
 
 from threetowers.data.pipeline import Normalise, PixelEvalTransform, PixelTrainTransform
@@ -36,3 +37,43 @@ def test_pixel_transforms_then_normalise_equal_the_float_transforms():
             [reference(im, np.random.default_rng(i)) for i, im in enumerate(images)]
         )
         assert torch.equal(Normalise(pre)(pixels), expected)
+
+
+def test_ranks_over_unequal_shards_stop_each_epoch_at_the_same_batch(tmp_path, monkeypatch):
+    from tests.test_fault_injection import picture
+    from threetowers import build_model, distributed, load_config
+    from threetowers.data import pipeline
+    from threetowers.data.loader import num_batches
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for shard, size in enumerate((24, 8, 16)):  # 2 ranks: one gets two shards, one gets one
+        with wds.TarWriter(str(shards / f"train-{shard:06d}.tar")) as sink:
+            for index in range(size):
+                key = f"s{shard}-{index:03d}"
+                sink.write({"__key__": key, "png": picture(index), "txt": b"a red square"})
+    cfg = load_config(
+        "tiny",
+        [
+            "model.mode=clip",
+            f"data.train={shards}",
+            "data.batch_size=8",
+            "data.num_workers=0",
+            "model.text.vocab_size=100",
+        ],
+    )
+    data = pipeline.TrainingData(cfg, tmp_path)
+    data.attach(build_model(cfg), progress=False)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    for epoch in range(3):
+        planned = [
+            num_batches(data.pairs, batch_size=4, seed=0, epoch=epoch, rank=r, world_size=2)
+            for r in range(2)
+        ]
+        got = []
+        for rank in range(2):
+            monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
+            got.append(sum(1 for _ in data.batches(epoch, 0)))
+            assert sum(1 for _ in data.batches(epoch, 1)) == min(planned) - 1  # resumed
+        assert got == [min(planned)] * 2
+        assert planned[0] != planned[1]

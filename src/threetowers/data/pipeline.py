@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from pathlib import Path
@@ -10,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from threetowers import distributed
 from threetowers.config import Config, ConfigError, WorldConfig
 from threetowers.data.cache import FeatureCache, feature_cache
-from threetowers.data.loader import pair_batches
+from threetowers.data.loader import num_batches, pair_batches
 from threetowers.data.pairs import Pair, PairTable, ShardPairs, iter_captions, open_pairs
 from threetowers.data.preload import preload_pairs
 from threetowers.data.tokenizer import CaptionTokenizer, MemoisedEncoder
@@ -191,18 +193,29 @@ class TrainingData:
         self.example = TrainingExample(view, augment, third)
 
     def batches(self, epoch: int, start_batch: int):
-        data = self.cfg.data
-        for batch in pair_batches(
+        """This rank's batches of ``epoch`` from ``start_batch`` on: ``data.batch_size`` is the
+        global batch, split evenly over the ranks, which read disjoint samples."""
+        data, world = self.cfg.data, distributed.world_size()
+        split = {
+            "batch_size": distributed.local_batch_size(data.batch_size),
+            "seed": self.cfg.train.seed,
+            "epoch": epoch,
+            "world_size": world,
+            # preloaded rows are a memory read: worker processes would cost more than they save
+            "num_workers": 0 if data.preload else data.num_workers,
+        }
+        batches = pair_batches(
             self.pairs,
             example=self.example,
-            batch_size=data.batch_size,
-            seed=self.cfg.train.seed,
-            epoch=epoch,
             start_batch=start_batch,
-            # preloaded rows are a memory read: worker processes would cost more than they save
-            num_workers=0 if data.preload else data.num_workers,
+            rank=distributed.rank(),
             shuffle_buffer=data.shuffle_buffer,
-        ):
+            **split,
+        )
+        if world > 1:  # shard ranks may plan different counts: all stop at the least
+            least = min(num_batches(self.pairs, rank=r, **split) for r in range(world))
+            batches = itertools.islice(batches, max(0, least - start_batch))
+        for batch in batches:
             if not batch["keys"]:  # only bad samples: nothing to prepare
                 yield batch
                 continue

@@ -40,10 +40,10 @@ def write_table(root: Path) -> Path:
     return table
 
 
-def write_config(root: Path, table: Path) -> Path:
+def write_config(root: Path, table: Path, mode: str = "3t", cache: bool = False) -> Path:
     config = {
         "model": {
-            "mode": "3t",  # h runs live (no cache): outside the DDP wrapper
+            "mode": mode,
             "embed_dim": 16,
             "image": {"image_size": 16, "patch_size": 8, "width": 32, "depth": 1, "heads": 2},
             "text": {"vocab_size": 120, "context_length": 8, "width": 32, "depth": 1, "heads": 2},
@@ -53,7 +53,7 @@ def write_config(root: Path, table: Path) -> Path:
             "train": str(table),
             "batch_size": GLOBAL_BATCH,
             "num_workers": 0,
-            "cache": False,
+            "cache": cache,
             "max_bad_fraction": 0.2,
             "cache_dir": str(root / "cache"),
         },
@@ -66,7 +66,7 @@ def write_config(root: Path, table: Path) -> Path:
             "device": "cpu",
         },
     }
-    path = root / "run.yaml"
+    path = root / f"{mode}-cache{cache}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -93,10 +93,10 @@ def train_records(run: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ddp")
-    config = write_config(root, write_table(root / "data"))
+    config = write_config(root, write_table(root / "data"))  # 3t, h live: outside DDP
     single = train(load_config(config), root / "single", progress=False)
     torchrun(config, root / "ranks")
-    return {"config": config, "single": single, "ranks": root / "ranks"}
+    return {"root": root, "config": config, "single": single, "ranks": root / "ranks"}
 
 
 def test_bad_samples_leave_the_ranks_with_different_batch_sizes(runs):
@@ -126,6 +126,16 @@ def test_two_ranks_train_the_weights_of_one_process_with_the_global_batch(runs):
     # Within a tenth of one step of the learning rate (1e-3): the attention key biases have
     # a gradient of exactly zero (softmax ignores a shift per query), so their updates are
     # Adam's normalised float noise, which differs with the summation order.
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-4, msg=key)
+
+
+def test_two_ranks_share_the_feature_cache_rank_0_builds(runs):
+    root = runs["root"]
+    config = write_config(root, root / "data" / "pairs.jsonl", mode="lit", cache=True)
+    torchrun(config, root / "lit-ranks")  # builds the cache
+    single = train(load_config(config), root / "lit-single", progress=False)  # reuses it
+    expected, got = weights(single), weights(root / "lit-ranks")
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-4, msg=key)
 

@@ -187,19 +187,20 @@ def _train(cfg: Config, run_dir: Path, progress: bool, device: torch.device) -> 
                 )
             bar.update(1)
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-                state = {
-                    "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict(),
-                    "rng": torch.get_rng_state(),
-                    "epoch": epoch,
-                    "batch_in_epoch": batch_in_epoch,
-                    "bad_samples": bad_data.state_dict(),
-                    "health": health.state_dict(),
-                }
-                # Every rank holds the same weights, optimizer state, position and counts.
-                path = checkpoints / f"step_{step:08d}"
+                # Every rank holds the same weights, optimizer state, position and counts, so
+                # rank 0's checkpoint restores them all.
+                last_checkpoint = checkpoints / f"step_{step:08d}"
                 if main:
-                    path = save_checkpoint(
+                    state = {
+                        "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(),
+                        "rng": torch.get_rng_state(),
+                        "epoch": epoch,
+                        "batch_in_epoch": batch_in_epoch,
+                        "bad_samples": bad_data.state_dict(),
+                        "health": health.state_dict(),
+                    }
+                    last_checkpoint = save_checkpoint(
                         checkpoints,
                         step,
                         model,
@@ -207,7 +208,6 @@ def _train(cfg: Config, run_dir: Path, progress: bool, device: torch.device) -> 
                         data.fingerprints(),
                         keep=cfg.train.keep_checkpoints,
                     )
-                last_checkpoint = path
             periodic_eval = cfg.eval.every and step % cfg.eval.every == 0
             if main and step < cfg.train.steps and periodic_eval:
                 _evaluate(model, data, benchmarks, cfg, run_dir, step, metrics)

@@ -26,6 +26,7 @@ CASES = [
     ("clip", "softmax", 0, 3),
     ("3t", "softmax", 0, 5),
     ("3t", "sigmoid", 3, 1),
+    ("lit", "softmax", 3, 6),
 ]
 
 

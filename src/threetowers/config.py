@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from threetowers.towers.pretrained import BACKBONES, BACKBONES_NEEDING_PATH, FIXED_FEATURE_DIMS
 
@@ -245,7 +245,7 @@ class PretrainConfig(Section):
     data: str | None = None  # class folders with train/ and val/; None: the world's set below
     world_set: Literal["objects", "scenes"] = "objects"
     architecture: Literal["cnn", "vit"] = "cnn"
-    cnn_widths: list[int] = [16, 32, 64, 128]
+    cnn_widths: list[PositiveInt] = Field([16, 32, 64, 128], min_length=1)
     vit: ImageTowerConfig = ImageTowerConfig()
     image_size: int = Field(64, gt=0)
     steps: int = Field(1500, gt=0)

@@ -9,6 +9,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+# PyTorch 2.13's CPU backward of a strided 1x1 convolution with fewer than 8 input channels
+# corrupts memory (the process dies) in channels-last layout; from 8 channels up its
+# gradients match a float64 reference.
+CHANNELS_LAST_MIN_WIDTH = 8
+
 
 def _conv_bn(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(
@@ -52,6 +57,10 @@ class SmallResNet(nn.Module):
             blocks.append(ResidualBlock(channels, width, stride=1 if i == 0 else 2))
             channels = width
         self.blocks = nn.Sequential(*blocks)
+        # Every block after the first downsamples its input (widths[:-1]) with a 1x1 shortcut.
+        self.trains_channels_last = min(widths[:-1], default=CHANNELS_LAST_MIN_WIDTH) >= (
+            CHANNELS_LAST_MIN_WIDTH
+        )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.blocks(self.stem(images)).mean(dim=(2, 3))

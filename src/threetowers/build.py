@@ -49,8 +49,9 @@ def build_model(
     """Build the model of ``cfg`` (a full Config, or a ModelConfig with the default loss).
 
     ``third_tower`` replaces the configured backbone (any module wrapped as FrozenBackbone).
-    ``device="meta"`` builds the trainable towers without memory, e.g. to count parameters
-    of the paper-scale presets; the third tower is still loaded for real.
+    ``device`` gets the model built on the CPU and moved there; ``device="meta"`` builds the
+    trainable towers without memory, e.g. to count parameters of the paper-scale presets (the
+    third tower is still loaded for real).
     """
     model_cfg, loss_cfg = (cfg.model, cfg.loss) if isinstance(cfg, Config) else (cfg, LossConfig())
     mode = model_cfg.mode
@@ -71,7 +72,10 @@ def build_model(
                 "use model.third.head=linear"
             )
 
-    with torch.device(device) if device is not None else nullcontext():
+    # The trainable towers are built on the CPU and then moved, so that a seed gives the same
+    # initial weights on any device (a GPU would draw them from its own generator).
+    meta = device is not None and torch.device(device).type == "meta"
+    with torch.device("meta") if meta else nullcontext():
         image_tower = image_preprocessing = None
         if mode != "lit":
             image = model_cfg.image
@@ -91,6 +95,6 @@ def build_model(
             third_head=model_cfg.third.head if model_cfg.third is not None else "linear",
             share_alignment_heads=model_cfg.share_alignment_heads,
         )
-    if device is not None and torch.device(device).type != "meta":
+    if device is not None and not meta:
         model.to(device)
     return model

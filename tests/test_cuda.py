@@ -79,7 +79,7 @@ def test_a_gpu_run_resumes_on_a_cpu_machine(world_dir, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     moved = losses(tmp_path / "moved")
-    assert len(moved) == 4 and moved[:2] == gpu[:2]
+    assert len(moved) == 4 and moved[:2] == pytest.approx(gpu[:2], rel=1e-5)  # GPU atomics
     assert moved[2:] == pytest.approx(gpu[2:], rel=2e-2)  # steps 3 and 4 ran on the CPU
 
 
@@ -101,6 +101,6 @@ def test_torchrun_over_nccl(world_dir, tmp_path):
         "--run-dir",
         str(tmp_path / "ddp"),
     ]
-    done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ))
+    done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(losses(tmp_path / "ddp")) == 3

@@ -142,6 +142,18 @@ def test_user_errors_end_in_one_message(argv, message, capsys):
     assert message in err and "Traceback" not in err
 
 
+def test_only_rank_zero_reports_a_config_error(monkeypatch, capsys):
+    argv = ["config", "tiny", "model.image.widht=3"]
+    monkeypatch.setenv("RANK", "1")
+    assert main(argv) == 2
+    assert capsys.readouterr().err == ""
+    assert main(["eval", "/nonexistent/run"]) == 2  # not a config error: every rank says it
+    assert "neither a run directory nor a checkpoint" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "0")
+    assert main(argv) == 2
+    assert "did you mean 'width'" in capsys.readouterr().err
+
+
 def test_overrides_may_follow_options(capsys):
     assert main(["config", "tiny", "model.embed_dim=24"]) == 0
     assert "embed_dim: 24" in capsys.readouterr().out

@@ -270,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     # OSError covers missing files, permissions and a full disk; a run stopped by
     # non-finite steps raises FloatingPointError.
     except (ValueError, OSError, ImportError, FloatingPointError) as error:
-        print(f"threetowers {args.command}: error: {error}", file=sys.stderr)
+        # Every torchrun rank reads the same config: rank 0 alone says what is wrong with it.
+        if not (isinstance(error, ConfigError) and launched_rank() != 0):
+            print(f"threetowers {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(

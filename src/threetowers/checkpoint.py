@@ -56,6 +56,11 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def checkpoint_path(directory: str | Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` lives in ``directory``."""
+    return Path(directory) / f"{PREFIX}{step:08d}"
+
+
 def save_checkpoint(
     directory: str | Path,
     step: int,
@@ -66,7 +71,7 @@ def save_checkpoint(
 ) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"{PREFIX}{step:08d}"
+    final = checkpoint_path(directory, step)
     tmp = temporary_path(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

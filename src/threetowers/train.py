@@ -28,6 +28,7 @@ from threetowers import distributed
 from threetowers.atomic import write_atomic
 from threetowers.build import build_model
 from threetowers.checkpoint import (
+    checkpoint_path,
     load_latest,
     remove_stale_temporaries,
     restore_model,
@@ -189,7 +190,7 @@ def _train(cfg: Config, run_dir: Path, progress: bool, device: torch.device) -> 
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
                 # Every rank holds the same weights, optimizer state, position and counts, so
                 # rank 0's checkpoint restores them all.
-                last_checkpoint = checkpoints / f"step_{step:08d}"
+                last_checkpoint = checkpoint_path(checkpoints, step)
                 if main:
                     state = {
                         "optimizer": optimizer.state_dict(),
@@ -327,5 +328,5 @@ def _resume(
     if "bad_samples" in state:  # older checkpoints have no counts: they start from zero
         bad_data.load_state_dict(state["bad_samples"])
         health.load_state_dict(state["health"])
-    path = checkpoints / f"step_{checkpoint.step:08d}"
+    path = checkpoint_path(checkpoints, checkpoint.step)
     return checkpoint.step, state["epoch"], state["batch_in_epoch"], path

@@ -35,6 +35,6 @@ def pairs_per_second(cfg: Config, num_workers: int, batches: int, repeats: int =
             stream = data.batches(epoch, start_batch=0)
             next(stream)
             start = time.perf_counter()
-            count = sum(len(b["keys"]) for b in itertools.islice(stream, batches))
+            count = sum(len(b["ids"]) for b in itertools.islice(stream, batches))
             rates.append(count / (time.perf_counter() - start))
     return statistics.median(rates)

@@ -69,8 +69,11 @@ def test_eval_writes_eval_json_and_refuses_model_overrides(trained, tmp_path, ca
     assert main(["eval", str(root / "run"), "eval.fewshot_shots=1", "--out", str(tmp_path)]) == 0
     scores = json.loads((tmp_path / "eval.json").read_text())
     assert scores["fewshot_shots"] == 1 and len(scores["alpha_sweep"]) == 11
-    assert main(["eval", str(root / "run"), "model.mode=clip"]) == 2
-    assert "eval.* overrides only" in capsys.readouterr().err
+    for foreign in ("model.mode=clip", "data.batch_size=8", "data.train=x.csv"):
+        assert main(["eval", str(root / "run"), foreign]) == 2
+        err = capsys.readouterr().err
+        assert f"got ['{foreign}']" in err and "eval.* overrides and the data-reading keys" in err
+        assert "data.max_bad_fraction, data.num_workers, data.cache_dir" in err
 
 
 @pytest.mark.parametrize("alpha", [1.0, 0.5])
@@ -196,6 +199,13 @@ def test_eval_and_embed_skip_unreadable_images_and_stop_above_the_fraction(
     assert "evaluation images: 6 of " in err and "data.max_bad_fraction=0.01" in err
     assert "class_0/000.png" in err
     assert "Traceback" not in err
+    relaxed = [*args, "data.max_bad_fraction=0.06", "--out", str(tmp_path / "relaxed")]
+    scores = []
+    for workers in (0, 2):  # reading in loader processes gives the same embeddings
+        assert main([*relaxed, f"data.num_workers={workers}"]) == 0
+        scores.append(json.loads((tmp_path / "relaxed" / "eval.json").read_text()))
+    assert scores[0]["skipped_images"] == scores[1]["skipped_images"] == 6
+    assert scores[0]["zeroshot_top1"] == scores[1]["zeroshot_top1"]
 
     out = tmp_path / "images.npy"
     args = ["embed", str(root / "run"), "--images", str(one_bad / "test"), "--out", str(out)]

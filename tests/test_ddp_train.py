@@ -113,7 +113,7 @@ def test_bad_samples_leave_the_ranks_with_different_batch_sizes(runs):
             rank=rank,
             world_size=WORLD,
         )
-        return [len(batch["keys"]) for batch in batches]
+        return [len(batch["ids"]) for batch in batches]
 
     per_rank = [sizes(rank) for rank in range(WORLD)]
     assert all(min(counts) > 0 for counts in per_rank)  # no step is skipped

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from threetowers.data.benchmarks import RetrievalSet
+from threetowers.eval_suite import Benchmarks, chance_levels, image_to_text_chance
 from threetowers.evaluate import (
     alpha_sweep,
     class_embeddings,
@@ -303,3 +306,31 @@ def test_plot_alpha_sweep_writes_png(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(data) > 10_000
     assert matplotlib.get_backend() == backend
+
+
+def test_image_to_text_chance_is_what_random_embeddings_score():
+    # 10 images with 5 or 6 captions each: the k*c/M estimate says 100% at k = 10
+    owners = torch.tensor([i for i in range(10) for _ in range(5 + i % 2)])
+    per_image = torch.bincount(owners).tolist()
+    generator = torch.Generator().manual_seed(0)
+    draws = [
+        retrieval(
+            F.normalize(torch.randn(10, 16, generator=generator, dtype=torch.float64), dim=-1),
+            F.normalize(torch.randn(55, 16, generator=generator, dtype=torch.float64), dim=-1),
+            owners,
+        )
+        for _ in range(2000)
+    ]
+    for k in (1, 5, 10):
+        measured = sum(d[f"i2t_R@{k}"] for d in draws) / len(draws)
+        exact = 100 * image_to_text_chance(per_image, k)
+        # the mean of 2000 draws, each a mean of 10 hits: standard error below 0.4 points
+        assert measured == pytest.approx(exact, abs=1.5), k
+    for k in (1, 5, 10):  # the binomial formula, with exact integers
+        direct = sum(1 - math.comb(55 - c, k) / math.comb(55, k) for c in per_image) / 10
+        assert image_to_text_chance(per_image, k) == pytest.approx(direct, abs=1e-12)
+    assert image_to_text_chance(per_image, 10) < 0.7  # far from the estimate's 100%
+    assert image_to_text_chance([5], 10) == 1.0  # its own 5 captions are all there is
+    printed = chance_levels(Benchmarks(RetrievalSet([Path()] * 10, ["c"] * 55, owners)))
+    assert printed["i2t_R@10"] == pytest.approx(100 * image_to_text_chance(per_image, 10))
+    assert printed["t2i_R@10"] == 100.0 and printed["t2i_R@1"] == pytest.approx(10.0)

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import threetowers as tt
+from tests.data.test_cache import colliding_shards
 from threetowers.checkpoint import load_latest
 from threetowers.cli import main
 from threetowers.data.bad_samples import BadDataError
@@ -137,7 +138,12 @@ def test_killed_run_resumes_to_the_same_weights(world_dir, tmp_path):
     assert not list((interrupted / "checkpoints").glob(".tmp-*"))
 
 
-def test_cached_third_tower_features_give_the_live_loss(world_dir, tmp_path):
+@pytest.mark.parametrize("data", ["world", "colliding_keys"])
+def test_cached_third_tower_features_give_the_live_loss(world_dir, tmp_path, data):
+    # colliding_keys: two shards whose samples share their keys, with other images
+    shards = [] if data == "world" else [f"data.train={colliding_shards(tmp_path / 'data')}"]
+    if shards:
+        shards.append("data.batch_size=10")
     losses = {}
     for cache in (True, False):
         cfg = tiny_run_config(
@@ -146,6 +152,7 @@ def test_cached_third_tower_features_give_the_live_loss(world_dir, tmp_path):
             "train.steps=3",
             "data.augment=false",
             f"data.cache={cache}",
+            *shards,
         )
         run = train(cfg, tmp_path / f"cache_{cache}", progress=False)
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -67,6 +67,15 @@ def _print_results(run_dir: Path) -> None:
     print(results_table(results, chance))
 
 
+# What `eval` may override besides eval.*: how the benchmarks are read, never the model.
+EVAL_DATA_KEYS = (
+    "data.max_bad_fraction",
+    "data.num_workers",
+    "data.cache_dir",
+    "data.allow_absolute_paths",
+)
+
+
 def _eval(args: argparse.Namespace) -> None:
     from threetowers.data.pipeline import ensure_world
     from threetowers.eval_inputs import EvalCache
@@ -74,9 +83,16 @@ def _eval(args: argparse.Namespace) -> None:
     from threetowers.trained import load_trained
 
     run = load_trained(args.run)
-    foreign = [item for item in args.overrides if not item.startswith("eval.")]
+    foreign = [
+        item
+        for item in args.overrides
+        if not item.startswith("eval.") and item.split("=", 1)[0] not in EVAL_DATA_KEYS
+    ]
     if foreign:
-        raise ConfigError(f"eval takes eval.* overrides only (the model is fixed), got {foreign}")
+        raise ConfigError(
+            f"eval takes eval.* overrides and the data-reading keys {', '.join(EVAL_DATA_KEYS)} "
+            f"only (the model is fixed), got {foreign}"
+        )
     cfg = load_config(run.run_dir / "config.yaml", args.overrides)
     world = ensure_world(cfg.data.world) if cfg.data.train is None else None
     benchmarks = resolve_benchmarks(cfg.eval, world, cfg.data.allow_absolute_paths)
@@ -90,6 +106,7 @@ def _eval(args: argparse.Namespace) -> None:
         step=run.step,
         max_bad_fraction=cfg.data.max_bad_fraction,
         cache=EvalCache.of(cfg.data),
+        num_workers=cfg.data.num_workers,
     )
     print(f"step {run.step} of {run.run_dir}; eval.json in {out}")
     print(results_table(results, chance_levels(benchmarks)))

@@ -211,6 +211,9 @@ class EvalConfig(Section):
     """Benchmarks; left empty with the embedded world, its own sets are used."""
 
     retrieval: str | None = None  # Karpathy-split JSON (dataset_flickr30k.json, ...)
+    # The folder its entries' filepath/filename are relative to; None: the JSON's folder, or
+    # its flickr30k-images/ subfolder when the images are there
+    retrieval_images: str | None = None
     retrieval_split: str = "test"
     zeroshot: dict[str, str] = {}  # name -> class-folder root (classnames.txt, templates.txt)
     zeroshot_split: str | None = "test"

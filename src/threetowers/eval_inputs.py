@@ -144,7 +144,7 @@ def _compute(h: FrozenBackbone, view: ImageInput, batch_size: int, device: torch
     for indices, pixels, skipped in DataLoader(
         view.rows, batch_size=batch_size, collate_fn=collate_images
     ):
-        bad |= {image.key: (image.reason, image.detail) for image in skipped}
+        bad |= {image.id: (image.reason, image.detail) for image in skipped}
         if len(indices):
             chunks.append(h(view.prepare(pixels).to(device)).float().cpu())
             rows.append(indices)

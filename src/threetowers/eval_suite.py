@@ -57,12 +57,19 @@ def resolve_benchmarks(
     if retrieval_json:
         try:
             sets.retrieval = load_karpathy(
-                retrieval_json, split=cfg.retrieval_split, allow_absolute_paths=allow_absolute_paths
+                retrieval_json,
+                cfg.retrieval_images,
+                split=cfg.retrieval_split,
+                allow_absolute_paths=allow_absolute_paths,
             )
         except FileNotFoundError as error:
+            fix = (
+                "set eval.retrieval_images to the folder holding the images"
+                if Path(retrieval_json).is_file()
+                else "give a Karpathy-split JSON (dataset_flickr30k.json, dataset_coco.json)"
+            )
             raise FileNotFoundError(
-                f"eval.retrieval: {error}; give a Karpathy-split JSON (dataset_flickr30k.json, "
-                "dataset_coco.json) next to its images, or leave eval.retrieval unset"
+                f"eval.retrieval: {error}; {fix}, or leave eval.retrieval unset"
             ) from None
     for name, root in zeroshot.items():
         try:
@@ -86,17 +93,21 @@ def embed_images(
     batch_size: int = 256,
     bad_images: BadSampleLog | None = None,
     cache: EvalCache | None = None,
+    num_workers: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Every image-side embedding of ``model`` (z_f and/or z_h) for image files.
 
     Images that cannot be used are skipped (and recorded in ``bad_images``): ``"index"``
     holds the positions in ``paths`` of the rows that were embedded. With ``cache``, the
     views and h's features are made once and read from there (the same embeddings).
+    ``num_workers`` loader processes read the rows (in order: the same embeddings).
     """
     inputs = image_inputs(model, paths, batch_size, cache)
     device = next(p for p in model.parameters()).device
     loaders = {
-        name: DataLoader(put.rows, batch_size=batch_size, collate_fn=collate_images)
+        name: DataLoader(
+            put.rows, batch_size=batch_size, collate_fn=collate_images, num_workers=num_workers
+        )
         for name, put in inputs.items()
     }
     chunks: dict[str, list[torch.Tensor]] = {"index": []}
@@ -138,12 +149,14 @@ def evaluate_model(
     step: int | None = None,
     max_bad_fraction: float = 1.0,
     cache: EvalCache | None = None,
+    num_workers: int = 0,
 ) -> dict:
     """All metrics of ``model`` on ``benchmarks``; writes eval.json (and the α plot) to out_dir.
 
     Unusable images are left out of their set (a retrieval image with its captions) and
     counted in ``skipped_images``; more than ``max_bad_fraction`` of them is an error. With
-    ``cache``, what every run would make again is made once (see ``eval_inputs``)."""
+    ``cache``, what every run would make again is made once (see ``eval_inputs``). Images
+    are read by ``num_workers`` loader processes (0: in this one)."""
     was_training = model.training
     model.eval()
     image_key = "z_h" if model.mode == "lit" else "z_f"
@@ -153,7 +166,7 @@ def evaluate_model(
     bad_images = BadSampleLog(max_bad_fraction, "evaluation images")
 
     def embed(paths) -> dict[str, torch.Tensor]:
-        embedded = embed_images(model, paths, cfg.batch_size, bad_images, cache)
+        embedded = embed_images(model, paths, cfg.batch_size, bad_images, cache, num_workers)
         bad_images.check()  # benchmark sets are small: judged as each one is read
         return embedded
 
@@ -247,11 +260,11 @@ def chance_levels(benchmarks: Benchmarks) -> dict[str, float]:
     """What random embeddings would score, in %, to print next to the results."""
     chance: dict[str, float] = {}
     if benchmarks.retrieval is not None:
-        # A text finds its one image among N at random with k/N; an image with c of the M
-        # captions finds one of them with about k*c/M = k/N as well.
         images = len(benchmarks.retrieval)
+        per_image = torch.bincount(benchmarks.retrieval.image_of_caption, minlength=images)
         for k in (1, 5, 10):
-            chance[f"t2i_R@{k}"] = chance[f"i2t_R@{k}"] = 100 * min(1.0, k / images)
+            chance[f"t2i_R@{k}"] = 100 * min(1.0, k / images)  # its one image among N
+            chance[f"i2t_R@{k}"] = 100 * image_to_text_chance(per_image.tolist(), k)
     for position, (name, dataset) in enumerate(benchmarks.zeroshot.items()):
         prefix = "zeroshot" if position == 0 else f"zeroshot_{name}"
         classes = len(dataset.class_names)
@@ -260,6 +273,20 @@ def chance_levels(benchmarks: Benchmarks) -> dict[str, float]:
         if position == 0:
             chance["fewshot_top1"] = 100 / classes
     return chance
+
+
+def image_to_text_chance(captions_per_image: list[int], k: int) -> float:
+    """Image->text recall@k of random embeddings: an image with c of the M captions misses
+    when its k top-ranked captions (a uniform draw without replacement) are all others',
+    with probability C(M - c, k) / C(M, k); the mean over images of the hit probability."""
+    total = sum(captions_per_image)
+    hits = []
+    for own in captions_per_image:
+        miss = 1.0  # C(M - c, k) / C(M, k) as a product, exact in floats for any M
+        for j in range(min(k, total)):
+            miss *= max(0, total - own - j) / (total - j)
+        hits.append(1.0 - miss)
+    return sum(hits) / len(hits)
 
 
 def results_table(results: dict, chance: dict[str, float]) -> str:

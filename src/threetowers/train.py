@@ -151,7 +151,7 @@ def _train(cfg: Config, run_dir: Path, progress: bool, device: torch.device) -> 
     while step < cfg.train.steps:
         steps_before, whole_epoch = step, batch_in_epoch == 0
         for batch in data.batches(epoch, batch_in_epoch):
-            counts, skipped = _across_ranks(len(batch["keys"]), batch.pop("skipped"))
+            counts, skipped = _across_ranks(len(batch["ids"]), batch.pop("skipped"))
             bad_data.record(sum(counts), skipped)
             batch_in_epoch += 1
             if min(counts) == 0:  # some rank has nothing left: no step (the ranks move together)

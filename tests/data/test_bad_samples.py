@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from tests.data.test_pairs import key_of
 from threetowers.data.bad_samples import REASONS, BadDataError, BadSample, BadSampleLog, Skipped
 from threetowers.data.loader import pair_batches
 from threetowers.data.pairs import (
@@ -136,18 +137,19 @@ def batches(source, **options):
 
 def test_bad_samples_are_skipped_with_reasons_and_odd_images_used(mixed):
     out = batches(mixed)
-    skipped = {bad.key: bad.reason for batch in out for bad in batch["skipped"]}
+    skipped = {key_of(bad.id): bad.reason for batch in out for bad in batch["skipped"]}
     assert skipped == EXPECTED_BAD
     used = {
-        key: (tuple(size.tolist()), mode)
+        key_of(sample_id): (tuple(size.tolist()), mode)
         for batch in out
-        for key, size, mode in zip(batch["keys"], batch["size"], batch["mode"], strict=True)
+        for sample_id, size, mode in zip(batch["ids"], batch["size"], batch["mode"], strict=True)
     }
     assert set(used) == {f"{n}0" for n in ODD_BUT_VALID} | {f"good0_{i}" for i in range(6)}
     assert {mode for _, mode in used.values()} == {"RGB"}
     assert used["exif_rotated0"][0] == (9, 12)  # turned upright, not skipped
-    bomb = next(b for batch in out for b in batch["skipped"] if b.key == "bomb0")
-    assert "mixed-" in bomb.detail and "bomb0" in bomb.detail  # names where it is
+    bomb = next(b for batch in out for b in batch["skipped"] if key_of(b.id) == "bomb0")
+    assert bomb.id == f"{mixed / 'mixed-0.tar'}/bomb0"  # named by its shard and its key
+    assert "mixed-0.tar" in bomb.detail and "bomb0" in bomb.detail  # says where it is
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -158,12 +160,12 @@ def test_skipped_samples_are_exact_with_workers_and_on_resume(mixed, workers):
     for start in (1, 3):
         resumed = batches(mixed, num_workers=workers, shuffle_buffer=5, start_batch=start)
         assert [b["skipped"] for b in resumed] == [b["skipped"] for b in full[start:]]
-        assert [b["keys"] for b in resumed] == [b["keys"] for b in full[start:]]
+        assert [b["ids"] for b in resumed] == [b["ids"] for b in full[start:]]
 
 
 def test_pairs_and_captions_iterate_past_bad_samples(mixed):
     items = list(iter_pairs(mixed))
-    assert {s.key: s.reason for s in items if isinstance(s, Skipped)} == EXPECTED_BAD
+    assert {key_of(s.id): s.reason for s in items if isinstance(s, Skipped)} == EXPECTED_BAD
     captions = list(iter_captions(mixed))
     assert "fine 3" in captions and "" not in captions and not any("caf" in c for c in captions)
 
@@ -185,6 +187,51 @@ def test_truncated_shards_stream_exactly_what_their_headers_count(tmp_path):
     assert count_shard_samples(cut) == 1
 
 
+def small_shard(path, samples: int = 4):
+    """A shard of tiny samples (each an image, a caption and metadata): many 512-byte blocks
+    are member headers, so cuts fall on header, member and sample boundaries alike."""
+    with wds.TarWriter(str(path)) as sink:
+        for i in range(samples):
+            sink.write({"__key__": f"s{i}", "png": encoded(rgb(i)), "txt": b"c", "json": b"{}"})
+    with tarfile.open(path) as archive:
+        last = archive.getmembers()[-1]
+    whole = last.offset_data + -(-last.size // 512) * 512 + 1024  # with its two zero blocks
+    return path.read_bytes(), whole
+
+
+def test_a_shard_cut_anywhere_is_reported_once_and_the_whole_one_never(tmp_path):
+    data, whole = small_shard(tmp_path / "whole.tar")
+    assert len(data) > whole  # tar pads the archive: cuts in the padding keep it whole
+    cut = tmp_path / "cut.tar"
+    for end in range(0, len(data) + 1, 512):
+        cut.write_bytes(data[:end])
+        samples = list(read_samples(cut))
+        assert len(samples) == count_samples(cut)  # the batch plan stays exact
+        truncated = [s for s in samples if s.get("__bad__", ("",))[0] == "truncated_shard"]
+        assert len(truncated) == (end < whole), end
+        if truncated:
+            assert str(cut) in truncated[0]["__bad__"][1] and truncated[0] is samples[-1]
+    # counted and named by each pass that reads shards, with the plan's batches
+    cut.write_bytes(data[: whole - 1024])  # cut exactly after the last sample: no data lost
+    log = BadSampleLog(1.0, "training")
+    for batch in batches([cut], batch_size=3):
+        log.record(len(batch["ids"]), batch["skipped"])
+    assert log.counts == {"truncated_shard": 1} and log.examples[0].id == f"{cut}/s3"
+    assert log.seen == count_samples(cut) == 4
+
+
+def test_a_key_that_comes_back_later_in_a_shard_is_malformed(tmp_path):
+    shard = tmp_path / "split.tar"
+    with wds.TarWriter(str(shard)) as sink:
+        for key, caption in (("a", b"first a"), ("b", b"a b"), ("a", b"second a")):
+            sink.write({"__key__": key, "png": encoded(rgb()), "txt": caption})
+    out = batches(shard, batch_size=3)
+    assert [key_of(i) for batch in out for i in batch["ids"]] == ["a", "b"]
+    (bad,) = [bad for batch in out for bad in batch["skipped"]]
+    assert bad.reason == "malformed_row" and "comes back" in bad.detail
+    assert [batch["text"] for batch in out] == [["first a", "a b"]]
+
+
 def test_a_truncated_shard_in_training_data_is_not_fatal(tmp_path):
     folder = write_mixed_shards(tmp_path / "data")
     shard = folder / "mixed-1.tar"
@@ -194,7 +241,7 @@ def test_a_truncated_shard_in_training_data_is_not_fatal(tmp_path):
     out = batches(folder, num_workers=2, shuffle_buffer=3)
     reasons = [bad.reason for batch in out for bad in batch["skipped"]]
     assert "truncated_shard" in reasons and len(reasons) == sum(open_pairs(folder).sizes) - sum(
-        len(batch["keys"]) for batch in out
+        len(batch["ids"]) for batch in out
     )
 
 
@@ -234,7 +281,7 @@ def test_malformed_csv_rows_are_bad_rows(image_dir):
         ],
     )
     out = batches(table, batch_size=20)
-    reasons = {bad.key: bad.reason for batch in out for bad in batch["skipped"]}
+    reasons = {bad.id: bad.reason for batch in out for bad in batch["skipped"]}
     assert reasons == {
         "many": "malformed_row",  # the key column holds "many"
         "000000002": "malformed_row",
@@ -247,7 +294,7 @@ def test_malformed_csv_rows_are_bad_rows(image_dir):
         "i": "path_outside_root",
         "j": "empty_caption",
     }
-    assert sorted(key for batch in out for key in batch["keys"]) == ["a", "k"]
+    assert sorted(key for batch in out for key in batch["ids"]) == ["a", "k"]
     allowed = open_pairs(table, allow_absolute_paths=True)
     assert allowed[8].key == "h" and allowed[9].key == "i"  # now used
 
@@ -267,7 +314,7 @@ def test_malformed_jsonl_rows_are_bad_rows(image_dir):
         ],
     )
     items = list(iter_pairs(table))
-    reasons = {s.key: s.reason for s in items if isinstance(s, Skipped)}
+    reasons = {s.id: s.reason for s in items if isinstance(s, Skipped)}
     assert reasons == {
         "000000001": "malformed_row",
         "000000002": "malformed_row",
@@ -383,12 +430,12 @@ def test_preloaded_pairs_keep_bad_rows_as_bad(mixed, tmp_path):
         try:
             table[index]
         except BadSample as bad:
-            reasons[table.keys[index]] = bad.reason
+            reasons[key_of(table.ids[index])] = bad.reason
     assert reasons == EXPECTED_BAD
     again = preload_pairs(mixed, view, tmp_path, progress=False)  # read back from the cache
-    assert again.bad.keys() == table.bad.keys()
-    skipped = [b.key for batch in batches(again, example=Probe()) for b in batch["skipped"]]
-    assert sorted(skipped) == sorted(EXPECTED_BAD)
+    assert again.bad.keys() == table.bad.keys() and again.ids == table.ids
+    skipped = [b.id for batch in batches(again, example=Probe()) for b in batch["skipped"]]
+    assert sorted(map(key_of, skipped)) == sorted(EXPECTED_BAD)
 
 
 class Probe:

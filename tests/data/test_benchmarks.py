@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from threetowers.config import EvalConfig
 from threetowers.data.benchmarks import (
     DEFAULT_TEMPLATES,
     ImageFiles,
@@ -17,6 +19,7 @@ from threetowers.data.benchmarks import (
     load_karpathy,
 )
 from threetowers.data.transforms import eval_transform
+from threetowers.eval_suite import resolve_benchmarks
 from threetowers.towers.frozen import Preprocessing
 
 KARPATHY = [  # (filepath, filename, split, number of sentences)
@@ -76,6 +79,41 @@ def test_karpathy_split_choice_and_image_root(tmp_path):
     (tmp_path / "val2014" / "dataset_flickr30k.json").write_text(json.dumps(flickr))
     val = load_karpathy(tmp_path / "val2014" / "dataset_flickr30k.json", split="val")
     assert val.image_paths == [tmp_path / "val2014" / "d.jpg"]
+
+
+def flickr30k_layout(folder):
+    """The Flickr30k download as people keep it: the JSON beside ``flickr30k-images/``, its
+    entries without a "filepath"."""
+    path = write_karpathy(folder)
+    flickr = json.loads(path.read_text())
+    (folder / "flickr30k-images").mkdir()
+    for image in flickr["images"]:
+        (folder / image.pop("filepath") / image["filename"]).rename(
+            folder / "flickr30k-images" / image["filename"]
+        )
+    path.unlink()
+    (folder / "dataset_flickr30k.json").write_text(json.dumps(flickr))
+    return folder / "dataset_flickr30k.json"
+
+
+def test_the_real_flickr30k_and_coco_layouts_load_from_a_config(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="threetowers")
+    flickr = flickr30k_layout(tmp_path / "flickr")
+    sets = resolve_benchmarks(EvalConfig(retrieval=str(flickr)), None)
+    images = tmp_path / "flickr" / "flickr30k-images"
+    assert sets.retrieval.image_paths == [images / n for n in ("a.jpg", "c.jpg", "f.jpg")]
+    assert f"3 test images under {images}" in caplog.text  # says which folder it used
+    coco = write_karpathy(tmp_path / "coco")  # beside train2014/ and val2014/
+    val = resolve_benchmarks(EvalConfig(retrieval=str(coco), retrieval_split="val"), None)
+    assert val.retrieval.image_paths == [tmp_path / "coco" / "val2014" / "d.jpg"]
+    # a JSON kept apart from its images: eval.retrieval_images names their folder
+    apart = tmp_path / "splits" / "dataset_flickr30k.json"
+    apart.parent.mkdir()
+    flickr.rename(apart)
+    with pytest.raises(FileNotFoundError, match="set eval.retrieval_images to the folder"):
+        resolve_benchmarks(EvalConfig(retrieval=str(apart)), None)
+    cfg = EvalConfig(retrieval=str(apart), retrieval_images=str(images))
+    assert resolve_benchmarks(cfg, None).retrieval.image_paths[0] == images / "a.jpg"
 
 
 def test_karpathy_errors(tmp_path):
@@ -157,6 +195,6 @@ def test_image_files_in_batches(tmp_path):
     images = torch.cat([image for _, image, _ in batches])
     assert indices.tolist() == [0, 1, 2, 3, 5] and images.shape == (5, 3, 8, 8)
     (bad,) = [skipped for _, _, batch in batches for skipped in batch]
-    assert bad.key == str(data.image_paths[4]) and bad.reason == "undecodable_image"
+    assert bad.id == str(data.image_paths[4]) and bad.reason == "undecodable_image"
     red = images[:, 0, 0, 0] * pre.std[0] + pre.mean[0]
     torch.testing.assert_close(red, data.labels[indices].float() * 40 / 255, rtol=0, atol=1e-5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 
 import numpy as np
 import pytest
@@ -95,18 +96,23 @@ def run(source, **kwargs):
     return list(pair_batches(source, **options))
 
 
+def key_of(sample_id: str) -> str:
+    """A sample's key from its id: ``SHARD/KEY`` for shards, the key itself for tables."""
+    return sample_id.rsplit("/", 1)[-1]
+
+
 def keys_of(batches):
-    return [key for batch in batches for key in batch["keys"]]
+    return [key_of(sample_id) for batch in batches for sample_id in batch["ids"]]
 
 
 def skipped_of(batches):
-    return [(bad.key, bad.reason) for batch in batches for bad in batch["skipped"]]
+    return [(key_of(bad.id), bad.reason) for batch in batches for bad in batch["skipped"]]
 
 
 def assert_same(left, right):
     assert len(left) == len(right)
     for a, b in zip(left, right, strict=True):
-        assert a["keys"] == b["keys"]
+        assert a["ids"] == b["ids"]
         for name in ("image", "caption", "draw"):
             assert torch.equal(a[name], b[name])
 
@@ -123,6 +129,13 @@ def check_consistent(batches):
 def test_shards_visit_every_sample_once(shards, workers):
     batches = run(shards, num_workers=workers, drop_last=False)
     assert sorted(keys_of(batches)) == [f"k{i:04d}" for i in range(N_SHARD)]
+    # every sample is named by its shard and its key
+    members = {
+        f"{shard}/{name.rsplit('.', 1)[0]}"
+        for shard in open_pairs(shards).shards
+        for name in tarfile.open(shard).getnames()
+    }
+    assert {sample_id for batch in batches for sample_id in batch["ids"]} < members
     # the caption without an image is a sample, skipped as bad and listed in its batch
     assert skipped_of(batches) == [("orphan", "no_image")]
     check_consistent(batches)
@@ -173,7 +186,7 @@ def test_multi_caption_picks_vary_by_epoch_but_repeat(tmp_path):
     def picks(epoch):
         batches = run(folder, epoch=epoch, batch_size=3, num_workers=0)
         check_consistent(batches)
-        pairs = [zip(b["keys"], b["caption"], strict=True) for b in batches]
+        pairs = [zip(b["ids"], b["caption"], strict=True) for b in batches]
         return {key: int(caption[1]) for batch in pairs for key, caption in batch}
 
     per_epoch = [picks(epoch) for epoch in range(6)]
@@ -212,7 +225,7 @@ def test_tables_visit_every_sample_once(tables, name, workers):
     batches = run(tables / name, num_workers=workers, drop_last=False)
     assert len(keys_of(batches)) == len(set(keys_of(batches))) == N_TABLE
     check_consistent(batches)
-    assert [len(b["keys"]) for b in batches] == [4] * 5 + [2]
+    assert [len(b["ids"]) for b in batches] == [4] * 5 + [2]
     assert len(run(tables / name, num_workers=workers)) == 5
 
 
@@ -263,7 +276,7 @@ def test_table_errors(tables, tmp_path):
     broken = tmp_path / "broken.csv"
     broken.write_text("image,caption\nnowhere.png,hello\n")
     (batch,) = run(broken, batch_size=1)
-    assert batch["keys"] == [] and skipped_of([batch]) == [("000000000", "missing_file")]
+    assert batch["ids"] == [] and skipped_of([batch]) == [("000000000", "missing_file")]
     assert "nowhere.png" in batch["skipped"][0].detail
 
 

@@ -63,10 +63,10 @@ def test_training_batches_from_preloaded_pairs_equal_the_decoded_views(tmp_path)
     data.attach(model, progress=False)
     batch = next(data.batches(epoch=0, start_batch=0))
     pre = model.image_preprocessing
-    decoded = {pair.key: pair.image for pair in iter_pairs(data.source)}
-    expected = torch.stack([PixelEvalTransform(pre)(decoded[key]) for key in batch["keys"]])
+    decoded = {pair.id: pair.image for pair in iter_pairs(data.source)}
+    expected = torch.stack([PixelEvalTransform(pre)(decoded[id_]) for id_ in batch["ids"]])
     assert torch.equal(batch["images"], Normalise(pre)(expected))
-    assert batch["tokens"].shape[0] == len(batch["keys"]) == cfg.data.batch_size
+    assert batch["tokens"].shape[0] == len(batch["ids"]) == cfg.data.batch_size
 
 
 def test_preload_with_augmentation_is_refused(tmp_path):

@@ -56,15 +56,16 @@ class BadSample(Exception):
         super().__init__(f"{reason}: {detail}")
         self.reason, self.detail = reason, detail
 
-    def skipped(self, key: str) -> Skipped:
-        return Skipped(key, self.reason, self.detail)
+    def skipped(self, sample_id: str) -> Skipped:
+        return Skipped(sample_id, self.reason, self.detail)
 
 
 @dataclass(frozen=True)
 class Skipped:
-    """A bad sample as it travels in a batch: its key, why, and where (in ``detail``)."""
+    """A bad sample as it travels in a batch: its id (``SHARD/KEY``, a table's key, an
+    image's path), why, and where (in ``detail``)."""
 
-    key: str
+    id: str
     reason: str
     detail: str
 
@@ -97,7 +98,7 @@ class BadSampleLog:
             if len(self.examples) < NAMED:
                 self.examples.append(bad)
                 log.warning(
-                    "%s: skipped sample %r (%s): %s", self.what, bad.key, bad.reason, bad.detail
+                    "%s: skipped sample %r (%s): %s", self.what, bad.id, bad.reason, bad.detail
                 )
                 if len(self.examples) == NAMED:
                     log.warning("%s: further bad samples are counted, not named", self.what)
@@ -124,7 +125,7 @@ class BadSampleLog:
         return {
             "seen": self.seen,
             "counts": dict(self.counts),
-            "examples": [[s.key, s.reason, s.detail] for s in self.examples],
+            "examples": [[s.id, s.reason, s.detail] for s in self.examples],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -136,7 +137,7 @@ class BadSampleLog:
         return ", ".join(f"{n} {reason}" for reason, n in self.counts.most_common())
 
     def _too_many(self) -> str:
-        shown = "\n".join(f"  {s.key!r}: {s.reason}: {s.detail}" for s in self.examples[:5])
+        shown = "\n".join(f"  {s.id!r}: {s.reason}: {s.detail}" for s in self.examples[:5])
         fixes = [_FIXES[r] for r in self.counts if r in _FIXES]
         return (
             f"{self.what}: {self.total} of {self.seen} samples were bad "

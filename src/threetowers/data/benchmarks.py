@@ -7,6 +7,7 @@ evaluation (``ImageFiles`` marks them); only a set with no image at all is refus
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ DEFAULT_TEMPLATES = (
     "a picture of a {}.",
 )
 _INDEX_PREFIX = re.compile(r"^\d+_")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,11 @@ class ClassificationSet:
         return len(self.image_paths)
 
 
+# The folder the Flickr30k download unpacks its images into, which its Karpathy JSON (whose
+# entries have no "filepath") is usually kept beside.
+FLICKR30K_IMAGES = "flickr30k-images"
+
+
 def load_karpathy(
     json_path: str | Path,
     image_root: str | Path | None = None,
@@ -63,16 +70,18 @@ def load_karpathy(
 ) -> RetrievalSet:
     """Read ``dataset_flickr30k.json`` / ``dataset_coco.json`` (Karpathy splits).
 
-    Image ``i`` lives at ``image_root / filepath / filename`` (``filepath`` only in COCO);
-    ``image_root`` defaults to the JSON's folder, and no entry may lead out of it unless
-    ``allow_absolute_paths``. ``split`` may be one name or several (e.g.
-    ``("train", "restval")``). Captions are the ``raw`` sentences, stripped. Missing images
-    are skipped when the set is embedded; none found at all is an error.
+    Image ``i`` lives at ``image_root / filepath / filename`` (``filepath`` only in COCO).
+    ``image_root`` defaults to the JSON's folder (COCO: the JSON beside ``train2014/`` and
+    ``val2014/``), or, when none of the images is there, to its ``flickr30k-images/``
+    subfolder (Flickr30k: the JSON beside the unpacked images); the folder used is logged.
+    No entry may lead out of it unless ``allow_absolute_paths``. ``split`` may be one name
+    or several (e.g. ``("train", "restval")``). Captions are the ``raw`` sentences,
+    stripped. Missing images are skipped when the set is embedded; none found at all is an
+    error.
     """
     json_path = Path(json_path)
     if not json_path.is_file():
         raise FileNotFoundError(f"Karpathy split file not found: {json_path}")
-    root = Path(image_root) if image_root is not None else json_path.parent
     with open(json_path, encoding="utf-8") as handle:
         data = json.load(handle)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
@@ -84,13 +93,13 @@ def load_karpathy(
     unknown = sorted(wanted - set(present))
     if unknown:
         raise ValueError(f"{json_path} has no split {unknown}; it has splits {present}")
-    image_paths: list[Path] = []
+    candidates = [Path(image_root)] if image_root is not None else _default_roots(json_path)
+    relatives: list[Path] = []
     captions: list[str] = []
     owners: list[int] = []
     for number, image in enumerate(data["images"]):
         if image.get("split") not in wanted:
             continue
-        index = len(image_paths)
         try:
             relative = Path(image.get("filepath", "")) / image["filename"]
             raw = [sentence["raw"].strip() for sentence in image.get("sentences", [])]
@@ -102,18 +111,32 @@ def load_karpathy(
         normal = Path(os.path.normpath(relative))
         if not allow_absolute_paths and (normal.is_absolute() or normal.parts[:1] == ("..",)):
             raise ValueError(
-                f"{json_path}: image {str(relative)!r} leads out of the image root {root}; "
-                "set data.allow_absolute_paths=true if that is intended"
+                f"{json_path}: image {str(relative)!r} leads out of the image root "
+                f"{candidates[0]}; set data.allow_absolute_paths=true if that is intended"
             )
-        image_paths.append(root / relative)
+        owners += [len(relatives)] * len(raw)
+        relatives.append(relative)
         captions += raw
-        owners += [index] * len(raw)
-    if image_paths and not any(path.is_file() for path in image_paths):
+    root = next((r for r in candidates if any((r / p).is_file() for p in relatives)), None)
+    if relatives and root is None:
+        tried = " or ".join(str(r) for r in candidates)
         raise FileNotFoundError(
-            f"none of the {len(image_paths)} images of {json_path} was found, e.g. "
-            f"{image_paths[0]}; is image_root ({root}) the folder holding the images?"
+            f"none of the {len(relatives)} images of {json_path} was found under {tried} "
+            f"(e.g. {candidates[0] / relatives[0]}): the image root must be the folder that "
+            "the entries' filepath/filename are relative to"
         )
+    root = root or candidates[0]
+    splits = "+".join(sorted(wanted))
+    log.info("%s: %d %s images under %s", json_path.name, len(relatives), splits, root)
+    image_paths = [root / relative for relative in relatives]
     return RetrievalSet(image_paths, captions, torch.tensor(owners, dtype=torch.long))
+
+
+def _default_roots(json_path: Path) -> list[Path]:
+    """Where a Karpathy JSON's images are looked for when no image root is given."""
+    beside = json_path.parent
+    flickr = beside / FLICKR30K_IMAGES
+    return [beside, flickr] if flickr.is_dir() else [beside]
 
 
 def _read_lines(path: Path) -> list[str]:

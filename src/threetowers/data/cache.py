@@ -36,16 +36,19 @@ T = TypeVar("T")
 
 
 class FeatureCache:
-    """h's features for every sample key of a dataset."""
+    """h's features for every sample of a dataset, by sample id (``SHARD/KEY`` for shards,
+    whose keys may repeat across shards)."""
 
-    def __init__(self, keys: list[str], features: torch.Tensor, fingerprint: str) -> None:
-        self.row = {key: i for i, key in enumerate(keys)}
+    def __init__(self, ids: list[str], features: torch.Tensor, fingerprint: str) -> None:
+        self.row = {sample_id: i for i, sample_id in enumerate(ids)}
+        if len(self.row) != len(ids):
+            raise ValueError(f"feature cache {fingerprint[:12]}: two rows share a sample id")
         self.features = features
         self.fingerprint = fingerprint
 
-    def lookup(self, keys: list[str]) -> torch.Tensor:
+    def lookup(self, ids: list[str]) -> torch.Tensor:
         try:
-            rows = [self.row[key] for key in keys]
+            rows = [self.row[sample_id] for sample_id in ids]
         except KeyError as error:
             raise KeyError(
                 f"sample {error.args[0]!r} is not in the feature cache {self.fingerprint[:12]}; "
@@ -62,10 +65,18 @@ def backbone_digest(backbone: FrozenBackbone) -> str:
     return digest.hexdigest()
 
 
+# Caches keyed by sample: version 2 names shard samples ``SHARD/KEY`` (version 1: ``KEY``,
+# which confused samples of shards numbered alike), so no version 1 file is ever reused.
+SAMPLE_IDS = 2
+
+
 def dataset_digest(source) -> str:
-    """Identity of a dataset's files: paths, sizes and modification times."""
+    """Identity of a dataset's files (paths, sizes and modification times) and of the sample
+    ids they give: shard ids hold the shard paths as the source spells them."""
     pairs = open_pairs(source)
-    return files_digest(pairs.shards if isinstance(pairs, ShardPairs) else [pairs.name])
+    files = pairs.shards if isinstance(pairs, ShardPairs) else [pairs.name]
+    spelled = json.dumps([SAMPLE_IDS, *map(str, files)])
+    return hashlib.sha256(f"{files_digest(files)}|{spelled}".encode()).hexdigest()
 
 
 def files_digest(paths) -> str:
@@ -126,14 +137,14 @@ def feature_cache(
     path = Path(cache_dir).expanduser() / f"{backbone.name}-{fingerprint[:24]}.safetensors"
 
     def parse(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> FeatureCache:
-        return FeatureCache(json.loads(meta["keys"]), tensors["features"], fingerprint)
+        return FeatureCache(json.loads(meta["ids"]), tensors["features"], fingerprint)
 
     cached = read_features(path, parse)
     if cached is not None:
         return cached
-    keys, features = _compute(backbone, source, batch_size, num_workers, progress, max_bad_fraction)
-    write_features(path, {"features": features}, {"keys": json.dumps(keys)})
-    return FeatureCache(keys, features, fingerprint)
+    ids, features = _compute(backbone, source, batch_size, num_workers, progress, max_bad_fraction)
+    write_features(path, {"features": features}, {"ids": json.dumps(ids)})
+    return FeatureCache(ids, features, fingerprint)
 
 
 def read_features(
@@ -166,7 +177,7 @@ def _compute(backbone, source, batch_size, num_workers, progress, max_bad_fracti
     pairs = open_pairs(source)
     bad_data = BadSampleLog(max_bad_fraction, f"caching {backbone.name} features", len(pairs))
     device = next(backbone.parameters()).device
-    keys, chunks = [], []
+    ids, chunks = [], []
     batches = pair_batches(
         pairs,
         example=_ThirdView(backbone),
@@ -179,13 +190,13 @@ def _compute(backbone, source, batch_size, num_workers, progress, max_bad_fracti
     total = len(pairs) if isinstance(pairs, (PairTable, ShardPairs)) else None
     with tqdm(total=total, disable=not progress, desc=f"caching {backbone.name} features") as bar:
         for batch in batches:
-            bad_data.record(len(batch["keys"]), batch["skipped"])
-            bar.update(len(batch["keys"]) + len(batch["skipped"]))
-            if batch["keys"]:
+            bad_data.record(len(batch["ids"]), batch["skipped"])
+            bar.update(len(batch["ids"]) + len(batch["skipped"]))
+            if batch["ids"]:
                 chunks.append(backbone(batch["third_images"].to(device)).float().cpu())
-                keys.extend(batch["keys"])
-    if not keys:
+                ids.extend(batch["ids"])
+    if not ids:
         raise BadDataError(f"{bad_data.summary()}: nothing to cache")
     if bad_data.total:
         log.warning(bad_data.summary())
-    return keys, torch.cat(chunks)
+    return ids, torch.cat(chunks)

@@ -28,7 +28,7 @@ the same batches, bit for bit):
       are dropped from the batch they were planned in, which then holds fewer examples,
       and listed in its ``"skipped"`` entry. So batches stay the same, bit for bit, on
       resume, and counts of bad samples travel with the batches (exact with any number of
-      workers). A batch of bad samples only has ``"keys"`` empty and no example fields.
+      workers). A batch of bad samples only has ``"ids"`` empty and no example fields.
     * Not guaranteed: the same batches after the data changes, or across versions of
       numpy, webdataset or Pillow (permutations, the shuffle buffer and decoders may move).
       Shards must be local files (sample counts come from their tar headers).
@@ -58,6 +58,7 @@ from threetowers.data.pairs import (
     decode_sample,
     open_pairs,
     sample_rng,
+    shard_sample_id,
     shard_samples,
 )
 
@@ -178,15 +179,17 @@ def num_batches(
 
 
 def _make_example(pair: Pair, example: Example, seed: int, epoch: int) -> tuple[str, dict]:
+    # Seeded by the key, not the id: the draws stay those of every earlier release, and
+    # samples of two shards that share a key still read their own image and captions.
     rng = sample_rng(seed, epoch, pair.key)
     caption = pair.captions[int(rng.integers(len(pair.captions)))]
-    fields = example(Pair(pair.key, pair.image, [caption]), rng)
-    if not isinstance(fields, dict) or "keys" in fields:
+    fields = example(Pair(pair.key, pair.image, [caption], pair.id), rng)
+    if not isinstance(fields, dict) or "ids" in fields:
         raise TypeError(
-            "example must return a dict of tensors or strings without a 'keys' entry (the loader "
+            "example must return a dict of tensors or strings without an 'ids' entry (the loader "
             "adds it)"
         )
-    return pair.key, fields
+    return pair.id, fields
 
 
 def _collate(items: list[tuple[str, dict] | Skipped]) -> dict[str, Any]:
@@ -195,7 +198,7 @@ def _collate(items: list[tuple[str, dict] | Skipped]) -> dict[str, Any]:
     skipped = [item for item in items if isinstance(item, Skipped)]
     items = [item for item in items if not isinstance(item, Skipped)]
     if not items:
-        return {"keys": [], "skipped": skipped}
+        return {"ids": [], "skipped": skipped}
     names = list(items[0][1])
     batch: dict[str, Any] = {}
     for name in names:
@@ -209,7 +212,7 @@ def _collate(items: list[tuple[str, dict] | Skipped]) -> dict[str, Any]:
                 f"cannot batch example field {name!r}: every example must return the same "
                 f"fields, as strings or as tensors of one shape ({error})"
             ) from error
-    batch["keys"] = [key for key, _ in items]
+    batch["ids"] = [sample_id for sample_id, _ in items]
     batch["skipped"] = skipped
     return batch
 
@@ -229,7 +232,7 @@ class _TableExamples(Dataset):
         try:
             pair = self.table[index]
         except BadSample as bad:
-            return bad.skipped(self.table.keys[index])
+            return bad.skipped(self.table.ids[index])
         return _make_example(pair, self.example, self.seed, self.epoch)
 
 
@@ -284,7 +287,7 @@ class _ShardStream(IterableDataset):
         try:
             pair = decode_sample(sample)
         except BadSample as bad:
-            return bad.skipped(sample["__key__"])
+            return bad.skipped(shard_sample_id(sample))
         return _make_example(pair, self.example, self.seed, self.epoch)
 
 
@@ -320,7 +323,8 @@ def pair_batches(
     shuffle_buffer: int = 1000,
     drop_last: bool = True,
 ) -> Iterator[dict[str, Any]]:
-    """Batches of one epoch for one rank: ``example`` outputs stacked, plus ``"keys"``.
+    """Batches of one epoch for one rank: ``example`` outputs stacked, plus ``"ids"`` (each
+    sample's id, see :class:`~threetowers.data.pairs.Pair`).
 
     ``example(pair, rng)`` must be picklable (it runs in DataLoader workers) and return a
     dict of equally shaped tensors; ``pair`` carries this visit's caption, ``rng`` is

@@ -46,15 +46,31 @@ _ORDER, _SHARDS, BUFFER_STREAM, _SAMPLE = 101, 102, 103, 104
 @dataclass
 class Pair:
     """One image with its captions. The loader hands ``example`` a Pair with exactly one
-    caption, the one picked for this visit (see :attr:`caption`)."""
+    caption, the one picked for this visit (see :attr:`caption`).
+
+    ``key`` is the sample's own name (a table's key, a shard member's ``KEY``); ``id`` names
+    it within its dataset, which keys alone do not: shards written apart number their
+    samples alike. A table's keys are unique, so there ``id`` is the key; a shard sample's
+    id is ``SHARD/KEY`` (:func:`shard_sample_id`). Whatever stands for a sample (the
+    feature cache's rows, preloaded rows, skipped-sample names) uses the id.
+    """
 
     key: str
     image: Image.Image
     captions: list[str]
+    id: str = ""
+
+    def __post_init__(self) -> None:
+        self.id = self.id or self.key
 
     @property
     def caption(self) -> str:
         return self.captions[0]
+
+
+def shard_sample_id(sample: dict[str, Any]) -> str:
+    """The id of a raw shard sample: its shard's path as the source lists it, then its key."""
+    return f"{sample.get('__url__', '?')}/{sample['__key__']}"
 
 
 def _key_hash(key: str) -> int:
@@ -174,6 +190,11 @@ class PairTable:
                 rows.add(line_number, record["image"], texts, key)
         return rows.table()
 
+    @property
+    def ids(self) -> list[str]:
+        """Each row's sample id (see :class:`Pair`): the keys, unique within a table."""
+        return self.keys
+
     def __len__(self) -> int:
         return len(self.keys)
 
@@ -292,6 +313,9 @@ class ShardPairs:
             raise FileNotFoundError(
                 f"{len(missing)} of {len(shards)} shards not found, e.g. {missing[:3]}"
             )
+        repeated = [str(s) for s, n in Counter(shards).items() if n > 1]
+        if repeated:  # its samples would be two samples of one id (see Pair)
+            raise ValueError(f"shards listed more than once: {repeated[:3]}; list each once")
         self.shards = shards
 
     @cached_property
@@ -344,7 +368,7 @@ def decode_sample(sample: dict[str, Any]) -> Pair:
     data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
     if data is None:
         raise BadSample("no_image", f"{where}: no .{'/.'.join(IMAGE_EXTENSIONS)} member")
-    return Pair(key, load_image(data, where), captions)
+    return Pair(key, load_image(data, where), captions, shard_sample_id(sample))
 
 
 def shard_samples(shards: Iterable[str | Path]) -> Iterator[dict[str, Any]]:
@@ -362,14 +386,14 @@ def iter_pairs(source: PairSource) -> Iterator[Pair | Skipped]:
             try:
                 item = pairs[index]
             except BadSample as bad:
-                item = bad.skipped(pairs.keys[index])
+                item = bad.skipped(pairs.ids[index])
             yield item
         return
     for sample in shard_samples(pairs.shards):
         try:
             item = decode_sample(sample)
         except BadSample as bad:
-            item = bad.skipped(sample["__key__"])
+            item = bad.skipped(shard_sample_id(sample))
         yield item
 
 

@@ -216,14 +216,14 @@ class TrainingData:
             least = min(num_batches(self.pairs, rank=r, **split) for r in range(world))
             batches = itertools.islice(batches, max(0, least - start_batch))
         for batch in batches:
-            if not batch["keys"]:  # only bad samples: nothing to prepare
+            if not batch["ids"]:  # only bad samples: nothing to prepare
                 yield batch
                 continue
             batch["tokens"] = self.encode(batch.pop("captions"))
             for key, normalise in self.normalise.items():
                 batch[key] = normalise(batch[key])
             if self.cache is not None:
-                batch["third_features"] = self.cache.lookup(batch["keys"])
+                batch["third_features"] = self.cache.lookup(batch["ids"])
             # Padding never changes a caption's embedding, so drop the all-padding columns:
             # the text tower's cost follows the longest caption, not the context length.
             longest = int((batch["tokens"] != self.tokenizer.pad_id).sum(dim=1).max())

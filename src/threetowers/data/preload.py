@@ -37,12 +37,18 @@ class PreloadedPairs(PairTable):
         pixels: np.ndarray | None,
         captions: list[list[str]],
         keys: list[str],
+        ids: list[str],
         name: str,
         bad: dict[int, BadSample],
     ) -> None:
         # No super().__init__: there are no image paths, and the source was checked already.
         self.pixels, self.captions, self.keys, self.name = pixels, captions, keys, name
-        self.images, self.bad = [], bad
+        self.images, self.bad, self._ids = [], bad, ids
+
+    @property
+    def ids(self) -> list[str]:
+        """The source's sample ids (shards: ``SHARD/KEY``, where keys may repeat)."""
+        return self._ids
 
     def __getitem__(self, index: int) -> Pair:
         if index in self.bad:
@@ -51,7 +57,7 @@ class PreloadedPairs(PairTable):
             image = torch.empty(0, dtype=torch.uint8)
         else:
             image = torch.from_numpy(np.array(self.pixels[index]))  # a copy, off the memmap
-        return Pair(self.keys[index], image, self.captions[index])
+        return Pair(self.keys[index], image, self.captions[index], self._ids[index])
 
     def __repr__(self) -> str:
         return f"PreloadedPairs({self.name!r}, {len(self)} pairs)"
@@ -69,23 +75,26 @@ def preload_pairs(
     meta = json.loads(index.read_text())
     pixels = np.load(array, mmap_mode="r") if view is not None else None
     bad = {int(row): BadSample(*why) for row, why in meta.get("bad", {}).items()}
-    return PreloadedPairs(pixels, meta["captions"], meta["keys"], str(base), bad)
+    return PreloadedPairs(pixels, meta["captions"], meta["keys"], meta["ids"], str(base), bad)
 
 
 def _build(source: PairSource, view, array: Path, index: Path, progress: bool) -> None:
     array.parent.mkdir(parents=True, exist_ok=True)
     remove_temporaries(array.parent, only_dead_writers=True)  # shared by concurrent runs
     total = epoch_size(source)
-    keys, captions, bad, pixels = [], [], {}, None
+    keys, ids, captions, bad, pixels = [], [], [], {}, None
     tmp_array = temporary_path(array)
     for row, pair in enumerate(
         tqdm(iter_pairs(source), total=total, disable=not progress, desc="preloading pairs")
     ):
-        keys.append(pair.key)
         if isinstance(pair, Skipped):  # its pixel row stays zero, never read
+            keys.append(pair.id)  # never read: a bad row draws no caption
+            ids.append(pair.id)
             captions.append([])
             bad[row] = (pair.reason, pair.detail)
             continue
+        keys.append(pair.key)
+        ids.append(pair.id)
         captions.append(pair.captions)
         if view is None:
             continue
@@ -95,8 +104,8 @@ def _build(source: PairSource, view, array: Path, index: Path, progress: bool) -
                 tmp_array, mode="w+", dtype=np.uint8, shape=(total, *image.shape)
             )
         pixels[row] = image
-    if len(keys) != total:
-        raise RuntimeError(f"read {len(keys)} pairs where the files hold {total}")
+    if len(ids) != total:
+        raise RuntimeError(f"read {len(ids)} pairs where the files hold {total}")
     if view is not None and pixels is None:
         raise BadDataError(f"none of the {total} samples of {source} has a usable image")
     if pixels is not None:
@@ -105,4 +114,4 @@ def _build(source: PairSource, view, array: Path, index: Path, progress: bool) -
         fsync(tmp_array)
         publish(tmp_array, array)
     # written last: its presence means the pair is complete
-    write_atomic(index, json.dumps({"keys": keys, "captions": captions, "bad": bad}))
+    write_atomic(index, json.dumps({"keys": keys, "ids": ids, "captions": captions, "bad": bad}))

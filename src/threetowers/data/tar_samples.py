@@ -9,9 +9,15 @@ its header scan counted. webdataset's reader ends a truncated shard at another p
 header scan does (on a test shard, at 431 of 831 cut points), and merges the partial sample
 into the next shard's first. Here both use :func:`_scan`:
 
-* a sample whose member data the file cuts off is streamed as bad (``truncated_shard``);
-  samples after the cut have no headers left, so they are neither counted nor streamed;
-* a shard that cannot be opened at all counts, and streams, as one bad sample named after it.
+* a shard is whole only when its end-of-archive blocks (two zero blocks) follow its last
+  member; a shard cut short, inside a member's data or on a header or member boundary,
+  streams its last sample as bad (``truncated_shard``): once per shard, with the shard
+  named, and that sample may have lost members. Samples after the cut have no headers
+  left, so they are neither counted nor streamed;
+* a shard that cannot be opened at all counts, and streams, as one bad sample named after it;
+* a key that comes back later in the same shard (its members not consecutive) is a second
+  sample with the first one's name: it is streamed as bad (``malformed_row``), so two
+  samples are never mistaken for one.
 """
 
 from __future__ import annotations
@@ -82,11 +88,50 @@ def read_samples(path: str | Path) -> Iterator[dict[str, Any]]:
         archive = tarfile.open(path, mode="r:*")
     except _TAR_ERRORS as error:
         detail = f"{url} is not a readable tar file ({error})"
-        yield {"__key__": Path(path).name, "__url__": url, "__bad__": ("truncated_shard", detail)}
+        yield _bad(Path(path).name, url, "truncated_shard", detail)
         return
     with archive:
+        seen: set[str] = set()
+        last = None  # held back one sample: only the end of the scan tells if it is whole
         for group in _scan(archive):
-            yield _read(archive, group, url)
+            if last is not None:
+                yield last
+            last = _malformed(group, url) if group.key in seen else _read(archive, group, url)
+            seen.add(group.key)
+        cut = last is not None and not _ends_whole(archive)
+        if cut and last.get("__bad__", ("",))[0] != "truncated_shard":  # once per shard
+            detail = (
+                f"{url} stops after sample {last['__key__']!r} without the tar end-of-archive "
+                "blocks: the file was cut short (an interrupted download or copy?), so this "
+                "sample may have lost members and later samples are missing"
+            )
+            last = _bad(last["__key__"], url, "truncated_shard", detail)
+        if last is not None:
+            yield last
+
+
+def _ends_whole(archive: tarfile.TarFile) -> bool:
+    """Whether two zero blocks, the end-of-archive marker, follow the last member read.
+    ``archive.offset`` is where tarfile stopped reading headers: the end of the last member
+    (tarfile itself stops at the first zero block, or quietly at a cut)."""
+    marker = 2 * tarfile.BLOCKSIZE
+    try:
+        archive.fileobj.seek(archive.offset)
+        return archive.fileobj.read(marker) == bytes(marker)
+    except _TAR_ERRORS:
+        return False
+
+
+def _bad(key: str, url: str, reason: str, detail: str) -> dict[str, Any]:
+    return {"__key__": key, "__url__": url, "__bad__": (reason, detail)}
+
+
+def _malformed(group: _Group, url: str) -> dict[str, Any]:
+    detail = (
+        f"key {group.key!r} comes back later in {url} (its members are not consecutive, so "
+        "they cannot be told to belong to one sample); the first sample with it is kept"
+    )
+    return _bad(group.key, url, "malformed_row", detail)
 
 
 def _read(archive: tarfile.TarFile, group: _Group, url: str) -> dict[str, Any]:
@@ -96,7 +141,7 @@ def _read(archive: tarfile.TarFile, group: _Group, url: str) -> dict[str, Any]:
         suffix = base_plus_ext(member.name)[1].lower()
         if suffix in sample:
             detail = f"{where}: two members named {member.name}"
-            return {"__key__": group.key, "__url__": url, "__bad__": ("malformed_row", detail)}
+            return _bad(group.key, url, "malformed_row", detail)
         try:
             data = archive.extractfile(member).read()
         except _TAR_ERRORS as error:
@@ -105,6 +150,6 @@ def _read(archive: tarfile.TarFile, group: _Group, url: str) -> dict[str, Any]:
             problem = "short read"
         if len(data) != member.size:
             detail = f"{where}: the shard ends inside {member.name} ({problem})"
-            return {"__key__": group.key, "__url__": url, "__bad__": ("truncated_shard", detail)}
+            return _bad(group.key, url, "truncated_shard", detail)
         sample[suffix] = data
     return sample

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from threetowers.losses import ThreeTowersLoss
+from threetowers.model.losses import ThreeTowersLoss
 
 KEYS = ("z_f", "z_g", "z_fh", "z_gh", "z_h")  # the embeddings of 3T's three terms
 # B x B float32 matrices the naive 3T loss holds at its peak: each of the six directions

@@ -10,8 +10,8 @@ import yaml
 from PIL import Image
 from safetensors import safe_open
 
-from tests.test_train import TINY_WORLD, tiny_run_config
-from threetowers.classifier import load_classifier
+from tests.training.test_loop import TINY_WORLD, tiny_run_config
+from threetowers.backbones.classifier import load_classifier
 from threetowers.cli import main
 
 

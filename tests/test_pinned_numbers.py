@@ -10,8 +10,8 @@ import json
 import pytest
 
 import threetowers as tt
-from tests.test_train import TINY_WORLD
-from threetowers.train import train
+from tests.training.test_loop import TINY_WORLD
+from threetowers.training.loop import train
 
 RECORDED_LOSSES = {
     "clip": [

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from tests.conftest import tiny_backbone
-from tests.data.test_bad_samples import write_mixed_shards
+from tests.data.sources.test_bad_samples import write_mixed_shards
 from threetowers.cli import main
-from threetowers.data.cache import feature_cache
+from threetowers.data.caches.features import feature_cache
 from threetowers.safe_load import UnsafeFileError
 
 
@@ -50,8 +50,8 @@ def test_a_pickle_posing_as_a_classifier_checkpoint_is_refused(tmp_path, capsys)
 
 def test_hugging_face_weights_with_code_are_refused(tmp_path):
     pytest.importorskip("transformers")
-    from tests.towers.test_hf import _save_vit
-    from threetowers.towers.hf import load_hf_backbone
+    from tests.backbones.test_hf import _save_vit
+    from threetowers.backbones.hf import load_hf_backbone
 
     marker = tmp_path / "code_ran"
     model = _save_vit(tmp_path)

@@ -1,11 +1,11 @@
 """threetowers: Three Towers (3T), LiT and CLIP for contrastive image-text learning."""
 
-from threetowers import losses
-from threetowers.build import build_loss, build_model
+from threetowers.backbones.frozen import FrozenBackbone, Preprocessing
+from threetowers.backbones.registry import BACKBONES, load_backbone
 from threetowers.config import Config, ConfigError, load_config
-from threetowers.model import ThreeTowers
-from threetowers.towers.frozen import FrozenBackbone, Preprocessing
-from threetowers.towers.pretrained import BACKBONES, load_backbone
+from threetowers.model import losses
+from threetowers.model.build import build_loss, build_model
+from threetowers.model.three_towers import ThreeTowers
 
 __all__ = [
     "BACKBONES",

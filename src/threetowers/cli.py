@@ -15,10 +15,10 @@ from pathlib import Path
 
 import yaml
 
-from threetowers.build import build_model
 from threetowers.config import ConfigError, load_config, preset_names
 from threetowers.distributed import launched_rank
-from threetowers.eval_suite import results_table
+from threetowers.evaluation.suite import results_table
+from threetowers.model.build import build_model
 
 
 def _config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +52,7 @@ def _summary(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from threetowers.train import train
+    from threetowers.training.loop import train
 
     cfg = load_config(args.config, args.overrides)
     run_dir = train(cfg, args.run_dir, progress=not args.quiet)
@@ -78,9 +78,9 @@ EVAL_DATA_KEYS = (
 
 def _eval(args: argparse.Namespace) -> None:
     from threetowers.data.pipeline import ensure_world
-    from threetowers.eval_inputs import EvalCache
-    from threetowers.eval_suite import chance_levels, evaluate_model, resolve_benchmarks
-    from threetowers.trained import load_trained
+    from threetowers.evaluation.inputs import EvalCache
+    from threetowers.evaluation.suite import chance_levels, evaluate_model, resolve_benchmarks
+    from threetowers.runs.trained import load_trained
 
     run = load_trained(args.run)
     foreign = [
@@ -114,7 +114,7 @@ def _eval(args: argparse.Namespace) -> None:
 
 def _embed(args: argparse.Namespace) -> None:
     from threetowers.embed import embed, save_embeddings
-    from threetowers.trained import load_trained
+    from threetowers.runs.trained import load_trained
 
     run = load_trained(args.run)
     vectors, keys = embed(
@@ -130,9 +130,9 @@ def _embed(args: argparse.Namespace) -> None:
 
 
 def _cache(args: argparse.Namespace) -> None:
-    from threetowers.build import build_third_tower
-    from threetowers.data.cache import feature_cache
+    from threetowers.data.caches.features import feature_cache
     from threetowers.data.pipeline import open_training_pairs
+    from threetowers.model.build import build_third_tower
 
     cfg = load_config(args.config, args.overrides)
     if cfg.model.mode == "clip" or cfg.model.third is None:
@@ -153,7 +153,7 @@ def _cache(args: argparse.Namespace) -> None:
 
 
 def _pretrain(args: argparse.Namespace) -> None:
-    from threetowers.pretrain import pretrain
+    from threetowers.experiments.pretrain import pretrain
 
     out = pretrain(load_config(args.config, args.overrides), progress=not args.quiet)
     report = json.loads(out.with_suffix(".json").read_text())
@@ -164,7 +164,7 @@ def _pretrain(args: argparse.Namespace) -> None:
 
 
 def _reproduce(args: argparse.Namespace) -> None:
-    from threetowers.reproduce import quick, reproduce
+    from threetowers.experiments.reproduce import quick, reproduce
 
     cfg = load_config(args.config, args.overrides)
     if args.quick:

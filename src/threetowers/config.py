@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
-from threetowers.towers.pretrained import BACKBONES, BACKBONES_NEEDING_PATH, FIXED_FEATURE_DIMS
+from threetowers.backbones.registry import BACKBONES, BACKBONES_NEEDING_PATH, FIXED_FEATURE_DIMS
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
@@ -155,7 +155,7 @@ class LossConfig(Section):
 
 
 class WorldConfig(Section):
-    """The embedded image-caption world, generated on first use (threetowers.data.world)."""
+    """The embedded image-caption world, generated on first use (data/world/generate.py)."""
 
     dir: str = "worlds/default"
     seed: int = 0

@@ -14,12 +14,12 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from threetowers.data.bad_samples import BadDataError, BadSample, BadSampleLog
-from threetowers.data.decode import caption_text, clean_captions
+from threetowers.data.sources.bad_samples import BadDataError, BadSample, BadSampleLog
+from threetowers.data.sources.decode import caption_text, clean_captions
 from threetowers.data.tokenizer import CaptionTokenizer
-from threetowers.eval_suite import embed_images, embed_texts
-from threetowers.evaluate import mix
-from threetowers.model import ThreeTowers
+from threetowers.evaluation.metrics import mix
+from threetowers.evaluation.suite import embed_images, embed_texts
+from threetowers.model.three_towers import ThreeTowers
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from threetowers.backbones.frozen import Preprocessing
 from threetowers.config import EvalConfig
 from threetowers.data.benchmarks import (
     DEFAULT_TEMPLATES,
@@ -19,8 +20,7 @@ from threetowers.data.benchmarks import (
     load_karpathy,
 )
 from threetowers.data.transforms import eval_transform
-from threetowers.eval_suite import resolve_benchmarks
-from threetowers.towers.frozen import Preprocessing
+from threetowers.evaluation.suite import resolve_benchmarks
 
 KARPATHY = [  # (filepath, filename, split, number of sentences)
     ("val2014", "a.jpg", "test", 2),

@@ -7,9 +7,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from threetowers.backbones.frozen import Preprocessing
 from threetowers.data.pipeline import Normalise, PixelEvalTransform, PixelTrainTransform
 from threetowers.data.transforms import eval_transform, train_transform
-from threetowers.towers.frozen import Preprocessing
 
 
 def _images() -> list[Image.Image]:
@@ -40,10 +40,10 @@ def test_pixel_transforms_then_normalise_equal_the_float_transforms():
 
 
 def test_ranks_over_unequal_shards_stop_each_epoch_at_the_same_batch(tmp_path, monkeypatch):
-    from tests.test_fault_injection import picture
+    from tests.training.test_fault_injection import picture
     from threetowers import build_model, distributed, load_config
     from threetowers.data import pipeline
-    from threetowers.data.loader import num_batches
+    from threetowers.data.sources.loader import num_batches
 
     shards = tmp_path / "shards"
     shards.mkdir()

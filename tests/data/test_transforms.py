@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+from threetowers.backbones.frozen import Preprocessing
 from threetowers.data.transforms import eval_transform, to_rgb, train_transform
-from threetowers.towers.frozen import Preprocessing
 
 
 def gradient(width: int, height: int) -> Image.Image:

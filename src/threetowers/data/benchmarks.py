@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from threetowers.data.bad_samples import BadSample, Skipped
-from threetowers.data.decode import load_image
+from threetowers.data.sources.bad_samples import BadSample, Skipped
+from threetowers.data.sources.decode import load_image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
 DEFAULT_TEMPLATES = (

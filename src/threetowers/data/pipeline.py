@@ -13,14 +13,14 @@ import torch
 
 from threetowers import distributed
 from threetowers.config import Config, ConfigError, WorldConfig
-from threetowers.data.cache import FeatureCache, feature_cache
-from threetowers.data.loader import num_batches, pair_batches
-from threetowers.data.pairs import Pair, PairTable, ShardPairs, iter_captions, open_pairs
-from threetowers.data.preload import preload_pairs
+from threetowers.data.caches.features import FeatureCache, feature_cache
+from threetowers.data.caches.preload import preload_pairs
+from threetowers.data.sources.loader import num_batches, pair_batches
+from threetowers.data.sources.pairs import Pair, PairTable, ShardPairs, iter_captions, open_pairs
 from threetowers.data.tokenizer import CaptionTokenizer, MemoisedEncoder
 from threetowers.data.transforms import EvalTransform, TrainTransform
-from threetowers.data.world import WorldSpec, write_world
-from threetowers.model import ThreeTowers
+from threetowers.data.world.generate import WorldSpec, write_world
+from threetowers.model.three_towers import ThreeTowers
 
 # Tokenizers' own thread pool does not survive DataLoader worker forks; captions are short.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from threetowers.towers.frozen import Preprocessing
+from threetowers.backbones.frozen import Preprocessing
 
 _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,

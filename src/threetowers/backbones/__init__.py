@@ -1,0 +1,1 @@
+"""Frozen pretrained towers: the contract, the registry and the bundled backbones."""

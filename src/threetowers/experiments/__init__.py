@@ -1,0 +1,1 @@
+"""Classifier pretraining and the paper's comparison (reproduce)."""

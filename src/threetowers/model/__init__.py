@@ -1,0 +1,1 @@
+"""The model: ThreeTowers, its objective and losses, and the factory from configs."""

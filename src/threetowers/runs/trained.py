@@ -1,0 +1,42 @@
+"""Load what a training run produced: its config, model weights and tokenizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from threetowers.config import Config, load_config
+from threetowers.data.tokenizer import CaptionTokenizer
+from threetowers.model.build import build_model
+from threetowers.model.three_towers import ThreeTowers
+from threetowers.runs.checkpoint import load_checkpoint, load_latest, restore_model
+
+
+@dataclass
+class TrainedRun:
+    run_dir: Path
+    cfg: Config
+    model: ThreeTowers
+    tokenizer: CaptionTokenizer
+    step: int
+
+
+def load_trained(path: str | Path, device: str = "cpu") -> TrainedRun:
+    """``path``: a run directory (its latest valid checkpoint) or one checkpoint directory."""
+    path = Path(path)
+    if (path / "meta.json").is_file() and path.parent.name == "checkpoints":
+        run_dir, checkpoint = path.parent.parent, load_checkpoint(path)
+    else:
+        run_dir, checkpoint = path, load_latest(path / "checkpoints")
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(
+            f"{path} is neither a run directory nor a checkpoint of one (no config.yaml in "
+            f"{run_dir}); pass the directory that `threetowers train` wrote"
+        )
+    if checkpoint is None:
+        raise FileNotFoundError(f"{run_dir} has no readable checkpoint yet; train it first")
+    cfg = load_config(run_dir / "config.yaml")
+    model = build_model(cfg, device=device)
+    restore_model(model, checkpoint)
+    tokenizer = CaptionTokenizer.load(run_dir / "tokenizer.json", cfg.model.text.context_length)
+    return TrainedRun(run_dir, cfg, model.eval(), tokenizer, checkpoint.step)

@@ -1,0 +1,332 @@
+"""The training loop: one process or DDP, exact resume from the latest checkpoint.
+
+Re-running the same command with the same run directory continues where the last
+checkpoint left off; the data position, optimizer, schedule, RNG state and the counts of bad
+samples and skipped steps are restored, so the final weights and counts equal those of an
+uninterrupted run.
+
+Faults a long run meets on the way: bad samples are skipped and counted (``BadSampleLog``;
+a batch left with none is no step); a step with a non-finite loss or gradient changes no
+weight and no optimizer state, and ``train.max_bad_steps`` of them in a row stop the run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from threetowers import distributed
+from threetowers.atomic import write_atomic
+from threetowers.config import Config
+from threetowers.data.pipeline import TrainingData
+from threetowers.data.sources.bad_samples import BadDataError, BadSampleLog
+from threetowers.evaluation.inputs import EvalCache
+from threetowers.evaluation.suite import chance_levels, evaluate_model, resolve_benchmarks
+from threetowers.model.build import build_model
+from threetowers.model.three_towers import ThreeTowers
+from threetowers.runs.checkpoint import (
+    checkpoint_path,
+    load_latest,
+    remove_stale_temporaries,
+    restore_model,
+    save_checkpoint,
+)
+from threetowers.runs.run_dir import MetricsLog, drop_metrics_after, prepare_run_dir, run_dir_of
+from threetowers.training.optim import make_optimizer
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(FloatingPointError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+class StepHealth:
+    """Skipped (non-finite) steps: in total, and in a row; ``limit`` in a row stop the run."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.in_a_row, self.skipped = limit, 0, 0
+
+    def update(self, finite: bool, step: int, logs: dict, last_checkpoint: Path | None) -> None:
+        if finite:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        self.skipped += 1
+        values = {k: float(logs[k]) for k in ("loss", "grad_norm") if k in logs}
+        log.warning(
+            "step %d: non-finite %s; update skipped (%d in a row)", step, values, self.in_a_row
+        )
+        if self.in_a_row >= self.limit:
+            kept = (
+                f"the last checkpoint, {last_checkpoint}, is intact"
+                if last_checkpoint
+                else "no checkpoint was written yet"
+            )
+            raise NonFiniteError(
+                f"training stopped at step {step}: {self.in_a_row} steps in a row had a "
+                f"non-finite loss or gradient ({values}); their updates were skipped and "
+                f"{kept}. Lower train.lr or set train.grad_clip, check the data, or raise "
+                f"train.max_bad_steps (now {self.limit})"
+            )
+
+    def state_dict(self) -> dict[str, int]:
+        return {"in_a_row": self.in_a_row, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.in_a_row, self.skipped = int(state["in_a_row"]), int(state["skipped"])
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but no CUDA device is visible; use train.device=auto")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def train(cfg: Config, run_dir: str | Path | None = None, progress: bool = True) -> Path:
+    """Train (or resume) the run of ``cfg`` in ``run_dir``; returns the run directory.
+
+    Under torchrun (WORLD_SIZE > 1) every rank calls this: it joins the process group, and
+    ``data.batch_size`` is the global batch, split evenly over the ranks.
+    """
+    device = distributed.local_device(resolve_device(cfg.train.device))
+    created_group = distributed.init_from_env(device)
+    try:
+        return _train(cfg, run_dir_of(cfg, run_dir), progress, device)
+    finally:
+        if created_group:
+            dist.destroy_process_group()
+
+
+def _train(cfg: Config, run_dir: Path, progress: bool, device: torch.device) -> Path:
+    world, main = distributed.world_size(), distributed.is_main()
+    distributed.local_batch_size(cfg.data.batch_size)  # fail before any work
+    if not main:  # the ranks log the same (global) counts: rank 0 speaks for all
+        logging.getLogger("threetowers").setLevel(logging.ERROR)
+    torch.manual_seed(cfg.train.seed)
+    with distributed.main_first():  # rank 0 writes the run directory, tokenizer and caches
+        if main:
+            prepare_run_dir(cfg, run_dir)
+        data = TrainingData(cfg, run_dir)
+        model = build_model(cfg, device=device)
+        data.attach(model, progress and main)
+    if main:
+        benchmarks = resolve_benchmarks(cfg.eval, data.world, cfg.data.allow_absolute_paths)
+        write_atomic(run_dir / "chance.json", json.dumps(chance_levels(benchmarks), indent=1))
+    optimizer, schedule = make_optimizer(
+        model, cfg.train.lr, cfg.train.weight_decay, cfg.train.warmup_steps, cfg.train.steps
+    )
+    checkpoints = run_dir / "checkpoints"
+    if main:
+        remove_stale_temporaries(checkpoints)
+    bad_data = BadSampleLog(cfg.data.max_bad_fraction, "training data", size=len(data.pairs))
+    health = StepHealth(cfg.train.max_bad_steps)
+    step, epoch, batch_in_epoch, last_checkpoint = _resume(
+        checkpoints, model, optimizer, schedule, bad_data, health
+    )
+    forward = _distributed_data_parallel(model, device) if world > 1 else model
+    if main:
+        drop_metrics_after(run_dir / "metrics.jsonl", step)
+        metrics = MetricsLog(run_dir)
+    bar = tqdm(total=cfg.train.steps, initial=step, disable=not (progress and main), unit="step")
+    model.train()
+    seen, started = 0, time.perf_counter()
+    while step < cfg.train.steps:
+        steps_before, whole_epoch = step, batch_in_epoch == 0
+        for batch in data.batches(epoch, batch_in_epoch):
+            counts, skipped = _across_ranks(len(batch["ids"]), batch.pop("skipped"))
+            bad_data.record(sum(counts), skipped)
+            batch_in_epoch += 1
+            if min(counts) == 0:  # some rank has nothing left: no step (the ranks move together)
+                if sum(counts):
+                    log.warning(
+                        "batch %d of epoch %d: a rank's share held only bad samples, so the "
+                        "other ranks' %d samples were not trained on",
+                        batch_in_epoch - 1,
+                        epoch,
+                        sum(counts),
+                    )
+                continue
+            logs, finite = _step(forward, model, batch, counts, optimizer, schedule, cfg, device)
+            step, seen = step + 1, seen + sum(counts)
+            health.update(finite, step, logs, last_checkpoint)
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                logs = distributed.mean_over_ranks(logs)  # the shares' mean: the global loss
+                rate = seen / (time.perf_counter() - started)
+                record = (
+                    {
+                        "step": step,
+                        "epoch": epoch,
+                        "lr": schedule.get_last_lr()[0],
+                        "pairs_per_s": rate,
+                    }
+                    | {k: v.item() for k, v in logs.items()}
+                    | {"skipped_steps": health.skipped}
+                    | bad_data.metrics()
+                )
+                if main:
+                    metrics.log(record)
+                bar.set_postfix(
+                    loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}", pairs_s=f"{rate:.0f}"
+                )
+            bar.update(1)
+            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+                # Every rank holds the same weights, optimizer state, position and counts, so
+                # rank 0's checkpoint restores them all.
+                last_checkpoint = checkpoint_path(checkpoints, step)
+                if main:
+                    state = {
+                        "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(),
+                        "rng": torch.get_rng_state(),
+                        "epoch": epoch,
+                        "batch_in_epoch": batch_in_epoch,
+                        "bad_samples": bad_data.state_dict(),
+                        "health": health.state_dict(),
+                    }
+                    last_checkpoint = save_checkpoint(
+                        checkpoints,
+                        step,
+                        model,
+                        state,
+                        data.fingerprints(),
+                        keep=cfg.train.keep_checkpoints,
+                    )
+            periodic_eval = cfg.eval.every and step % cfg.eval.every == 0
+            if main and step < cfg.train.steps and periodic_eval:
+                _evaluate(model, data, benchmarks, cfg, run_dir, step, metrics)
+            if step >= cfg.train.steps:
+                break
+        else:
+            if whole_epoch and step == steps_before:  # else: empty epochs for ever
+                raise BadDataError(
+                    f"epoch {epoch} of the training data gave no batch to train on "
+                    f"({len(data.pairs)} samples, data.batch_size={cfg.data.batch_size}; "
+                    f"{bad_data.summary()}); lower data.batch_size or add data"
+                )
+            epoch, batch_in_epoch = epoch + 1, 0
+    bar.close()
+    bad_data.check()  # a run shorter than the bad-fraction grace is judged at its end
+    log.info(bad_data.summary())
+    if health.skipped:
+        log.warning("%d steps with a non-finite loss or gradient were skipped", health.skipped)
+    if main:
+        if evaluated_step(run_dir) != step:  # also after a crash between checkpoint and eval
+            _evaluate(model, data, benchmarks, cfg, run_dir, step, metrics)
+        metrics.close()
+    distributed.barrier()  # the run is complete (checkpoint, eval.json) when any rank returns
+    return run_dir
+
+
+def _distributed_data_parallel(model: ThreeTowers, device: torch.device):
+    """DDP over the trainable parts. The frozen h stays outside: DDP neither broadcasts nor
+    synchronises its weights and buffers, and ``_step`` runs it before the wrapped forward."""
+    if model.third_tower is not None:
+        h = model.third_tower
+        frozen = [
+            f"third_tower.{name}"
+            for name, _ in itertools.chain(h.named_parameters(), h.named_buffers())
+        ]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
+    device_ids = [device] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+def _across_ranks(used: int, skipped: list) -> tuple[list[int], list]:
+    """Every rank's batch size and all ranks' bad samples: the counts every rank keeps (and
+    rank 0 checkpoints) are those of the global batch."""
+    shares = distributed.all_gather_objects((used, skipped))
+    return [count for count, _ in shares], [bad for _, share in shares for bad in share]
+
+
+def _evaluate(model, data, benchmarks, cfg: Config, run_dir: Path, step: int, metrics) -> None:
+    scores = evaluate_model(
+        model,
+        data.tokenizer,
+        benchmarks,
+        cfg.eval,
+        run_dir,
+        step=step,
+        max_bad_fraction=cfg.data.max_bad_fraction,
+        cache=EvalCache.of(cfg.data),
+    )
+    metrics.log(
+        {"step": step, "eval": {k: v for k, v in scores.items() if not isinstance(v, list)}}
+    )
+
+
+def evaluated_step(run_dir: Path) -> int | None:
+    path = run_dir / "eval.json"
+    return json.loads(path.read_text()).get("step") if path.exists() else None
+
+
+def _step(
+    forward, model: ThreeTowers, batch: dict, counts: list[int], optimizer, schedule, cfg, device
+):
+    """One optimizer step; returns its logs and whether it was finite (else nothing moved).
+
+    ``forward`` is the model or its DDP wrapper; ``counts`` every rank's batch size.
+    """
+    batch = {
+        k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
+    }
+    with autocast(device, cfg.train.precision):
+        third = batch.get("third_features")
+        if model.third_tower is not None and third is None:  # h live, outside the wrapper
+            images, third_images = batch.get("images"), batch.get("third_images")
+            third = model.third_features(images, third_images=third_images)
+        out = forward(batch.get("images"), batch["tokens"], third_features=third)
+        loss, logs = model.loss(out, counts)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    parameters = model.trainable_parameters()
+    if cfg.train.grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.train.grad_clip)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+    logs["grad_norm"] = norm.detach()
+    # One host sync per step (as AMP's GradScaler makes): a non-finite loss or gradient must
+    # reach neither the weights nor Adam's moments, so the step is decided here, on all ranks.
+    finite = distributed.all_ranks(torch.isfinite(loss.detach() + norm.detach()))
+    if finite:
+        optimizer.step()
+        model.objective.clamp_temperatures_()
+    # The schedule moves on either way: steps, not updates, index the learning rate.
+    schedule.step()
+    return logs, finite
+
+
+def _resume(
+    checkpoints: Path, model, optimizer, schedule, bad_data: BadSampleLog, health: StepHealth
+) -> tuple[int, int, int, Path | None]:
+    """Restore the latest valid checkpoint: (step, epoch, batch in epoch, its path)."""
+    checkpoint = load_latest(checkpoints)
+    if checkpoint is None:
+        return 0, 0, 0, None
+    restore_model(model, checkpoint)
+    state = checkpoint.state
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    torch.set_rng_state(state["rng"])
+    if "bad_samples" in state:  # older checkpoints have no counts: they start from zero
+        bad_data.load_state_dict(state["bad_samples"])
+        health.load_state_dict(state["health"])
+    path = checkpoint_path(checkpoints, checkpoint.step)
+    return checkpoint.step, state["epoch"], state["batch_in_epoch"], path

@@ -1,0 +1,76 @@
+"""Preloaded pairs hold exactly f's view of every image and every caption, cached once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.data.world.test_world import TINY
+from tests.training.test_loop import tiny_run_config
+from threetowers.backbones.frozen import Preprocessing
+from threetowers.config import ConfigError
+from threetowers.data.caches.preload import preload_pairs
+from threetowers.data.pipeline import Normalise, PixelEvalTransform, TrainingData
+from threetowers.data.sources.pairs import iter_pairs
+from threetowers.data.world.generate import write_world
+from threetowers.model.build import build_model
+
+VIEW = Preprocessing(24, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), resize="bicubic", crop_fraction=1.0)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    world = write_world(tmp_path_factory.mktemp("world"), TINY).parent
+    return sorted((world / "pairs").glob("train-*.tar"))
+
+
+def test_preloaded_rows_are_the_view_of_each_image_with_all_captions(shards, tmp_path):
+    view = PixelEvalTransform(VIEW)
+    table = preload_pairs(shards, view, tmp_path, progress=False)
+    originals = list(iter_pairs(shards))
+    assert len(table) == len(originals) == TINY.train_pairs
+    for index, original in enumerate(originals):
+        row = table[index]
+        assert row.key == original.key and row.captions == original.captions
+        assert len(row.captions) == TINY.captions_per_image
+        assert torch.equal(row.image, view(original.image))
+
+    # cached: a second call reads the same file; another view gets its own
+    files = sorted(p.name for p in tmp_path.iterdir())
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    assert torch.equal(
+        preload_pairs(shards, view, tmp_path, progress=False)[3].image, table[3].image
+    )
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == stamps
+    other = PixelEvalTransform(Preprocessing(16, VIEW.mean, VIEW.std, crop_fraction=1.0))
+    assert preload_pairs(shards, other, tmp_path, progress=False)[0].image.shape == (3, 16, 16)
+    assert len(list(tmp_path.iterdir())) == len(files) + 2
+    assert not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_captions_only_table_for_runs_that_read_no_image(shards, tmp_path):
+    table = preload_pairs(shards, None, tmp_path, progress=False)
+    assert table[0].image.numel() == 0 and not list(tmp_path.glob("*.npy"))
+    assert table[5].captions == list(iter_pairs(shards))[5].captions
+
+
+def test_training_batches_from_preloaded_pairs_equal_the_decoded_views(tmp_path):
+    cfg = tiny_run_config(
+        tmp_path / "world", tmp_path / "cache", "data.augment=false", "data.preload=true"
+    )
+    data = TrainingData(cfg, tmp_path / "run")
+    model = build_model(cfg)
+    data.attach(model, progress=False)
+    batch = next(data.batches(epoch=0, start_batch=0))
+    pre = model.image_preprocessing
+    decoded = {pair.id: pair.image for pair in iter_pairs(data.source)}
+    expected = torch.stack([PixelEvalTransform(pre)(decoded[id_]) for id_ in batch["ids"]])
+    assert torch.equal(batch["images"], Normalise(pre)(expected))
+    assert batch["tokens"].shape[0] == len(batch["ids"]) == cfg.data.batch_size
+
+
+def test_preload_with_augmentation_is_refused(tmp_path):
+    cfg = tiny_run_config(tmp_path / "world", tmp_path / "cache", "data.preload=true")
+    data = TrainingData(cfg, tmp_path / "run")
+    with pytest.raises(ConfigError, match="data.augment=false"):
+        data.attach(build_model(cfg), progress=False)

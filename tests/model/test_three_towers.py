@@ -1,0 +1,183 @@
+"""ThreeTowers: frozen third tower, modes, heads, precomputed features and the α combination."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import threetowers as tt
+from tests.conftest import tiny_backbone, tiny_batch, tiny_config, tiny_model
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("mode", ["lit", "3t"])
+def test_optimizer_step_leaves_third_tower_bit_identical_and_trains_its_head(mode):
+    model = tiny_model(mode)
+    model.train()
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    backbone = model.third_tower.module
+    before, head_before = snapshot(backbone), snapshot(model.heads["h"])
+    assert not any(p.requires_grad for p in backbone.parameters())
+    optimizer_ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert optimizer_ids.isdisjoint({id(p) for p in backbone.parameters()})
+
+    for step in range(2):
+        images, tokens = tiny_batch(seed=step)
+        loss, _ = model.loss(model(images, tokens))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    assert not backbone.training and not model.third_tower.training
+    assert all(p.grad is None for p in backbone.parameters())
+    after = snapshot(backbone)
+    assert after.keys() == before.keys()
+    for key in before:  # weights and BatchNorm buffers, bit for bit
+        assert torch.equal(before[key], after[key]), key
+    assert any(not torch.equal(head_before[k], v) for k, v in snapshot(model.heads["h"]).items())
+
+
+def test_third_tower_runs_without_autograd_and_in_eval_mode(backbone):
+    calls = []
+    backbone.module.register_forward_hook(
+        lambda module, inputs, output: calls.append(
+            (module.training, torch.is_inference_mode_enabled())
+        )
+    )
+    backbone.train()
+    images = torch.randn(2, 3, 24, 24)
+    features = backbone(images)
+    assert calls == [(False, True)]
+    assert not features.requires_grad and not features.is_inference()
+    assert torch.equal(features, backbone(images))  # dropout (p=0.5) is inactive
+
+
+def test_clip_mode_never_builds_or_runs_the_third_tower(monkeypatch):
+    calls = []
+    monkeypatch.setitem(tt.BACKBONES, "efficientnet_lite0", lambda *a: calls.append(a))
+    cfg = tiny_config("clip")
+    assert cfg.model.third is not None  # configured, yet unused in clip mode
+    model = tt.build_model(cfg)
+    spy = tiny_backbone()
+    spy.module.register_forward_hook(lambda *a: calls.append("forward"))
+    model_with_spy = tt.build_model(cfg, third_tower=spy)
+    for m in (model, model_with_spy):
+        assert m.third_tower is None and "h" not in m.heads
+        images, tokens = tiny_batch()
+        out = m(images, tokens)
+        m.loss(out)[0].backward()
+        assert set(out) == {"z_f", "z_g"}
+    assert calls == []
+
+
+def test_lit_mode_has_no_image_tower_and_uses_h_as_image_tower(backbone):
+    model = tt.build_model(tiny_config("lit"), third_tower=backbone)
+    assert model.image_tower is None and set(model.heads) == {"g", "h"}
+    assert model.image_preprocessing == backbone.preprocessing
+    images, tokens = tiny_batch(image_size=24)
+    out = model(images, tokens)
+    assert set(out) == {"z_h", "z_g"}
+    features = backbone(images)
+    torch.testing.assert_close(out["z_h"], model.encode_image(None, third_features=features))
+    torch.testing.assert_close(model(None, tokens, third_features=features)["z_h"], out["z_h"])
+
+
+def test_3t_outputs_are_normalised_and_heads_are_separate():
+    model = tiny_model("3t")
+    images, tokens = tiny_batch()
+    out = model(images, tokens)
+    assert set(out) == {"z_f", "z_g", "z_fh", "z_gh", "z_h"}
+    for value in out.values():
+        torch.testing.assert_close(value.norm(dim=-1), torch.ones(len(value)))
+    assert set(model.heads) == {"f", "g", "fh", "gh", "h"}
+    assert not torch.allclose(out["z_f"], out["z_fh"])
+    shared = tiny_model("3t", "model.share_alignment_heads=true")
+    assert set(shared.heads) == {"f", "g", "h"}
+    out = shared(images, tokens)
+    assert out["z_fh"] is out["z_f"] and out["z_gh"] is out["z_g"]
+
+
+def test_precomputed_third_features_equal_live_third_tower():
+    model = tiny_model("3t")
+    images, tokens = tiny_batch()
+    live = model(images, tokens)
+    features = model.third_tower(model._third_view(images))
+    cached = model(images, tokens, third_features=features)
+    for key in live:
+        torch.testing.assert_close(live[key], cached[key])
+    with pytest.raises(ValueError, match="feature cache was made with another backbone"):
+        model(images, tokens, third_features=torch.zeros(len(images), 7))
+
+
+def test_third_view_undoes_f_normalisation_and_applies_h_statistics():
+    model = tiny_model("3t")  # f: 32 px, mean/std 0.5; h: 24 px, ImageNet statistics
+    pixels = torch.rand(2, 3, 24, 24)
+    h = model.third_tower.preprocessing
+    f_images = torch.nn.functional.interpolate(pixels, size=(32, 32), mode="nearest")
+    f_images = (f_images - 0.5) / 0.5
+    view = model._third_view(f_images)
+    assert view.shape == (2, 3, 24, 24)
+    back = view * torch.tensor(h.std).view(1, 3, 1, 1) + torch.tensor(h.mean).view(1, 3, 1, 1)
+    assert back.min() >= -1e-6 and back.max() <= 1 + 1e-6
+    torch.testing.assert_close(back.mean(dim=(2, 3)), pixels.mean(dim=(2, 3)), atol=2e-2, rtol=0)
+
+
+def test_encode_with_alpha_one_is_the_main_embedding():
+    model = tiny_model("3t").eval()
+    images, tokens = tiny_batch()
+    out = model(images, tokens)
+    torch.testing.assert_close(model.encode_image(images), out["z_f"])
+    torch.testing.assert_close(model.encode_text(tokens), out["z_g"])
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.1, 0.5, 0.9])
+def test_combined_embeddings_give_the_alpha_mixed_score(alpha):
+    model = tiny_model("3t").eval()
+    images, tokens = tiny_batch()
+    out = model(images, tokens)
+    image, text = model.encode_image(images, alpha=alpha), model.encode_text(tokens, alpha=alpha)
+    assert image.shape == text.shape == (len(images), 2 * model.embed_dim)
+    expected = alpha * out["z_f"].double() @ out["z_g"].double().T + (1 - alpha) * (
+        out["z_h"].double() @ out["z_gh"].double().T
+    )
+    torch.testing.assert_close((image @ text.T).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_alpha_errors_are_clear():
+    model = tiny_model("3t")
+    _, tokens = tiny_batch()
+    with pytest.raises(ValueError, match=r"alpha must lie in \[0, 1\]"):
+        model.encode_text(tokens, alpha=1.5)
+    clip = tiny_model("clip")
+    with pytest.raises(ValueError, match="needs a 3t model"):
+        clip.encode_text(tokens, alpha=0.5)
+
+
+def test_frozen_backbone_requires_a_wrapper_and_measures_its_dim():
+    with pytest.raises(tt.ConfigError, match="wrap your module"):
+        tt.build_model(tiny_config("3t"), third_tower=torch.nn.Linear(3, 3))
+    assert tiny_backbone().feature_dim == 24
+    with pytest.raises(ValueError, match="must return pooled"):
+        tt.FrozenBackbone(torch.nn.Conv2d(3, 4, 3), tt.Preprocessing(8))
+
+
+def test_convolutional_third_tower_runs_in_cpu_micro_batches_with_the_same_features(monkeypatch):
+    # channels_last backbones run on CPU in chunks of ~CPU_CHUNK_PIXELS; the features must
+    # be those of the whole batch at once, and the chunks must really be smaller.
+    from tests.conftest import TinyCNN
+    from threetowers.backbones import frozen
+
+    torch.manual_seed(0)
+    backbone = tt.FrozenBackbone(TinyCNN(), tt.Preprocessing(16), channels_last=True)
+    images = torch.randn(10, 3, 16, 16)
+    with torch.no_grad():
+        whole = backbone.module(images.contiguous(memory_format=torch.channels_last))
+    seen = []
+    forward = backbone.module.forward
+    monkeypatch.setattr(backbone.module, "forward", lambda x: seen.append(len(x)) or forward(x))
+    monkeypatch.setattr(frozen, "CPU_CHUNK_PIXELS", 4 * 16 * 16)
+    torch.testing.assert_close(backbone(images), whole, rtol=1e-6, atol=1e-6)
+    assert seen == [4, 4, 2]

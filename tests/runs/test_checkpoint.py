@@ -1,0 +1,155 @@
+"""Checkpoints: complete or absent, checksummed, safe to load, pruned."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import pickle
+import random
+import signal
+import time
+import warnings
+
+import pytest
+import torch
+
+from tests.conftest import tiny_model
+from threetowers.runs.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_latest,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
+
+
+def state(step: int) -> dict:
+    return {"rng": torch.get_rng_state(), "epoch": 0, "batch_in_epoch": step, "lr": [0.1]}
+
+
+def test_round_trip_leaves_out_the_frozen_tower(tmp_path):
+    model = tiny_model("3t")
+    path = save_checkpoint(tmp_path, 5, model, state(5), {"tokenizer": "abc"})
+    loaded = load_checkpoint(path)
+    assert loaded.step == 5 and loaded.meta["tokenizer"] == "abc"
+    assert not any(k.startswith("third_tower.") for k in loaded.model)
+    for key, value in model.state_dict().items():
+        if not key.startswith("third_tower."):
+            assert torch.equal(loaded.model[key], value), key
+    assert torch.equal(loaded.state["rng"], state(5)["rng"])
+
+
+def test_keeps_the_last_k_and_latest_wins(tmp_path):
+    model = tiny_model("clip")
+    for step in (2, 4, 6, 8):
+        save_checkpoint(tmp_path, step, model, state(step), keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000006", "step_00000008"]
+    assert load_latest(tmp_path).step == 8
+
+
+def test_corrupt_latest_is_reported_and_the_previous_used(tmp_path):
+    model = tiny_model("clip")
+    save_checkpoint(tmp_path, 2, model, state(2))
+    latest = save_checkpoint(tmp_path, 4, model, state(4))
+    data = bytearray((latest / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (latest / "model.safetensors").write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="step_00000004.*does not match its checksum"):
+        assert load_latest(tmp_path).step == 2
+
+
+def test_half_written_checkpoint_is_never_read_and_gets_cleaned(tmp_path):
+    model = tiny_model("clip")
+    save_checkpoint(tmp_path, 2, model, state(2))
+    partial = tmp_path / ".step_00000004.tmp-999"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"partial")
+    assert load_latest(tmp_path).step == 2
+    remove_stale_temporaries(tmp_path)
+    assert not partial.exists()
+
+
+class Exploit:
+    """Unpickling this runs code: here a harmless marker file, elsewhere anything."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def resign(path, name):
+    """Update meta.json's checksum, so that only the safe loader stands in the way."""
+    meta = json.loads((path / "meta.json").read_text())
+    meta["sha256"][name] = hashlib.sha256((path / name).read_bytes()).hexdigest()
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
+def test_state_file_with_code_is_refused_with_a_clear_error(tmp_path):
+    model = tiny_model("clip")
+    save_checkpoint(tmp_path, 2, model, state(2))
+    path = save_checkpoint(tmp_path, 4, model, state(4))
+    marker = tmp_path / "code_ran"
+    torch.save({"x": Exploit(marker)}, path / "state.pt")  # a real torch.save zip, with code
+    resign(path, "state.pt")
+    with pytest.raises(CheckpointError, match="objects other than tensors.*refused"):
+        load_checkpoint(path)
+    bare = pickle.dumps({"x": Exploit(marker)}, protocol=2)  # a bare pickle, not a torch zip
+    (path / "state.pt").write_bytes(bare)
+    resign(path, "state.pt")
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(path)
+    with pytest.warns(UserWarning, match="step_00000004.*refused"):
+        assert load_latest(tmp_path).step == 2  # the previous one is used
+    assert not marker.exists()
+
+
+def test_unreadable_meta_is_a_checkpoint_error(tmp_path):
+    path = save_checkpoint(tmp_path, 2, tiny_model("clip"), state(2))
+    for text in ("{not json", '{"step": 2}', "[]"):
+        (path / "meta.json").write_text(text)
+        with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+            load_checkpoint(path)
+
+
+def write_checkpoints_forever(directory, model, name) -> None:
+    weight = dict(model.named_parameters())[name]
+    latest = load_latest(directory)
+    for step in range(latest.step + 1 if latest else 1, 100_000):  # as a resumed run would
+        with torch.no_grad():
+            weight.fill_(step)  # each checkpoint's weights name its step
+        save_checkpoint(directory, step, model, {"step": step}, keep=2)
+
+
+def test_kill_at_random_moments_of_writing_never_leaves_a_readable_partial(tmp_path):
+    """SIGKILL a process that writes checkpoints back to back, at seeded random moments:
+    what the next run loads is always a whole checkpoint, and the leftovers get cleaned."""
+    rng = random.Random(0)
+    directory = tmp_path / "checkpoints"
+    model = tiny_model("clip")
+    name = next(iter(dict(model.named_parameters())))
+    # forked, not spawned: a fresh interpreter would spend seconds importing torch
+    fork = multiprocessing.get_context("fork")
+    last = 0
+    for _ in range(5):
+        process = fork.Process(target=write_checkpoints_forever, args=(directory, model, name))
+        process.start()
+        deadline = time.time() + 60
+        while len([p for p in directory.glob("step_*") if int(p.name[5:]) > last]) < 2:
+            assert process.is_alive() and time.time() < deadline
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, 0.2))
+        os.kill(process.pid, signal.SIGKILL)
+        process.join()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no checkpoint may even be corrupt
+            checkpoint = load_latest(directory)
+        assert checkpoint.step >= 1 and checkpoint.state == {"step": checkpoint.step}
+        assert torch.all(checkpoint.model[name] == checkpoint.step)
+        last = max(last, checkpoint.step)
+        remove_stale_temporaries(directory)
+        assert not [p.name for p in directory.iterdir() if not p.name.startswith("step_")]
+    assert last >= 5

@@ -1,0 +1,259 @@
+"""End to end on a tiny embedded world: training, exact resume after SIGKILL, cache vs live h."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import threetowers as tt
+from tests.data.caches.test_features import colliding_shards
+from threetowers.cli import main
+from threetowers.data.sources.bad_samples import BadDataError
+from threetowers.runs.checkpoint import load_latest
+from threetowers.training.loop import train
+
+TINY_WORLD = {
+    "train_pairs": 256,
+    "val_pairs": 32,
+    "retrieval_test": 40,
+    "retrieval_val": 20,
+    "zeroshot_per_class": 4,
+    "zeroshot_val_per_class": 2,
+    "pretrain_objects_per_class": 10,
+    "pretrain_scenes_per_class": 10,
+    "shard_size": 64,
+    "workers": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def world_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("world")
+
+
+def tiny_run_config(world_dir: Path, cache_dir: Path, *overrides: str) -> tt.Config:
+    base = [
+        "model.embed_dim=32",
+        "model.image.image_size=32",
+        "model.image.patch_size=8",
+        "model.image.width=64",
+        "model.image.depth=2",
+        "model.image.heads=2",
+        "model.text.vocab_size=300",
+        "model.text.context_length=32",
+        "model.text.width=64",
+        "model.text.depth=2",
+        "model.text.heads=2",
+        "model.third.image_size=64",
+        f"data.world.dir={world_dir}",
+        f"data.cache_dir={cache_dir}",
+        "data.batch_size=32",
+        "data.num_workers=0",
+        "train.warmup_steps=2",
+        "train.log_every=1",
+    ]
+    base += [f"data.world.{k}={v}" for k, v in TINY_WORLD.items()]
+    return tt.load_config(None, base + list(overrides))
+
+
+def write_config(cfg: tt.Config, path: Path) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    return path
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    last = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+    return load_file(str(last / "model.safetensors"))
+
+
+def test_run_directory_holds_config_metrics_tokenizer_and_checkpoints(world_dir, tmp_path):
+    cfg = tiny_run_config(
+        world_dir, tmp_path / "cache", "train.steps=4", "train.checkpoint_every=2"
+    )
+    run = train(cfg, tmp_path / "run", progress=False)
+    names = {p.name for p in run.iterdir()}
+    assert {"config.yaml", "environment.json", "metrics.jsonl", "tokenizer.json"} <= names
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if "eval" in r] == [4]
+    scores = json.loads((run / "eval.json").read_text())
+    assert {"i2t_R@1", "t2i_R@1", "zeroshot_top1", "fewshot_top1", "alpha_sweep"} <= set(scores)
+    assert [row["alpha"] for row in scores["alpha_sweep"]] == pytest.approx(
+        [i / 10 for i in range(11)]
+    )
+    assert (run / "alpha_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    env = json.loads((run / "environment.json").read_text())
+    assert env["packages"]["torch"].startswith("2.")
+    # A crash after the last checkpoint but before the evaluation: re-running evaluates.
+    (run / "eval.json").unlink()
+    train(cfg, run, progress=False)
+    assert json.loads((run / "eval.json").read_text())["step"] == 4
+    with pytest.raises(tt.ConfigError, match="holds a run with a different config"):
+        train(tiny_run_config(world_dir, tmp_path / "cache", "train.steps=5"), run, progress=False)
+
+
+def test_killed_run_resumes_to_the_same_weights(world_dir, tmp_path):
+    cfg = tiny_run_config(
+        world_dir, tmp_path / "cache", "train.steps=40", "train.checkpoint_every=5", "model.mode=3t"
+    )
+    config = write_config(cfg, tmp_path / "run.yaml")
+    command = [sys.executable, "-m", "threetowers", "train", str(config), "--quiet", "--run-dir"]
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    subprocess.run(command + [str(tmp_path / "straight")], check=True, env=env)
+
+    interrupted = tmp_path / "interrupted"
+    for kill_after in ("step_00000005", "step_00000020"):
+        process = subprocess.Popen(command + [str(interrupted)], env=env)
+        deadline = time.time() + 120
+        while not (interrupted / "checkpoints" / kill_after).exists():
+            assert process.poll() is None, "training ended before it could be killed"
+            assert time.time() < deadline
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        assert not (interrupted / "checkpoints" / "step_00000040").exists()
+    subprocess.run(command + [str(interrupted)], check=True, env=env)
+
+    expected, got = final_weights(tmp_path / "straight"), final_weights(interrupted)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    records = [
+        json.loads(line) for line in (interrupted / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 41))
+    assert not list((interrupted / "checkpoints").glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("data", ["world", "colliding_keys"])
+def test_cached_third_tower_features_give_the_live_loss(world_dir, tmp_path, data):
+    # colliding_keys: two shards whose samples share their keys, with other images
+    shards = [] if data == "world" else [f"data.train={colliding_shards(tmp_path / 'data')}"]
+    if shards:
+        shards.append("data.batch_size=10")
+    losses = {}
+    for cache in (True, False):
+        cfg = tiny_run_config(
+            world_dir,
+            tmp_path / "cache",
+            "train.steps=3",
+            "data.augment=false",
+            f"data.cache={cache}",
+            *shards,
+        )
+        run = train(cfg, tmp_path / f"cache_{cache}", progress=False)
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        losses[cache] = [r["loss"] for r in records if "loss" in r]
+    assert list((tmp_path / "cache").glob("efficientnet_lite0-*.safetensors"))
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def poison_losses(monkeypatch, bad_calls):
+    """Make the loss non-finite on the given (1-based) calls of ThreeTowers.loss."""
+    original, calls = tt.ThreeTowers.loss, [0]
+
+    def loss(self, out, counts=None):
+        total, logs = original(self, out, counts)
+        calls[0] += 1
+        if calls[0] in bad_calls:
+            total = total * float("nan")
+            logs["loss"] = total.detach()
+        return total, logs
+
+    monkeypatch.setattr(tt.ThreeTowers, "loss", loss)
+
+
+def checkpoint_weights(run: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "checkpoints" / f"step_{step:08d}" / "model.safetensors"))
+
+
+def test_non_finite_steps_are_skipped_counted_and_never_reach_the_weights(
+    world_dir, tmp_path, monkeypatch
+):
+    cfg = tiny_run_config(
+        world_dir,
+        tmp_path / "cache",
+        "model.mode=clip",
+        "train.steps=6",
+        "train.checkpoint_every=1",
+        "train.keep_checkpoints=10",
+        "train.max_bad_steps=3",
+    )
+    poison_losses(monkeypatch, {3, 4})
+    run = train(cfg, tmp_path / "run", progress=False)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = {r["step"]: r for r in records if "loss" in r}
+    assert [steps[s]["skipped_steps"] for s in range(1, 7)] == [0, 0, 1, 2, 2, 2]
+    assert math.isnan(steps[3]["loss"]) and math.isfinite(steps[5]["loss"])
+    for skipped in (3, 4):  # no update: the weights of step 2 unchanged
+        for key, value in checkpoint_weights(run, skipped).items():
+            assert torch.equal(value, checkpoint_weights(run, 2)[key]), key
+    final = load_latest(run / "checkpoints")
+    assert all(torch.isfinite(v).all() for v in final.model.values())
+    adam_steps = {float(s["step"]) for s in final.state["optimizer"]["state"].values()}
+    assert adam_steps == {4.0}  # Adam's state saw only the 4 finite steps
+    assert final.state["schedule"]["last_epoch"] == 6  # the schedule did not pause
+
+
+def test_consecutive_non_finite_steps_stop_with_the_last_good_checkpoint(
+    world_dir, tmp_path, monkeypatch, capsys
+):
+    cfg = tiny_run_config(
+        world_dir,
+        tmp_path / "cache",
+        "model.mode=clip",
+        "train.steps=10",
+        "train.checkpoint_every=2",
+        "train.max_bad_steps=3",
+    )
+    config = write_config(cfg, tmp_path / "run.yaml")
+    poison_losses(monkeypatch, set(range(4, 100)))
+    run = tmp_path / "run"
+    assert main(["train", str(config), "--run-dir", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "training stopped at step 6: 3 steps in a row had a non-finite loss" in err
+    assert "step_00000004, is intact" in err and "train.max_bad_steps" in err
+    assert "Traceback" not in err
+    latest = load_latest(run / "checkpoints")
+    assert latest.step == 4
+    for key, value in latest.model.items():  # step 4 was skipped: step 3's weights
+        assert torch.isfinite(value).all(), key
+
+
+def test_an_epoch_without_a_single_batch_is_an_error_not_a_hang(world_dir, tmp_path):
+    cfg = tiny_run_config(
+        world_dir, tmp_path / "cache", "model.mode=clip", "data.batch_size=1000", "train.steps=2"
+    )
+    with pytest.raises(BadDataError, match="gave no batch to train on.*data.batch_size=1000"):
+        train(cfg, tmp_path / "run", progress=False)
+
+
+def test_resume_from_the_end_of_an_epoch(world_dir, tmp_path):
+    # 256 pairs in batches of 32: the checkpoint of step 8 ends epoch 0.
+    cfg = tiny_run_config(
+        world_dir,
+        tmp_path / "cache",
+        "model.mode=clip",
+        "train.steps=10",
+        "train.checkpoint_every=8",
+    )
+    run = train(cfg, tmp_path / "run", progress=False)
+    expected = final_weights(run)
+    shutil.rmtree(run / "checkpoints" / "step_00000010")
+    assert load_latest(run / "checkpoints").state["batch_in_epoch"] == 8
+    got = final_weights(train(cfg, run, progress=False))
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key

@@ -41,24 +41,24 @@ def _model_and_batch(cfg: Config, variant: str, device: torch.device):
     if mode != "lit":
         size = cfg.model.image.image_size
         batch["images"] = torch.randn(batch_size, 3, size, size, generator=generator)
-    if mode != "clip":
-        h = model.third_tower
+    batch = {k: v.to(device) for k, v in batch.items()}
+    for name, h in model.frozen.items():
         size = h.preprocessing.image_size
-        third = torch.randn(batch_size, 3, size, size, generator=generator).to(device)
+        view = torch.randn(batch_size, 3, size, size, generator=generator).to(device)
         if cached:
             with torch.no_grad():  # inference-mode tensors could not enter the loss's graph
-                batch["third_features"] = h(third)
+                batch.setdefault("frozen_features", {})[name] = h(view)
         else:
-            batch["third_images"] = third
-    return model, {k: v.to(device) for k, v in batch.items()}
+            batch.setdefault("frozen_images", {})[name] = view
+    return model, batch
 
 
 def _forward_backward(model, batch: dict) -> None:
     out = model(
         batch.get("images"),
         batch["tokens"],
-        third_features=batch.get("third_features"),
-        third_images=batch.get("third_images"),
+        frozen_features=batch.get("frozen_features"),
+        frozen_images=batch.get("frozen_images"),
     )
     loss, _ = model.loss(out)
     loss.backward()

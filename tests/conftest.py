@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import threetowers as tt
+from threetowers.model.objective import objective
 
 
 class TinyCNN(nn.Module):
@@ -47,7 +48,12 @@ def tiny_config(mode: str = "3t", *overrides: str) -> tt.Config:
 def tiny_model(mode: str = "3t", *overrides: str, seed: int = 0) -> tt.ThreeTowers:
     torch.manual_seed(seed)
     cfg = tiny_config(mode, *overrides)
-    return tt.build_model(cfg, third_tower=None if mode == "clip" else tiny_backbone())
+    return tt.build_model(cfg, frozen=None if mode == "clip" else tiny_backbone())
+
+
+def terms_of(mode: str):
+    """The loss terms of ``mode`` with one frozen tower named h."""
+    return objective(mode, () if mode == "clip" else ("h",)).terms
 
 
 def tiny_batch(batch: int = 8, seed: int = 1, image_size: int = 32, context: int = 16):

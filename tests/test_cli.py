@@ -135,7 +135,7 @@ def test_cache_command_fills_the_cache(trained, tmp_path, capsys):
         (["train", "missing.yaml"], "neither a file nor a preset"),
         (["eval", "/nonexistent/run"], "neither a run directory nor a checkpoint"),
         (["embed", "/nonexistent/run", "--out", "x.npy"], "neither a run directory"),
-        (["cache", "tiny", "model.mode=clip"], "has no third tower to cache"),
+        (["cache", "tiny", "model.mode=clip"], "has no frozen tower to cache"),
         (["config", "tiny", "model.image.widht=3"], "did you mean 'width'"),
     ],
 )

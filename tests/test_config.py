@@ -42,14 +42,19 @@ def test_override_can_create_a_section_left_null():
         (["loss.kinds=softmax"], r"loss.kinds: unknown key; did you mean 'kind'\?"),
         (["model.image.width=wide"], r"model.image.width: .*integer.*\(got 'wide'\)"),
         (["model.mode=siglip"], r"model.mode: Input should be 'clip', 'lit' or '3t'"),
-        (["model.mode=3t", "model.third=null"], r"mode '3t' needs a third tower"),
-        (["model.mode=lit", "model.third=null"], r"mode 'lit' needs a third tower"),
+        (["model.mode=3t", "model.third=null"], r"mode '3t' needs a frozen tower"),
+        (["model.mode=lit", "model.third=null"], r"mode 'lit' needs a frozen tower"),
+        (
+            ["model.frozen=[{name: a}, {name: b}]", "model.mode=lit"],
+            r"mode 'lit' locks one frozen tower .*\['a', 'b'\]",
+        ),
+        (["model.frozen=[{name: h}, {name: fh}]"], r"clash: \['fh'\]"),
+        (["model.frozen=[{name: g}]"], r"clash: \['g'\]"),
+        (["model.frozen=[{name: Big}]"], r"model.frozen.0.name: String should match pattern"),
+        (["model.frozen=[{name: a, weigth: 2}]"], r"weigth: unknown key; did you mean 'weight'"),
+
         (["model.third.backbone=resnet50"], r"unknown backbone 'resnet50'; choose one of"),
         (["model.third.backbone=hf"], r"backbone 'hf' needs a path"),
-        (
-            ["model.third.head=identity"],
-            r"needs embed_dim equal to the efficientnet_lite0 feature dim 1280",
-        ),
         (["model.image.patch_size=5"], r"image_size 32 is not divisible by patch_size 5"),
         (["model.text.heads=3"], r"width 64 is not divisible by heads 3"),
         (["model.text.causal=true", "model.text.pool=first"], r"pool 'first' with causal"),
@@ -92,7 +97,7 @@ def test_identity_head_checked_against_a_loaded_backbone(backbone):
         ],
     )
     with pytest.raises(tt.ConfigError, match=r"feature dim \(24\), got embed_dim 16"):
-        tt.build_model(cfg, third_tower=backbone)
+        tt.build_model(cfg, frozen=backbone)
     ok = tt.load_config(
         "tiny",
         [
@@ -102,5 +107,5 @@ def test_identity_head_checked_against_a_loaded_backbone(backbone):
             "model.embed_dim=24",
         ],
     )
-    model = tt.build_model(ok, third_tower=backbone)
+    model = tt.build_model(ok, frozen=backbone)
     assert isinstance(model.heads["h"], torch.nn.Identity)

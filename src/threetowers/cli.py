@@ -43,11 +43,11 @@ def _summary(args: argparse.Namespace) -> None:
     for name, part in parts.items():
         if part is not None:
             print(f"  {name:<16} {sum(p.numel() for p in part.parameters()):>14,} trainable")
-    if model.third_tower is not None:
-        h = model.third_tower
-        frozen = sum(p.numel() for p in h.parameters())
-        print(f"  third tower h    {frozen:>14,} frozen ({h.name}, {h.feature_dim}-d features)")
-        print(f"    preprocessing: {h.preprocessing}")
+    for name, tower in model.frozen.items():
+        frozen = sum(p.numel() for p in tower.parameters())
+        label = f"frozen tower {name}"
+        print(f"  {label:<16} {frozen:>14,} frozen ({tower.name}, {tower.feature_dim}-d features)")
+        print(f"    preprocessing: {tower.preprocessing}")
     print(f"  total trainable  {sum(p.numel() for p in model.trainable_parameters()):>14,}")
 
 
@@ -113,7 +113,7 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _embed(args: argparse.Namespace) -> None:
-    from threetowers.embed import embed, save_embeddings
+    from threetowers.embed import embed, parse_alpha, save_embeddings
     from threetowers.runs.trained import load_trained
 
     run = load_trained(args.run)
@@ -122,7 +122,7 @@ def _embed(args: argparse.Namespace) -> None:
         run.tokenizer,
         args.images,
         args.texts,
-        args.alpha,
+        parse_alpha(args.alpha),
         max_bad_fraction=run.cfg.data.max_bad_fraction,
     )
     save_embeddings(args.out, vectors, keys)
@@ -132,24 +132,26 @@ def _embed(args: argparse.Namespace) -> None:
 def _cache(args: argparse.Namespace) -> None:
     from threetowers.data.caches.features import feature_cache
     from threetowers.data.pipeline import open_training_pairs
-    from threetowers.model.build import build_third_tower
+    from threetowers.model.build import build_frozen_towers
 
     cfg = load_config(args.config, args.overrides)
-    if cfg.model.mode == "clip" or cfg.model.third is None:
-        raise ConfigError("mode 'clip' has no third tower to cache; use model.mode=3t or lit")
+    towers = build_frozen_towers(cfg.model)
+    if not towers:
+        raise ConfigError("mode 'clip' has no frozen tower to cache; use model.mode=3t or lit")
     pairs, _ = open_training_pairs(cfg)
-    cache = feature_cache(
-        build_third_tower(cfg.model.third),
-        pairs,
-        cfg.data.cache_dir,
-        cfg.data.batch_size,
-        cfg.data.num_workers,
-        max_bad_fraction=cfg.data.max_bad_fraction,
-    )
-    print(
-        f"{len(cache.row)} feature vectors of dim {cache.features.shape[1]} cached "
-        f"({cache.fingerprint[:12]}) in {cfg.data.cache_dir}"
-    )
+    for name, tower in towers.items():
+        cache = feature_cache(
+            tower,
+            pairs,
+            cfg.data.cache_dir,
+            cfg.data.batch_size,
+            cfg.data.num_workers,
+            max_bad_fraction=cfg.data.max_bad_fraction,
+        )
+        print(
+            f"{name}: {len(cache.row)} feature vectors of dim {cache.features.shape[1]} cached "
+            f"({cache.fingerprint[:12]}) in {cfg.data.cache_dir}"
+        )
 
 
 def _pretrain(args: argparse.Namespace) -> None:
@@ -214,9 +216,9 @@ def parser() -> argparse.ArgumentParser:
     embed.add_argument("--texts", help="a text file, one caption per line")
     embed.add_argument(
         "--alpha",
-        type=float,
-        default=1.0,
-        help="3t only: < 1 gives the convex-combination embeddings",
+        default="1",
+        help="3t only: < 1 (or weights by part, f=0.5,inet=0.3,scene=0.2) gives the "
+        "convex-combination embeddings",
     )
     embed.add_argument("--out", required=True, help="output .safetensors or .npy")
     embed.set_defaults(handler=_embed)
@@ -242,7 +244,7 @@ def parser() -> argparse.ArgumentParser:
     repro.add_argument("--quiet", action="store_true", help="no progress bar")
     repro.set_defaults(handler=_reproduce)
 
-    cache = commands.add_parser("cache", help="precompute the third tower's training features")
+    cache = commands.add_parser("cache", help="precompute the frozen towers' training features")
     _config_arguments(cache)
     cache.set_defaults(handler=_cache)
     return root

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
-from threetowers.backbones.registry import BACKBONES, BACKBONES_NEEDING_PATH, FIXED_FEATURE_DIMS
+from threetowers.backbones.registry import BACKBONES, BACKBONES_NEEDING_PATH
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
@@ -75,23 +75,30 @@ class TextTowerConfig(Section):
         return self
 
 
-class ThirdTowerConfig(Section):
+class FrozenTowerConfig(Section):
+    """One frozen pretrained tower k: its backbone, what the backbone needs, W_k, its weight."""
+
+    # Unique; names the tower's heads (W_k, W_f->k as "f<name>", W_g->k as "g<name>"), its
+    # loss terms, metric keys, caches and logs. "h" is the name of the model.third shorthand.
+    name: str = Field("h", pattern=r"^[a-z][a-z0-9]{0,15}$")
     backbone: str = "efficientnet_lite0"
     path: str | None = None
     pool: Literal["auto", "cls", "pooler", "mean"] = "auto"
     head: Literal["linear", "mlp", "identity"] = "linear"
-    # Input size for h; None: the backbone's own. Convolutional backbones accept smaller
-    # inputs, which cost quadratically less (EfficientNet-Lite0: 224 px native).
+    # Input size; None: the backbone's own. Convolutional backbones accept smaller inputs,
+    # which cost quadratically less (EfficientNet-Lite0: 224 px native).
     image_size: int | None = Field(None, gt=0)
+    # Weight of both alignment terms with this tower (3t); None: loss.weights.fh_h / gh_h.
+    weight: float | None = Field(None, ge=0)
 
     @model_validator(mode="after")
-    def _known(self) -> ThirdTowerConfig:
+    def _known(self) -> FrozenTowerConfig:
         if self.backbone not in BACKBONES:
             raise ValueError(
                 f"unknown backbone {self.backbone!r}; choose one of {sorted(BACKBONES)}"
             )
         if self.backbone in BACKBONES_NEEDING_PATH and not self.path:
-            raise ValueError(f"backbone {self.backbone!r} needs a path (model.third.path=...)")
+            raise ValueError(f"backbone {self.backbone!r} needs a path (e.g. model.third.path=...)")
         return self
 
 
@@ -102,22 +109,48 @@ class ModelConfig(Section):
     share_alignment_heads: bool = False
     image: ImageTowerConfig = ImageTowerConfig()
     text: TextTowerConfig = TextTowerConfig()
-    third: ThirdTowerConfig | None = ThirdTowerConfig()
+    # One frozen tower (named "h"), the shorthand of a one-item model.frozen.
+    third: FrozenTowerConfig | None = FrozenTowerConfig()
+    # The frozen towers, as a list; when given, it replaces model.third.
+    frozen: list[FrozenTowerConfig] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _the_list_replaces_the_shorthand(cls, data: Any) -> Any:
+        # A preset's model.third stays in place under an override of model.frozen: the list,
+        # when given, is the towers (`threetowers config` shows third: null).
+        if isinstance(data, dict) and data.get("frozen") is not None:
+            data = {**data, "third": None}
+        return data
+
+    @property
+    def frozen_towers(self) -> list[FrozenTowerConfig]:
+        """The frozen towers, in order: model.frozen, or model.third as a one-item list."""
+        if self.frozen is not None:
+            return list(self.frozen)
+        return [self.third] if self.third is not None else []
 
     @model_validator(mode="after")
     def _mode_has_its_towers(self) -> ModelConfig:
-        if self.mode in ("lit", "3t") and self.third is None:
+        towers = self.frozen_towers
+        if self.mode in ("lit", "3t") and not towers:
             raise ValueError(
-                f"mode {self.mode!r} needs a third tower; set model.third.backbone "
-                "(e.g. efficientnet_lite0) or use mode 'clip'"
+                f"mode {self.mode!r} needs a frozen tower; set model.third.backbone "
+                "(e.g. efficientnet_lite0), list towers under model.frozen, or use mode 'clip'"
             )
-        if self.third is not None and self.third.head == "identity":
-            dim = FIXED_FEATURE_DIMS.get(self.third.backbone)
-            if dim is not None and dim != self.embed_dim:
-                raise ValueError(
-                    f"third.head 'identity' needs embed_dim equal to the {self.third.backbone} "
-                    f"feature dim {dim}, got embed_dim {self.embed_dim}; use head 'linear'"
-                )
+        if self.mode == "lit" and len(towers) > 1:
+            raise ValueError(
+                f"mode 'lit' locks one frozen tower as the image tower; model.frozen lists "
+                f"{len(towers)} ({[t.name for t in towers]}): keep one, or use mode '3t'"
+            )
+        names = [t.name for t in towers]
+        derived = [n for name in names for n in (name, f"f{name}", f"g{name}")]
+        clashes = sorted({n for n in derived if derived.count(n) > 1} | ({"f", "g"} & set(names)))
+        if clashes:
+            raise ValueError(
+                f"frozen tower names {names} clash: {clashes} would name two things (tower k's "
+                "heads are k, fk and gk, and f, g are the trained towers); rename them"
+            )
         return self
 
 
@@ -368,16 +401,21 @@ def _describe(error: ValidationError, origin: str) -> str:
     return "\n".join(lines)
 
 
+def _sections_in(annotation: Any) -> list[type[BaseModel]]:
+    """The config sections an annotation holds: itself, or inside ``X | None``, ``list[X]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [s for arg in getattr(annotation, "__args__", ()) for s in _sections_in(arg)]
+
+
 def _suggestion(loc: tuple) -> str:
     """Name the valid keys of the section holding an unknown key, closest first."""
     section: type[BaseModel] = Config
     for part in loc[:-1]:
+        if isinstance(part, int):  # an item of a list of sections (model.frozen.0)
+            continue
         annotation = section.model_fields[part].annotation if part in section.model_fields else None
-        candidates = [
-            arg
-            for arg in getattr(annotation, "__args__", (annotation,))
-            if isinstance(arg, type) and issubclass(arg, BaseModel)
-        ]
+        candidates = _sections_in(annotation)
         if not candidates:
             return ""
         section = candidates[0]

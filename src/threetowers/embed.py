@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from threetowers.data.sources.decode import caption_text, clean_captions
 from threetowers.data.tokenizer import CaptionTokenizer
 from threetowers.evaluation.metrics import mix
 from threetowers.evaluation.suite import embed_images, embed_texts
+from threetowers.model.objective import alignment_names
 from threetowers.model.three_towers import ThreeTowers
 
 log = logging.getLogger(__name__)
@@ -40,30 +42,49 @@ def embed(
     tokenizer: CaptionTokenizer,
     images: str | Path | None = None,
     texts: str | Path | None = None,
-    alpha: float = 1.0,
+    alpha: float | Mapping[str, float] = 1.0,
     max_bad_fraction: float = 1.0,
 ) -> tuple[torch.Tensor, list[str]]:
     """Embeddings of every usable image under ``images`` or every usable line of ``texts``,
-    with their keys (relative paths or the lines). alpha < 1 gives 3T's convex-combination
-    vectors."""
+    with their keys (relative paths or the lines). ``alpha`` < 1, or weights by part (``f``
+    and frozen tower names), gives 3T's convex-combination vectors (``model.mixture``)."""
     if (images is None) == (texts is None):
         raise ValueError("give exactly one of --images DIR or --texts FILE")
-    model._check_alpha(alpha)
+    weights = model.mixture(alpha)
+    aligned = model.structure.aligned
     if images is not None:
         paths = image_files(images)
         bad = BadSampleLog(max_bad_fraction, f"images under {images}", size=len(paths))
         parts = embed_images(model, paths, bad_images=bad)
         keys = [str(paths[i].relative_to(images)) for i in parts["index"].tolist()]
-        main, third = ("z_h", None) if model.mode == "lit" else ("z_f", "z_h")
+        main, mixed = model.image_key, ["z_f", *(f"z_{k}" for k in aligned)]
     else:
         keys, bad = caption_lines(texts, max_bad_fraction)
         parts = embed_texts(model, tokenizer, keys)
-        main, third = "z_g", "z_gh"
+        main, mixed = "z_g", ["z_g", *(f"z_{alignment_names(k)[1]}" for k in aligned)]
     bad.check()
     if bad.total:
         log.warning(bad.summary())
-    vectors = parts[main] if alpha == 1.0 else mix(parts[main], parts[third], alpha)
+    if weights == {"f": 1.0}:
+        return parts[main], keys
+    order = ("f", *aligned)
+    vectors = mix([parts[key] for key in mixed], [weights.get(part, 0.0) for part in order])
     return vectors, keys
+
+
+def parse_alpha(text: str) -> float | dict[str, float]:
+    """``--alpha``: one number (the main pair's weight, one frozen tower), or weights by part,
+    ``f=0.5,inet=0.3,scene=0.2``."""
+    try:
+        if "=" not in text:
+            return float(text)
+        pairs = [item.split("=", 1) for item in text.split(",")]
+        return {name.strip(): float(value) for name, value in pairs}
+    except ValueError:
+        raise ValueError(
+            f"--alpha {text!r}: give a number in [0, 1] or weights by part summing to 1, "
+            "e.g. --alpha 0.7 or --alpha f=0.5,inet=0.3,scene=0.2"
+        ) from None
 
 
 def caption_lines(texts: str | Path, max_bad_fraction: float) -> tuple[list[str], BadSampleLog]:

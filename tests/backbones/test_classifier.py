@@ -46,7 +46,7 @@ def test_round_trip_restores_weights_metadata_and_logits(tmp_path):
         torch.testing.assert_close(loaded.logits(images), original.logits(images))
 
 
-def test_checkpoint_serves_as_frozen_third_tower(tmp_path):
+def test_checkpoint_serves_as_a_frozen_tower(tmp_path):
     original = make_classifier()
     path = tmp_path / "objects.safetensors"
     save_classifier(path, original)
@@ -57,8 +57,8 @@ def test_checkpoint_serves_as_frozen_third_tower(tmp_path):
         torch.testing.assert_close(backbone(images), original.backbone.eval()(images))
     cfg = tt.load_config("tiny", ["model.third.backbone=checkpoint", f"model.third.path={path}"])
     model = tt.build_model(cfg)
-    assert model.third_tower.feature_dim == 24
-    assert not any(p.requires_grad for p in model.third_tower.parameters())
+    assert model.frozen["h"].feature_dim == 24
+    assert not any(p.requires_grad for p in model.frozen["h"].parameters())
 
 
 def test_refuses_files_that_are_not_classifier_checkpoints(tmp_path):

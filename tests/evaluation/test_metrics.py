@@ -19,6 +19,7 @@ from threetowers.evaluation.metrics import (
     plot_alpha_sweep,
     retrieval,
     sample_shots,
+    simplex_grid,
     zeroshot,
 )
 from threetowers.evaluation.suite import Benchmarks, chance_levels, image_to_text_chance
@@ -236,13 +237,27 @@ def test_linear_probe_selects_on_training_shots_only():
 
 
 def test_mix_dot_product_formula():
-    a, b, c, d = (unit(5, 4, seed=s) for s in range(20, 24))
+    a, b, c, d, e, f = (unit(5, 4, seed=s) for s in range(20, 26))
     for alpha in (0.0, 0.3, 1.0):
-        left, right = mix(a, b, alpha), mix(c, d, alpha)
+        left, right = mix([a, b], [alpha, 1 - alpha]), mix([c, d], [alpha, 1 - alpha])
         torch.testing.assert_close(left @ right.T, alpha * a @ c.T + (1 - alpha) * b @ d.T)
         torch.testing.assert_close(left.norm(dim=-1), torch.ones(5, dtype=torch.float64))
+    weights = [0.5, 0.2, 0.3]  # three parts: one dot product is the three-way mixed score
+    left, right = mix([a, b, e], weights), mix([c, d, f], weights)
+    expected = 0.5 * a @ c.T + 0.2 * b @ d.T + 0.3 * e @ f.T
+    torch.testing.assert_close(left @ right.T, expected)
     with pytest.raises(ValueError):
-        mix(a, b, 1.5)
+        mix([a, b], [1.5, -0.5])
+    with pytest.raises(ValueError):
+        mix([a, b], [1.0])
+
+
+def test_simplex_grid_holds_every_mixture_in_tenths_once():
+    grid = simplex_grid(3)
+    assert len(grid) == len(set(grid)) == 66  # C(12, 2)
+    assert all(sum(w) == pytest.approx(1.0) and min(w) >= 0 for w in grid)
+    assert grid[0] == (1.0, 0.0, 0.0) and (0.3, 0.3, 0.4) in grid
+    assert simplex_grid(2) == [(i / 10, (10 - i) / 10) for i in range(10, -1, -1)]
 
 
 def test_alpha_sweep_retrieval_endpoints_and_scores():

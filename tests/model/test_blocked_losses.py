@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import threetowers as tt
-from tests.conftest import tiny_batch, tiny_model
+from tests.conftest import terms_of, tiny_batch, tiny_model
 from threetowers.model.blocked_losses import blocked_sigmoid_term, blocked_softmax_term
 from threetowers.model.losses import ThreeTowersLoss, sigmoid_term, softmax_term
 
@@ -115,8 +115,8 @@ def test_shares_over_simulated_ranks_give_the_global_loss_and_gradients(kind):
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
 def test_three_towers_loss_with_block_size_matches_plain(kind):
     weights = {"f_g": 2.0, "fh_h": 0.5, "gh_h": 1.0}
-    plain = ThreeTowersLoss(mode="3t", kind=kind, weights=weights).double()
-    blocked = ThreeTowersLoss(mode="3t", kind=kind, weights=weights, block_size=5).double()
+    plain = ThreeTowersLoss(terms_of("3t"), kind=kind, weights=weights).double()
+    blocked = ThreeTowersLoss(terms_of("3t"), kind=kind, weights=weights, block_size=5).double()
     with torch.no_grad():  # distinct scales and biases, so that a mix-up between terms shows
         for i, (p, q) in enumerate(
             zip(plain.log_scale.values(), blocked.log_scale.values(), strict=True)
@@ -219,7 +219,7 @@ def test_block_size_is_validated_and_reaches_the_loss():
         with pytest.raises(ValueError, match="block_size must be a positive integer"):
             blocked_softmax_term(a, a, a, a, 0, torch.tensor(1.0), bad)
     with pytest.raises(ValueError, match=r"block_size must be an integer >= 0 \(0: unblocked\)"):
-        ThreeTowersLoss(block_size=-1)
+        ThreeTowersLoss(terms_of("3t"), block_size=-1)
     with pytest.raises(tt.ConfigError, match="loss.block_size: Input should be greater than or"):
         tt.load_config("tiny", ["loss.block_size=-1"])
     model = tiny_model("3t", "loss.block_size=3")

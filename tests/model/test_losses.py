@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import tiny_batch, tiny_model
-from threetowers.model.losses import ThreeTowersLoss, objective_terms
+from tests.conftest import terms_of, tiny_batch, tiny_model
+from threetowers.model.losses import ThreeTowersLoss
 
 TERM_PAIRS = {
     "clip": {"f_g": ("z_f", "z_g")},
@@ -37,7 +37,7 @@ def reference_sigmoid(a, b, s, beta):
 def reference_objective(embeddings, mode, kind, log_scales, biases, weights, max_scale=100.0):
     total, weight_sum = 0.0, 0.0
     for name, (ka, kb) in TERM_PAIRS[mode].items():
-        w = weights.get(name, 1.0) if mode == "3t" else 1.0
+        w = weights.get(name, 1.0)
         s = torch.clamp(torch.exp(log_scales[name]), max=max_scale)
         a, b = embeddings[ka], embeddings[kb]
         value = (
@@ -62,9 +62,9 @@ def random_embeddings(mode, batch=12, dim=16, seed=0):
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("shared", [False, True])
 def test_loss_and_gradients_match_float64_reference(mode, kind, shared):
-    weights = {"f_g": 2.0, "fh_h": 0.5, "gh_h": 1.0}
+    weights = {"f_g": 2.0, "fh_h": 0.5, "gh_h": 1.0} if mode == "3t" else {}
     loss_fn = ThreeTowersLoss(
-        mode=mode, kind=kind, weights=weights, shared_temperature=shared, init_scale=7.0
+        terms_of(mode), kind=kind, weights=weights, shared_temperature=shared, init_scale=7.0
     )
     # Give every term its own scale (and bias) so that a mix-up between terms would show.
     with torch.no_grad():
@@ -77,7 +77,7 @@ def test_loss_and_gradients_match_float64_reference(mode, kind, shared):
     total.backward()
 
     ref_emb = {k: v.detach().double().requires_grad_() for k, v in embeddings.items()}
-    names = [t.name for t in objective_terms(mode)]
+    names = [t.name for t in terms_of(mode)]
     ref_scale_params = {
         n: p.detach().double().requires_grad_() for n, p in loss_fn.log_scale.items()
     }
@@ -108,7 +108,7 @@ def test_loss_and_gradients_match_float64_reference(mode, kind, shared):
 
 @pytest.mark.parametrize("mode", ["clip", "lit", "3t"])
 def test_per_term_logs_match_reference_terms(mode):
-    loss_fn = ThreeTowersLoss(mode=mode)
+    loss_fn = ThreeTowersLoss(terms_of(mode))
     embeddings = random_embeddings(mode, seed=3)
     _, logs = loss_fn(embeddings)
     for name, (ka, kb) in TERM_PAIRS[mode].items():
@@ -118,7 +118,7 @@ def test_per_term_logs_match_reference_terms(mode):
 
 
 def test_scale_is_clamped_and_clamp_stops_the_gradient():
-    loss_fn = ThreeTowersLoss(mode="clip", max_scale=100.0)
+    loss_fn = ThreeTowersLoss(terms_of("clip"), max_scale=100.0)
     with torch.no_grad():
         loss_fn.log_scale["f_g"].fill_(math.log(500.0))
     embeddings = random_embeddings("clip")
@@ -131,7 +131,7 @@ def test_scale_is_clamped_and_clamp_stops_the_gradient():
 
 
 def test_zero_weight_drops_term_and_l2_alignment():
-    loss_fn = ThreeTowersLoss(mode="3t", weights={"fh_h": 0.0}, alignment="l2")
+    loss_fn = ThreeTowersLoss(terms_of("3t"), weights={"fh_h": 0.0}, alignment="l2")
     assert [t.name for t in loss_fn.terms] == ["f_g", "gh_h"]
     assert list(loss_fn.log_scale) == ["f_g"]  # L2 alignment has no temperature
     embeddings = random_embeddings("3t", seed=5)
@@ -144,11 +144,11 @@ def test_zero_weight_drops_term_and_l2_alignment():
 
 def test_invalid_loss_arguments_are_named():
     with pytest.raises(ValueError, match="unknown loss kind 'hinge'"):
-        ThreeTowersLoss(kind="hinge")
+        ThreeTowersLoss(terms_of("3t"), kind="hinge")
     with pytest.raises(ValueError, match="unknown loss terms"):
-        ThreeTowersLoss(mode="3t", weights={"f_h": 1.0})
+        ThreeTowersLoss(terms_of("3t"), weights={"f_h": 1.0})
     with pytest.raises(ValueError, match="every loss term has weight 0"):
-        ThreeTowersLoss(mode="3t", weights={"f_g": 0, "fh_h": 0, "gh_h": 0})
+        ThreeTowersLoss(terms_of("3t"), weights={"f_g": 0, "fh_h": 0, "gh_h": 0})
 
 
 @pytest.mark.parametrize("mode", ["clip", "lit", "3t"])
@@ -189,7 +189,7 @@ def test_model_parameter_gradients_match_float64_reference(mode, kind):
 
 
 def test_temperatures_stay_within_their_clamp_and_can_come_back():
-    loss_fn = ThreeTowersLoss(mode="clip", init_scale=90.0, max_scale=100.0)
+    loss_fn = ThreeTowersLoss(terms_of("clip"), init_scale=90.0, max_scale=100.0)
     parameter = loss_fn.log_scale["f_g"]
     optimizer = torch.optim.AdamW([parameter], lr=0.5, weight_decay=0.0)
     for direction in [-1.0] * 20 + [1.0] * 20:  # push the scale up hard, then down

@@ -1,4 +1,4 @@
-"""ThreeTowers: frozen third tower, modes, heads, precomputed features and the α combination."""
+"""ThreeTowers: frozen towers, modes, heads, precomputed features and the α combination."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("mode", ["lit", "3t"])
-def test_optimizer_step_leaves_third_tower_bit_identical_and_trains_its_head(mode):
+def test_optimizer_step_leaves_frozen_tower_bit_identical_and_trains_its_head(mode):
     model = tiny_model(mode)
     model.train()
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
-    backbone = model.third_tower.module
+    backbone = model.frozen["h"].module
     before, head_before = snapshot(backbone), snapshot(model.heads["h"])
     assert not any(p.requires_grad for p in backbone.parameters())
     optimizer_ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -31,7 +31,7 @@ def test_optimizer_step_leaves_third_tower_bit_identical_and_trains_its_head(mod
         loss.backward()
         optimizer.step()
 
-    assert not backbone.training and not model.third_tower.training
+    assert not backbone.training and not model.frozen["h"].training
     assert all(p.grad is None for p in backbone.parameters())
     after = snapshot(backbone)
     assert after.keys() == before.keys()
@@ -40,7 +40,7 @@ def test_optimizer_step_leaves_third_tower_bit_identical_and_trains_its_head(mod
     assert any(not torch.equal(head_before[k], v) for k, v in snapshot(model.heads["h"]).items())
 
 
-def test_third_tower_runs_without_autograd_and_in_eval_mode(backbone):
+def test_frozen_tower_runs_without_autograd_and_in_eval_mode(backbone):
     calls = []
     backbone.module.register_forward_hook(
         lambda module, inputs, output: calls.append(
@@ -55,7 +55,7 @@ def test_third_tower_runs_without_autograd_and_in_eval_mode(backbone):
     assert torch.equal(features, backbone(images))  # dropout (p=0.5) is inactive
 
 
-def test_clip_mode_never_builds_or_runs_the_third_tower(monkeypatch):
+def test_clip_mode_never_builds_or_runs_a_frozen_tower(monkeypatch):
     calls = []
     monkeypatch.setitem(tt.BACKBONES, "efficientnet_lite0", lambda *a: calls.append(a))
     cfg = tiny_config("clip")
@@ -63,9 +63,9 @@ def test_clip_mode_never_builds_or_runs_the_third_tower(monkeypatch):
     model = tt.build_model(cfg)
     spy = tiny_backbone()
     spy.module.register_forward_hook(lambda *a: calls.append("forward"))
-    model_with_spy = tt.build_model(cfg, third_tower=spy)
+    model_with_spy = tt.build_model(cfg, frozen=spy)
     for m in (model, model_with_spy):
-        assert m.third_tower is None and "h" not in m.heads
+        assert not m.frozen and "h" not in m.heads
         images, tokens = tiny_batch()
         out = m(images, tokens)
         m.loss(out)[0].backward()
@@ -74,15 +74,17 @@ def test_clip_mode_never_builds_or_runs_the_third_tower(monkeypatch):
 
 
 def test_lit_mode_has_no_image_tower_and_uses_h_as_image_tower(backbone):
-    model = tt.build_model(tiny_config("lit"), third_tower=backbone)
+    model = tt.build_model(tiny_config("lit"), frozen=backbone)
     assert model.image_tower is None and set(model.heads) == {"g", "h"}
     assert model.image_preprocessing == backbone.preprocessing
     images, tokens = tiny_batch(image_size=24)
     out = model(images, tokens)
     assert set(out) == {"z_h", "z_g"}
     features = backbone(images)
-    torch.testing.assert_close(out["z_h"], model.encode_image(None, third_features=features))
-    torch.testing.assert_close(model(None, tokens, third_features=features)["z_h"], out["z_h"])
+    given = {"h": features}
+    torch.testing.assert_close(out["z_h"], model.encode_image(None, frozen_features=given))
+    torch.testing.assert_close(model(None, tokens, frozen_features=given)["z_h"], out["z_h"])
+    assert model.image_key == "z_h"
 
 
 def test_3t_outputs_are_normalised_and_heads_are_separate():
@@ -100,25 +102,26 @@ def test_3t_outputs_are_normalised_and_heads_are_separate():
     assert out["z_fh"] is out["z_f"] and out["z_gh"] is out["z_g"]
 
 
-def test_precomputed_third_features_equal_live_third_tower():
+def test_precomputed_frozen_features_equal_the_live_frozen_tower():
     model = tiny_model("3t")
     images, tokens = tiny_batch()
     live = model(images, tokens)
-    features = model.third_tower(model._third_view(images))
-    cached = model(images, tokens, third_features=features)
+    h = model.frozen["h"]
+    features = {"h": h(model._frozen_view(h.preprocessing, images))}
+    cached = model(images, tokens, frozen_features=features)
     for key in live:
         torch.testing.assert_close(live[key], cached[key])
     with pytest.raises(ValueError, match="feature cache was made with another backbone"):
-        model(images, tokens, third_features=torch.zeros(len(images), 7))
+        model(images, tokens, frozen_features={"h": torch.zeros(len(images), 7)})
 
 
-def test_third_view_undoes_f_normalisation_and_applies_h_statistics():
+def test_frozen_view_undoes_f_normalisation_and_applies_h_statistics():
     model = tiny_model("3t")  # f: 32 px, mean/std 0.5; h: 24 px, ImageNet statistics
     pixels = torch.rand(2, 3, 24, 24)
-    h = model.third_tower.preprocessing
+    h = model.frozen["h"].preprocessing
     f_images = torch.nn.functional.interpolate(pixels, size=(32, 32), mode="nearest")
     f_images = (f_images - 0.5) / 0.5
-    view = model._third_view(f_images)
+    view = model._frozen_view(h, f_images)
     assert view.shape == (2, 3, 24, 24)
     back = view * torch.tensor(h.std).view(1, 3, 1, 1) + torch.tensor(h.mean).view(1, 3, 1, 1)
     assert back.min() >= -1e-6 and back.max() <= 1 + 1e-6
@@ -158,13 +161,13 @@ def test_alpha_errors_are_clear():
 
 def test_frozen_backbone_requires_a_wrapper_and_measures_its_dim():
     with pytest.raises(tt.ConfigError, match="wrap your module"):
-        tt.build_model(tiny_config("3t"), third_tower=torch.nn.Linear(3, 3))
+        tt.build_model(tiny_config("3t"), frozen=torch.nn.Linear(3, 3))
     assert tiny_backbone().feature_dim == 24
     with pytest.raises(ValueError, match="must return pooled"):
         tt.FrozenBackbone(torch.nn.Conv2d(3, 4, 3), tt.Preprocessing(8))
 
 
-def test_convolutional_third_tower_runs_in_cpu_micro_batches_with_the_same_features(monkeypatch):
+def test_convolutional_frozen_tower_runs_in_cpu_micro_batches_with_the_same_features(monkeypatch):
     # channels_last backbones run on CPU in chunks of ~CPU_CHUNK_PIXELS; the features must
     # be those of the whole batch at once, and the chunks must really be smaller.
     from tests.conftest import TinyCNN

@@ -34,9 +34,10 @@ def test_round_trip_leaves_out_the_frozen_tower(tmp_path):
     path = save_checkpoint(tmp_path, 5, model, state(5), {"tokenizer": "abc"})
     loaded = load_checkpoint(path)
     assert loaded.step == 5 and loaded.meta["tokenizer"] == "abc"
-    assert not any(k.startswith("third_tower.") for k in loaded.model)
+    assert any(k.startswith("frozen.h.") for k in model.state_dict())
+    assert not any(k.startswith("frozen.") for k in loaded.model)
     for key, value in model.state_dict().items():
-        if not key.startswith("third_tower."):
+        if not key.startswith("frozen."):
             assert torch.equal(loaded.model[key], value), key
     assert torch.equal(loaded.state["rng"], state(5)["rng"])
 

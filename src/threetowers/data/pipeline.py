@@ -1,4 +1,5 @@
-"""What a training run reads: its pairs, its tokenizer, each tower's view, h's feature cache."""
+"""What a training run reads: its pairs, its tokenizer, each tower's view, the frozen
+towers' feature caches."""
 
 from __future__ import annotations
 
@@ -83,6 +84,11 @@ def load_or_train_tokenizer(cfg: Config, run_dir: Path, source) -> CaptionTokeni
     return tokenizer
 
 
+# Loader fields hold one tensor each: a live frozen tower's view travels as FROZEN_IMAGES/NAME
+# and is regrouped into the batch's ``frozen_images`` dict.
+FROZEN_IMAGES = "frozen_images"
+
+
 class _Pixels:
     """Transform mixin: end at uint8 (3, S, S) pixels instead of normalised float32.
 
@@ -120,13 +126,14 @@ class TrainingExample:
 
     Images leave as uint8 pixels (``PixelEvalTransform``/``PixelTrainTransform``) and
     captions as text; ``TrainingData.batches`` normalises and tokenises a whole batch at once,
-    which costs a fraction of doing it per sample.
+    which costs a fraction of doing it per sample. A frozen tower that runs live in 3t gets
+    its own view, as ``frozen_images/NAME``.
     """
 
-    def __init__(self, image_view=None, augment=None, third_view=None) -> None:
-        self.image_view = image_view  # f's (or in lit, h's) eval transform; None: not needed
+    def __init__(self, image_view=None, augment=None, frozen_views=None) -> None:
+        self.image_view = image_view  # f's (or in lit, the locked tower's) view; None: unused
         self.augment = augment  # f's random resized crop; None: no augmentation
-        self.third_view = third_view  # h's eval transform when h runs live in 3t
+        self.frozen_views = dict(frozen_views or {})  # name -> its eval view, towers run live
 
     def __call__(self, pair: Pair, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor | str] = {"captions": pair.caption}
@@ -134,8 +141,8 @@ class TrainingExample:
             out["images"] = self.augment(pair.image, rng)
         elif self.image_view is not None:
             out["images"] = self.image_view(pair.image)
-        if self.third_view is not None:
-            out["third_images"] = self.third_view(pair.image)
+        for name, view in self.frozen_views.items():
+            out[f"{FROZEN_IMAGES}/{name}"] = view(pair.image)
         return out
 
 
@@ -150,47 +157,51 @@ class TrainingData:
         self.pairs, self.world = open_training_pairs(cfg)
         self.source = self.pairs  # as opened (``pairs`` becomes the preloaded table)
         self.tokenizer = load_or_train_tokenizer(cfg, run_dir, self.pairs)
-        self.cache: FeatureCache | None = None
+        self.caches: dict[str, FeatureCache] = {}  # frozen tower -> its feature cache
         self.example: TrainingExample | None = None
-        self.normalise: dict[str, Normalise] = {}  # batch key -> its tower's normalisation
+        self.normalise: Normalise | None = None  # the image view's normalisation
+        self.frozen_normalise: dict[str, Normalise] = {}  # live frozen tower -> its own
         self.encode = self.tokenizer.encode  # captions -> token ids (memoised when preloaded)
 
     def attach(self, model: ThreeTowers, progress: bool = True) -> None:
-        """Choose each tower's view for this model; build or load h's feature cache."""
+        """Choose each tower's view for this model; build or load the frozen towers' caches."""
         data = self.cfg.data
-        h = model.third_tower
-        if h is not None and data.cache:
-            self.cache = feature_cache(
-                h,
-                self.pairs,
-                data.cache_dir,
-                data.batch_size,
-                data.num_workers,
-                progress,
-                data.max_bad_fraction,
-            )
-        needs_images = model.mode != "lit" or self.cache is None
+        if data.cache:
+            self.caches = {
+                name: feature_cache(
+                    tower,
+                    self.pairs,
+                    data.cache_dir,
+                    data.batch_size,
+                    data.num_workers,
+                    progress,
+                    data.max_bad_fraction,
+                )
+                for name, tower in model.frozen.items()
+            }
+        trains_f = model.image_tower is not None
+        # lit's image view is the locked tower's input, needed only when it runs live
+        needs_images = trains_f or any(name not in self.caches for name in model.frozen)
         pre = model.image_preprocessing
         view = PixelEvalTransform(pre) if needs_images else None
         augment = None
-        if needs_images and model.mode != "lit" and data.augment:
+        if trains_f and data.augment:
             augment = PixelTrainTransform(pre, scale=tuple(data.crop_scale))
-        self.normalise = {"images": Normalise(pre)} if needs_images else {}
-        third = None
-        if h is not None and self.cache is None and model.mode == "3t":
-            third = PixelEvalTransform(h.preprocessing)
-            self.normalise["third_images"] = Normalise(h.preprocessing)
+        self.normalise = Normalise(pre) if needs_images else None
+        live = [name for name in model.structure.aligned if name not in self.caches]
+        frozen_views = {name: PixelEvalTransform(model.frozen[name].preprocessing) for name in live}
+        self.frozen_normalise = {name: Normalise(model.frozen[name].preprocessing) for name in live}
         if data.preload:
-            if augment is not None or third is not None:
+            if augment is not None or frozen_views:
                 raise ConfigError(
                     "data.preload decodes each image once, so every view must be fixed: set "
-                    "data.augment=false, and keep data.cache=true in 3t (h's view is not "
-                    "preloaded), or set data.preload=false"
+                    "data.augment=false, and keep data.cache=true in 3t (the frozen towers' "
+                    "views are not preloaded), or set data.preload=false"
                 )
             self.pairs = preload_pairs(self.pairs, view, data.cache_dir, progress)
             self.encode = MemoisedEncoder(self.tokenizer)
             view = _already_decoded if view is not None else None
-        self.example = TrainingExample(view, augment, third)
+        self.example = TrainingExample(view, augment, frozen_views)
 
     def batches(self, epoch: int, start_batch: int):
         """This rank's batches of ``epoch`` from ``start_batch`` on: ``data.batch_size`` is the
@@ -220,10 +231,17 @@ class TrainingData:
                 yield batch
                 continue
             batch["tokens"] = self.encode(batch.pop("captions"))
-            for key, normalise in self.normalise.items():
-                batch[key] = normalise(batch[key])
-            if self.cache is not None:
-                batch["third_features"] = self.cache.lookup(batch["ids"])
+            if self.normalise is not None:
+                batch["images"] = self.normalise(batch["images"])
+            if self.frozen_normalise:
+                batch["frozen_images"] = {
+                    name: normalise(batch.pop(f"{FROZEN_IMAGES}/{name}"))
+                    for name, normalise in self.frozen_normalise.items()
+                }
+            if self.caches:
+                batch["frozen_features"] = {
+                    name: cache.lookup(batch["ids"]) for name, cache in self.caches.items()
+                }
             # Padding never changes a caption's embedding, so drop the all-padding columns:
             # the text tower's cost follows the longest caption, not the context length.
             longest = int((batch["tokens"] != self.tokenizer.pad_id).sum(dim=1).max())
@@ -234,6 +252,4 @@ class TrainingData:
         """What a checkpoint records so that a resume with other data is caught."""
         tokenizer = hashlib.sha256(self.tokenizer.to_json().encode()).hexdigest()
         out = {"tokenizer_sha256": tokenizer}
-        if self.cache is not None:
-            out["feature_cache"] = self.cache.fingerprint
-        return out
+        return out | {f"feature_cache/{n}": cache.fingerprint for n, cache in self.caches.items()}

@@ -61,27 +61,33 @@ class ImageInput:
 def image_inputs(
     model: ThreeTowers, paths: Sequence[Path], batch_size: int, cache: EvalCache | None
 ) -> dict[str, ImageInput]:
-    """Every image input ``model`` needs for ``paths``, by argument name, each with a row per
-    file (batches of ``batch_size`` rows line up across them)."""
+    """Every image input ``model`` needs for ``paths``, by argument name (``images``,
+    ``frozen_features/NAME``, ``frozen_images/NAME``), each with a row per file (batches of
+    ``batch_size`` rows line up across them)."""
     pixels_dir = cache.directory if cache is not None and cache.pixels else None
 
     def pixels(pre: Preprocessing) -> ImageInput:
         return ImageInput(image_rows(paths, PixelEvalTransform(pre), pixels_dir), Normalise(pre))
 
-    h = model.third_tower
     inputs = {}
     if model.image_tower is not None:
         inputs["images"] = pixels(model.image_preprocessing)
-    if h is not None and cache is not None and cache.features:
-        device = next(model.parameters()).device
-        features = third_features(
-            h, paths, batch_size, device, cache.directory, lambda: pixels(h.preprocessing)
-        )
-        inputs["third_features"] = ImageInput(features, _as_is)
-    elif h is not None and model.image_tower is not None:  # 3t: h's own view, as in training
-        inputs["third_images"] = pixels(h.preprocessing)
-    elif h is not None:  # lit: h's view is the model's image view
-        inputs["images"] = pixels(h.preprocessing)
+    for name, tower in model.frozen.items():
+        if cache is not None and cache.features:
+            device = next(model.parameters()).device
+            features = cached_frozen_features(
+                tower,
+                paths,
+                batch_size,
+                device,
+                cache.directory,
+                lambda t=tower: pixels(t.preprocessing),
+            )
+            inputs[f"frozen_features/{name}"] = ImageInput(features, _as_is)
+        elif model.image_tower is not None:  # 3t: the tower's own view, as in training
+            inputs[f"frozen_images/{name}"] = pixels(tower.preprocessing)
+        else:  # lit: the locked tower's view is the model's image view
+            inputs["images"] = pixels(tower.preprocessing)
     return inputs
 
 
@@ -90,7 +96,7 @@ def _as_is(features: torch.Tensor) -> torch.Tensor:
 
 
 class FeatureRows(Dataset):
-    """h's cached features as rows: (index, features) or (index, Skipped)."""
+    """A frozen tower's cached features as rows: (index, features) or (index, Skipped)."""
 
     def __init__(self, paths: Sequence[Path], features: torch.Tensor, rows: torch.Tensor, bad):
         self.keys = [str(Path(path)) for path in paths]  # as ImageFiles names them
@@ -107,7 +113,7 @@ class FeatureRows(Dataset):
         return index, self.features[self.position[index]]
 
 
-def third_features(
+def cached_frozen_features(
     h: FrozenBackbone,
     paths: Sequence[Path],
     batch_size: int,

@@ -232,12 +232,41 @@ def linear_probe(
     return probe.accuracy(test_emb, test_labels)
 
 
-def mix(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
-    """[√α a ; √(1−α) b]: unit norm when a and b are, and ⟨mix(a, b), mix(c, d)⟩ =
-    α⟨a, c⟩ + (1−α)⟨b, d⟩."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-    return torch.cat([math.sqrt(alpha) * a, math.sqrt(1.0 - alpha) * b], dim=-1)
+def mix(parts: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """[√w₁ x₁ ; √w₂ x₂ ; ...]: unit norm when the parts are and the weights sum to 1, and
+    ⟨mix(xs, w), mix(ys, w)⟩ = Σᵢ wᵢ⟨xᵢ, yᵢ⟩ (3T's convex combination as one dot product)."""
+    if len(parts) != len(weights) or any(not 0.0 <= w <= 1.0 for w in weights):
+        raise ValueError(f"need one weight in [0, 1] per part, got {list(weights)}")
+    return torch.cat([math.sqrt(w) * x for x, w in zip(parts, weights, strict=True)], dim=-1)
+
+
+def simplex_grid(parts: int, steps: int = 10) -> list[tuple[float, ...]]:
+    """Every weight vector of ``parts`` entries in multiples of 1/steps that sums to 1, the
+    first entry (the main pair's weight) descending."""
+    return [tuple(u / steps for u in units) for units in _compositions(parts, steps)]
+
+
+def _compositions(parts: int, total: int) -> list[tuple[int, ...]]:
+    """Tuples of ``parts`` non-negative integers summing to ``total``, first entry descending."""
+    if parts == 1:
+        return [(total,)]
+    return [
+        (first, *rest)
+        for first in range(total, -1, -1)
+        for rest in _compositions(parts - 1, total - first)
+    ]
+
+
+def mixture_sweep(
+    images: Sequence[torch.Tensor],
+    texts: Sequence[torch.Tensor],
+    metric_fn: Callable[[torch.Tensor, torch.Tensor], dict[str, float]],
+    grid: Sequence[Sequence[float]],
+) -> list[dict]:
+    """The mixed score Σᵢ wᵢ⟨imageᵢ, textᵢ⟩ evaluated at each weight vector of ``grid``:
+    ``[{"weights": w, **metric_fn(mix(images, w), mix(texts, w))}, ...]``. The parts pair up
+    in order: (z_f, z_g), then (z_k, z_g->k) for each frozen tower k."""
+    return [{"weights": tuple(w), **metric_fn(mix(images, w), mix(texts, w))} for w in grid]
 
 
 def alpha_sweep(
@@ -248,11 +277,10 @@ def alpha_sweep(
     metric_fn: Callable[[torch.Tensor, torch.Tensor], dict[str, float]],
     alphas: Sequence[float] = DEFAULT_ALPHAS,
 ) -> list[dict[str, float]]:
-    """3T's α-mixed score α⟨z_f, z_g⟩ + (1−α)⟨z_h, z_gh⟩ evaluated over ``alphas``.
+    """3T's α-mixed score α⟨z_f, z_g⟩ + (1−α)⟨z_h, z_gh⟩ with one frozen tower, over ``alphas``.
 
-    Calls ``metric_fn(mix(z_f, z_h, α), mix(z_g, z_gh, α))`` for each α and returns
-    ``[{"alpha": α, **metrics}, ...]``; α = 1 is the main towers alone, α = 0 the third tower
-    with the text head g_h. For retrieval pass the text embeddings and e.g.
+    Returns ``[{"alpha": α, **metrics}, ...]``; α = 1 is the main towers alone, α = 0 the
+    frozen tower with the text head g_h. For retrieval pass the text embeddings and e.g.
     ``lambda i, t: retrieval(i, t, image_of_text)``. For zero-shot pass as z_g and z_gh the
     class embeddings prompt-ensembled *per head* (:func:`class_embeddings` with each head's
     encoder) and ``lambda i, c: zeroshot(i, c, labels)``: each class then scores exactly
@@ -260,7 +288,9 @@ def alpha_sweep(
     zero-shot results. (Mixing per prompt before averaging would instead renormalise the
     mixed vector by a class- and α-dependent factor, breaking that identity.)
     """
-    return [{"alpha": float(a), **metric_fn(mix(z_f, z_h, a), mix(z_g, z_gh, a))} for a in alphas]
+    grid = [(float(a), 1.0 - float(a)) for a in alphas]
+    rows = mixture_sweep((z_f, z_h), (z_g, z_gh), metric_fn, grid)
+    return [{"alpha": row.pop("weights")[0], **row} for row in rows]
 
 
 def plot_alpha_sweep(
@@ -292,6 +322,40 @@ def plot_alpha_sweep(
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize="small")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=100)
+
+
+def plot_alpha_grid(
+    rows: Sequence[dict], metrics: Sequence[str], towers: Sequence[str], path, steps: int = 10
+) -> None:
+    """Heat maps of the mixed score's metrics over the weights of two frozen towers (a_f is
+    what they leave: 1 − a₁ − a₂), one panel per metric; ``rows`` as ``eval.json``'s
+    ``alpha_grid`` (each with ``weights``: {"f": a_f, towers[0]: a₁, towers[1]: a₂})."""
+    from pathlib import Path
+
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    first, second = towers
+    fig = Figure(figsize=(4.6 * len(metrics), 4.2))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    for ax, metric in zip(axes, metrics, strict=True):
+        grid = np.full((steps + 1, steps + 1), np.nan)  # outside the simplex: blank
+        for row in rows:
+            x, y = round(row["weights"][first] * steps), round(row["weights"][second] * steps)
+            grid[y, x] = row[metric]
+        image = ax.imshow(grid, origin="lower", extent=(-0.05, 1.05, -0.05, 1.05), cmap="viridis")
+        best = max(rows, key=lambda r: r[metric])
+        ax.plot(best["weights"][first], best["weights"][second], "r*", markersize=12)
+        ax.set_title(f"{metric} (best {best[metric]:.1f}, a_f {best['weights']['f']:.1f})")
+        ax.set_xlabel(f"a_{first}")
+        ax.set_ylabel(f"a_{second}")
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,9 @@
 """Evaluate a model on its benchmarks: zero-shot, retrieval, few-shot probe, the α-sweep.
 
-LiT is evaluated with (h, g), CLIP and 3T with (f, g); for 3T the α-sweep also scores the
-convex combination with (h, g_h). Metric names are flat (``zeroshot_top1``, ``i2t_R@1``, …);
-the first zero-shot set is the primary one, others are prefixed with their name.
+LiT is evaluated with its locked tower and g, CLIP and 3T with (f, g); for 3T the α-sweep
+also scores the convex combination with each frozen tower's pair (z_k, z_gk). Metric names
+are flat (``zeroshot_top1``, ``i2t_R@1``, …); the first zero-shot set is the primary one,
+others are prefixed with their name.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from threetowers.data.sources.bad_samples import BadDataError, BadSampleLog
 from threetowers.data.tokenizer import CaptionTokenizer
 from threetowers.evaluation import metrics
 from threetowers.evaluation.inputs import EvalCache, image_inputs
+from threetowers.model.objective import alignment_names
 from threetowers.model.three_towers import ThreeTowers
 
 SWEEP_METRICS = ("zeroshot_top1", "i2t_R@1", "t2i_R@1")
@@ -99,7 +101,8 @@ def embed_images(
 
     Images that cannot be used are skipped (and recorded in ``bad_images``): ``"index"``
     holds the positions in ``paths`` of the rows that were embedded. With ``cache``, the
-    views and h's features are made once and read from there (the same embeddings).
+    views and the frozen towers' features are made once and read from there (the same
+    embeddings).
     ``num_workers`` loader processes read the rows (in order: the same embeddings).
     """
     inputs = image_inputs(model, paths, batch_size, cache)
@@ -118,11 +121,15 @@ def embed_images(
         if not len(indices):
             continue
         chunks["index"].append(indices)
-        tensors = {
-            name: inputs[name].prepare(rows).to(device)
-            for name, (_, rows, _) in zip(loaders, batches, strict=True)
-        }
-        for key, value in model.image_embeddings(**({"images": None} | tensors)).items():
+        arguments: dict = {"images": None, "frozen_features": {}, "frozen_images": {}}
+        for name, (_, rows, _) in zip(loaders, batches, strict=True):
+            tensor = inputs[name].prepare(rows).to(device)
+            argument, _, tower = name.partition("/")  # frozen_features/NAME -> its dict
+            if tower:
+                arguments[argument][tower] = tensor
+            else:
+                arguments[argument] = tensor
+        for key, value in model.image_embeddings(**arguments).items():
             chunks.setdefault(key, []).append(value.float().cpu())
     if not chunks["index"]:
         raise BadDataError(f"none of the {len(paths)} images could be used, e.g. {paths[0]}")
@@ -159,10 +166,10 @@ def evaluate_model(
     are read by ``num_workers`` loader processes (0: in this one)."""
     was_training = model.training
     model.eval()
-    image_key = "z_h" if model.mode == "lit" else "z_f"
-    sweep = model.mode == "3t" and cfg.alpha_sweep
+    image_key = model.image_key
+    mixture = Mixture.of(model) if cfg.alpha_sweep else None
     results: dict = {"mode": model.mode, "step": step}
-    sweeps: dict[float, dict] = {}
+    sweeps: dict[tuple[float, ...], dict] = {}
     bad_images = BadSampleLog(max_bad_fraction, "evaluation images")
 
     def embed(paths) -> dict[str, torch.Tensor]:
@@ -175,16 +182,10 @@ def evaluate_model(
         captions, image_of_text = _captions_of(benchmarks.retrieval, images["index"])
         texts = embed_texts(model, tokenizer, captions, cfg.batch_size)
         results |= metrics.retrieval(images[image_key], texts["z_g"], image_of_text)
-        if sweep:
+        if mixture is not None:
             _merge(
                 sweeps,
-                metrics.alpha_sweep(
-                    images["z_f"],
-                    images["z_h"],
-                    texts["z_g"],
-                    texts["z_gh"],
-                    lambda i, t: metrics.retrieval(i, t, image_of_text),
-                ),
+                mixture.sweep(images, texts, lambda i, t: metrics.retrieval(i, t, image_of_text)),
             )
 
     for position, (name, dataset) in enumerate(benchmarks.zeroshot.items()):
@@ -199,21 +200,17 @@ def evaluate_model(
                 dataset.class_names,
                 dataset.templates,
             )
-            for key in (("z_g", "z_gh") if sweep else ("z_g",))
+            for key in (mixture.text_parts if mixture is not None else ("z_g",))
         }
         scores = metrics.zeroshot(images[image_key], classes["z_g"], labels)
         results |= {k.replace("zeroshot", prefix): v for k, v in scores.items()}
-        if sweep:
-            per_alpha = metrics.alpha_sweep(
-                images["z_f"],
-                images["z_h"],
-                classes["z_g"],
-                classes["z_gh"],
-                lambda i, c, labels=labels: metrics.zeroshot(i, c, labels),
+        if mixture is not None:
+            rows = mixture.sweep(
+                images, classes, lambda i, c, labels=labels: metrics.zeroshot(i, c, labels)
             )
             _merge(
                 sweeps,
-                [{k.replace("zeroshot", prefix): v for k, v in row.items()} for row in per_alpha],
+                [{k.replace("zeroshot", prefix): v for k, v in row.items()} for row in rows],
             )
         if position == 0 and benchmarks.fewshot_train is not None:
             train = benchmarks.fewshot_train
@@ -229,7 +226,7 @@ def evaluate_model(
             results["fewshot_shots"] = shots
 
     if sweeps:
-        results["alpha_sweep"] = [{"alpha": alpha} | row for alpha, row in sorted(sweeps.items())]
+        results[mixture.key] = mixture.rows(sweeps)
     results["skipped_images"] = bad_images.total
     if bad_images.total:
         log.warning(bad_images.summary())
@@ -238,12 +235,61 @@ def evaluate_model(
         out_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(out_dir / "eval.json", json.dumps(results, indent=1))
         if sweeps:
-            present = [m for m in SWEEP_METRICS if m in results["alpha_sweep"][0]]
-            metrics.plot_alpha_sweep(
-                {"3t": results["alpha_sweep"]}, present, out_dir / "alpha_sweep.png"
-            )
+            mixture.plot(results[mixture.key], out_dir)
     model.train(was_training)
     return results
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """The convex combination that ``eval`` sweeps: the main pair (z_f, z_g) and each aligned
+    frozen tower's pair (z_k, z_gk). One tower: α from 0 to 1 in tenths (``alpha_sweep``,
+    ``alpha_sweep.png``); more: every weight vector in tenths (``alpha_grid``, and for two
+    towers the heat maps ``alpha_grid.png``)."""
+
+    towers: tuple[str, ...]
+
+    @classmethod
+    def of(cls, model: ThreeTowers) -> Mixture | None:
+        aligned = model.structure.aligned
+        return cls(aligned) if aligned else None
+
+    @property
+    def image_parts(self) -> tuple[str, ...]:
+        return ("z_f", *(f"z_{tower}" for tower in self.towers))
+
+    @property
+    def text_parts(self) -> tuple[str, ...]:
+        return ("z_g", *(f"z_{alignment_names(tower)[1]}" for tower in self.towers))
+
+    @property
+    def key(self) -> str:
+        return "alpha_sweep" if len(self.towers) == 1 else "alpha_grid"
+
+    def grid(self) -> list[tuple[float, ...]]:
+        if len(self.towers) == 1:  # as alpha_sweep has always computed its weights
+            return [(a, 1.0 - a) for a in metrics.DEFAULT_ALPHAS]
+        return metrics.simplex_grid(1 + len(self.towers))
+
+    def sweep(self, images: dict, texts: dict, metric_fn) -> list[dict]:
+        image_parts = [images[part] for part in self.image_parts]
+        text_parts = [texts[part] for part in self.text_parts]
+        return metrics.mixture_sweep(image_parts, text_parts, metric_fn, self.grid())
+
+    def rows(self, sweeps: dict[tuple[float, ...], dict]) -> list[dict]:
+        """eval.json's rows: ``{"alpha": a_f, ...}`` (one tower, a_f ascending) or
+        ``{"weights": {"f": a_f, k: a_k, ...}, ...}`` (grid order)."""
+        if len(self.towers) == 1:
+            return [{"alpha": w[0]} | row for w, row in sorted(sweeps.items())]
+        parts = ("f", *self.towers)
+        return [{"weights": dict(zip(parts, w, strict=True))} | row for w, row in sweeps.items()]
+
+    def plot(self, rows: list[dict], out_dir: Path) -> None:
+        present = [m for m in SWEEP_METRICS if m in rows[0]]
+        if len(self.towers) == 1:
+            metrics.plot_alpha_sweep({"3t": rows}, present, out_dir / "alpha_sweep.png")
+        elif len(self.towers) == 2:
+            metrics.plot_alpha_grid(rows, present, self.towers, out_dir / "alpha_grid.png")
 
 
 def _captions_of(retrieval: RetrievalSet, kept: torch.Tensor) -> tuple[list[str], torch.Tensor]:
@@ -297,6 +343,8 @@ def results_table(results: dict, chance: dict[str, float]) -> str:
     return "\n".join(rows)
 
 
-def _merge(sweeps: dict[float, dict], rows: list[dict]) -> None:
+def _merge(sweeps: dict[tuple[float, ...], dict], rows: list[dict]) -> None:
     for row in rows:
-        sweeps.setdefault(row["alpha"], {}).update({k: v for k, v in row.items() if k != "alpha"})
+        sweeps.setdefault(row["weights"], {}).update(
+            {k: v for k, v in row.items() if k != "weights"}
+        )

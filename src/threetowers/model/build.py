@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import replace
 
@@ -9,8 +10,9 @@ import torch
 
 from threetowers.backbones.frozen import FrozenBackbone, Preprocessing
 from threetowers.backbones.registry import load_backbone
-from threetowers.config import Config, ConfigError, LossConfig, ModelConfig, ThirdTowerConfig
+from threetowers.config import Config, ConfigError, FrozenTowerConfig, LossConfig, ModelConfig
 from threetowers.model.losses import ThreeTowersLoss
+from threetowers.model.objective import MAIN_TERM, Objective, alignment_names, objective
 from threetowers.model.three_towers import ThreeTowers
 from threetowers.towers.text import TextTransformer
 from threetowers.towers.vit import VisionTransformer
@@ -19,11 +21,31 @@ from threetowers.towers.vit import VisionTransformer
 SCRATCH_MEAN = SCRATCH_STD = (0.5, 0.5, 0.5)
 
 
-def build_loss(mode: str, cfg: LossConfig) -> ThreeTowersLoss:
+def structure_of(model_cfg: ModelConfig) -> Objective:
+    """The towers, heads and terms of a model config."""
+    return objective(model_cfg.mode, [tower.name for tower in model_cfg.frozen_towers])
+
+
+def term_weights(model_cfg: ModelConfig, cfg: LossConfig) -> dict[str, float]:
+    """Each term's weight: loss.weights.f_g for the main pair; for frozen tower k its own
+    ``weight``, else loss.weights.fh_h (f with k) and gh_h (g with k). Without aligned towers
+    (clip, lit) the one term has weight 1."""
+    structure = structure_of(model_cfg)
+    if not structure.aligned:
+        return {}
+    weights = {MAIN_TERM: cfg.weights.f_g}
+    for tower in model_cfg.frozen_towers:
+        on_f, on_g = alignment_names(tower.name)
+        weights[f"{on_f}_{tower.name}"] = cfg.weights.fh_h if tower.weight is None else tower.weight
+        weights[f"{on_g}_{tower.name}"] = cfg.weights.gh_h if tower.weight is None else tower.weight
+    return weights
+
+
+def build_loss(model_cfg: ModelConfig, cfg: LossConfig) -> ThreeTowersLoss:
     return ThreeTowersLoss(
-        mode=mode,
+        structure_of(model_cfg).terms,
         kind=cfg.kind,
-        weights=cfg.weights.model_dump(),
+        weights=term_weights(model_cfg, cfg),
         shared_temperature=cfg.shared_temperature,
         init_scale=cfg.init_scale if cfg.init_scale is not None else 10.0,
         max_scale=cfg.max_scale,
@@ -33,66 +55,88 @@ def build_loss(mode: str, cfg: LossConfig) -> ThreeTowersLoss:
     )
 
 
-def build_third_tower(third: ThirdTowerConfig) -> FrozenBackbone:
-    """The configured frozen backbone, at ``third.image_size`` when one is set."""
-    tower = load_backbone(third.backbone, third.path, third.pool)
-    if third.image_size is not None:
-        tower.preprocessing = replace(tower.preprocessing, image_size=third.image_size)
-    return tower
+def build_frozen_tower(tower: FrozenTowerConfig) -> FrozenBackbone:
+    """The configured frozen backbone, at ``tower.image_size`` when one is set."""
+    backbone = load_backbone(tower.backbone, tower.path, tower.pool)
+    if tower.image_size is not None:
+        backbone.preprocessing = replace(backbone.preprocessing, image_size=tower.image_size)
+    return backbone
+
+
+def build_frozen_towers(
+    model_cfg: ModelConfig, given: FrozenBackbone | Mapping[str, FrozenBackbone] | None = None
+) -> dict[str, FrozenBackbone]:
+    """The frozen towers the model of ``model_cfg`` runs, by name: ``given`` ones (a mapping
+    by name, or one FrozenBackbone for a one-tower config) replace the configured backbones."""
+    structure = structure_of(model_cfg)
+    if isinstance(given, torch.nn.Module):  # one tower; a dict names several
+        if len(structure.frozen) > 1:
+            raise ConfigError(
+                f"one FrozenBackbone given for {len(structure.frozen)} frozen towers "
+                f"{list(structure.frozen)}; pass a dict by tower name"
+            )
+        given = {name: given for name in structure.frozen}
+    given = dict(given or {})
+    for name, tower in given.items():
+        if not isinstance(tower, FrozenBackbone):
+            raise ConfigError(
+                f"frozen tower {name!r} must be a FrozenBackbone: wrap your module as threetowers."
+                "FrozenBackbone(module, threetowers.Preprocessing(image_size, mean, std))"
+            )
+    towers = {}
+    for position, tower in enumerate(model_cfg.frozen_towers):
+        if tower.name not in structure.frozen:
+            continue  # clip never builds, loads or runs a frozen tower
+        built = given.get(tower.name) or build_frozen_tower(tower)
+        if tower.head == "identity" and built.feature_dim != model_cfg.embed_dim:
+            key = "model.third" if model_cfg.frozen is None else f"model.frozen[{position}]"
+            raise ConfigError(
+                f"{key}.head 'identity' needs embed_dim == frozen tower {tower.name!r}'s "
+                f"feature dim ({built.feature_dim}), got embed_dim {model_cfg.embed_dim}; use "
+                f"{key}.head=linear"
+            )
+        towers[tower.name] = built
+    return towers
 
 
 def build_model(
     cfg: Config | ModelConfig,
-    third_tower: FrozenBackbone | None = None,
+    frozen: FrozenBackbone | Mapping[str, FrozenBackbone] | None = None,
     device: str | torch.device | None = None,
 ) -> ThreeTowers:
     """Build the model of ``cfg`` (a full Config, or a ModelConfig with the default loss).
 
-    ``third_tower`` replaces the configured backbone (any module wrapped as FrozenBackbone).
-    ``device`` gets the model built on the CPU and moved there; ``device="meta"`` builds the
-    trainable towers without memory, e.g. to count parameters of the paper-scale presets (the
-    third tower is still loaded for real).
+    ``frozen`` replaces configured frozen backbones: a mapping by tower name, or one
+    FrozenBackbone for a one-tower config (any module wrapped as FrozenBackbone). ``device``
+    gets the model built on the CPU and moved there; ``device="meta"`` builds the trainable
+    towers without memory, e.g. to count parameters of the paper-scale presets (frozen towers
+    are still loaded for real).
     """
     model_cfg, loss_cfg = (cfg.model, cfg.loss) if isinstance(cfg, Config) else (cfg, LossConfig())
-    mode = model_cfg.mode
-    if mode == "clip":
-        third_tower = None  # clip never builds, loads or runs h
-    elif third_tower is None:
-        third_tower = build_third_tower(model_cfg.third)
-    elif not isinstance(third_tower, FrozenBackbone):
-        raise ConfigError(
-            "third_tower must be a FrozenBackbone: wrap your module as "
-            "threetowers.FrozenBackbone(module, threetowers.Preprocessing(image_size, mean, std))"
-        )
-    if third_tower is not None and model_cfg.third.head == "identity":
-        if third_tower.feature_dim != model_cfg.embed_dim:
-            raise ConfigError(
-                f"model.third.head 'identity' needs embed_dim == the third tower's feature dim "
-                f"({third_tower.feature_dim}), got embed_dim {model_cfg.embed_dim}; "
-                "use model.third.head=linear"
-            )
+    structure = structure_of(model_cfg)
+    towers = build_frozen_towers(model_cfg, frozen)
 
     # The trainable towers are built on the CPU and then moved, so that a seed gives the same
     # initial weights on any device (a GPU would draw them from its own generator).
     meta = device is not None and torch.device(device).type == "meta"
     with torch.device("meta") if meta else nullcontext():
         image_tower = image_preprocessing = None
-        if mode != "lit":
+        if structure.trains_image_tower:
             image = model_cfg.image
             image_tower = VisionTransformer(**image.model_dump())
             image_preprocessing = Preprocessing(
                 image.image_size, SCRATCH_MEAN, SCRATCH_STD, resize="bicubic", crop_fraction=1.0
             )
         model = ThreeTowers(
-            mode=mode,
+            structure,
             text_tower=TextTransformer(**model_cfg.text.model_dump()),
             embed_dim=model_cfg.embed_dim,
-            objective=build_loss(mode, loss_cfg),
+            objective=build_loss(model_cfg, loss_cfg),
             image_tower=image_tower,
             image_preprocessing=image_preprocessing,
-            third_tower=third_tower,
+            frozen=towers,
             head=model_cfg.head,
-            third_head=model_cfg.third.head if model_cfg.third is not None else "linear",
+            frozen_heads={tower.name: tower.head for tower in model_cfg.frozen_towers},
             share_alignment_heads=model_cfg.share_alignment_heads,
         )
     if device is not None and not meta:

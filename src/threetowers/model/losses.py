@@ -17,7 +17,7 @@ gradients in O(B·block) memory instead of O(B²).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
 from functools import partial
 
 import torch
@@ -26,8 +26,8 @@ from torch import nn
 
 from threetowers.distributed import gather_with_grad, row_counts, world_size
 from threetowers.model.blocked_losses import blocked_sigmoid_term, blocked_softmax_term
+from threetowers.model.objective import Term
 
-MODES = ("clip", "lit", "3t")
 LOSS_KINDS = ("softmax", "sigmoid")
 ALIGNMENTS = ("contrastive", "l2")
 
@@ -71,42 +71,20 @@ def l2_term(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).pow(2).sum(dim=-1).mean()
 
 
-@dataclass(frozen=True)
-class Term:
-    name: str
-    image_key: str
-    text_key: str
-    alignment: bool  # an alignment with h (may be L2) rather than the main image-text term
-
-
-def objective_terms(mode: str) -> tuple[Term, ...]:
-    """The contrastive terms of each mode (METHOD.md): which embeddings each one pairs."""
-    if mode == "clip":
-        return (Term("f_g", "z_f", "z_g", False),)
-    if mode == "lit":
-        return (Term("h_g", "z_h", "z_g", False),)
-    if mode == "3t":
-        return (
-            Term("f_g", "z_f", "z_g", False),
-            Term("fh_h", "z_fh", "z_h", True),
-            Term("gh_h", "z_gh", "z_h", True),
-        )
-    raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
-
-
 class ThreeTowersLoss(nn.Module):
-    """The weighted mean of a mode's terms, each with its own learned scale (and bias).
+    """The weighted mean of an objective's terms, each with its own learned scale (and bias).
 
-    ``weights`` maps 3T term names (f_g, fh_h, gh_h) to weights; a term of weight 0 is not
-    computed and gets no parameters. ``shared_temperature`` uses one scale (and one bias) for
-    all terms. The scale is exp(log_scale) clamped to ``max_scale``. ``block_size`` > 0
-    computes the contrastive terms that many rows at a time (``blocked_*_term``): the same
-    loss and gradients in O(B·block_size) memory instead of O(B²); 0 uses the plain terms.
+    ``terms`` come from :func:`~threetowers.model.objective.objective`; ``weights`` maps term
+    names to weights (1 when absent); a term of weight 0 is not computed and gets no
+    parameters. ``shared_temperature`` uses one scale (and one bias) for all terms. The scale
+    is exp(log_scale) clamped to ``max_scale``. ``block_size`` > 0 computes the contrastive
+    terms that many rows at a time (``blocked_*_term``): the same loss and gradients in
+    O(B·block_size) memory instead of O(B²); 0 uses the plain terms.
     """
 
     def __init__(
         self,
-        mode: str = "3t",
+        terms: Sequence[Term],
         kind: str = "softmax",
         weights: dict[str, float] | None = None,
         shared_temperature: bool = False,
@@ -125,12 +103,11 @@ class ThreeTowersLoss(nn.Module):
             raise ValueError(
                 f"block_size must be an integer >= 0 (0: unblocked), got {block_size!r}"
             )
-        terms = objective_terms(mode)
-        # Term weights are a 3T knob; clip and lit have a single term of weight 1.
-        weights = dict(weights or {}) if mode == "3t" else {}
+        weights = dict(weights or {})
         unknown = set(weights) - {t.name for t in terms}
         if unknown:
-            raise ValueError(f"unknown loss terms {sorted(unknown)}; 3t has f_g, fh_h, gh_h")
+            known = ", ".join(t.name for t in terms)
+            raise ValueError(f"unknown loss terms {sorted(unknown)}; this objective has {known}")
         self.kind = kind
         self.alignment = alignment
         self.block_size = block_size

@@ -1,23 +1,27 @@
-"""ThreeTowers: the towers, their heads and the objective, for the modes clip, lit and 3t.
+"""ThreeTowers: the trained towers f and g, a list of frozen towers, their heads and the
+objective (see ``model/objective.py`` for what each mode builds).
 
-Images passed to the model follow ``model.image_preprocessing``: the image tower f's in clip
-and 3t, the third tower h's in lit (where h *is* the image tower). h's own input is, in order
-of preference: precomputed ``third_features``, ``third_images`` prepared with h's own
-preprocessing, or a view derived from ``images`` (undo f's normalisation, resize, apply h's).
+Images passed to the model follow ``model.image_preprocessing``: f's in clip and 3t, the
+locked frozen tower's in lit. A frozen tower k reads, in order of preference: precomputed
+``frozen_features[k]``, ``frozen_images[k]`` prepared with its own preprocessing, or a view
+derived from ``images`` (undo f's normalisation, resize, apply k's).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from threetowers.backbones.frozen import FrozenBackbone, Preprocessing
-from threetowers.model.losses import MODES, ThreeTowersLoss
+from threetowers.model.losses import ThreeTowersLoss
+from threetowers.model.objective import Objective, alignment_names
 
 HEAD_KINDS = ("linear", "mlp", "identity")
+Tensors = Mapping[str, torch.Tensor]
 
 
 def make_head(kind: str, in_dim: int, out_dim: int) -> nn.Module:
@@ -44,83 +48,120 @@ def _feature_dim(tower: nn.Module, which: str) -> int:
 
 
 class ThreeTowers(nn.Module):
-    """f (image, trained), g (text, trained), h (frozen third tower) with heads W_f, W_g,
-    W_fh, W_gh, W_h and the objective of ``mode``. In clip mode h is never built or run; in
-    lit mode f is absent."""
+    """f (image, trained), g (text, trained) and frozen towers k with heads W_f, W_g, W_k,
+    W_f->k, W_g->k, and the loss of ``structure``'s terms. A clip model has no frozen
+    tower; a lit model has no f (its one frozen tower is the image tower)."""
 
     def __init__(
         self,
-        mode: str,
+        structure: Objective,
         text_tower: nn.Module,
         embed_dim: int,
         objective: ThreeTowersLoss,
         image_tower: nn.Module | None = None,
         image_preprocessing: Preprocessing | None = None,
-        third_tower: FrozenBackbone | None = None,
+        frozen: Mapping[str, FrozenBackbone] | None = None,
         head: str = "linear",
-        third_head: str = "linear",
+        frozen_heads: Mapping[str, str] | None = None,
         share_alignment_heads: bool = False,
     ) -> None:
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
-        uses_f, uses_h = mode in ("clip", "3t"), mode in ("lit", "3t")
-        if uses_f and (image_tower is None or image_preprocessing is None):
-            raise ValueError(f"mode {mode!r} needs an image tower and its preprocessing")
-        if uses_h and not isinstance(third_tower, FrozenBackbone):
+        frozen = dict(frozen or {})
+        if structure.trains_image_tower and (image_tower is None or image_preprocessing is None):
+            raise ValueError(f"mode {structure.mode!r} needs an image tower and its preprocessing")
+        if sorted(frozen) != sorted(structure.frozen):
             raise ValueError(
-                f"mode {mode!r} needs a third tower wrapped as FrozenBackbone(module, "
-                "preprocessing) so that it is frozen and declares its input"
+                f"mode {structure.mode!r} runs the frozen towers {list(structure.frozen)}, "
+                f"got {list(frozen)}"
             )
-        self.mode = mode
+        for name, tower in frozen.items():
+            if not isinstance(tower, FrozenBackbone):
+                raise ValueError(
+                    f"frozen tower {name!r} must be wrapped as FrozenBackbone(module, "
+                    "preprocessing) so that it is frozen and declares its input"
+                )
+        self.structure = structure
+        self.mode = structure.mode
         self.embed_dim = embed_dim
-        self.image_tower = image_tower if uses_f else None
+        # Registration order (f, g, frozen, objective, heads) fixes the parameter order, which
+        # optimizer states in checkpoints are indexed by: it is the order of the one-tower model.
+        self.image_tower = image_tower if structure.trains_image_tower else None
         self.text_tower = text_tower
-        self.third_tower = third_tower if uses_h else None
-        self.image_preprocessing = image_preprocessing if uses_f else third_tower.preprocessing
+        self.frozen = nn.ModuleDict({name: frozen[name] for name in structure.frozen})
+        if structure.trains_image_tower:
+            self.image_preprocessing = image_preprocessing
+        else:
+            self.image_preprocessing = self.frozen[structure.frozen[0]].preprocessing
         self.objective = objective
-
-        heads = {"g": make_head(head, _feature_dim(text_tower, "text"), embed_dim)}
-        if uses_f:
-            heads["f"] = make_head(head, _feature_dim(image_tower, "image"), embed_dim)
-        if uses_h:
-            heads["h"] = make_head(third_head, third_tower.feature_dim, embed_dim)
-        if mode == "3t" and not share_alignment_heads:
-            heads["fh"] = make_head(head, _feature_dim(image_tower, "image"), embed_dim)
-            heads["gh"] = make_head(head, _feature_dim(text_tower, "text"), embed_dim)
-        self.heads = nn.ModuleDict(heads)
         self.share_alignment_heads = share_alignment_heads
 
+        kinds = dict(frozen_heads or {})
+        heads = {"g": make_head(head, _feature_dim(text_tower, "text"), embed_dim)}
+        if self.image_tower is not None:
+            heads["f"] = make_head(head, _feature_dim(image_tower, "image"), embed_dim)
+        for name, tower in self.frozen.items():
+            heads[name] = make_head(kinds.get(name, "linear"), tower.feature_dim, embed_dim)
+        if not share_alignment_heads:
+            for name in structure.aligned:
+                on_f, on_g = alignment_names(name)
+                heads[on_f] = make_head(head, _feature_dim(image_tower, "image"), embed_dim)
+                heads[on_g] = make_head(head, _feature_dim(text_tower, "text"), embed_dim)
+        self.heads = nn.ModuleDict(heads)
+
+    @property
+    def image_key(self) -> str:
+        """The embedding that stands for an image at deployment: z_f, or the locked tower's."""
+        return self.structure.image_key
+
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """What the optimizer gets: everything except the frozen third tower."""
+        """What the optimizer gets: everything except the frozen towers."""
         return [p for p in self.parameters() if p.requires_grad]
 
     def _embed(self, head: str, features: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.heads[head](features), dim=-1)
 
-    def third_features(
+    def frozen_tower_features(
+        self,
+        name: str,
+        images: torch.Tensor | None,
+        features: Tensors | None = None,
+        frozen_images: Tensors | None = None,
+    ) -> torch.Tensor:
+        """Frozen tower ``name``'s pooled features p_k, from the cheapest input given."""
+        tower = self.frozen[name]
+        if features is not None and name in features:
+            given = features[name]
+            if given.shape[-1] != tower.feature_dim:
+                raise ValueError(
+                    f"features of frozen tower {name!r} have dim {given.shape[-1]} but "
+                    f"{tower.name!r} gives {tower.feature_dim}; the feature cache was made "
+                    "with another backbone"
+                )
+            return given
+        view = frozen_images.get(name) if frozen_images is not None else None
+        if view is None:
+            if images is None:
+                raise ValueError(
+                    f"pass images, frozen_images[{name!r}] or frozen_features[{name!r}] for "
+                    f"frozen tower {name!r}"
+                )
+            view = self._frozen_view(tower.preprocessing, images)
+        return tower(view)
+
+    def frozen_features(
         self,
         images: torch.Tensor | None,
-        third_features: torch.Tensor | None = None,
-        third_images: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """h's pooled features p, from the cheapest input given."""
-        if third_features is not None:
-            if third_features.shape[-1] != self.third_tower.feature_dim:
-                raise ValueError(
-                    f"third_features have dim {third_features.shape[-1]} but the third tower "
-                    f"{self.third_tower.name!r} gives {self.third_tower.feature_dim}; the feature "
-                    "cache was made with another backbone"
-                )
-            return third_features
-        if third_images is None:
-            if images is None:
-                raise ValueError("pass images, third_images or third_features for the third tower")
-            third_images = self._third_view(images)
-        return self.third_tower(third_images)
+        features: Tensors | None = None,
+        frozen_images: Tensors | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Every frozen tower's features, by name (those in ``features`` as given)."""
+        return {
+            name: self.frozen_tower_features(name, images, features, frozen_images)
+            for name in self.frozen
+        }
 
-    def _third_view(self, images: torch.Tensor) -> torch.Tensor:
-        source, target = self.image_preprocessing, self.third_tower.preprocessing
+    def _frozen_view(self, target: Preprocessing, images: torch.Tensor) -> torch.Tensor:
+        source = self.image_preprocessing
         if source == target:
             return images
         mean = images.new_tensor(source.mean).view(1, 3, 1, 1)
@@ -135,87 +176,134 @@ class ThreeTowers(nn.Module):
     def image_embeddings(
         self,
         images: torch.Tensor | None,
-        third_features: torch.Tensor | None = None,
-        third_images: torch.Tensor | None = None,
+        frozen_features: Tensors | None = None,
+        frozen_images: Tensors | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Every image-side embedding of this mode: z_f, z_fh (clip/3t) and z_h (lit/3t)."""
+        """Every image-side embedding: z_f and z_fk (f trained), z_k (each frozen tower)."""
         out = {}
         if self.image_tower is not None:
             image = self.image_tower(images)
             out["z_f"] = self._embed("f", image)
-            if self.mode == "3t":
+            for name in self.structure.aligned:
+                on_f, _ = alignment_names(name)
                 shared = self.share_alignment_heads
-                out["z_fh"] = out["z_f"] if shared else self._embed("fh", image)
-        if self.third_tower is not None:
-            out["z_h"] = self._embed("h", self.third_features(images, third_features, third_images))
+                out[f"z_{on_f}"] = out["z_f"] if shared else self._embed(on_f, image)
+        for name in self.frozen:
+            features = self.frozen_tower_features(name, images, frozen_features, frozen_images)
+            out[f"z_{name}"] = self._embed(name, features)
         return out
 
     def text_embeddings(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every text-side embedding of this mode: z_g, and z_gh in 3t."""
+        """Every text-side embedding: z_g, and z_gk for each aligned frozen tower."""
         text = self.text_tower(tokens)
         out = {"z_g": self._embed("g", text)}
-        if self.mode == "3t":
-            out["z_gh"] = out["z_g"] if self.share_alignment_heads else self._embed("gh", text)
+        for name in self.structure.aligned:
+            _, on_g = alignment_names(name)
+            out[f"z_{on_g}"] = out["z_g"] if self.share_alignment_heads else self._embed(on_g, text)
         return out
 
     def forward(
         self,
         images: torch.Tensor | None,
         tokens: torch.Tensor,
-        third_features: torch.Tensor | None = None,
-        third_images: torch.Tensor | None = None,
+        frozen_features: Tensors | None = None,
+        frozen_images: Tensors | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Normalised embeddings: z_f, z_g (clip); z_h, z_g (lit); all five (3t).
+        """Normalised embeddings of both sides (see ``image_embeddings``, ``text_embeddings``).
 
-        In lit mode with ``third_features`` given, ``images`` may be None.
+        In lit mode with ``frozen_features`` given, ``images`` may be None.
         """
         return self.text_embeddings(tokens) | self.image_embeddings(
-            images, third_features, third_images
+            images, frozen_features, frozen_images
         )
 
     def loss(
         self, out: dict[str, torch.Tensor], counts: list[int] | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(total, logs) of this mode's objective; see ``ThreeTowersLoss`` (and its
-        ``counts``, every rank's batch size under torch.distributed)."""
+        """(total, logs) of the objective; see ``ThreeTowersLoss`` (and its ``counts``,
+        every rank's batch size under torch.distributed)."""
         return self.objective(out, counts)
 
-    def _check_alpha(self, alpha: float) -> None:
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-        if alpha < 1.0 and self.mode != "3t":
+    def mixture(self, alpha: float | Mapping[str, float]) -> dict[str, float]:
+        """The weights of the convex combination a_f⟨z_f, z_g⟩ + Σ_k a_k⟨z_k, z_gk⟩, by part
+        (``f`` and the aligned towers' names): from a float α (one aligned tower: a_f = α,
+        a_k = 1 − α) or a mapping of weights that sum to 1."""
+        parts = ("f", *self.structure.aligned)
+        if not isinstance(alpha, Mapping):
+            if not 0.0 <= alpha <= 1.0:
+                raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+            if alpha == 1.0:
+                return {"f": 1.0}
+            if len(parts) == 1:
+                raise ValueError(
+                    f"alpha < 1 mixes in the frozen towers' pairs and needs a 3t model, not "
+                    f"{self.mode!r}"
+                )
+            if len(parts) > 2:
+                example = ", ".join(f"{p!r}: ..." for p in parts)
+                raise ValueError(
+                    f"with {len(parts) - 1} frozen towers one alpha is ambiguous: give a weight "
+                    f"per part, summing to 1: {{{example}}}"
+                )
+            return {"f": float(alpha), parts[1]: 1.0 - float(alpha)}
+        weights = {str(k): float(v) for k, v in alpha.items()}
+        unknown = sorted(set(weights) - set(parts))
+        if unknown or any(not 0.0 <= w <= 1.0 for w in weights.values()):
             raise ValueError(
-                f"alpha < 1 mixes in the third tower's pair and needs a 3t model, not {self.mode!r}"
+                f"mixture weights {weights} must be in [0, 1] and name only {list(parts)}"
             )
+        if not math.isclose(sum(weights.values()), 1.0, abs_tol=1e-6):
+            raise ValueError(f"mixture weights must sum to 1, got {sum(weights.values())}")
+        return {part: weights.get(part, 0.0) for part in parts if weights.get(part, 0.0) > 0}
 
     def encode_image(
         self,
         images: torch.Tensor | None,
-        alpha: float = 1.0,
-        third_features: torch.Tensor | None = None,
-        third_images: torch.Tensor | None = None,
+        alpha: float | Mapping[str, float] = 1.0,
+        frozen_features: Tensors | None = None,
+        frozen_images: Tensors | None = None,
     ) -> torch.Tensor:
-        """The image embedding: z_f (z_h in lit). For alpha < 1 (3t only) the concatenation
-        [√α z_f ; √(1−α) z_h], whose dot product with ``encode_text(t, alpha)`` is the
-        α-mixed score α⟨z_f, z_g⟩ + (1−α)⟨z_h, z_gh⟩."""
-        self._check_alpha(alpha)
-        if self.mode == "lit":
-            return self._embed("h", self.third_features(images, third_features, third_images))
-        if alpha == 1.0:
+        """The image embedding: z_f (the locked tower's in lit). With weight on frozen
+        towers (3t only) the concatenation [√a_f z_f ; √a_k z_k ; ...] over f and every
+        aligned tower, whose dot product with ``encode_text(t, alpha)`` is the mixed score;
+        a part of weight 0 is zeros and its tower does not run."""
+        weights = self.mixture(alpha)
+        if self.image_tower is None:
+            locked = self.structure.frozen[0]
+            features = self.frozen_tower_features(locked, images, frozen_features, frozen_images)
+            return self._embed(locked, features)
+        if weights == {"f": 1.0}:
             return self._embed("f", self.image_tower(images))
-        z_h = self._embed("h", self.third_features(images, third_features, third_images))
-        if alpha == 0.0:
-            z_f = torch.zeros_like(z_h)
-        else:
-            z_f = self._embed("f", self.image_tower(images))
-        return torch.cat([math.sqrt(alpha) * z_f, math.sqrt(1 - alpha) * z_h], dim=-1)
+        parts = {}
+        if "f" in weights:
+            parts["f"] = self._embed("f", self.image_tower(images))
+        for name in self.structure.aligned:
+            if name in weights:
+                features = self.frozen_tower_features(name, images, frozen_features, frozen_images)
+                parts[name] = self._embed(name, features)
+        return _concatenate(parts, weights, ("f", *self.structure.aligned))
 
-    def encode_text(self, tokens: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-        """The text embedding z_g; for alpha < 1 (3t only) [√α z_g ; √(1−α) z_gh]."""
-        self._check_alpha(alpha)
+    def encode_text(self, tokens: torch.Tensor, alpha: float | Mapping[str, float] = 1.0):
+        """The text embedding z_g; with weight on frozen towers (3t only) the concatenation
+        [√a_f z_g ; √a_k z_gk ; ...] matching ``encode_image``."""
+        weights = self.mixture(alpha)
         text = self.text_tower(tokens)
         z_g = self._embed("g", text)
-        if alpha == 1.0:
+        if weights == {"f": 1.0}:
             return z_g
-        z_gh = z_g if self.share_alignment_heads else self._embed("gh", text)
-        return torch.cat([math.sqrt(alpha) * z_g, math.sqrt(1 - alpha) * z_gh], dim=-1)
+        parts = {"f": z_g}
+        for name in self.structure.aligned:
+            _, on_g = alignment_names(name)
+            parts[name] = z_g if self.share_alignment_heads else self._embed(on_g, text)
+        return _concatenate(parts, weights, ("f", *self.structure.aligned))
+
+
+def _concatenate(
+    parts: Mapping[str, torch.Tensor], weights: Mapping[str, float], order: tuple[str, ...]
+) -> torch.Tensor:
+    """[√w_p x_p for p in order]; a part of weight 0 (absent from ``weights``) is zeros."""
+    like = next(iter(parts.values()))
+    pieces = [
+        math.sqrt(weights[p]) * parts[p] if p in weights else torch.zeros_like(like) for p in order
+    ]
+    return torch.cat(pieces, dim=-1)

@@ -2,11 +2,11 @@
 
 A checkpoint is a directory ``RUN/checkpoints/step_00001234/`` holding
 
-    model.safetensors   the model's trainable state (the frozen third tower is left out:
-                        it is reloaded from its source, and its fingerprint is recorded)
+    model.safetensors   the model's trainable state (the frozen towers are left out:
+                        they are reloaded from their sources, their caches' fingerprints recorded)
     state.pt            optimizer, scheduler, RNG and data position; plain tensors and
                         containers only, read with ``torch.load(weights_only=True)``
-    meta.json           step, sha256 of both files, third-tower fingerprint
+    meta.json           step, sha256 of both files, data fingerprints (tokenizer, caches)
 
 written into a temporary directory, fsynced, then renamed into place: a crash at any moment
 leaves either the complete checkpoint or none. A checkpoint whose checksums do not match, or
@@ -32,7 +32,7 @@ from threetowers.atomic import fsync, publish, remove_temporaries, temporary_pat
 from threetowers.safe_load import UnsafeFileError, load_tensors
 
 PREFIX = "step_"
-FROZEN_PREFIX = "third_tower."
+FROZEN_PREFIX = "frozen."  # the frozen towers, reloaded from their sources
 
 
 class CheckpointError(ValueError):
@@ -48,7 +48,7 @@ class Checkpoint:
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state without the frozen third tower."""
+    """The model's state without the frozen towers."""
     return {
         k: v.detach().contiguous().cpu()
         for k, v in model.state_dict().items()
@@ -127,7 +127,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def restore_model(model: torch.nn.Module, checkpoint: Checkpoint) -> None:
-    """Load a checkpoint's weights; everything but the frozen third tower must match."""
+    """Load a checkpoint's weights; everything but the frozen towers must match."""
     missing, unexpected = model.load_state_dict(checkpoint.model, strict=False)
     missing = [k for k in missing if not k.startswith(FROZEN_PREFIX)]
     if missing or unexpected:

@@ -236,14 +236,15 @@ def _train(cfg: Config, run_dir: Path, progress: bool, device: torch.device) -> 
 
 
 def _distributed_data_parallel(model: ThreeTowers, device: torch.device):
-    """DDP over the trainable parts. The frozen h stays outside: DDP neither broadcasts nor
-    synchronises its weights and buffers, and ``_step`` runs it before the wrapped forward."""
-    if model.third_tower is not None:
-        h = model.third_tower
-        frozen = [
-            f"third_tower.{name}"
-            for name, _ in itertools.chain(h.named_parameters(), h.named_buffers())
-        ]
+    """DDP over the trainable parts. The frozen towers stay outside: DDP neither broadcasts
+    nor synchronises their weights and buffers, and ``_step`` runs them before the wrapped
+    forward."""
+    towers = model.frozen
+    frozen = [
+        f"frozen.{name}"
+        for name, _ in itertools.chain(towers.named_parameters(), towers.named_buffers())
+    ]
+    if frozen:
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
     device_ids = [device] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
@@ -277,6 +278,18 @@ def evaluated_step(run_dir: Path) -> int | None:
     return json.loads(path.read_text()).get("step") if path.exists() else None
 
 
+def _to_device(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors (also those in its per-tower dicts) on ``device``."""
+    return {
+        key: _to_device(value, device)
+        if isinstance(value, dict)
+        else value.to(device, non_blocking=True)
+        if torch.is_tensor(value)
+        else value
+        for key, value in batch.items()
+    }
+
+
 def _step(
     forward, model: ThreeTowers, batch: dict, counts: list[int], optimizer, schedule, cfg, device
 ):
@@ -284,15 +297,13 @@ def _step(
 
     ``forward`` is the model or its DDP wrapper; ``counts`` every rank's batch size.
     """
-    batch = {
-        k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
-    }
+    batch = _to_device(batch, device)
     with autocast(device, cfg.train.precision):
-        third = batch.get("third_features")
-        if model.third_tower is not None and third is None:  # h live, outside the wrapper
-            images, third_images = batch.get("images"), batch.get("third_images")
-            third = model.third_features(images, third_images=third_images)
-        out = forward(batch.get("images"), batch["tokens"], third_features=third)
+        # Frozen towers without cached features run here, outside the DDP wrapper.
+        frozen = model.frozen_features(
+            batch.get("images"), batch.get("frozen_features"), batch.get("frozen_images")
+        )
+        out = forward(batch.get("images"), batch["tokens"], frozen_features=frozen)
         loss, logs = model.loss(out, counts)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

@@ -108,14 +108,14 @@ def cache_base(cache_dir: str | Path, kind: str, spec: dict) -> Path:
     return Path(cache_dir).expanduser() / f"{kind}-{fingerprint}"
 
 
-class _ThirdView:
-    """A loader example: only h's view of the image (picklable for worker processes)."""
+class _FrozenView:
+    """A loader example: only the frozen tower's view of the image (picklable for workers)."""
 
     def __init__(self, backbone: FrozenBackbone) -> None:
         self.transform = eval_transform(backbone.preprocessing)
 
     def __call__(self, pair, rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        return {"third_images": self.transform(pair.image)}
+        return {"pixels": self.transform(pair.image)}
 
 
 def feature_cache(
@@ -180,7 +180,7 @@ def _compute(backbone, source, batch_size, num_workers, progress, max_bad_fracti
     ids, chunks = [], []
     batches = pair_batches(
         pairs,
-        example=_ThirdView(backbone),
+        example=_FrozenView(backbone),
         batch_size=batch_size,
         seed=0,
         epoch=0,
@@ -193,7 +193,7 @@ def _compute(backbone, source, batch_size, num_workers, progress, max_bad_fracti
             bad_data.record(len(batch["ids"]), batch["skipped"])
             bar.update(len(batch["ids"]) + len(batch["skipped"]))
             if batch["ids"]:
-                chunks.append(backbone(batch["third_images"].to(device)).float().cpu())
+                chunks.append(backbone(batch["pixels"].to(device)).float().cpu())
                 ids.extend(batch["ids"])
     if not ids:
         raise BadDataError(f"{bad_data.summary()}: nothing to cache")

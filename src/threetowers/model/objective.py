@@ -1,0 +1,78 @@
+"""What a mode means: which towers run, which heads exist and which terms the loss has.
+
+This is the one place that reads a mode string. clip trains f and g and aligns no frozen
+tower; lit locks one frozen tower in f's place; 3t trains f and g and aligns both with every
+frozen tower k through their own heads W_f->k and W_g->k (METHOD.md). Everything else asks
+the :class:`Objective` instead of comparing modes.
+
+Names: a frozen tower k has the embedding ``z_k`` (head ``k``); f's and g's heads towards it
+are ``fk`` and ``gk`` (embeddings ``z_fk``, ``z_gk``), its terms ``fk_k`` and ``gk_k``. A
+single tower named ``h`` (``model.third``) thus keeps every name it had when there was one
+third tower: z_h, z_fh, z_gh, fh_h, gh_h, h_g.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+MODES = ("clip", "lit", "3t")
+MAIN_TERM = "f_g"
+
+
+@dataclass(frozen=True)
+class Term:
+    name: str
+    image_key: str
+    text_key: str
+    alignment: bool  # an alignment with a frozen tower (may be L2), not the main image-text term
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The structure of a model: its towers, heads and loss terms."""
+
+    mode: str
+    trains_image_tower: bool  # f is trained (clip, 3t); else a frozen tower is locked in
+    frozen: tuple[str, ...]  # the frozen towers the model runs, in config order
+    aligned: tuple[str, ...]  # those that f and g are aligned with (own heads, own terms)
+    terms: tuple[Term, ...]
+
+    @property
+    def image_key(self) -> str:
+        """The embedding that stands for an image at deployment: z_f, or the locked tower's."""
+        return "z_f" if self.trains_image_tower else f"z_{self.frozen[0]}"
+
+
+def alignment_names(name: str) -> tuple[str, str]:
+    """f's and g's heads (and embeddings ``z_...``) towards frozen tower ``name``."""
+    return f"f{name}", f"g{name}"
+
+
+def objective(mode: str, frozen: Sequence[str]) -> Objective:
+    """The objective of ``mode`` with the frozen towers named ``frozen`` (config order)."""
+    frozen = tuple(frozen)
+    if mode == "clip":  # a clip model never builds, loads or runs a frozen tower
+        return Objective(mode, True, (), (), (Term(MAIN_TERM, "z_f", "z_g", False),))
+    if mode == "lit":
+        if len(frozen) != 1:
+            raise ValueError(
+                f"lit locks one frozen tower in the image tower's place, got {len(frozen)}: "
+                f"{list(frozen)}; list exactly one"
+            )
+        (locked,) = frozen
+        return Objective(
+            mode, False, frozen, (), (Term(f"{locked}_g", f"z_{locked}", "z_g", False),)
+        )
+    if mode == "3t":
+        if not frozen:
+            raise ValueError("3t needs at least one frozen tower to align f and g with")
+        terms = [Term(MAIN_TERM, "z_f", "z_g", False)]
+        for name in frozen:
+            on_f, on_g = alignment_names(name)
+            terms += [
+                Term(f"{on_f}_{name}", f"z_{on_f}", f"z_{name}", True),
+                Term(f"{on_g}_{name}", f"z_{on_g}", f"z_{name}", True),
+            ]
+        return Objective(mode, True, frozen, frozen, tuple(terms))
+    raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")

@@ -7,6 +7,7 @@ import torch
 
 import threetowers as tt
 from tests.conftest import tiny_backbone, tiny_batch, tiny_config, tiny_model
+from tests.model.test_losses import reference_softmax
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -184,3 +185,66 @@ def test_convolutional_frozen_tower_runs_in_cpu_micro_batches_with_the_same_feat
     monkeypatch.setattr(frozen, "CPU_CHUNK_PIXELS", 4 * 16 * 16)
     torch.testing.assert_close(backbone(images), whole, rtol=1e-6, atol=1e-6)
     assert seen == [4, 4, 2]
+
+
+TWO = "model.frozen=[{name: a}, {name: b, weight: 0.5}]"
+
+
+def two_tower_model(*overrides: str) -> tt.ThreeTowers:
+    """3t with frozen towers a and b: the tiny backbone and another one with other weights."""
+    torch.manual_seed(0)
+    other = tiny_backbone()
+    with torch.no_grad():
+        for parameter in other.parameters():
+            parameter.mul_(-1.5)
+    return tt.build_model(
+        tiny_config("3t", TWO, *overrides), frozen={"a": tiny_backbone(), "b": other}
+    )
+
+
+def test_each_frozen_tower_has_its_heads_terms_and_weight():
+    model = two_tower_model()
+    assert list(model.heads) == ["g", "f", "a", "b", "fa", "ga", "fb", "gb"]
+    images, tokens = tiny_batch(image_size=32)
+    out = model(images, tokens)
+    assert set(out) == {"z_f", "z_g", "z_a", "z_b", "z_fa", "z_ga", "z_fb", "z_gb"}
+    assert not torch.allclose(out["z_a"], out["z_b"])
+    total, logs = model.loss(out)
+    weights = {"f_g": 1.0, "fa_a": 1.0, "ga_a": 1.0, "fb_b": 0.5, "gb_b": 0.5}
+    assert {k for k in logs if k.startswith("loss/")} == {f"loss/{t}" for t in weights}
+    expected = sum(w * logs[f"loss/{t}"] for t, w in weights.items()) / sum(weights.values())
+    torch.testing.assert_close(total.detach(), expected)
+    for term, (image, text) in {"fb_b": ("z_fb", "z_b"), "gb_b": ("z_gb", "z_b")}.items():
+        scale = logs[f"scale/{term}"].double()
+        reference = reference_softmax(out[image].double(), out[text].double(), scale)
+        torch.testing.assert_close(logs[f"loss/{term}"].double(), reference.detach())
+
+
+def test_weights_over_f_and_both_towers_give_the_mixed_score():
+    model = two_tower_model().eval()
+    images, tokens = tiny_batch(image_size=32)
+    out = model(images, tokens)
+    weights = {"f": 0.5, "a": 0.3, "b": 0.2}
+    image, text = model.encode_image(images, weights), model.encode_text(tokens, weights)
+    assert image.shape == text.shape == (len(images), 3 * model.embed_dim)
+    score = lambda i, t: out[i].double() @ out[t].double().T  # noqa: E731
+    expected = 0.5 * score("z_f", "z_g") + 0.3 * score("z_a", "z_ga") + 0.2 * score("z_b", "z_gb")
+    torch.testing.assert_close((image @ text.T).double(), expected, rtol=1e-5, atol=1e-6)
+    only_b = model.encode_image(images, {"b": 1.0})  # f and a are zeros, and do not run
+    torch.testing.assert_close(only_b[:, -model.embed_dim :], out["z_b"])
+    assert not only_b[:, : 2 * model.embed_dim].any()
+    with pytest.raises(ValueError, match="one alpha is ambiguous"):
+        model.encode_text(tokens, alpha=0.5)
+    with pytest.raises(ValueError, match="must sum to 1"):
+        model.encode_text(tokens, {"f": 0.5, "a": 0.2})
+    with pytest.raises(ValueError, match=r"name only \['f', 'a', 'b'\]"):
+        model.encode_text(tokens, {"f": 0.5, "c": 0.5})
+
+
+def test_one_tower_written_as_a_list_is_the_model_third_shorthand():
+    shorthand = tiny_model("3t")
+    torch.manual_seed(0)
+    listed = tt.build_model(tiny_config("3t", "model.frozen=[{name: h}]"), frozen=tiny_backbone())
+    assert shorthand.state_dict().keys() == listed.state_dict().keys()
+    for key, value in shorthand.state_dict().items():
+        assert torch.equal(value, listed.state_dict()[key]), key

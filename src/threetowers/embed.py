@@ -6,6 +6,7 @@ counted and named in the log; more than ``max_bad_fraction`` of them is an error
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from collections.abc import Mapping
@@ -13,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
+from threetowers.atomic import save_tensors, write_atomic
 from threetowers.data.sources.bad_samples import BadDataError, BadSample, BadSampleLog
 from threetowers.data.sources.decode import caption_text, clean_captions
 from threetowers.data.tokenizer import CaptionTokenizer
@@ -116,12 +117,12 @@ def save_embeddings(path: str | Path, vectors: torch.Tensor, keys: list[str]) ->
     """``.safetensors`` (tensor "embeddings", keys in the metadata) or ``.npy`` + ``.keys.json``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".npy":
-        np.save(path, vectors.numpy())
-        path.with_suffix(".keys.json").write_text(json.dumps(keys))
+    if path.suffix == ".npy":  # the keys first: vectors are never read without their keys
+        write_atomic(path.with_suffix(".keys.json"), json.dumps(keys))
+        buffer = io.BytesIO()
+        np.save(buffer, vectors.numpy())
+        write_atomic(path, buffer.getvalue())
     elif path.suffix == ".safetensors":
-        save_file(
-            {"embeddings": vectors.contiguous()}, str(path), metadata={"keys": json.dumps(keys)}
-        )
+        save_tensors(path, {"embeddings": vectors}, {"keys": json.dumps(keys)})
     else:
         raise ValueError(f"output {path} must end in .safetensors or .npy")

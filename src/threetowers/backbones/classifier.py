@@ -19,10 +19,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from threetowers.atomic import fsync, publish, temporary_path
+from threetowers.atomic import save_tensors
 from threetowers.backbones.frozen import FrozenBackbone, Preprocessing
 from threetowers.towers.cnn import SmallResNet
 from threetowers.towers.vit import VisionTransformer
@@ -78,11 +77,7 @@ def save_classifier(path: str | Path, classifier: Classifier) -> None:
         "preprocessing": json.dumps(classifier.preprocessing.to_dict()),
         "class_names": json.dumps(classifier.class_names),
     }
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    tmp = temporary_path(path)  # whole or absent: a killed pretrain leaves no half classifier
-    save_file(tensors, str(tmp), metadata=metadata)
-    fsync(tmp)
-    publish(tmp, Path(path))
+    save_tensors(path, tensors, metadata)  # a killed pretrain leaves no half classifier
 
 
 def load_classifier(path: str | Path | None) -> Classifier:

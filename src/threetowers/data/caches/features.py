@@ -21,10 +21,9 @@ from typing import TypeVar
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
-from threetowers.atomic import fsync, publish, remove_temporaries, temporary_path
+from threetowers.atomic import remove_temporaries, save_tensors
 from threetowers.backbones.frozen import FrozenBackbone
 from threetowers.data.sources.bad_samples import BadDataError, BadSampleLog
 from threetowers.data.sources.loader import pair_batches
@@ -166,10 +165,7 @@ def read_features(
 def write_features(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_temporaries(path.parent, only_dead_writers=True)  # shared by concurrent runs
-    tmp = temporary_path(path)
-    save_file(tensors, str(tmp), metadata=metadata)
-    fsync(tmp)
-    publish(tmp, path)  # complete or absent, never half-written
+    save_tensors(path, tensors, metadata)
 
 
 @torch.no_grad()

@@ -52,7 +52,6 @@ def test_override_can_create_a_section_left_null():
         (["model.frozen=[{name: g}]"], r"clash: \['g'\]"),
         (["model.frozen=[{name: Big}]"], r"model.frozen.0.name: String should match pattern"),
         (["model.frozen=[{name: a, weigth: 2}]"], r"weigth: unknown key; did you mean 'weight'"),
-
         (["model.third.backbone=resnet50"], r"unknown backbone 'resnet50'; choose one of"),
         (["model.third.backbone=hf"], r"backbone 'hf' needs a path"),
         (["model.image.patch_size=5"], r"image_size 32 is not divisible by patch_size 5"),

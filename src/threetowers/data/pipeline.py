@@ -234,7 +234,7 @@ class TrainingData:
             if self.normalise is not None:
                 batch["images"] = self.normalise(batch["images"])
             if self.frozen_normalise:
-                batch["frozen_images"] = {
+                batch[FROZEN_IMAGES] = {
                     name: normalise(batch.pop(f"{FROZEN_IMAGES}/{name}"))
                     for name, normalise in self.frozen_normalise.items()
                 }

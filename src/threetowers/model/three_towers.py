@@ -81,7 +81,6 @@ class ThreeTowers(nn.Module):
                     "preprocessing) so that it is frozen and declares its input"
                 )
         self.structure = structure
-        self.mode = structure.mode
         self.embed_dim = embed_dim
         # Registration order (f, g, frozen, objective, heads) fixes the parameter order, which
         # optimizer states in checkpoints are indexed by: it is the order of the one-tower model.
@@ -107,6 +106,10 @@ class ThreeTowers(nn.Module):
                 heads[on_f] = make_head(head, _feature_dim(image_tower, "image"), embed_dim)
                 heads[on_g] = make_head(head, _feature_dim(text_tower, "text"), embed_dim)
         self.heads = nn.ModuleDict(heads)
+
+    @property
+    def mode(self) -> str:
+        return self.structure.mode
 
     @property
     def image_key(self) -> str:

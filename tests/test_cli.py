@@ -125,8 +125,13 @@ def test_embed_texts_and_images(trained, tmp_path, alpha):
 def test_cache_command_fills_the_cache(trained, tmp_path, capsys):
     _, config = trained
     assert main(["cache", str(config), f"data.cache_dir={tmp_path}"]) == 0
-    assert "256 feature vectors of dim 1280" in capsys.readouterr().out
-    assert len(list(tmp_path.glob("efficientnet_lite0-*.safetensors"))) == 1
+    assert "256 feature vectors of dim 1280 (float16)" in capsys.readouterr().out
+    (folder,) = tmp_path.glob("efficientnet_lite0-*")
+    units = sorted(folder.glob("*.json"))
+    assert len(units) == len(list(folder.glob("*.npy"))) > 1  # one per shard of the world
+    stamps = [unit.stat().st_mtime_ns for unit in units]
+    assert main(["cache", str(config), f"data.cache_dir={tmp_path}"]) == 0  # checked, kept
+    assert [unit.stat().st_mtime_ns for unit in units] == stamps
 
 
 @pytest.mark.parametrize(

@@ -107,6 +107,7 @@ def test_the_first_steps_and_the_evaluation_give_the_recorded_numbers(root, mode
         f"model.mode={mode}",
         f"data.world.dir={root / 'world'}",
         f"data.cache_dir={root / 'cache'}",
+        "data.cache_dtype=float32",  # as recorded (float16 is measured in tests/data/caches)
         "data.batch_size=32",
         "data.num_workers=0",
         "model.third.image_size=64",

@@ -1,18 +1,14 @@
-"""Third-tower files and feature caches never run code from a crafted file: clear refusals."""
+"""Third-tower files never run code from a crafted file: clear refusals (feature caches:
+tests/data/caches/test_features.py)."""
 
 from __future__ import annotations
 
-import logging
-import os
 import pickle
 
 import pytest
 import torch
 
-from tests.conftest import tiny_backbone
-from tests.data.sources.test_bad_samples import write_mixed_shards
 from threetowers.cli import main
-from threetowers.data.caches.features import feature_cache
 from threetowers.safe_load import UnsafeFileError
 
 
@@ -60,17 +56,3 @@ def test_hugging_face_weights_with_code_are_refused(tmp_path):
     with pytest.raises(UnsafeFileError, match="refused"):
         load_hf_backbone(tmp_path)
     assert not marker.exists()
-
-
-def test_a_feature_cache_replaced_by_a_pickle_is_rebuilt_not_run(tmp_path, caplog):
-    shards = write_mixed_shards(tmp_path / "shards")
-    backbone = tiny_backbone()
-    cache = feature_cache(backbone, shards, tmp_path / "cache", batch_size=8, progress=False)
-    (path,) = (tmp_path / "cache").glob("*.safetensors")
-    marker = tmp_path / "code_ran"
-    path.write_bytes(pickle.dumps(Exploit(marker)))
-    with caplog.at_level(logging.WARNING):
-        again = feature_cache(backbone, shards, tmp_path / "cache", batch_size=8, progress=False)
-    assert "is unreadable" in caplog.text and not marker.exists()
-    assert again.row == cache.row and torch.equal(again.features, cache.features)
-    assert not [p for p in os.listdir(tmp_path / "cache") if ".tmp-" in p]

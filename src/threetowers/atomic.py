@@ -12,6 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -42,6 +43,17 @@ def save_tensors(
     tmp = temporary_path(path)
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata)
     fsync(tmp)
+    publish(tmp, path)
+
+
+def save_npy(path: str | Path, array: np.ndarray) -> None:
+    """A ``.npy`` file, written whole or not at all."""
+    path = Path(path)
+    tmp = temporary_path(path)
+    with open(tmp, "wb") as handle:
+        np.save(handle, array, allow_pickle=False)
+        handle.flush()
+        os.fsync(handle.fileno())
     publish(tmp, path)
 
 

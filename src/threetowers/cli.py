@@ -130,7 +130,7 @@ def _embed(args: argparse.Namespace) -> None:
 
 
 def _cache(args: argparse.Namespace) -> None:
-    from threetowers.data.caches.features import feature_cache
+    from threetowers.data.caches.features import CacheSpec, build_caches, dataset_units
     from threetowers.data.pipeline import open_training_pairs
     from threetowers.model.build import build_frozen_towers
 
@@ -139,18 +139,21 @@ def _cache(args: argparse.Namespace) -> None:
     if not towers:
         raise ConfigError("mode 'clip' has no frozen tower to cache; use model.mode=3t or lit")
     pairs, _ = open_training_pairs(cfg)
-    for name, tower in towers.items():
-        cache = feature_cache(
-            tower,
-            pairs,
-            cfg.data.cache_dir,
-            cfg.data.batch_size,
-            cfg.data.num_workers,
-            max_bad_fraction=cfg.data.max_bad_fraction,
-        )
+    units = dataset_units(pairs)
+    caches = build_caches(
+        towers,
+        units,
+        CacheSpec(cfg.data.cache_dir, cfg.data.cache_dtype),
+        cfg.data.batch_size,
+        cfg.data.num_workers,
+        max_bad_fraction=cfg.data.max_bad_fraction,
+        verify=True,  # an explicit `cache` checks every existing unit's bytes
+    )
+    for name, cache in caches.items():
+        folder = Path(cache.units[0].npy).parent if cache.units else cfg.data.cache_dir
         print(
-            f"{name}: {len(cache.row)} feature vectors of dim {cache.features.shape[1]} cached "
-            f"({cache.fingerprint[:12]}) in {cfg.data.cache_dir}"
+            f"{name}: {len(cache)} feature vectors of dim {cache.dim} ({cache.dtype}) in "
+            f"{len(units)} unit(s) under {folder}"
         )
 
 

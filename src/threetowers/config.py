@@ -219,6 +219,9 @@ class DataConfig(Section):
     # data and for the benchmark images
     cache: bool = True
     cache_dir: str = "~/.cache/threetowers/features"
+    # how the training features are stored: float16 halves the disk and the reads, and moves
+    # the loss by ~1e-4 relative (docs/architecture.md); evaluation's are always float32
+    cache_dtype: Literal["float16", "float32"] = "float16"
     # decode f's view of each image once into cache_dir and train from memory (needs
     # augment false); batches then come from a seeded permutation instead of shard streams.
     # The benchmark images' views and pretrain's images are decoded once there too.

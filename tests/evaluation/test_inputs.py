@@ -102,4 +102,4 @@ def test_evaluation_with_the_cache_scores_exactly_as_without(tmp_path):
         ).read_text()
     assert live["skipped_images"] == 1 and "fewshot_top1" in live and live["alpha_sweep"]
     assert list((tmp_path / "cache").glob("images-*.u8"))
-    assert list((tmp_path / "cache").glob("*-eval-*.safetensors"))
+    assert list((tmp_path / "cache").glob("*-eval-*/*.npy"))

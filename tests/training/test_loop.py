@@ -179,7 +179,7 @@ def test_cached_frozen_features_give_the_live_loss(world_dir, tmp_path, data):
         run = train(cfg, tmp_path / f"cache_{cache}", progress=False)
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         losses[cache] = [r["loss"] for r in records if "loss" in r]
-    assert list((tmp_path / "cache").glob("efficientnet_lite0-*.safetensors"))
+    assert list((tmp_path / "cache").glob("efficientnet_lite0-*/*.npy"))
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
 
 

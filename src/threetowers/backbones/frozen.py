@@ -56,10 +56,15 @@ class Preprocessing:
         return asdict(self)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalise a (B, 3, H, W) batch of [0, 1] images with this backbone's statistics."""
-        mean = torch.tensor(self.mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+        """[0, 1] images, (3, H, W) or (B, 3, H, W), normalised with these statistics: the
+        one implementation, per image in the transforms and per batch in the loader."""
+        mean = torch.tensor(self.mean, dtype=images.dtype, device=images.device).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=images.dtype, device=images.device).view(3, 1, 1)
         return (images - mean) / std
+
+    def normalize_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels (3, S, S) or (B, 3, S, S) -> normalised float32."""
+        return self.normalize(pixels.to(torch.float32).div_(255.0))
 
 
 # On CPU a convolutional tower runs fastest on about this many pixels at a time: a whole

@@ -14,12 +14,17 @@ import torch
 
 from threetowers import distributed
 from threetowers.config import Config, ConfigError, WorldConfig
-from threetowers.data.caches.features import FeatureCache, feature_cache
+from threetowers.data.caches.features import (
+    CacheSpec,
+    StreamedFeatures,
+    build_caches,
+    dataset_units,
+)
 from threetowers.data.caches.preload import preload_pairs
 from threetowers.data.sources.loader import num_batches, pair_batches
 from threetowers.data.sources.pairs import Pair, PairTable, ShardPairs, iter_captions, open_pairs
 from threetowers.data.tokenizer import CaptionTokenizer, MemoisedEncoder
-from threetowers.data.transforms import EvalTransform, TrainTransform
+from threetowers.data.transforms import PixelEvalTransform, PixelTrainTransform
 from threetowers.data.world.generate import WorldSpec, write_world
 from threetowers.model.three_towers import ThreeTowers
 
@@ -84,41 +89,10 @@ def load_or_train_tokenizer(cfg: Config, run_dir: Path, source) -> CaptionTokeni
     return tokenizer
 
 
-# Loader fields hold one tensor each: a live frozen tower's view travels as FROZEN_IMAGES/NAME
-# and is regrouped into the batch's ``frozen_images`` dict.
-FROZEN_IMAGES = "frozen_images"
-
-
-class _Pixels:
-    """Transform mixin: end at uint8 (3, S, S) pixels instead of normalised float32.
-
-    On a few CPU cores the loader's per-image work bounds the training loop, and scaling and
-    normalising one small image at a time costs more in per-call overhead than in arithmetic.
-    :class:`Normalise` does it once per batch with the same operations in the same order, so
-    the floats equal the transforms' own bit for bit.
-    """
-
-    def _finish(self, image) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-
-
-class PixelEvalTransform(_Pixels, EvalTransform):
-    """``EvalTransform`` (resize, centre crop) returning uint8 pixels; see :class:`Normalise`."""
-
-
-class PixelTrainTransform(_Pixels, TrainTransform):
-    """``TrainTransform`` (random resized crop) returning uint8 pixels; see :class:`Normalise`."""
-
-
-class Normalise:
-    """uint8 (B, 3, S, S) pixels -> the normalised float32 batch of ``pre``'s transforms."""
-
-    def __init__(self, pre) -> None:
-        self.mean = torch.tensor(pre.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(pre.std, dtype=torch.float32).view(1, 3, 1, 1)
-
-    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        return pixels.to(torch.float32).div_(255.0).sub_(self.mean).div_(self.std)
+# Loader fields hold one tensor each: a frozen tower's cached features travel as
+# FROZEN_FEATURES/NAME and its live view as FROZEN_IMAGES/NAME, regrouped into the batch's
+# dicts of those names.
+FROZEN_FEATURES, FROZEN_IMAGES = "frozen_features", "frozen_images"
 
 
 class TrainingExample:
@@ -127,13 +101,15 @@ class TrainingExample:
     Images leave as uint8 pixels (``PixelEvalTransform``/``PixelTrainTransform``) and
     captions as text; ``TrainingData.batches`` normalises and tokenises a whole batch at once,
     which costs a fraction of doing it per sample. A frozen tower that runs live in 3t gets
-    its own view, as ``frozen_images/NAME``.
+    its own view, as ``frozen_images/NAME``; a cached one its features, read here from its
+    cache's unit of this sample (``frozen_features/NAME``).
     """
 
-    def __init__(self, image_view=None, augment=None, frozen_views=None) -> None:
+    def __init__(self, image_view=None, augment=None, frozen_views=None, cached=None) -> None:
         self.image_view = image_view  # f's (or in lit, the locked tower's) view; None: unused
         self.augment = augment  # f's random resized crop; None: no augmentation
         self.frozen_views = dict(frozen_views or {})  # name -> its eval view, towers run live
+        self.cached = dict(cached or {})  # name -> its StreamedFeatures
 
     def __call__(self, pair: Pair, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor | str] = {"captions": pair.caption}
@@ -143,6 +119,8 @@ class TrainingExample:
             out["images"] = self.image_view(pair.image)
         for name, view in self.frozen_views.items():
             out[f"{FROZEN_IMAGES}/{name}"] = view(pair.image)
+        for name, features in self.cached.items():
+            out[f"{FROZEN_FEATURES}/{name}"] = features.features(pair.row, pair.key)
         return out
 
 
@@ -151,34 +129,40 @@ def _already_decoded(pixels: torch.Tensor) -> torch.Tensor:
     return pixels
 
 
+def _regroup(batch: dict, prefix: str, prepare: dict | None = None) -> None:
+    """Move the loader's ``PREFIX/NAME`` fields into ``batch[PREFIX][NAME]`` (through
+    ``prepare[NAME]`` when given)."""
+    names = [key.partition("/")[2] for key in batch if key.startswith(f"{prefix}/")]
+    if names:
+        fields = {name: batch.pop(f"{prefix}/{name}") for name in names}
+        batch[prefix] = {n: prepare[n](t) for n, t in fields.items()} if prepare else fields
+
+
 class TrainingData:
     def __init__(self, cfg: Config, run_dir: Path) -> None:
         self.cfg = cfg
         self.pairs, self.world = open_training_pairs(cfg)
         self.source = self.pairs  # as opened (``pairs`` becomes the preloaded table)
         self.tokenizer = load_or_train_tokenizer(cfg, run_dir, self.pairs)
-        self.caches: dict[str, FeatureCache] = {}  # frozen tower -> its feature cache
+        self.caches: dict[str, StreamedFeatures] = {}  # frozen tower -> its feature cache
         self.example: TrainingExample | None = None
-        self.normalise: Normalise | None = None  # the image view's normalisation
-        self.frozen_normalise: dict[str, Normalise] = {}  # live frozen tower -> its own
+        self.normalise = None  # the image view's normalisation (uint8 batch -> float32)
+        self.frozen_normalise: dict = {}  # live frozen tower -> its own
         self.encode = self.tokenizer.encode  # captions -> token ids (memoised when preloaded)
 
     def attach(self, model: ThreeTowers, progress: bool = True) -> None:
         """Choose each tower's view for this model; build or load the frozen towers' caches."""
         data = self.cfg.data
-        if data.cache:
-            self.caches = {
-                name: feature_cache(
-                    tower,
-                    self.pairs,
-                    data.cache_dir,
-                    data.batch_size,
-                    data.num_workers,
-                    progress,
-                    data.max_bad_fraction,
-                )
-                for name, tower in model.frozen.items()
-            }
+        if data.cache and model.frozen:
+            self.caches = build_caches(
+                dict(model.frozen.items()),
+                dataset_units(self.pairs),
+                CacheSpec(data.cache_dir, data.cache_dtype),
+                data.batch_size,
+                data.num_workers,
+                progress,
+                data.max_bad_fraction,
+            )
         trains_f = model.image_tower is not None
         # lit's image view is the locked tower's input, needed only when it runs live
         needs_images = trains_f or any(name not in self.caches for name in model.frozen)
@@ -187,10 +171,12 @@ class TrainingData:
         augment = None
         if trains_f and data.augment:
             augment = PixelTrainTransform(pre, scale=tuple(data.crop_scale))
-        self.normalise = Normalise(pre) if needs_images else None
+        self.normalise = pre.normalize_pixels if needs_images else None
         live = [name for name in model.structure.aligned if name not in self.caches]
         frozen_views = {name: PixelEvalTransform(model.frozen[name].preprocessing) for name in live}
-        self.frozen_normalise = {name: Normalise(model.frozen[name].preprocessing) for name in live}
+        self.frozen_normalise = {
+            name: model.frozen[name].preprocessing.normalize_pixels for name in live
+        }
         if data.preload:
             if augment is not None or frozen_views:
                 raise ConfigError(
@@ -201,7 +187,7 @@ class TrainingData:
             self.pairs = preload_pairs(self.pairs, view, data.cache_dir, progress)
             self.encode = MemoisedEncoder(self.tokenizer)
             view = _already_decoded if view is not None else None
-        self.example = TrainingExample(view, augment, frozen_views)
+        self.example = TrainingExample(view, augment, frozen_views, self.caches)
 
     def batches(self, epoch: int, start_batch: int):
         """This rank's batches of ``epoch`` from ``start_batch`` on: ``data.batch_size`` is the
@@ -233,15 +219,8 @@ class TrainingData:
             batch["tokens"] = self.encode(batch.pop("captions"))
             if self.normalise is not None:
                 batch["images"] = self.normalise(batch["images"])
-            if self.frozen_normalise:
-                batch[FROZEN_IMAGES] = {
-                    name: normalise(batch.pop(f"{FROZEN_IMAGES}/{name}"))
-                    for name, normalise in self.frozen_normalise.items()
-                }
-            if self.caches:
-                batch["frozen_features"] = {
-                    name: cache.lookup(batch["ids"]) for name, cache in self.caches.items()
-                }
+            _regroup(batch, FROZEN_IMAGES, self.frozen_normalise)
+            _regroup(batch, FROZEN_FEATURES)
             # Padding never changes a caption's embedding, so drop the all-padding columns:
             # the text tower's cost follows the longest caption, not the context length.
             longest = int((batch["tokens"] != self.tokenizer.pad_id).sum(dim=1).max())

@@ -51,12 +51,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
         raise ValueError(f"cannot convert an image of mode {mode!r} to RGB: {error}") from error
 
 
-def _to_tensor(image: Image.Image, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    array = np.asarray(image, dtype=np.uint8)
-    tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32).div_(255.0)
-    return tensor.sub_(mean).div_(std).contiguous()
-
-
 class _Normalised:
     """Shared state of both transforms: output size, resampling filter and statistics."""
 
@@ -64,14 +58,16 @@ class _Normalised:
         self.pre = pre
         self.size = pre.image_size
         self.resample = _RESAMPLE[pre.resize]
-        self._mean = torch.tensor(pre.mean, dtype=torch.float32).view(3, 1, 1)
-        self._std = torch.tensor(pre.std, dtype=torch.float32).view(3, 1, 1)
 
     def _finish(self, image: Image.Image) -> torch.Tensor:
-        return _to_tensor(image, self._mean, self._std)
+        return self.pre.normalize_pixels(_pixels(image)).contiguous()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.pre})"
+
+
+def _pixels(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
 class EvalTransform(_Normalised):
@@ -160,3 +156,24 @@ def train_transform(
 ) -> TrainTransform:
     """Picklable callable: (PIL image, numpy Generator) -> (3, S, S) float32 tensor."""
     return TrainTransform(pre, scale, ratio)
+
+
+class _Pixels:
+    """Transform mixin: end at uint8 (3, S, S) pixels instead of normalised float32.
+
+    On a few CPU cores the loader's per-image work bounds the training loop, and scaling and
+    normalising one small image at a time costs more in per-call overhead than in arithmetic.
+    ``Preprocessing.normalize_pixels`` then does it once per batch, with the same operations
+    in the same order, so the floats equal the transforms' own bit for bit.
+    """
+
+    def _finish(self, image: Image.Image) -> torch.Tensor:
+        return _pixels(image)
+
+
+class PixelEvalTransform(_Pixels, EvalTransform):
+    """``EvalTransform`` (resize, centre crop) returning uint8 pixels."""
+
+
+class PixelTrainTransform(_Pixels, TrainTransform):
+    """``TrainTransform`` (random resized crop) returning uint8 pixels."""

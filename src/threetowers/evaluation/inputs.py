@@ -12,27 +12,24 @@ features are computed in the very batches the live path would run it on.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from threetowers.backbones.frozen import FrozenBackbone, Preprocessing
 from threetowers.config import DataConfig
-from threetowers.data.benchmarks import collate_images
 from threetowers.data.caches.decoded import image_rows
 from threetowers.data.caches.features import (
-    backbone_digest,
-    cache_base,
-    files_digest,
-    read_features,
-    write_features,
+    CacheSpec,
+    FilesUnit,
+    StreamedFeatures,
+    build_caches,
 )
-from threetowers.data.pipeline import Normalise, PixelEvalTransform
 from threetowers.data.sources.bad_samples import Skipped
+from threetowers.data.transforms import PixelEvalTransform
 from threetowers.model.three_towers import ThreeTowers
 
 
@@ -67,7 +64,8 @@ def image_inputs(
     pixels_dir = cache.directory if cache is not None and cache.pixels else None
 
     def pixels(pre: Preprocessing) -> ImageInput:
-        return ImageInput(image_rows(paths, PixelEvalTransform(pre), pixels_dir), Normalise(pre))
+        rows = image_rows(paths, PixelEvalTransform(pre), pixels_dir)
+        return ImageInput(rows, pre.normalize_pixels)
 
     inputs = {}
     if model.image_tower is not None:
@@ -76,12 +74,7 @@ def image_inputs(
         if cache is not None and cache.features:
             device = next(model.parameters()).device
             features = cached_frozen_features(
-                tower,
-                paths,
-                batch_size,
-                device,
-                cache.directory,
-                lambda t=tower: pixels(t.preprocessing),
+                name, tower, paths, batch_size, device, cache.directory
             )
             inputs[f"frozen_features/{name}"] = ImageInput(features, _as_is)
         elif model.image_tower is not None:  # 3t: the tower's own view, as in training
@@ -96,64 +89,33 @@ def _as_is(features: torch.Tensor) -> torch.Tensor:
 
 
 class FeatureRows(Dataset):
-    """A frozen tower's cached features as rows: (index, features) or (index, Skipped)."""
+    """A frozen tower's cached features of the files as rows: (index, features) or
+    (index, Skipped)."""
 
-    def __init__(self, paths: Sequence[Path], features: torch.Tensor, rows: torch.Tensor, bad):
+    def __init__(self, paths: Sequence[Path], features: StreamedFeatures) -> None:
         self.keys = [str(Path(path)) for path in paths]  # as ImageFiles names them
-        self.features, self.bad = features, bad
-        self.position = {int(row): position for position, row in enumerate(rows)}
+        self.features = features
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | Skipped]:
-        key = self.keys[index]
-        if key in self.bad:
-            return index, Skipped(key, *self.bad[key])
-        return index, self.features[self.position[index]]
+        return index, self.features.lookup(index, self.keys[index])
 
 
 def cached_frozen_features(
-    h: FrozenBackbone,
+    name: str,
+    tower: FrozenBackbone,
     paths: Sequence[Path],
     batch_size: int,
     device: torch.device,
     cache_dir: str,
-    h_view: Callable[[], ImageInput],
 ) -> FeatureRows:
-    """h's features of ``paths`` from the cache in ``cache_dir``; computed and saved first if
-    missing, from ``h_view()``'s rows in batches of ``batch_size`` on ``device`` (h's last bits
-    may depend on the batch it ran in and on the device, so both are part of the key)."""
-    spec = {
-        "backbone": backbone_digest(h),
-        "files": files_digest(paths),
-        "batch_size": batch_size,
-        "device": device.type,
-    }
-    path = Path(f"{cache_base(cache_dir, f'{h.name}-eval', spec)}.safetensors")
-
-    def parse(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> FeatureRows:
-        return FeatureRows(paths, tensors["features"], tensors["rows"], json.loads(meta["bad"]))
-
-    cached = read_features(path, parse)
-    if cached is not None:
-        return cached
-    features, rows, bad = _compute(h, h_view(), batch_size, device)
-    write_features(path, {"features": features, "rows": rows}, {"bad": json.dumps(bad)})
-    return FeatureRows(paths, features, rows, bad)
-
-
-@torch.no_grad()
-def _compute(h: FrozenBackbone, view: ImageInput, batch_size: int, device: torch.device):
-    """(features of the usable rows, their indices, {key: (reason, detail)} of the others)."""
-    chunks, rows, bad = [], [], {}
-    for indices, pixels, skipped in DataLoader(
-        view.rows, batch_size=batch_size, collate_fn=collate_images
-    ):
-        bad |= {image.id: (image.reason, image.detail) for image in skipped}
-        if len(indices):
-            chunks.append(h(view.prepare(pixels).to(device)).float().cpu())
-            rows.append(indices)
-    if not chunks:  # no usable image: embed_images says so
-        return torch.empty(0, h.feature_dim), torch.empty(0, dtype=torch.long), bad
-    return torch.cat(chunks), torch.cat(rows), bad
+    """A frozen tower's features of ``paths`` from its cache in ``cache_dir``, computed and
+    saved first if missing, in batches of ``batch_size`` on ``device`` (h's last bits may
+    depend on the batch it ran in and on the device, so both are part of the key), float32."""
+    unit = FilesUnit(tuple(str(Path(path)) for path in paths))
+    context = {"batch_size": batch_size, "device": device.type}
+    spec = CacheSpec(cache_dir, "float32", context, kind="-eval")
+    features = build_caches({name: tower}, [unit], spec, batch_size, progress=False)
+    return FeatureRows(paths, features[name])

@@ -24,13 +24,9 @@ from threetowers.backbones.frozen import Preprocessing
 from threetowers.config import Config, PretrainConfig
 from threetowers.data.benchmarks import ClassificationSet, load_class_folder
 from threetowers.data.caches.decoded import WholeImage, image_rows
-from threetowers.data.pipeline import (
-    Normalise,
-    PixelEvalTransform,
-    PixelTrainTransform,
-    ensure_world,
-)
+from threetowers.data.pipeline import ensure_world
 from threetowers.data.sources.bad_samples import BadDataError, BadSampleLog, Skipped
+from threetowers.data.transforms import PixelEvalTransform, PixelTrainTransform
 from threetowers.training.optim import make_optimizer
 
 # Classifiers trained here see [-1, 1] pixels of the whole (square) image.
@@ -42,14 +38,15 @@ class LabelledImages(Dataset):
     """(uint8 pixels, label); with ``augment``, a random resized crop seeded per sample. An
     image that cannot be used comes as (Skipped, label). ``images``: each image's
     :class:`WholeImage` row, decoded live or once (``image_rows``). Batch the items with
-    :meth:`collate`, which normalises the batch at once as training does (:class:`Normalise`,
+    :meth:`collate`, which normalises the batch at once as training does (``normalize_pixels``,
     the same floats): per image, normalising costs more than the crop."""
 
     def __init__(
         self, data: ClassificationSet, images: Dataset, pre: Preprocessing, augment=None, seed=0
     ):
         self.data, self.images = data, images
-        self.view, self.augment, self.normalise = PixelEvalTransform(pre), augment, Normalise(pre)
+        self.view, self.augment = PixelEvalTransform(pre), augment
+        self.normalise = pre.normalize_pixels
         self.seed, self.epoch = seed, 0
 
     def __len__(self) -> int:

@@ -15,10 +15,9 @@ from tests.data.sources.test_bad_samples import BAD, ODD_BUT_VALID, encoded
 from threetowers.backbones.frozen import Preprocessing
 from threetowers.data.benchmarks import ImageFiles
 from threetowers.data.caches.decoded import DecodedImages, WholeImage, image_rows
-from threetowers.data.pipeline import PixelEvalTransform
 from threetowers.data.sources.bad_samples import Skipped
 from threetowers.data.sources.decode import load_image
-from threetowers.data.transforms import eval_transform, train_transform
+from threetowers.data.transforms import PixelEvalTransform, eval_transform, train_transform
 
 PRE = Preprocessing(10, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), resize="bicubic", crop_fraction=0.875)
 

@@ -10,8 +10,9 @@ from tests.training.test_loop import tiny_run_config
 from threetowers.backbones.frozen import Preprocessing
 from threetowers.config import ConfigError
 from threetowers.data.caches.preload import preload_pairs
-from threetowers.data.pipeline import Normalise, PixelEvalTransform, TrainingData
+from threetowers.data.pipeline import TrainingData
 from threetowers.data.sources.pairs import iter_pairs
+from threetowers.data.transforms import PixelEvalTransform
 from threetowers.data.world.generate import write_world
 from threetowers.model.build import build_model
 
@@ -65,7 +66,7 @@ def test_training_batches_from_preloaded_pairs_equal_the_decoded_views(tmp_path)
     pre = model.image_preprocessing
     decoded = {pair.id: pair.image for pair in iter_pairs(data.source)}
     expected = torch.stack([PixelEvalTransform(pre)(decoded[id_]) for id_ in batch["ids"]])
-    assert torch.equal(batch["images"], Normalise(pre)(expected))
+    assert torch.equal(batch["images"], pre.normalize_pixels(expected))
     assert batch["tokens"].shape[0] == len(batch["ids"]) == cfg.data.batch_size
 
 

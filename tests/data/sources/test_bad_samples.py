@@ -20,7 +20,7 @@ from PIL import Image
 from tests.data.sources.test_pairs import key_of
 from threetowers.backbones.frozen import Preprocessing
 from threetowers.data.caches.preload import preload_pairs
-from threetowers.data.pipeline import PixelEvalTransform, PixelTrainTransform, TrainingExample
+from threetowers.data.pipeline import TrainingExample
 from threetowers.data.sources.bad_samples import (
     REASONS,
     BadDataError,
@@ -37,6 +37,7 @@ from threetowers.data.sources.pairs import (
     open_pairs,
 )
 from threetowers.data.sources.tar_samples import count_samples, read_samples
+from threetowers.data.transforms import PixelEvalTransform, PixelTrainTransform
 
 
 class Size:

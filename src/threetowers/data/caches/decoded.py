@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from threetowers.atomic import publish, remove_temporaries, temporary_path, write_atomic
 from threetowers.data.benchmarks import ImageFiles
-from threetowers.data.caches.features import cache_base, files_digest
+from threetowers.data.caches.identity import cache_base, files_digest
 from threetowers.data.sources.bad_samples import Skipped
 
 

@@ -1,198 +1,462 @@
-"""Third-tower feature cache: run the frozen h once over a dataset, reuse it every epoch.
+"""Frozen towers' feature caches: computed once, stored per unit of the data, streamed with it.
 
-h is frozen and never sees augmentation, so its features of a sample never change: caching
-them turns LiT and 3T training into the cost of CLIP's (or less). A cache file is named by a
-fingerprint of everything its contents depend on — the backbone's weights, its
-preprocessing and the dataset's files — so a changed backbone, preprocessing or dataset
-never reuses stale features.
+A frozen tower never sees augmentation, so its features of a sample never change: computed
+once, they make LiT and 3T cost what CLIP costs (or less). A tower's cache is a folder named
+by the tower's weights, preprocessing and storage dtype, holding per *unit* of the data (a
+shard, a chunk of :data:`TABLE_CHUNK` rows of a table, or a list of image files) a ``.npy``
+of features in the unit's sample order and a ``.json`` index: the unit's identity (its
+files' paths, sizes and modification times), every sample's key and the samples that could
+not be used. So:
+
+* memory is O(batch), not O(dataset): a loader worker reads the rows of the samples it
+  loads, by offset (``os.pread``), and opens only the units of its own shards;
+* a changed shard recomputes that shard alone, and a killed build keeps its finished units;
+* a row is read only when the sample's key matches the key stored at that row, so a cache
+  never hands one sample's features to another.
+
+:func:`build_caches` computes the missing units of several towers in one pass over the
+images: each image is decoded once, each tower gets its own view. The ``.npy`` is written
+first and the ``.json`` last, both atomically: an index means a complete unit. numpy's
+``.npy`` rather than safetensors because a row's offset in it is known, so a worker reads a
+row without mapping the file (mapped pages would count towards its memory).
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from stat import S_ISLNK
-from typing import TypeVar
+from typing import Protocol
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from threetowers.atomic import remove_temporaries, save_tensors
+from threetowers.atomic import remove_temporaries, save_npy, write_atomic
 from threetowers.backbones.frozen import FrozenBackbone
-from threetowers.data.sources.bad_samples import BadDataError, BadSampleLog
-from threetowers.data.sources.loader import pair_batches
-from threetowers.data.sources.pairs import PairTable, ShardPairs, open_pairs
-from threetowers.data.transforms import eval_transform
+from threetowers.data.caches.identity import (
+    SAMPLE_IDS,
+    backbone_digest,
+    dataset_digest,
+    files_digest,
+    spec_digest,
+)
+from threetowers.data.sources.bad_samples import BadDataError, BadSample, BadSampleLog, Skipped
+from threetowers.data.sources.decode import load_image
+from threetowers.data.sources.pairs import (
+    PairTable,
+    ShardPairs,
+    decode_sample,
+    open_pairs,
+    shard_sample_id,
+)
+from threetowers.data.sources.tar_samples import read_samples
+from threetowers.data.transforms import PixelEvalTransform
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
+
+TABLE_CHUNK = 8192  # rows of a table per cache unit
+DTYPES = {"float16": np.float16, "float32": np.float32}
+FORMAT = 1  # of a unit's index: any other is computed again
+OPEN_UNITS = 8  # units a reader keeps open per process (a shuffle buffer spans a few shards)
 
 
-class FeatureCache:
-    """h's features for every sample of a dataset, by sample id (``SHARD/KEY`` for shards,
-    whose keys may repeat across shards)."""
-
-    def __init__(self, ids: list[str], features: torch.Tensor, fingerprint: str) -> None:
-        self.row = {sample_id: i for i, sample_id in enumerate(ids)}
-        if len(self.row) != len(ids):
-            raise ValueError(f"feature cache {fingerprint[:12]}: two rows share a sample id")
-        self.features = features
-        self.fingerprint = fingerprint
-
-    def lookup(self, ids: list[str]) -> torch.Tensor:
-        try:
-            rows = [self.row[sample_id] for sample_id in ids]
-        except KeyError as error:
-            raise KeyError(
-                f"sample {error.args[0]!r} is not in the feature cache {self.fingerprint[:12]}; "
-                "the dataset changed since it was made - delete the cache file to rebuild it"
-            ) from None
-        return self.features[torch.tensor(rows)]
+# --------------------------------------------------------------------------- units
 
 
-def backbone_digest(backbone: FrozenBackbone) -> str:
-    digest = hashlib.sha256(json.dumps(backbone.preprocessing.to_dict()).encode())
-    for name, tensor in sorted(backbone.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+class Unit(Protocol):
+    """Consecutive samples of a dataset cached as one file: ``start`` is its first sample's
+    row in the dataset, ``size`` its number of samples. Picklable (it runs in workers)."""
+
+    start: int
+    size: int
+
+    def identity(self) -> dict:
+        """What its samples depend on (JSON-able): its file's name."""
+
+    def samples(self) -> Iterator[tuple[str, object]]:
+        """(key, decoded image) per sample in order, or (key, :class:`Skipped`) for one
+        that cannot be used."""
 
 
-# Caches keyed by sample: version 2 names shard samples ``SHARD/KEY`` (version 1: ``KEY``,
-# which confused samples of shards numbered alike), so no version 1 file is ever reused.
-SAMPLE_IDS = 2
+@dataclass(frozen=True)
+class ShardUnit:
+    path: str  # as the source spells it: part of the samples' ids
+    start: int
+    size: int
+
+    def identity(self) -> dict:
+        return {"shard": files_digest([self.path]), "ids": [SAMPLE_IDS, self.path]}
+
+    def samples(self) -> Iterator[tuple[str, object]]:
+        for sample in read_samples(self.path):
+            try:
+                pair = decode_sample(sample)
+            except BadSample as bad:
+                yield sample["__key__"], bad.skipped(shard_sample_id(sample))
+                continue
+            yield pair.key, pair.image
 
 
-def dataset_digest(source) -> str:
-    """Identity of a dataset's files (paths, sizes and modification times) and of the sample
-    ids they give: shard ids hold the shard paths as the source spells them."""
+@dataclass(frozen=True)
+class TableUnit:
+    table: PairTable
+    start: int
+    size: int
+
+    def identity(self) -> dict:
+        return {"table": dataset_digest(self.table), "rows": [self.start, self.size]}
+
+    def samples(self) -> Iterator[tuple[str, object]]:
+        for row in range(self.start, self.start + self.size):
+            try:
+                pair = self.table[row]
+            except BadSample as bad:
+                yield self.table.keys[row], bad.skipped(self.table.ids[row])
+                continue
+            yield pair.key, pair.image
+
+
+@dataclass(frozen=True)
+class FilesUnit:
+    """Image files (evaluation's benchmark images); keys are the paths."""
+
+    paths: tuple[str, ...]
+    start: int = 0
+
+    @property
+    def size(self) -> int:
+        return len(self.paths)
+
+    def identity(self) -> dict:
+        return {"files": files_digest(self.paths)}
+
+    def samples(self) -> Iterator[tuple[str, object]]:
+        for path in self.paths:
+            try:
+                yield path, load_image(Path(path), "image")  # the key names the file
+            except BadSample as bad:
+                yield path, bad.skipped(path)
+
+
+def dataset_units(source) -> list[Unit]:
+    """A dataset as units: one per shard, or chunks of :data:`TABLE_CHUNK` rows of a table."""
     pairs = open_pairs(source)
-    files = pairs.shards if isinstance(pairs, ShardPairs) else [pairs.name]
-    spelled = json.dumps([SAMPLE_IDS, *map(str, files)])
-    return hashlib.sha256(f"{files_digest(files)}|{spelled}".encode()).hexdigest()
+    if isinstance(pairs, ShardPairs):
+        rows = zip(pairs.shards, pairs.first_rows, pairs.sizes, strict=True)
+        return [ShardUnit(str(shard), first, size) for shard, first, size in rows]
+    return [
+        TableUnit(pairs, start, min(TABLE_CHUNK, len(pairs) - start))
+        for start in range(0, len(pairs), TABLE_CHUNK)
+    ]
 
 
-def files_digest(paths) -> str:
-    """Identity of files, in order: resolved paths, sizes and modification times; a file that
-    cannot be found counts as missing (it is a bad sample), so its arrival changes it."""
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class _UnitFile:
+    start: int
+    size: int
+    npy: str
+    index: str
+
+
+class UnitMismatch(RuntimeError):
+    """A cache unit does not hold what its dataset now holds."""
+
+
+class StreamedFeatures:
+    """One frozen tower's features of a dataset, read row by row from its units' files.
+
+    Picklable with no open file: each process opens the units it reads, at most
+    :data:`OPEN_UNITS` at a time."""
+
+    def __init__(self, name: str, fingerprint: str, units: list[_UnitFile], dim: int, dtype):
+        self.name, self.fingerprint, self.units, self.dim = name, fingerprint, units, dim
+        self.dtype = np.dtype(dtype)
+        self.starts = [unit.start for unit in units]
+        self._open: OrderedDict[int, tuple[int, int, list[str], dict]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return sum(unit.size for unit in self.units)
+
+    def __getstate__(self) -> dict:
+        return self.__dict__ | {"_open": OrderedDict()}  # file descriptors stay in their process
+
+    def __del__(self) -> None:
+        for fd, *_ in self._open.values():
+            os.close(fd)
+
+    @property
+    def opened(self) -> list[str]:
+        """The units' ``.npy`` files this process has open (the last :data:`OPEN_UNITS`)."""
+        return [self.units[unit].npy for unit in self._open]
+
+    def lookup(self, row: int, key: str) -> torch.Tensor | Skipped:
+        """float32 features of dataset row ``row``, whose sample is ``key``; the
+        :class:`Skipped` record of a sample that was unusable when the unit was built."""
+        unit = bisect.bisect_right(self.starts, row) - 1
+        position = row - self.starts[unit] if unit >= 0 else -1
+        if not 0 <= position < self.units[unit].size:
+            raise UnitMismatch(f"{self.name} cache: row {row} is outside the dataset")
+        fd, offset, keys, bad = self._unit(unit)
+        if keys[position] != key:
+            raise UnitMismatch(
+                f"{self.name} cache {self.units[unit].index}: row {position} holds sample "
+                f"{keys[position]!r}, not {key!r}; the data changed since it was cached - "
+                "run `threetowers cache` again (or delete the folder) to rebuild it"
+            )
+        if str(position) in bad:
+            return Skipped(key, *bad[str(position)])
+        width = self.dim * self.dtype.itemsize
+        data = os.pread(fd, width, offset + position * width)
+        return torch.from_numpy(np.frombuffer(data, self.dtype).astype(np.float32))
+
+    def features(self, row: int, key: str) -> torch.Tensor:
+        """Like :meth:`lookup`, for a sample the data still has as usable (training's)."""
+        found = self.lookup(row, key)
+        if isinstance(found, Skipped):
+            raise UnitMismatch(
+                f"{self.name} cache: sample {key!r} was unusable when cached ({found.reason}: "
+                f"{found.detail}) but decodes now; the data changed - rebuild the cache"
+            )
+        return found
+
+    def _unit(self, unit: int) -> tuple[int, int, list[str], dict]:
+        if unit in self._open:
+            self._open.move_to_end(unit)
+            return self._open[unit]
+        files = self.units[unit]
+        meta = json.loads(Path(files.index).read_text())
+        fd = os.open(files.npy, os.O_RDONLY)
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            np.lib.format.read_magic(handle)
+            np.lib.format.read_array_header_1_0(handle)
+            offset = handle.tell()
+        self._open[unit] = (fd, offset, meta["keys"], meta["bad"])
+        if len(self._open) > OPEN_UNITS:
+            os.close(self._open.popitem(last=False)[1][0])
+        return self._open[unit]
+
+
+# --------------------------------------------------------------------------- building
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """Where and how the towers' caches are stored. ``context`` adds what else features
+    depend on (evaluation: the batch size and device h ran with) and ``kind`` marks the
+    folders (``-eval``)."""
+
+    directory: str | Path
+    dtype: str = "float16"
+    context: Mapping = field(default_factory=dict)
+    kind: str = ""
+
+    def folder(self, tower: FrozenBackbone) -> tuple[Path, str]:
+        """The tower's folder (by its backbone's name, so runs naming it apart share it) and
+        its digest: weights, preprocessing, dtype, context."""
+        spec = {"tower": backbone_digest(tower), "dtype": self.dtype, **self.context}
+        digest = spec_digest(spec)
+        return Path(self.directory).expanduser() / f"{tower.name}{self.kind}-{digest[:16]}", digest
+
+
+def _unit_files(folder: Path, unit: Unit) -> tuple[Path, Path, dict]:
+    identity = unit.identity()
+    stem = spec_digest(identity)[:24]
+    return folder / f"{stem}.npy", folder / f"{stem}.json", identity
+
+
+def _complete(npy: Path, index: Path, identity: dict, tower: str, unit: Unit, dim, dtype, verify):
+    """Whether a unit's files hold what they should; ``verify`` also checks their bytes."""
+    try:
+        meta = json.loads(index.read_text())
+        with open(npy, "rb") as handle:
+            np.lib.format.read_magic(handle)
+            shape, _, stored = np.lib.format.read_array_header_1_0(handle)
+        good = (
+            meta.get("format") == FORMAT
+            and meta.get("tower") == tower
+            and meta.get("identity") == identity
+            and shape == (unit.size, dim)
+            and stored == np.dtype(dtype)
+            and len(meta.get("keys", ())) == unit.size
+        )
+        if good and verify and meta.get("sha256") != _sha256(npy):
+            log.warning("feature cache %s: its bytes changed since it was written", npy)
+            good = False
+        return good
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    folders: dict[str, str] = {}  # resolved once each: thousands of images share a few
-    for path in paths:
-        folder, name = os.path.split(os.fspath(Path(path)))
-        try:
-            stat = os.lstat(path)
-            if S_ISLNK(stat.st_mode):
-                real, stat = Path(path).resolve(), os.stat(path)
-            else:
-                if folder not in folders:
-                    folders[folder] = os.path.realpath(folder)
-                real = os.path.join(folders[folder], name)
-        except OSError:
-            digest.update(f"{Path(path).resolve()}|missing\n".encode())
-            continue
-        digest.update(f"{real}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
     return digest.hexdigest()
 
 
-def cache_base(cache_dir: str | Path, kind: str, spec: dict) -> Path:
-    """``cache_dir/KIND-HASH``: a name that changes with anything in ``spec``, the
-    JSON-able description of everything a cached file's contents depend on."""
-    fingerprint = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
-    return Path(cache_dir).expanduser() / f"{kind}-{fingerprint}"
+class _UnitViews(IterableDataset):
+    """Each worker's share of the units, in batches of ``batch_size`` consecutive samples:
+    (unit number, keys, {tower: uint8 views of the usable samples}, their positions in the
+    unit, skipped (position, Skipped)). A unit is read by one worker, in order."""
+
+    def __init__(self, units: list[Unit], views: dict, batch_size: int) -> None:
+        self.units, self.views, self.batch_size = units, views, batch_size
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for number in range(worker, len(self.units), workers):
+            batch: list[tuple[str, object]] = []
+            first = 0
+            for item in self.units[number].samples():
+                batch.append(item)
+                if len(batch) == self.batch_size:
+                    yield self._views(number, first, batch)
+                    first, batch = first + len(batch), []
+            if batch or first == 0:  # an empty unit still sends one (empty) batch
+                yield self._views(number, first, batch)
+
+    def _views(self, number: int, first: int, batch: list[tuple[str, object]]):
+        used = [i for i, (_, image) in enumerate(batch) if not isinstance(image, Skipped)]
+        skipped = [(first + i, image) for i, (_, image) in enumerate(batch) if i not in used]
+        pixels = {
+            name: torch.stack([view(batch[i][1]) for i in used]) if used else None
+            for name, view in self.views.items()
+        }
+        return number, [key for key, _ in batch], pixels, [first + i for i in used], skipped
 
 
-class _FrozenView:
-    """A loader example: only the frozen tower's view of the image (picklable for workers)."""
+class _UnitRows:
+    """A unit's rows as its batches arrive, for the towers that lack it."""
 
-    def __init__(self, backbone: FrozenBackbone) -> None:
-        self.transform = eval_transform(backbone.preprocessing)
+    def __init__(self, unit: Unit, dims: dict[str, int]) -> None:
+        self.unit, self.keys, self.bad = unit, [], {}
+        self.rows = {name: np.zeros((unit.size, dim), np.float32) for name, dim in dims.items()}
 
-    def __call__(self, pair, rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        return {"pixels": self.transform(pair.image)}
+    @property
+    def complete(self) -> bool:
+        return len(self.keys) == self.unit.size
 
 
-def feature_cache(
-    backbone: FrozenBackbone,
-    source,
-    cache_dir: str | Path,
+def _as_is(item):
+    return item
+
+
+def build_caches(
+    towers: Mapping[str, FrozenBackbone],
+    units: Sequence[Unit],
+    spec: CacheSpec,
     batch_size: int = 128,
     num_workers: int = 0,
     progress: bool = True,
     max_bad_fraction: float = 1.0,
-) -> FeatureCache:
-    """Load the cache of (backbone, source), computing and saving it first if missing.
-
-    Bad samples have no row (training skips them too); more than ``max_bad_fraction`` of
-    them stop the computation with :class:`BadDataError`."""
-    fingerprint = hashlib.sha256(
-        f"{backbone_digest(backbone)}|{dataset_digest(source)}".encode()
-    ).hexdigest()
-    path = Path(cache_dir).expanduser() / f"{backbone.name}-{fingerprint[:24]}.safetensors"
-
-    def parse(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> FeatureCache:
-        return FeatureCache(json.loads(meta["ids"]), tensors["features"], fingerprint)
-
-    cached = read_features(path, parse)
-    if cached is not None:
-        return cached
-    ids, features = _compute(backbone, source, batch_size, num_workers, progress, max_bad_fraction)
-    write_features(path, {"features": features}, {"ids": json.dumps(ids)})
-    return FeatureCache(ids, features, fingerprint)
-
-
-def read_features(
-    path: Path, parse: Callable[[dict[str, torch.Tensor], dict[str, str]], T]
-) -> T | None:
-    """``parse(tensors, metadata)`` of a cache file; None when it is absent or unreadable
-    (it is then computed again)."""
-    if not path.exists():
-        return None
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-            return parse(tensors, handle.metadata())
-    except (SafetensorError, OSError, KeyError, TypeError, ValueError) as error:
-        log.warning("feature cache %s is unreadable (%s); computing it again", path, error)
-        return None
-
-
-def write_features(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_temporaries(path.parent, only_dead_writers=True)  # shared by concurrent runs
-    save_tensors(path, tensors, metadata)
+    verify: bool = False,
+) -> dict[str, StreamedFeatures]:
+    """Each tower's cache of ``units``, computing the units any tower lacks in one pass
+    (each image decoded once); ``verify`` re-reads the existing units' bytes against their
+    checksums instead of trusting them. Bad samples have no features (training skips them
+    too); more than ``max_bad_fraction`` of them stop the pass with :class:`BadDataError`."""
+    layout, todo = {}, {}
+    for name, tower in towers.items():
+        folder, digest = spec.folder(tower)
+        dim = tower.feature_dim
+        layout[name] = (folder, digest)
+        for number, unit in enumerate(units):
+            npy, index, identity = _unit_files(folder, unit)
+            if not _complete(npy, index, identity, digest, unit, dim, spec.dtype, verify):
+                todo.setdefault(number, []).append(name)
+    if todo:
+        _compute(
+            towers, units, todo, layout, spec, batch_size, num_workers, progress, max_bad_fraction
+        )
+    out = {}
+    for name, tower in towers.items():
+        folder, digest = layout[name]
+        files = []
+        for unit in units:
+            npy, index, _ = _unit_files(folder, unit)
+            files.append(_UnitFile(unit.start, unit.size, str(npy), str(index)))
+        fingerprint = hashlib.sha256(
+            json.dumps([digest, [Path(f.index).stem for f in files]]).encode()
+        ).hexdigest()
+        out[name] = StreamedFeatures(name, fingerprint, files, tower.feature_dim, spec.dtype)
+    return out
 
 
 @torch.no_grad()
-def _compute(backbone, source, batch_size, num_workers, progress, max_bad_fraction):
-    pairs = open_pairs(source)
-    bad_data = BadSampleLog(max_bad_fraction, f"caching {backbone.name} features", len(pairs))
-    device = next(backbone.parameters()).device
-    ids, chunks = [], []
-    batches = pair_batches(
-        pairs,
-        example=_FrozenView(backbone),
-        batch_size=batch_size,
-        seed=0,
-        epoch=0,
-        num_workers=num_workers,
-        drop_last=False,
+def _compute(towers, units, todo, layout, spec, batch_size, num_workers, progress, max_bad):
+    numbers = sorted(todo)
+    pending = [units[number] for number in numbers]
+    names = sorted({name for missing in todo.values() for name in missing})
+    views = {name: PixelEvalTransform(towers[name].preprocessing) for name in names}
+    for name in names:
+        folder = layout[name][0]
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_temporaries(folder, only_dead_writers=True)  # shared by concurrent runs
+    device = next(towers[names[0]].parameters()).device
+    total = sum(unit.size for unit in pending)
+    what = f"caching {', '.join(names)} features"
+    bad_data = BadSampleLog(max_bad, what, total)
+    filling: dict[int, _UnitRows] = {}
+    batches = DataLoader(
+        _UnitViews(pending, views, batch_size),
+        batch_size=None,
+        num_workers=min(num_workers, len(pending)),
+        collate_fn=_as_is,
     )
-    total = len(pairs) if isinstance(pairs, (PairTable, ShardPairs)) else None
-    with tqdm(total=total, disable=not progress, desc=f"caching {backbone.name} features") as bar:
-        for batch in batches:
-            bad_data.record(len(batch["ids"]), batch["skipped"])
-            bar.update(len(batch["ids"]) + len(batch["skipped"]))
-            if batch["ids"]:
-                chunks.append(backbone(batch["pixels"].to(device)).float().cpu())
-                ids.extend(batch["ids"])
-    if not ids:
-        raise BadDataError(f"{bad_data.summary()}: nothing to cache")
+    with tqdm(total=total, disable=not progress, desc=what, unit="image") as bar:
+        for index, keys, pixels, used, skipped in batches:
+            number = numbers[index]
+            dims = {name: towers[name].feature_dim for name in todo[number]}
+            unit = filling.setdefault(number, _UnitRows(units[number], dims))
+            bad_data.record(len(used), [record for _, record in skipped])
+            bar.update(len(keys))
+            unit.keys += keys
+            unit.bad |= {str(p): [record.reason, record.detail] for p, record in skipped}
+            if used:
+                for name, rows in unit.rows.items():
+                    prepared = towers[name].preprocessing.normalize_pixels(pixels[name])
+                    rows[used] = towers[name](prepared.to(device)).float().cpu().numpy()
+            if unit.complete:
+                _write(filling.pop(number), layout, spec.dtype)
     if bad_data.total:
         log.warning(bad_data.summary())
-    return ids, torch.cat(chunks)
+    if filling:
+        raise RuntimeError(
+            f"{what}: {len(filling)} unit(s) read fewer samples than their headers promised; "
+            "were the shards changed while caching?"
+        )
+
+
+def _write(unit: _UnitRows, layout: dict, dtype: str) -> None:
+    for name, exact in unit.rows.items():
+        folder, digest = layout[name]
+        npy, index, identity = _unit_files(folder, unit.unit)
+        rows = exact.astype(DTYPES[dtype])
+        if not np.isfinite(rows).all() and np.isfinite(exact).all():
+            raise BadDataError(
+                f"{name}'s features overflow {dtype} (largest magnitude "
+                f"{np.abs(exact).max():.3g}); set data.cache_dtype=float32"
+            )
+        save_npy(npy, rows)
+        meta = {
+            "format": FORMAT,
+            "tower": digest,
+            "identity": identity,
+            "keys": unit.keys,
+            "bad": unit.bad,
+            "sha256": _sha256(npy),
+        }
+        write_atomic(index, json.dumps(meta))  # last: its presence means the unit is complete

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from threetowers.atomic import fsync, publish, remove_temporaries, temporary_path, write_atomic
-from threetowers.data.caches.features import cache_base, dataset_digest
+from threetowers.data.caches.identity import cache_base, dataset_digest
 from threetowers.data.sources.bad_samples import BadDataError, BadSample, Skipped
 from threetowers.data.sources.pairs import Pair, PairSource, PairTable, epoch_size, iter_pairs
 
@@ -57,7 +57,7 @@ class PreloadedPairs(PairTable):
             image = torch.empty(0, dtype=torch.uint8)
         else:
             image = torch.from_numpy(np.array(self.pixels[index]))  # a copy, off the memmap
-        return Pair(self.keys[index], image, self.captions[index], self._ids[index])
+        return Pair(self.keys[index], image, self.captions[index], self._ids[index], index)
 
     def __repr__(self) -> str:
         return f"PreloadedPairs({self.name!r}, {len(self)} pairs)"

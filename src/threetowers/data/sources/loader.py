@@ -183,7 +183,7 @@ def _make_example(pair: Pair, example: Example, seed: int, epoch: int) -> tuple[
     # samples of two shards that share a key still read their own image and captions.
     rng = sample_rng(seed, epoch, pair.key)
     caption = pair.captions[int(rng.integers(len(pair.captions)))]
-    fields = example(Pair(pair.key, pair.image, [caption], pair.id), rng)
+    fields = example(Pair(pair.key, pair.image, [caption], pair.id, pair.row), rng)
     if not isinstance(fields, dict) or "ids" in fields:
         raise TypeError(
             "example must return a dict of tensors or strings without an 'ids' entry (the loader "
@@ -254,6 +254,7 @@ class _ShardStream(IterableDataset):
         drop_last: bool,
     ) -> None:
         self.urls = [str(shard) for shard in source.shards]
+        self.first_rows = source.first_rows
         self.plans, self.skipped, self.first, self.example = plans, skipped, first, example
         self.seed, self.epoch, self.rank = seed, epoch, rank
         self.batch_size, self.shuffle_buffer, self.drop_last = batch_size, shuffle_buffer, drop_last
@@ -265,7 +266,7 @@ class _ShardStream(IterableDataset):
         skip = min(self.skipped[worker] * self.batch_size, plan.samples)
         shards = [self.urls[i] for i in plan.shards]
         stages: list[Any] = [
-            lambda: shard_samples(shards),
+            lambda: shard_samples(shards, [self.first_rows[i] for i in plan.shards]),
             _ExpectCount(plan.samples, worker),
         ]
         if self.shuffle_buffer > 1:

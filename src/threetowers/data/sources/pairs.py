@@ -59,6 +59,9 @@ class Pair:
     image: Image.Image
     captions: list[str]
     id: str = ""
+    # Its place in the dataset's order (a table's row; shards in the order listed, samples in
+    # file order): where the feature caches keep its row. -1: not known.
+    row: int = -1
 
     def __post_init__(self) -> None:
         self.id = self.id or self.key
@@ -203,7 +206,8 @@ class PairTable:
             raise self.bad[index]
         where = f"{self.name} key {self.keys[index]}"
         captions = clean_captions(self.captions[index], where)
-        return Pair(self.keys[index], load_image(self.images[index], where), captions)
+        image = load_image(self.images[index], where)
+        return Pair(self.keys[index], image, captions, self.keys[index], index)
 
     def order(self, seed: int, epoch: int) -> np.ndarray:
         """The epoch's permutation of row indices, a function of (seed, epoch) only."""
@@ -323,6 +327,11 @@ class ShardPairs:
         """Samples per shard (reads tar headers once)."""
         return [count_shard_samples(shard) for shard in self.shards]
 
+    @cached_property
+    def first_rows(self) -> list[int]:
+        """Each shard's first row in the dataset's order."""
+        return np.cumsum([0, *self.sizes[:-1]]).tolist()
+
     def __len__(self) -> int:
         return sum(self.sizes)
 
@@ -368,13 +377,22 @@ def decode_sample(sample: dict[str, Any]) -> Pair:
     data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
     if data is None:
         raise BadSample("no_image", f"{where}: no .{'/.'.join(IMAGE_EXTENSIONS)} member")
-    return Pair(key, load_image(data, where), captions, shard_sample_id(sample))
+    row = sample.get("__row__", -1)
+    return Pair(key, load_image(data, where), captions, shard_sample_id(sample), row)
 
 
-def shard_samples(shards: Iterable[str | Path]) -> Iterator[dict[str, Any]]:
-    """Raw samples of shards, one after the other (see ``tar_samples.read_samples``)."""
+def shard_samples(
+    shards: Iterable[str | Path], first_rows: Iterable[int] | None = None
+) -> Iterator[dict[str, Any]]:
+    """Raw samples of shards, one after the other (see ``tar_samples.read_samples``); with
+    each shard's first row in its dataset, every sample carries its row as ``__row__``."""
+    firsts = iter(first_rows) if first_rows is not None else None
     for shard in shards:
-        yield from read_samples(shard)
+        first = next(firsts) if firsts is not None else None
+        for position, sample in enumerate(read_samples(shard)):
+            if first is not None:
+                sample["__row__"] = first + position
+            yield sample
 
 
 def iter_pairs(source: PairSource) -> Iterator[Pair | Skipped]:
@@ -389,7 +407,7 @@ def iter_pairs(source: PairSource) -> Iterator[Pair | Skipped]:
                 item = bad.skipped(pairs.ids[index])
             yield item
         return
-    for sample in shard_samples(pairs.shards):
+    for sample in shard_samples(pairs.shards, pairs.first_rows):
         try:
             item = decode_sample(sample)
         except BadSample as bad:

@@ -1,0 +1,67 @@
+"""What names a cached file: digests of the files, datasets and towers its contents depend
+on, so that a changed input never reads a stale cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from stat import S_ISLNK
+
+from threetowers.backbones.frozen import FrozenBackbone
+from threetowers.data.sources.pairs import ShardPairs, open_pairs
+
+# Caches keyed by sample: version 2 names shard samples ``SHARD/KEY`` (version 1: ``KEY``,
+# which confused samples of shards numbered alike), so no version 1 file is ever reused.
+SAMPLE_IDS = 2
+
+
+def backbone_digest(backbone: FrozenBackbone) -> str:
+    """A frozen tower's weights and preprocessing."""
+    digest = hashlib.sha256(json.dumps(backbone.preprocessing.to_dict()).encode())
+    for name, tensor in sorted(backbone.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def dataset_digest(source) -> str:
+    """Identity of a dataset's files (paths, sizes and modification times) and of the sample
+    ids they give: shard ids hold the shard paths as the source spells them."""
+    pairs = open_pairs(source)
+    files = pairs.shards if isinstance(pairs, ShardPairs) else [pairs.name]
+    spelled = json.dumps([SAMPLE_IDS, *map(str, files)])
+    return hashlib.sha256(f"{files_digest(files)}|{spelled}".encode()).hexdigest()
+
+
+def files_digest(paths) -> str:
+    """Identity of files, in order: resolved paths, sizes and modification times; a file that
+    cannot be found counts as missing (it is a bad sample), so its arrival changes it."""
+    digest = hashlib.sha256()
+    folders: dict[str, str] = {}  # resolved once each: thousands of images share a few
+    for path in paths:
+        folder, name = os.path.split(os.fspath(Path(path)))
+        try:
+            stat = os.lstat(path)
+            if S_ISLNK(stat.st_mode):
+                real, stat = Path(path).resolve(), os.stat(path)
+            else:
+                if folder not in folders:
+                    folders[folder] = os.path.realpath(folder)
+                real = os.path.join(folders[folder], name)
+        except OSError:
+            digest.update(f"{Path(path).resolve()}|missing\n".encode())
+            continue
+        digest.update(f"{real}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def spec_digest(spec: dict) -> str:
+    """A digest of ``spec``, the JSON-able description of what a cached file depends on."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def cache_base(cache_dir: str | Path, kind: str, spec: dict) -> Path:
+    """``cache_dir/KIND-HASH``: a name that changes with anything in ``spec``."""
+    return Path(cache_dir).expanduser() / f"{kind}-{spec_digest(spec)[:24]}"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import webdataset as wds
 import yaml
 from safetensors.torch import load_file
 
@@ -23,6 +24,7 @@ from threetowers.data.sources.pairs import open_pairs
 from threetowers.training.loop import train
 
 WORLD, GLOBAL_BATCH, SAMPLES, STEPS = 2, 8, 48, 6  # one epoch
+RECORD_READS = Path(__file__).with_name("record_cache_reads.py")
 UNREADABLE = (5, 17, 30)  # these rows' image files are not images
 
 
@@ -74,10 +76,12 @@ def write_config(
     return path
 
 
-def torchrun(config: Path, run: Path) -> None:
+def torchrun(config: Path, run: Path, recording: Path | None = None) -> None:
+    """Train under torchrun; ``recording``: with each rank's cache reads recorded there."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += [f"--nproc_per_node={WORLD}", "-m", "threetowers", "train", str(config)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    program = ["-m", "threetowers"] if recording is None else [str(RECORD_READS)]
+    command += [f"--nproc_per_node={WORLD}", *program, "train", str(config)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CACHE_READS=str(recording))
     done = subprocess.run(
         command + ["--run-dir", str(run), "--quiet"], env=env, capture_output=True, text=True
     )
@@ -153,6 +157,45 @@ def test_two_ranks_train_with_two_frozen_towers_as_one_process(runs):
     assert {"heads.fbig.weight", "heads.gsmall.weight"} <= expected.keys() == got.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-4, msg=key)
+
+
+def write_shards(table: Path, shards: int = 4) -> Path:
+    """The table's samples (unreadable images included) as ``shards`` tar shards."""
+    folder = table.parent / "shards"
+    folder.mkdir()
+    rows = [json.loads(line) for line in table.read_text().splitlines()]
+    per_shard = len(rows) // shards
+    for shard in range(shards):
+        with wds.TarWriter(str(folder / f"part-{shard}.tar")) as sink:
+            for index in range(shard * per_shard, (shard + 1) * per_shard):
+                image = (table.parent / rows[index]["image"]).read_bytes()
+                sink.write({"__key__": f"{index:03d}", "png": image, "txt": rows[index]["caption"]})
+    return folder
+
+
+def test_two_ranks_with_two_cached_towers_read_only_their_own_shards_caches(runs):
+    root = runs["root"]
+    towers = [{"name": "big", "image_size": 32}, {"name": "small", "image_size": 16}]
+    shards = write_shards(root / "data" / "pairs.jsonl")
+    config = write_config(root, shards, cache=True, frozen=towers)
+    recording = root / "reads"
+    recording.mkdir()
+    torchrun(config, root / "shard-ranks", recording)
+    assert [r["step"] for r in train_records(root / "shard-ranks") if "loss" in r] == list(
+        range(1, STEPS + 1)
+    )
+    source = open_pairs(shards)
+    order = source.shard_order(0, 0)  # one epoch: the ranks' shares of epoch 0
+    for rank in range(WORLD):
+        reads = (recording / f"rank{rank}.txt").read_text().split()
+        training = [Path(read) for read in reads if "-eval-" not in Path(read).parent.name]
+        read_shards = {}
+        for path in training:  # unit -> the shard its index names
+            identity = json.loads(path.with_suffix(".json").read_text())["identity"]
+            read_shards.setdefault(path.parent.name, set()).add(identity["ids"][1])
+        expected = {str(source.shards[i]) for i in order[rank::WORLD]}
+        assert len(read_shards) == 2  # both towers' caches (one folder each)
+        assert all(shards_read == expected for shards_read in read_shards.values()), rank
 
 
 def test_the_ranks_log_the_global_loss_and_counts_once(runs):

@@ -29,7 +29,7 @@ from threetowers.data.sources.bad_samples import BadDataError, BadSampleLog
 from threetowers.data.tokenizer import CaptionTokenizer
 from threetowers.evaluation import metrics
 from threetowers.evaluation.inputs import EvalCache, image_inputs
-from threetowers.model.objective import alignment_names
+from threetowers.model.objective import Z_F, Z_G, alignment_names, embedding
 from threetowers.model.three_towers import ThreeTowers
 
 SWEEP_METRICS = ("zeroshot_top1", "i2t_R@1", "t2i_R@1")
@@ -181,7 +181,7 @@ def evaluate_model(
         images = embed(benchmarks.retrieval.image_paths)
         captions, image_of_text = _captions_of(benchmarks.retrieval, images["index"])
         texts = embed_texts(model, tokenizer, captions, cfg.batch_size)
-        results |= metrics.retrieval(images[image_key], texts["z_g"], image_of_text)
+        results |= metrics.retrieval(images[image_key], texts[Z_G], image_of_text)
         if mixture is not None:
             _merge(
                 sweeps,
@@ -200,9 +200,9 @@ def evaluate_model(
                 dataset.class_names,
                 dataset.templates,
             )
-            for key in (mixture.text_parts if mixture is not None else ("z_g",))
+            for key in (mixture.text_parts if mixture is not None else (Z_G,))
         }
-        scores = metrics.zeroshot(images[image_key], classes["z_g"], labels)
+        scores = metrics.zeroshot(images[image_key], classes[Z_G], labels)
         results |= {k.replace("zeroshot", prefix): v for k, v in scores.items()}
         if mixture is not None:
             rows = mixture.sweep(
@@ -256,11 +256,11 @@ class Mixture:
 
     @property
     def image_parts(self) -> tuple[str, ...]:
-        return ("z_f", *(f"z_{tower}" for tower in self.towers))
+        return (Z_F, *(embedding(tower) for tower in self.towers))
 
     @property
     def text_parts(self) -> tuple[str, ...]:
-        return ("z_g", *(f"z_{alignment_names(tower)[1]}" for tower in self.towers))
+        return (Z_G, *(embedding(alignment_names(tower)[1]) for tower in self.towers))
 
     @property
     def key(self) -> str:

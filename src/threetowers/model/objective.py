@@ -20,6 +20,14 @@ MODES = ("clip", "lit", "3t")
 MAIN_TERM = "f_g"
 
 
+def embedding(head: str) -> str:
+    """The key of the embedding that head ``head`` makes: ``z_`` and its name."""
+    return f"z_{head}"
+
+
+Z_F, Z_G = embedding("f"), embedding("g")  # the trained towers' embeddings
+
+
 @dataclass(frozen=True)
 class Term:
     name: str
@@ -41,7 +49,7 @@ class Objective:
     @property
     def image_key(self) -> str:
         """The embedding that stands for an image at deployment: z_f, or the locked tower's."""
-        return "z_f" if self.trains_image_tower else f"z_{self.frozen[0]}"
+        return Z_F if self.trains_image_tower else embedding(self.frozen[0])
 
 
 def alignment_names(name: str) -> tuple[str, str]:
@@ -53,7 +61,7 @@ def objective(mode: str, frozen: Sequence[str]) -> Objective:
     """The objective of ``mode`` with the frozen towers named ``frozen`` (config order)."""
     frozen = tuple(frozen)
     if mode == "clip":  # a clip model never builds, loads or runs a frozen tower
-        return Objective(mode, True, (), (), (Term(MAIN_TERM, "z_f", "z_g", False),))
+        return Objective(mode, True, (), (), (Term(MAIN_TERM, Z_F, Z_G, False),))
     if mode == "lit":
         if len(frozen) != 1:
             raise ValueError(
@@ -62,17 +70,17 @@ def objective(mode: str, frozen: Sequence[str]) -> Objective:
             )
         (locked,) = frozen
         return Objective(
-            mode, False, frozen, (), (Term(f"{locked}_g", f"z_{locked}", "z_g", False),)
+            mode, False, frozen, (), (Term(f"{locked}_g", embedding(locked), Z_G, False),)
         )
     if mode == "3t":
         if not frozen:
             raise ValueError("3t needs at least one frozen tower to align f and g with")
-        terms = [Term(MAIN_TERM, "z_f", "z_g", False)]
+        terms = [Term(MAIN_TERM, Z_F, Z_G, False)]
         for name in frozen:
             on_f, on_g = alignment_names(name)
             terms += [
-                Term(f"{on_f}_{name}", f"z_{on_f}", f"z_{name}", True),
-                Term(f"{on_g}_{name}", f"z_{on_g}", f"z_{name}", True),
+                Term(f"{on_f}_{name}", embedding(on_f), embedding(name), True),
+                Term(f"{on_g}_{name}", embedding(on_g), embedding(name), True),
             ]
         return Objective(mode, True, frozen, frozen, tuple(terms))
     raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")

@@ -18,7 +18,7 @@ from torch import nn
 
 from threetowers.backbones.frozen import FrozenBackbone, Preprocessing
 from threetowers.model.losses import ThreeTowersLoss
-from threetowers.model.objective import Objective, alignment_names
+from threetowers.model.objective import Z_F, Z_G, Objective, alignment_names, embedding
 
 HEAD_KINDS = ("linear", "mlp", "identity")
 Tensors = Mapping[str, torch.Tensor]
@@ -186,23 +186,25 @@ class ThreeTowers(nn.Module):
         out = {}
         if self.image_tower is not None:
             image = self.image_tower(images)
-            out["z_f"] = self._embed("f", image)
+            out[Z_F] = self._embed("f", image)
             for name in self.structure.aligned:
                 on_f, _ = alignment_names(name)
                 shared = self.share_alignment_heads
-                out[f"z_{on_f}"] = out["z_f"] if shared else self._embed(on_f, image)
+                out[embedding(on_f)] = out[Z_F] if shared else self._embed(on_f, image)
         for name in self.frozen:
             features = self.frozen_tower_features(name, images, frozen_features, frozen_images)
-            out[f"z_{name}"] = self._embed(name, features)
+            out[embedding(name)] = self._embed(name, features)
         return out
 
     def text_embeddings(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every text-side embedding: z_g, and z_gk for each aligned frozen tower."""
         text = self.text_tower(tokens)
-        out = {"z_g": self._embed("g", text)}
+        out = {Z_G: self._embed("g", text)}
         for name in self.structure.aligned:
             _, on_g = alignment_names(name)
-            out[f"z_{on_g}"] = out["z_g"] if self.share_alignment_heads else self._embed(on_g, text)
+            out[embedding(on_g)] = (
+                out[Z_G] if self.share_alignment_heads else self._embed(on_g, text)
+            )
         return out
 
     def forward(

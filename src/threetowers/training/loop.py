@@ -42,48 +42,9 @@ from threetowers.runs.checkpoint import (
 )
 from threetowers.runs.run_dir import MetricsLog, drop_metrics_after, prepare_run_dir, run_dir_of
 from threetowers.training.optim import make_optimizer
+from threetowers.training.state import StepHealth, TrainingState, due
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteError(FloatingPointError):
-    """Too many consecutive steps had a non-finite loss or gradient."""
-
-
-class StepHealth:
-    """Skipped (non-finite) steps: in total, and in a row; ``limit`` in a row stop the run."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit, self.in_a_row, self.skipped = limit, 0, 0
-
-    def update(self, finite: bool, step: int, logs: dict, last_checkpoint: Path | None) -> None:
-        if finite:
-            self.in_a_row = 0
-            return
-        self.in_a_row += 1
-        self.skipped += 1
-        values = {k: float(logs[k]) for k in ("loss", "grad_norm") if k in logs}
-        log.warning(
-            "step %d: non-finite %s; update skipped (%d in a row)", step, values, self.in_a_row
-        )
-        if self.in_a_row >= self.limit:
-            kept = (
-                f"the last checkpoint, {last_checkpoint}, is intact"
-                if last_checkpoint
-                else "no checkpoint was written yet"
-            )
-            raise NonFiniteError(
-                f"training stopped at step {step}: {self.in_a_row} steps in a row had a "
-                f"non-finite loss or gradient ({values}); their updates were skipped and "
-                f"{kept}. Lower train.lr or set train.grad_clip, check the data, or raise "
-                f"train.max_bad_steps (now {self.limit})"
-            )
-
-    def state_dict(self) -> dict[str, int]:
-        return {"in_a_row": self.in_a_row, "skipped": self.skipped}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.in_a_row, self.skipped = int(state["in_a_row"]), int(state["skipped"])
 
 
 def resolve_device(name: str) -> torch.device:
@@ -137,48 +98,47 @@ def _train(cfg: Config, run_dir: Path, progress: bool, device: torch.device) -> 
     if main:
         remove_stale_temporaries(checkpoints)
     bad_data = BadSampleLog(cfg.data.max_bad_fraction, "training data", size=len(data.pairs))
-    health = StepHealth(cfg.train.max_bad_steps)
-    step, epoch, batch_in_epoch, last_checkpoint = _resume(
-        checkpoints, model, optimizer, schedule, bad_data, health
-    )
+    run = TrainingState(optimizer, schedule, bad_data, StepHealth(cfg.train.max_bad_steps))
+    last_checkpoint = _resume(checkpoints, model, run)
     forward = _distributed_data_parallel(model, device) if world > 1 else model
     if main:
-        drop_metrics_after(run_dir / "metrics.jsonl", step)
+        drop_metrics_after(run_dir / "metrics.jsonl", run.step)
         metrics = MetricsLog(run_dir)
-    bar = tqdm(total=cfg.train.steps, initial=step, disable=not (progress and main), unit="step")
+    total = cfg.train.steps
+    bar = tqdm(total=total, initial=run.step, disable=not (progress and main), unit="step")
     model.train()
     seen, started = 0, time.perf_counter()
-    while step < cfg.train.steps:
-        steps_before, whole_epoch = step, batch_in_epoch == 0
-        for batch in data.batches(epoch, batch_in_epoch):
+    while run.step < total:
+        steps_before, whole_epoch = run.step, run.batch_in_epoch == 0
+        for batch in data.batches(run.epoch, run.batch_in_epoch):
             counts, skipped = _across_ranks(len(batch["ids"]), batch.pop("skipped"))
             bad_data.record(sum(counts), skipped)
-            batch_in_epoch += 1
+            run.batch_in_epoch += 1
             if min(counts) == 0:  # some rank has nothing left: no step (the ranks move together)
                 if sum(counts):
                     log.warning(
                         "batch %d of epoch %d: a rank's share held only bad samples, so the "
                         "other ranks' %d samples were not trained on",
-                        batch_in_epoch - 1,
-                        epoch,
+                        run.batch_in_epoch - 1,
+                        run.epoch,
                         sum(counts),
                     )
                 continue
             logs, finite = _step(forward, model, batch, counts, optimizer, schedule, cfg, device)
-            step, seen = step + 1, seen + sum(counts)
-            health.update(finite, step, logs, last_checkpoint)
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            run.step, seen = run.step + 1, seen + sum(counts)
+            run.health.update(finite, run.step, logs, last_checkpoint)
+            if due(run.step, cfg.train.log_every, total):
                 logs = distributed.mean_over_ranks(logs)  # the shares' mean: the global loss
                 rate = seen / (time.perf_counter() - started)
                 record = (
                     {
-                        "step": step,
-                        "epoch": epoch,
+                        "step": run.step,
+                        "epoch": run.epoch,
                         "lr": schedule.get_last_lr()[0],
                         "pairs_per_s": rate,
                     }
                     | {k: v.item() for k, v in logs.items()}
-                    | {"skipped_steps": health.skipped}
+                    | {"skipped_steps": run.health.skipped}
                     | bad_data.metrics()
                 )
                 if main:
@@ -187,49 +147,39 @@ def _train(cfg: Config, run_dir: Path, progress: bool, device: torch.device) -> 
                     loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}", pairs_s=f"{rate:.0f}"
                 )
             bar.update(1)
-            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+            if due(run.step, cfg.train.checkpoint_every, total):
                 # Every rank holds the same weights, optimizer state, position and counts, so
                 # rank 0's checkpoint restores them all.
-                last_checkpoint = checkpoint_path(checkpoints, step)
+                last_checkpoint = checkpoint_path(checkpoints, run.step)
                 if main:
-                    state = {
-                        "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict(),
-                        "rng": torch.get_rng_state(),
-                        "epoch": epoch,
-                        "batch_in_epoch": batch_in_epoch,
-                        "bad_samples": bad_data.state_dict(),
-                        "health": health.state_dict(),
-                    }
                     last_checkpoint = save_checkpoint(
                         checkpoints,
-                        step,
+                        run.step,
                         model,
-                        state,
+                        run.state_dict(),
                         data.fingerprints(),
                         keep=cfg.train.keep_checkpoints,
                     )
-            periodic_eval = cfg.eval.every and step % cfg.eval.every == 0
-            if main and step < cfg.train.steps and periodic_eval:
-                _evaluate(model, data, benchmarks, cfg, run_dir, step, metrics)
-            if step >= cfg.train.steps:
+            if main and run.step < total and due(run.step, cfg.eval.every):
+                _evaluate(model, data, benchmarks, cfg, run_dir, run.step, metrics)
+            if run.step >= total:
                 break
         else:
-            if whole_epoch and step == steps_before:  # else: empty epochs for ever
+            if whole_epoch and run.step == steps_before:  # else: empty epochs for ever
                 raise BadDataError(
-                    f"epoch {epoch} of the training data gave no batch to train on "
+                    f"epoch {run.epoch} of the training data gave no batch to train on "
                     f"({len(data.pairs)} samples, data.batch_size={cfg.data.batch_size}; "
                     f"{bad_data.summary()}); lower data.batch_size or add data"
                 )
-            epoch, batch_in_epoch = epoch + 1, 0
+            run.epoch, run.batch_in_epoch = run.epoch + 1, 0
     bar.close()
     bad_data.check()  # a run shorter than the bad-fraction grace is judged at its end
     log.info(bad_data.summary())
-    if health.skipped:
-        log.warning("%d steps with a non-finite loss or gradient were skipped", health.skipped)
+    if run.health.skipped:
+        log.warning("%d steps with a non-finite loss or gradient were skipped", run.health.skipped)
     if main:
-        if evaluated_step(run_dir) != step:  # also after a crash between checkpoint and eval
-            _evaluate(model, data, benchmarks, cfg, run_dir, step, metrics)
+        if evaluated_step(run_dir) != run.step:  # also after a crash between checkpoint and eval
+            _evaluate(model, data, benchmarks, cfg, run_dir, run.step, metrics)
         metrics.close()
     distributed.barrier()  # the run is complete (checkpoint, eval.json) when any rank returns
     return run_dir
@@ -324,20 +274,11 @@ def _step(
     return logs, finite
 
 
-def _resume(
-    checkpoints: Path, model, optimizer, schedule, bad_data: BadSampleLog, health: StepHealth
-) -> tuple[int, int, int, Path | None]:
-    """Restore the latest valid checkpoint: (step, epoch, batch in epoch, its path)."""
+def _resume(checkpoints: Path, model, run: TrainingState) -> Path | None:
+    """Restore the latest valid checkpoint into ``model`` and ``run``; returns its path."""
     checkpoint = load_latest(checkpoints)
     if checkpoint is None:
-        return 0, 0, 0, None
+        return None
     restore_model(model, checkpoint)
-    state = checkpoint.state
-    optimizer.load_state_dict(state["optimizer"])
-    schedule.load_state_dict(state["schedule"])
-    torch.set_rng_state(state["rng"])
-    if "bad_samples" in state:  # older checkpoints have no counts: they start from zero
-        bad_data.load_state_dict(state["bad_samples"])
-        health.load_state_dict(state["health"])
-    path = checkpoint_path(checkpoints, checkpoint.step)
-    return checkpoint.step, state["epoch"], state["batch_in_epoch"], path
+    run.load_state_dict(checkpoint.state, checkpoint.step)
+    return checkpoint_path(checkpoints, checkpoint.step)

@@ -24,6 +24,7 @@ row without mapping the file (mapped pages would count towards its memory).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import json
 import logging
@@ -193,7 +194,8 @@ class StreamedFeatures:
 
     def __del__(self) -> None:
         for fd, *_ in self._open.values():
-            os.close(fd)
+            with contextlib.suppress(OSError, TypeError):  # TypeError: at interpreter exit
+                os.close(fd)
 
     @property
     def opened(self) -> list[str]:
@@ -236,11 +238,9 @@ class StreamedFeatures:
             return self._open[unit]
         files = self.units[unit]
         meta = json.loads(Path(files.index).read_text())
+        with open(files.npy, "rb") as handle:
+            *_, offset = _npy_header(handle)
         fd = os.open(files.npy, os.O_RDONLY)
-        with os.fdopen(os.dup(fd), "rb") as handle:
-            np.lib.format.read_magic(handle)
-            np.lib.format.read_array_header_1_0(handle)
-            offset = handle.tell()
         self._open[unit] = (fd, offset, meta["keys"], meta["bad"])
         if len(self._open) > OPEN_UNITS:
             os.close(self._open.popitem(last=False)[1][0])
@@ -280,8 +280,7 @@ def _complete(npy: Path, index: Path, identity: dict, tower: str, unit: Unit, di
     try:
         meta = json.loads(index.read_text())
         with open(npy, "rb") as handle:
-            np.lib.format.read_magic(handle)
-            shape, _, stored = np.lib.format.read_array_header_1_0(handle)
+            shape, stored, _ = _npy_header(handle)
         good = (
             meta.get("format") == FORMAT
             and meta.get("tower") == tower
@@ -296,6 +295,18 @@ def _complete(npy: Path, index: Path, identity: dict, tower: str, unit: Unit, di
         return good
     except (OSError, ValueError, KeyError, TypeError):
         return False
+
+
+def _npy_header(handle) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, offset of the data) of an open ``.npy`` file; ValueError if it is none."""
+    version = np.lib.format.read_magic(handle)
+    read = np.lib.format.read_array_header_1_0
+    if version != (1, 0):
+        read = np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(handle)
+    if fortran:
+        raise ValueError("a cache .npy is C-ordered")
+    return shape, dtype, handle.tell()
 
 
 def _sha256(path: Path) -> str:

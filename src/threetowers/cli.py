@@ -47,7 +47,10 @@ def _summary(args: argparse.Namespace) -> None:
         frozen = sum(p.numel() for p in tower.parameters())
         label = f"frozen tower {name}"
         print(f"  {label:<16} {frozen:>14,} frozen ({tower.name}, {tower.feature_dim}-d features)")
-        print(f"    preprocessing: {tower.preprocessing}")
+        if name in model.structure.text:
+            print(f"    reads captions: {tower.pooling} pooling, up to {tower.max_length} tokens")
+        else:
+            print(f"    preprocessing: {tower.preprocessing}")
     print(f"  total trainable  {sum(p.numel() for p in model.trainable_parameters()):>14,}")
 
 

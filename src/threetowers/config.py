@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
-from threetowers.backbones.registry import BACKBONES, BACKBONES_NEEDING_PATH
+from threetowers.backbones.registry import BACKBONES, BACKBONES_NEEDING_PATH, TEXT_BACKBONES
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
@@ -99,6 +99,10 @@ class FrozenTowerConfig(Section):
             )
         if self.backbone in BACKBONES_NEEDING_PATH and not self.path:
             raise ValueError(f"backbone {self.backbone!r} needs a path (e.g. model.third.path=...)")
+        if self.backbone in TEXT_BACKBONES and self.image_size is not None:
+            raise ValueError(
+                f"backbone {self.backbone!r} reads captions: image_size does not apply (unset it)"
+            )
         return self
 
 
@@ -142,6 +146,11 @@ class ModelConfig(Section):
             raise ValueError(
                 f"mode 'lit' locks one frozen tower as the image tower; model.frozen lists "
                 f"{len(towers)} ({[t.name for t in towers]}): keep one, or use mode '3t'"
+            )
+        if self.mode == "lit" and towers[0].backbone in TEXT_BACKBONES:
+            raise ValueError(
+                f"mode 'lit' locks an image tower in f's place, but {towers[0].backbone!r} reads "
+                "captions; a locked text tower is not supported yet: use mode '3t' with it"
             )
         names = [t.name for t in towers]
         derived = [n for name in names for n in (name, f"f{name}", f"g{name}")]

@@ -21,7 +21,7 @@ from threetowers.data.sources.decode import caption_text, clean_captions
 from threetowers.data.tokenizer import CaptionTokenizer
 from threetowers.evaluation.metrics import mix
 from threetowers.evaluation.suite import embed_images, embed_texts
-from threetowers.model.objective import Z_F, Z_G, alignment_names, embedding
+from threetowers.model.objective import Z_F, Z_G
 from threetowers.model.three_towers import ThreeTowers
 
 log = logging.getLogger(__name__)
@@ -58,11 +58,11 @@ def embed(
         bad = BadSampleLog(max_bad_fraction, f"images under {images}", size=len(paths))
         parts = embed_images(model, paths, bad_images=bad)
         keys = [str(paths[i].relative_to(images)) for i in parts["index"].tolist()]
-        main, mixed = model.image_key, [Z_F, *(embedding(k) for k in aligned)]
+        main, mixed = model.image_key, [Z_F, *(model.structure.pair(k)[0] for k in aligned)]
     else:
         keys, bad = caption_lines(texts, max_bad_fraction)
         parts = embed_texts(model, tokenizer, keys)
-        main, mixed = Z_G, [Z_G, *(embedding(alignment_names(k)[1]) for k in aligned)]
+        main, mixed = Z_G, [Z_G, *(model.structure.pair(k)[1] for k in aligned)]
     bad.check()
     if bad.total:
         log.warning(bad.summary())

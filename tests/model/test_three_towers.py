@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 import threetowers as tt
 from tests.conftest import tiny_backbone, tiny_batch, tiny_config, tiny_model
@@ -248,3 +251,53 @@ def test_one_tower_written_as_a_list_is_the_model_third_shorthand():
     assert shorthand.state_dict().keys() == listed.state_dict().keys()
     for key, value in shorthand.state_dict().items():
         assert torch.equal(value, listed.state_dict()[key]), key
+
+
+@pytest.fixture(scope="module")
+def tiny_text_encoder(tmp_path_factory):
+    """A one-layer BERT with MiniLM's tokenizer, saved and loaded as a frozen text tower."""
+    transformers = pytest.importorskip("transformers")
+    from threetowers.backbones.text_encoder import load_text_encoder, minilm_path
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    config = transformers.BertConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
+    torch.manual_seed(5)
+    transformers.BertModel(config).save_pretrained(folder)
+    shutil.copy(minilm_path() / "tokenizer.json", folder / "tokenizer.json")
+    return load_text_encoder(folder)
+
+
+CAPTIONS = [f"a {c} {s}" for c, s in zip(["red", "blue"] * 4, ["ring", "star"] * 4, strict=True)]
+
+
+def test_a_text_tower_reads_the_captions_and_pairs_f_with_its_own_embedding(tiny_text_encoder):
+    cfg = tiny_config("3t", "model.frozen=[{name: a}, {name: t, backbone: minilm}]")
+    torch.manual_seed(0)
+    model = tt.build_model(cfg, frozen={"a": tiny_backbone(), "t": tiny_text_encoder}).eval()
+    assert model.structure.text == ("t",) and model.structure.image_towers == ("a",)
+    assert model.structure.pair("t") == ("z_ft", "z_t") and model.structure.pair("a") == (
+        "z_a",
+        "z_ga",
+    )
+    images, tokens = tiny_batch(image_size=32)
+    out = model(images, tokens, captions=CAPTIONS)
+    assert set(out) == {"z_f", "z_g", "z_a", "z_fa", "z_ga", "z_t", "z_ft", "z_gt"}
+    expected_t = F.normalize(model.heads["t"](tiny_text_encoder(CAPTIONS)), dim=-1)
+    torch.testing.assert_close(out["z_t"], expected_t)
+    _, logs = model.loss(out)
+    assert {"loss/ft_t", "loss/gt_t"} <= set(logs)
+    weights = {"f": 0.5, "a": 0.2, "t": 0.3}
+    image = model.encode_image(images, weights)
+    text = model.encode_text(tokens, weights, captions=CAPTIONS)
+    score = lambda i, t: out[i].double() @ out[t].double().T  # noqa: E731
+    expected = 0.5 * score("z_f", "z_g") + 0.2 * score("z_a", "z_ga") + 0.3 * score("z_ft", "z_t")
+    torch.testing.assert_close((image @ text.T).double(), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="pass captions"):
+        model(images, tokens)
+
+
+def test_lit_refuses_a_text_tower_in_the_image_towers_place():
+    with pytest.raises(tt.ConfigError, match="reads captions"):
+        tt.build_model(tiny_config("lit", "model.frozen=[{name: t, backbone: minilm}]"))

@@ -147,13 +147,17 @@ def test_two_ranks_share_the_feature_cache_rank_0_builds(runs):
         torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-4, msg=key)
 
 
-def test_two_ranks_train_with_two_frozen_towers_as_one_process(runs):
+@pytest.mark.parametrize("second", ["image", "text"])
+def test_two_ranks_train_with_two_frozen_towers_as_one_process(runs, second):
     root = runs["root"]
     towers = [{"name": "big", "image_size": 32}, {"name": "small", "image_size": 16}]
+    if second == "text":  # the packaged MiniLM, reading each rank's captions
+        towers[1] = {"name": "small", "backbone": "minilm"}
     config = write_config(root, root / "data" / "pairs.jsonl", cache=True, frozen=towers)
-    torchrun(config, root / "two-ranks")
-    single = train(load_config(config), root / "two-single", progress=False)
-    expected, got = weights(single), weights(root / "two-ranks")
+    config = config.rename(config.with_name(f"two-{second}.yaml"))
+    torchrun(config, root / f"two-ranks-{second}")
+    single = train(load_config(config), root / f"two-single-{second}", progress=False)
+    expected, got = weights(single), weights(root / f"two-ranks-{second}")
     assert {"heads.fbig.weight", "heads.gsmall.weight"} <= expected.keys() == got.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-4, msg=key)

@@ -111,7 +111,17 @@ TWO_TOWERS = (
 )
 
 
-@pytest.mark.parametrize("towers", [[], [TWO_TOWERS]], ids=["one_frozen_tower", "two"])
+# An image tower and the packaged MiniLM on the caption side.
+IMAGE_AND_TEXT_TOWERS = (
+    "model.frozen=[{name: inet, image_size: 64}, {name: words, backbone: minilm}]"
+)
+
+
+@pytest.mark.parametrize(
+    "towers",
+    [[], [TWO_TOWERS], [IMAGE_AND_TEXT_TOWERS]],
+    ids=["one_frozen_tower", "two", "image_and_text"],
+)
 def test_killed_run_resumes_to_the_same_weights(world_dir, tmp_path, towers):
     cfg = tiny_run_config(
         world_dir,
@@ -149,9 +159,17 @@ def test_killed_run_resumes_to_the_same_weights(world_dir, tmp_path, towers):
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 41))
     assert not list((interrupted / "checkpoints").glob(".tmp-*"))
     if towers:  # every term of both towers logged; the evaluation sweeps the weight grid
+        second = "small" if towers == [TWO_TOWERS] else "words"
         terms = {key for key in records[0] if key.startswith("loss/")}
         assert terms == {
-            f"loss/{t}" for t in ("f_g", "finet_inet", "ginet_inet", "fsmall_small", "gsmall_small")
+            f"loss/{t}"
+            for t in (
+                "f_g",
+                "finet_inet",
+                "ginet_inet",
+                f"f{second}_{second}",
+                f"g{second}_{second}",
+            )
         }
         scores = json.loads((interrupted / "eval.json").read_text())
         assert len(scores["alpha_grid"]) == 66 and "alpha_sweep" not in scores

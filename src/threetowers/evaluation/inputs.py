@@ -70,7 +70,8 @@ def image_inputs(
     inputs = {}
     if model.image_tower is not None:
         inputs["images"] = pixels(model.image_preprocessing)
-    for name, tower in model.frozen.items():
+    for name in model.structure.image_towers:  # text towers read the captions
+        tower = model.frozen[name]
         if cache is not None and cache.features:
             device = next(model.parameters()).device
             features = cached_frozen_features(

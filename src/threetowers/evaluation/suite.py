@@ -29,7 +29,7 @@ from threetowers.data.sources.bad_samples import BadDataError, BadSampleLog
 from threetowers.data.tokenizer import CaptionTokenizer
 from threetowers.evaluation import metrics
 from threetowers.evaluation.inputs import EvalCache, image_inputs
-from threetowers.model.objective import Z_F, Z_G, alignment_names, embedding
+from threetowers.model.objective import Z_F, Z_G, Objective
 from threetowers.model.three_towers import ThreeTowers
 
 SWEEP_METRICS = ("zeroshot_top1", "i2t_R@1", "t2i_R@1")
@@ -141,8 +141,9 @@ def embed_texts(model: ThreeTowers, tokenizer: CaptionTokenizer, texts, batch_si
     device = next(p for p in model.parameters()).device
     chunks: dict[str, list[torch.Tensor]] = {}
     for start in range(0, len(texts), batch_size):
-        tokens = tokenizer.encode(list(texts[start : start + batch_size])).to(device)
-        for key, value in model.text_embeddings(tokens).items():
+        captions = list(texts[start : start + batch_size])
+        tokens = tokenizer.encode(captions).to(device)
+        for key, value in model.text_embeddings(tokens, captions).items():
             chunks.setdefault(key, []).append(value.float().cpu())
     return {key: torch.cat(values) for key, values in chunks.items()}
 
@@ -247,20 +248,23 @@ class Mixture:
     ``alpha_sweep.png``); more: every weight vector in tenths (``alpha_grid``, and for two
     towers the heat maps ``alpha_grid.png``)."""
 
-    towers: tuple[str, ...]
+    structure: Objective
 
     @classmethod
     def of(cls, model: ThreeTowers) -> Mixture | None:
-        aligned = model.structure.aligned
-        return cls(aligned) if aligned else None
+        return cls(model.structure) if model.structure.aligned else None
+
+    @property
+    def towers(self) -> tuple[str, ...]:
+        return self.structure.aligned
 
     @property
     def image_parts(self) -> tuple[str, ...]:
-        return (Z_F, *(embedding(tower) for tower in self.towers))
+        return (Z_F, *(self.structure.pair(tower)[0] for tower in self.towers))
 
     @property
     def text_parts(self) -> tuple[str, ...]:
-        return (Z_G, *(embedding(alignment_names(tower)[1]) for tower in self.towers))
+        return (Z_G, *(self.structure.pair(tower)[1] for tower in self.towers))
 
     @property
     def key(self) -> str:

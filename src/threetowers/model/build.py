@@ -9,7 +9,8 @@ from dataclasses import replace
 import torch
 
 from threetowers.backbones.frozen import FrozenBackbone, Preprocessing
-from threetowers.backbones.registry import load_backbone
+from threetowers.backbones.registry import TEXT_BACKBONES, load_backbone
+from threetowers.backbones.text_encoder import FrozenTextEncoder
 from threetowers.config import Config, ConfigError, FrozenTowerConfig, LossConfig, ModelConfig
 from threetowers.model.losses import ThreeTowersLoss
 from threetowers.model.objective import MAIN_TERM, Objective, alignment_names, objective
@@ -23,7 +24,9 @@ SCRATCH_MEAN = SCRATCH_STD = (0.5, 0.5, 0.5)
 
 def structure_of(model_cfg: ModelConfig) -> Objective:
     """The towers, heads and terms of a model config."""
-    return objective(model_cfg.mode, [tower.name for tower in model_cfg.frozen_towers])
+    towers = model_cfg.frozen_towers
+    text = [tower.name for tower in towers if tower.backbone in TEXT_BACKBONES]
+    return objective(model_cfg.mode, [tower.name for tower in towers], text)
 
 
 def term_weights(model_cfg: ModelConfig, cfg: LossConfig) -> dict[str, float]:
@@ -55,10 +58,10 @@ def build_loss(model_cfg: ModelConfig, cfg: LossConfig) -> ThreeTowersLoss:
     )
 
 
-def build_frozen_tower(tower: FrozenTowerConfig) -> FrozenBackbone:
+def build_frozen_tower(tower: FrozenTowerConfig) -> FrozenBackbone | FrozenTextEncoder:
     """The configured frozen backbone, at ``tower.image_size`` when one is set."""
     backbone = load_backbone(tower.backbone, tower.path, tower.pool)
-    if tower.image_size is not None:
+    if tower.image_size is not None:  # image towers only (the config checks)
         backbone.preprocessing = replace(backbone.preprocessing, image_size=tower.image_size)
     return backbone
 
@@ -78,11 +81,15 @@ def build_frozen_towers(
         given = {name: given for name in structure.frozen}
     given = dict(given or {})
     for name, tower in given.items():
-        if not isinstance(tower, FrozenBackbone):
-            raise ConfigError(
-                f"frozen tower {name!r} must be a FrozenBackbone: wrap your module as threetowers."
-                "FrozenBackbone(module, threetowers.Preprocessing(image_size, mean, std))"
+        wanted = FrozenTextEncoder if name in structure.text else FrozenBackbone
+        if not isinstance(tower, wanted):
+            fix = (
+                "a FrozenTextEncoder (backbones/text_encoder.py)"
+                if name in structure.text
+                else "a FrozenBackbone: wrap your module as threetowers.FrozenBackbone(module, "
+                "threetowers.Preprocessing(image_size, mean, std))"
             )
+            raise ConfigError(f"frozen tower {name!r} must be {fix}")
     towers = {}
     for position, tower in enumerate(model_cfg.frozen_towers):
         if tower.name not in structure.frozen:

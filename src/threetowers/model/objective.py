@@ -45,11 +45,26 @@ class Objective:
     frozen: tuple[str, ...]  # the frozen towers the model runs, in config order
     aligned: tuple[str, ...]  # those that f and g are aligned with (own heads, own terms)
     terms: tuple[Term, ...]
+    text: tuple[str, ...] = ()  # the frozen towers that read captions (the rest read images)
 
     @property
     def image_key(self) -> str:
         """The embedding that stands for an image at deployment: z_f, or the locked tower's."""
         return Z_F if self.trains_image_tower else embedding(self.frozen[0])
+
+    @property
+    def image_towers(self) -> tuple[str, ...]:
+        """The frozen towers that read images."""
+        return tuple(name for name in self.frozen if name not in self.text)
+
+    def pair(self, name: str) -> tuple[str, str]:
+        """(image side, text side) of aligned tower ``name``'s pair in the convex combination:
+        an image tower k scores ⟨z_k, z_gk⟩, a text tower t ⟨z_ft, z_t⟩ (its own embedding
+        of the query, so any words reach it)."""
+        on_f, on_g = alignment_names(name)
+        if name in self.text:
+            return embedding(on_f), embedding(name)
+        return embedding(name), embedding(on_g)
 
 
 def alignment_names(name: str) -> tuple[str, str]:
@@ -57,9 +72,13 @@ def alignment_names(name: str) -> tuple[str, str]:
     return f"f{name}", f"g{name}"
 
 
-def objective(mode: str, frozen: Sequence[str]) -> Objective:
-    """The objective of ``mode`` with the frozen towers named ``frozen`` (config order)."""
-    frozen = tuple(frozen)
+def objective(mode: str, frozen: Sequence[str], text: Sequence[str] = ()) -> Objective:
+    """The objective of ``mode`` with the frozen towers named ``frozen`` (config order), of
+    which ``text`` read captions. A text tower t has the same heads and terms as an image
+    tower (z_t from the caption, W_f->t and W_g->t aligned with it)."""
+    frozen, text = tuple(frozen), tuple(text)
+    if not set(text) <= set(frozen):
+        raise ValueError(f"text towers {list(text)} must be among the frozen towers {list(frozen)}")
     if mode == "clip":  # a clip model never builds, loads or runs a frozen tower
         return Objective(mode, True, (), (), (Term(MAIN_TERM, Z_F, Z_G, False),))
     if mode == "lit":
@@ -69,6 +88,11 @@ def objective(mode: str, frozen: Sequence[str]) -> Objective:
                 f"{list(frozen)}; list exactly one"
             )
         (locked,) = frozen
+        if text:
+            raise ValueError(
+                f"lit locks an image tower in f's place; {locked!r} reads captions. A locked "
+                "text tower is not supported yet: use mode 3t with it"
+            )
         return Objective(
             mode, False, frozen, (), (Term(f"{locked}_g", embedding(locked), Z_G, False),)
         )
@@ -82,5 +106,5 @@ def objective(mode: str, frozen: Sequence[str]) -> Objective:
                 Term(f"{on_f}_{name}", embedding(on_f), embedding(name), True),
                 Term(f"{on_g}_{name}", embedding(on_g), embedding(name), True),
             ]
-        return Objective(mode, True, frozen, frozen, tuple(terms))
+        return Objective(mode, True, frozen, frozen, tuple(terms), text)
     raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")

@@ -10,13 +10,14 @@ derived from ``images`` (undo f's normalisation, resize, apply k's).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from threetowers.backbones.frozen import FrozenBackbone, Preprocessing
+from threetowers.backbones.text_encoder import FrozenTextEncoder
 from threetowers.model.losses import ThreeTowersLoss
 from threetowers.model.objective import Z_F, Z_G, Objective, alignment_names, embedding
 
@@ -75,7 +76,9 @@ class ThreeTowers(nn.Module):
                 f"got {list(frozen)}"
             )
         for name, tower in frozen.items():
-            if not isinstance(tower, FrozenBackbone):
+            if name in structure.text and not isinstance(tower, FrozenTextEncoder):
+                raise ValueError(f"frozen text tower {name!r} must be a FrozenTextEncoder")
+            if name not in structure.text and not isinstance(tower, FrozenBackbone):
                 raise ValueError(
                     f"frozen tower {name!r} must be wrapped as FrozenBackbone(module, "
                     "preprocessing) so that it is frozen and declares its input"
@@ -129,8 +132,10 @@ class ThreeTowers(nn.Module):
         images: torch.Tensor | None,
         features: Tensors | None = None,
         frozen_images: Tensors | None = None,
+        captions: Sequence[str] | None = None,
     ) -> torch.Tensor:
-        """Frozen tower ``name``'s pooled features p_k, from the cheapest input given."""
+        """Frozen tower ``name``'s pooled features p_k, from the cheapest input given (a
+        text tower: given features, or the ``captions``)."""
         tower = self.frozen[name]
         if features is not None and name in features:
             given = features[name]
@@ -141,6 +146,12 @@ class ThreeTowers(nn.Module):
                     "with another backbone"
                 )
             return given
+        if name in self.structure.text:
+            if captions is None:
+                raise ValueError(
+                    f"pass captions or frozen_features[{name!r}] for text tower {name!r}"
+                )
+            return tower(list(captions))
         view = frozen_images.get(name) if frozen_images is not None else None
         if view is None:
             if images is None:
@@ -156,10 +167,11 @@ class ThreeTowers(nn.Module):
         images: torch.Tensor | None,
         features: Tensors | None = None,
         frozen_images: Tensors | None = None,
+        captions: Sequence[str] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Every frozen tower's features, by name (those in ``features`` as given)."""
         return {
-            name: self.frozen_tower_features(name, images, features, frozen_images)
+            name: self.frozen_tower_features(name, images, features, frozen_images, captions)
             for name in self.frozen
         }
 
@@ -191,13 +203,19 @@ class ThreeTowers(nn.Module):
                 on_f, _ = alignment_names(name)
                 shared = self.share_alignment_heads
                 out[embedding(on_f)] = out[Z_F] if shared else self._embed(on_f, image)
-        for name in self.frozen:
+        for name in self.structure.image_towers:
             features = self.frozen_tower_features(name, images, frozen_features, frozen_images)
             out[embedding(name)] = self._embed(name, features)
         return out
 
-    def text_embeddings(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every text-side embedding: z_g, and z_gk for each aligned frozen tower."""
+    def text_embeddings(
+        self,
+        tokens: torch.Tensor,
+        captions: Sequence[str] | None = None,
+        frozen_features: Tensors | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Every text-side embedding: z_g, z_gk for each aligned frozen tower, and z_t for
+        each text tower (from ``frozen_features[t]`` or the ``captions`` themselves)."""
         text = self.text_tower(tokens)
         out = {Z_G: self._embed("g", text)}
         for name in self.structure.aligned:
@@ -205,6 +223,9 @@ class ThreeTowers(nn.Module):
             out[embedding(on_g)] = (
                 out[Z_G] if self.share_alignment_heads else self._embed(on_g, text)
             )
+        for name in self.structure.text:
+            features = self.frozen_tower_features(name, None, frozen_features, captions=captions)
+            out[embedding(name)] = self._embed(name, features)
         return out
 
     def forward(
@@ -213,12 +234,14 @@ class ThreeTowers(nn.Module):
         tokens: torch.Tensor,
         frozen_features: Tensors | None = None,
         frozen_images: Tensors | None = None,
+        captions: Sequence[str] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Normalised embeddings of both sides (see ``image_embeddings``, ``text_embeddings``).
 
-        In lit mode with ``frozen_features`` given, ``images`` may be None.
+        In lit mode with ``frozen_features`` given, ``images`` may be None; a text tower
+        reads ``captions`` (the texts of ``tokens``) unless its features are given.
         """
-        return self.text_embeddings(tokens) | self.image_embeddings(
+        return self.text_embeddings(tokens, captions, frozen_features) | self.image_embeddings(
             images, frozen_features, frozen_images
         )
 
@@ -280,17 +303,34 @@ class ThreeTowers(nn.Module):
         if weights == {"f": 1.0}:
             return self._embed("f", self.image_tower(images))
         parts = {}
+        image = (
+            self.image_tower(images)
+            if "f" in weights or set(weights) & set(self.structure.text)
+            else None
+        )
         if "f" in weights:
-            parts["f"] = self._embed("f", self.image_tower(images))
+            parts["f"] = self._embed("f", image)
         for name in self.structure.aligned:
-            if name in weights:
+            if name not in weights:
+                continue
+            if name in self.structure.text:  # its pair's image side: W_f->t on f
+                on_f, _ = alignment_names(name)
+                parts[name] = self._embed("f" if self.share_alignment_heads else on_f, image)
+            else:
                 features = self.frozen_tower_features(name, images, frozen_features, frozen_images)
                 parts[name] = self._embed(name, features)
         return _concatenate(parts, weights, ("f", *self.structure.aligned))
 
-    def encode_text(self, tokens: torch.Tensor, alpha: float | Mapping[str, float] = 1.0):
+    def encode_text(
+        self,
+        tokens: torch.Tensor,
+        alpha: float | Mapping[str, float] = 1.0,
+        captions: Sequence[str] | None = None,
+        frozen_features: Tensors | None = None,
+    ):
         """The text embedding z_g; with weight on frozen towers (3t only) the concatenation
-        [√a_f z_g ; √a_k z_gk ; ...] matching ``encode_image``."""
+        [√a_f z_g ; √a_k z_gk ; √a_t z_t ; ...] matching ``encode_image`` (a text tower t
+        embeds the ``captions`` themselves)."""
         weights = self.mixture(alpha)
         text = self.text_tower(tokens)
         z_g = self._embed("g", text)
@@ -298,6 +338,13 @@ class ThreeTowers(nn.Module):
             return z_g
         parts = {"f": z_g}
         for name in self.structure.aligned:
+            if name in self.structure.text:
+                if name in weights:
+                    features = self.frozen_tower_features(
+                        name, None, frozen_features, captions=captions
+                    )
+                    parts[name] = self._embed(name, features)
+                continue
             _, on_g = alignment_names(name)
             parts[name] = z_g if self.share_alignment_heads else self._embed(on_g, text)
         return _concatenate(parts, weights, ("f", *self.structure.aligned))

@@ -251,7 +251,10 @@ def _step(
     with autocast(device, cfg.train.precision):
         # Frozen towers without cached features run here, outside the DDP wrapper.
         frozen = model.frozen_features(
-            batch.get("images"), batch.get("frozen_features"), batch.get("frozen_images")
+            batch.get("images"),
+            batch.get("frozen_features"),
+            batch.get("frozen_images"),
+            batch["captions"],
         )
         out = forward(batch.get("images"), batch["tokens"], frozen_features=frozen)
         loss, logs = model.loss(out, counts)

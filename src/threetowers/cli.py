@@ -133,31 +133,42 @@ def _embed(args: argparse.Namespace) -> None:
 
 
 def _cache(args: argparse.Namespace) -> None:
+    from threetowers.data.caches.captions import build_caption_caches
     from threetowers.data.caches.features import CacheSpec, build_caches, dataset_units
     from threetowers.data.pipeline import open_training_pairs
-    from threetowers.model.build import build_frozen_towers
+    from threetowers.model.build import build_frozen_towers, structure_of
 
     cfg = load_config(args.config, args.overrides)
     towers = build_frozen_towers(cfg.model)
     if not towers:
         raise ConfigError("mode 'clip' has no frozen tower to cache; use model.mode=3t or lit")
+    text = structure_of(cfg.model).text
     pairs, _ = open_training_pairs(cfg)
     units = dataset_units(pairs)
+    spec = CacheSpec(cfg.data.cache_dir, cfg.data.cache_dtype)
+    # an explicit `cache` checks every existing unit's bytes
     caches = build_caches(
-        towers,
+        {name: tower for name, tower in towers.items() if name not in text},
         units,
-        CacheSpec(cfg.data.cache_dir, cfg.data.cache_dtype),
+        spec,
         cfg.data.batch_size,
         cfg.data.num_workers,
         max_bad_fraction=cfg.data.max_bad_fraction,
-        verify=True,  # an explicit `cache` checks every existing unit's bytes
+        verify=True,
+    )
+    captions = build_caption_caches(
+        {name: towers[name] for name in text}, units, spec, cfg.data.batch_size, verify=True
     )
     for name, cache in caches.items():
-        folder = Path(cache.units[0].npy).parent if cache.units else cfg.data.cache_dir
-        print(
-            f"{name}: {len(cache)} feature vectors of dim {cache.dim} ({cache.dtype}) in "
-            f"{len(units)} unit(s) under {folder}"
-        )
+        what = f"{len(cache)} feature vectors"
+        _report_cache(name, cache, what, len(units), cfg.data.cache_dir)
+    for name, cache in captions.items():
+        _report_cache(name, cache, "the captions' feature vectors", len(units), cfg.data.cache_dir)
+
+
+def _report_cache(name: str, cache, what: str, units: int, cache_dir: str) -> None:
+    folder = Path(cache.units[0].npy).parent if cache.units else cache_dir
+    print(f"{name}: {what} of dim {cache.dim} ({cache.dtype}) in {units} unit(s) under {folder}")
 
 
 def _pretrain(args: argparse.Namespace) -> None:

@@ -178,10 +178,13 @@ def test_killed_run_resumes_to_the_same_weights(world_dir, tmp_path, towers):
         assert (interrupted / "alpha_grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("data", ["world", "colliding_keys", "two_frozen_towers"])
+@pytest.mark.parametrize(
+    "data", ["world", "colliding_keys", "two_frozen_towers", "image_and_text_towers"]
+)
 def test_cached_frozen_features_give_the_live_loss(world_dir, tmp_path, data):
     # colliding_keys: two shards whose samples share their keys, with other images
-    extra = [TWO_TOWERS] if data == "two_frozen_towers" else []
+    extra = {"two_frozen_towers": [TWO_TOWERS], "image_and_text_towers": [IMAGE_AND_TEXT_TOWERS]}
+    extra = extra.get(data, [])
     if data == "colliding_keys":
         extra = [f"data.train={colliding_shards(tmp_path / 'data')}", "data.batch_size=10"]
     losses = {}
@@ -198,6 +201,8 @@ def test_cached_frozen_features_give_the_live_loss(world_dir, tmp_path, data):
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         losses[cache] = [r["loss"] for r in records if "loss" in r]
     assert list((tmp_path / "cache").glob("efficientnet_lite0-*/*.npy"))
+    if data == "image_and_text_towers":  # every caption of each shard, once
+        assert list((tmp_path / "cache").glob("all-MiniLM-L6-v2-*/*.npy"))
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
 
 

@@ -8,6 +8,8 @@ dropout never move), and the forward runs under ``torch.inference_mode``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass
 
 import torch
@@ -108,6 +110,14 @@ class FrozenBackbone(nn.Module):
     def train(self, mode: bool = True) -> FrozenBackbone:
         # Frozen towers never leave eval mode: BatchNorm statistics and dropout stay fixed.
         return super().train(False)
+
+    def digest(self) -> str:
+        """Its weights and preprocessing: what its features depend on (cache names)."""
+        digest = hashlib.sha256(json.dumps(self.preprocessing.to_dict()).encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.channels_last:

@@ -14,6 +14,7 @@ import torch
 
 from threetowers import distributed
 from threetowers.config import Config, ConfigError, WorldConfig
+from threetowers.data.caches.captions import CaptionFeatures, build_caption_caches
 from threetowers.data.caches.features import (
     CacheSpec,
     StreamedFeatures,
@@ -105,11 +106,14 @@ class TrainingExample:
     cache's unit of this sample (``frozen_features/NAME``).
     """
 
-    def __init__(self, image_view=None, augment=None, frozen_views=None, cached=None) -> None:
+    def __init__(
+        self, image_view=None, augment=None, frozen_views=None, cached=None, cached_text=None
+    ) -> None:
         self.image_view = image_view  # f's (or in lit, the locked tower's) view; None: unused
         self.augment = augment  # f's random resized crop; None: no augmentation
         self.frozen_views = dict(frozen_views or {})  # name -> its eval view, towers run live
-        self.cached = dict(cached or {})  # name -> its StreamedFeatures
+        self.cached = dict(cached or {})  # image tower name -> its StreamedFeatures
+        self.cached_text = dict(cached_text or {})  # text tower name -> its CaptionFeatures
 
     def __call__(self, pair: Pair, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor | str] = {"captions": pair.caption}
@@ -121,6 +125,8 @@ class TrainingExample:
             out[f"{FROZEN_IMAGES}/{name}"] = view(pair.image)
         for name, features in self.cached.items():
             out[f"{FROZEN_FEATURES}/{name}"] = features.features(pair.row, pair.key)
+        for name, features in self.cached_text.items():  # this visit's caption
+            out[f"{FROZEN_FEATURES}/{name}"] = features.caption_features(pair.row, pair.caption)
         return out
 
 
@@ -144,7 +150,8 @@ class TrainingData:
         self.pairs, self.world = open_training_pairs(cfg)
         self.source = self.pairs  # as opened (``pairs`` becomes the preloaded table)
         self.tokenizer = load_or_train_tokenizer(cfg, run_dir, self.pairs)
-        self.caches: dict[str, StreamedFeatures] = {}  # frozen tower -> its feature cache
+        self.caches: dict[str, StreamedFeatures] = {}  # image tower -> its feature cache
+        self.text_caches: dict[str, CaptionFeatures] = {}  # text tower -> its caption cache
         self.example: TrainingExample | None = None
         self.normalise = None  # the image view's normalisation (uint8 batch -> float32)
         self.frozen_normalise: dict = {}  # live frozen tower -> its own
@@ -154,11 +161,17 @@ class TrainingData:
         """Choose each tower's view for this model; build or load the frozen towers' caches."""
         data = self.cfg.data
         image_towers = {name: model.frozen[name] for name in model.structure.image_towers}
-        if data.cache and image_towers:  # text towers run live on each visit's caption
+        text_towers = {name: model.frozen[name] for name in model.structure.text}
+        spec = CacheSpec(data.cache_dir, data.cache_dtype)
+        if data.cache and text_towers:  # every caption of the data, once
+            self.text_caches = build_caption_caches(
+                text_towers, dataset_units(self.pairs), spec, data.batch_size, progress
+            )
+        if data.cache and image_towers:
             self.caches = build_caches(
                 image_towers,
                 dataset_units(self.pairs),
-                CacheSpec(data.cache_dir, data.cache_dtype),
+                spec,
                 data.batch_size,
                 data.num_workers,
                 progress,
@@ -192,7 +205,7 @@ class TrainingData:
             self.pairs = preload_pairs(self.pairs, view, data.cache_dir, progress)
             self.encode = MemoisedEncoder(self.tokenizer)
             view = _already_decoded if view is not None else None
-        self.example = TrainingExample(view, augment, frozen_views, self.caches)
+        self.example = TrainingExample(view, augment, frozen_views, self.caches, self.text_caches)
 
     def batches(self, epoch: int, start_batch: int):
         """This rank's batches of ``epoch`` from ``start_batch`` on: ``data.batch_size`` is the
@@ -237,4 +250,5 @@ class TrainingData:
         """What a checkpoint records so that a resume with other data is caught."""
         tokenizer = hashlib.sha256(self.tokenizer.to_json().encode()).hexdigest()
         out = {"tokenizer_sha256": tokenizer}
-        return out | {f"feature_cache/{n}": cache.fingerprint for n, cache in self.caches.items()}
+        caches = self.caches | self.text_caches
+        return out | {f"feature_cache/{n}": cache.fingerprint for n, cache in caches.items()}

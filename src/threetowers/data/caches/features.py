@@ -44,18 +44,18 @@ from threetowers.atomic import remove_temporaries, save_npy, write_atomic
 from threetowers.backbones.frozen import FrozenBackbone
 from threetowers.data.caches.identity import (
     SAMPLE_IDS,
-    backbone_digest,
     dataset_digest,
     files_digest,
     spec_digest,
 )
 from threetowers.data.sources.bad_samples import BadDataError, BadSample, BadSampleLog, Skipped
-from threetowers.data.sources.decode import load_image
+from threetowers.data.sources.decode import clean_captions, load_image
 from threetowers.data.sources.pairs import (
     PairTable,
     ShardPairs,
     decode_sample,
     open_pairs,
+    sample_captions,
     shard_sample_id,
 )
 from threetowers.data.sources.tar_samples import read_samples
@@ -105,6 +105,14 @@ class ShardUnit:
                 continue
             yield pair.key, pair.image
 
+    def captions(self) -> Iterator[list[str]]:
+        """Each sample's usable captions in order ([] for a bad sample), images unread."""
+        for sample in read_samples(self.path):
+            try:
+                yield sample_captions(sample)
+            except BadSample:
+                yield []
+
 
 @dataclass(frozen=True)
 class TableUnit:
@@ -123,6 +131,16 @@ class TableUnit:
                 yield self.table.keys[row], bad.skipped(self.table.ids[row])
                 continue
             yield pair.key, pair.image
+
+    def captions(self) -> Iterator[list[str]]:
+        """Each row's usable captions in order ([] for a bad row)."""
+        for row in range(self.start, self.start + self.size):
+            try:
+                if row in self.table.bad:
+                    raise self.table.bad[row]
+                yield clean_captions(self.table.captions[row], self.table.name)
+            except BadSample:
+                yield []
 
 
 @dataclass(frozen=True)
@@ -218,6 +236,10 @@ class StreamedFeatures:
             )
         if str(position) in bad:
             return Skipped(key, *bad[str(position)])
+        return self._read(fd, offset, position)
+
+    def _read(self, fd: int, offset: int, position: int) -> torch.Tensor:
+        """Row ``position`` of an open unit, as float32."""
         width = self.dim * self.dtype.itemsize
         data = os.pread(fd, width, offset + position * width)
         return torch.from_numpy(np.frombuffer(data, self.dtype).astype(np.float32))
@@ -239,7 +261,7 @@ class StreamedFeatures:
         files = self.units[unit]
         meta = json.loads(Path(files.index).read_text())
         with open(files.npy, "rb") as handle:
-            *_, offset = _npy_header(handle)
+            *_, offset = npy_header(handle)
         fd = os.open(files.npy, os.O_RDONLY)
         self._open[unit] = (fd, offset, meta["keys"], meta["bad"])
         if len(self._open) > OPEN_UNITS:
@@ -264,12 +286,12 @@ class CacheSpec:
     def folder(self, tower: FrozenBackbone) -> tuple[Path, str]:
         """The tower's folder (by its backbone's name, so runs naming it apart share it) and
         its digest: weights, preprocessing, dtype, context."""
-        spec = {"tower": backbone_digest(tower), "dtype": self.dtype, **self.context}
+        spec = {"tower": tower.digest(), "dtype": self.dtype, **self.context}
         digest = spec_digest(spec)
         return Path(self.directory).expanduser() / f"{tower.name}{self.kind}-{digest[:16]}", digest
 
 
-def _unit_files(folder: Path, unit: Unit) -> tuple[Path, Path, dict]:
+def unit_files(folder: Path, unit: Unit) -> tuple[Path, Path, dict]:
     identity = unit.identity()
     stem = spec_digest(identity)[:24]
     return folder / f"{stem}.npy", folder / f"{stem}.json", identity
@@ -280,7 +302,7 @@ def _complete(npy: Path, index: Path, identity: dict, tower: str, unit: Unit, di
     try:
         meta = json.loads(index.read_text())
         with open(npy, "rb") as handle:
-            shape, stored, _ = _npy_header(handle)
+            shape, stored, _ = npy_header(handle)
         good = (
             meta.get("format") == FORMAT
             and meta.get("tower") == tower
@@ -289,7 +311,7 @@ def _complete(npy: Path, index: Path, identity: dict, tower: str, unit: Unit, di
             and stored == np.dtype(dtype)
             and len(meta.get("keys", ())) == unit.size
         )
-        if good and verify and meta.get("sha256") != _sha256(npy):
+        if good and verify and meta.get("sha256") != file_sha256(npy):
             log.warning("feature cache %s: its bytes changed since it was written", npy)
             good = False
         return good
@@ -297,7 +319,7 @@ def _complete(npy: Path, index: Path, identity: dict, tower: str, unit: Unit, di
         return False
 
 
-def _npy_header(handle) -> tuple[tuple[int, ...], np.dtype, int]:
+def npy_header(handle) -> tuple[tuple[int, ...], np.dtype, int]:
     """(shape, dtype, offset of the data) of an open ``.npy`` file; ValueError if it is none."""
     version = np.lib.format.read_magic(handle)
     read = np.lib.format.read_array_header_1_0
@@ -309,7 +331,7 @@ def _npy_header(handle) -> tuple[tuple[int, ...], np.dtype, int]:
     return shape, dtype, handle.tell()
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -385,7 +407,7 @@ def build_caches(
         dim = tower.feature_dim
         layout[name] = (folder, digest)
         for number, unit in enumerate(units):
-            npy, index, identity = _unit_files(folder, unit)
+            npy, index, identity = unit_files(folder, unit)
             if not _complete(npy, index, identity, digest, unit, dim, spec.dtype, verify):
                 todo.setdefault(number, []).append(name)
     if todo:
@@ -397,7 +419,7 @@ def build_caches(
         folder, digest = layout[name]
         files = []
         for unit in units:
-            npy, index, _ = _unit_files(folder, unit)
+            npy, index, _ = unit_files(folder, unit)
             files.append(_UnitFile(unit.start, unit.size, str(npy), str(index)))
         fingerprint = hashlib.sha256(
             json.dumps([digest, [Path(f.index).stem for f in files]]).encode()
@@ -454,7 +476,7 @@ def _compute(towers, units, todo, layout, spec, batch_size, num_workers, progres
 def _write(unit: _UnitRows, layout: dict, dtype: str) -> None:
     for name, exact in unit.rows.items():
         folder, digest = layout[name]
-        npy, index, identity = _unit_files(folder, unit.unit)
+        npy, index, identity = unit_files(folder, unit.unit)
         rows = exact.astype(DTYPES[dtype])
         if not np.isfinite(rows).all() and np.isfinite(exact).all():
             raise BadDataError(
@@ -468,6 +490,6 @@ def _write(unit: _UnitRows, layout: dict, dtype: str) -> None:
             "identity": identity,
             "keys": unit.keys,
             "bad": unit.bad,
-            "sha256": _sha256(npy),
+            "sha256": file_sha256(npy),
         }
         write_atomic(index, json.dumps(meta))  # last: its presence means the unit is complete

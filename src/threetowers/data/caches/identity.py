@@ -1,5 +1,5 @@
-"""What names a cached file: digests of the files, datasets and towers its contents depend
-on, so that a changed input never reads a stale cache."""
+"""What names a cached file: digests of the files and datasets its contents depend on, so
+that a changed input never reads a stale cache (a frozen tower's own: its ``digest()``)."""
 
 from __future__ import annotations
 
@@ -9,21 +9,11 @@ import os
 from pathlib import Path
 from stat import S_ISLNK
 
-from threetowers.backbones.frozen import FrozenBackbone
 from threetowers.data.sources.pairs import ShardPairs, open_pairs
 
 # Caches keyed by sample: version 2 names shard samples ``SHARD/KEY`` (version 1: ``KEY``,
 # which confused samples of shards numbered alike), so no version 1 file is ever reused.
 SAMPLE_IDS = 2
-
-
-def backbone_digest(backbone: FrozenBackbone) -> str:
-    """A frozen tower's weights and preprocessing."""
-    digest = hashlib.sha256(json.dumps(backbone.preprocessing.to_dict()).encode())
-    for name, tensor in sorted(backbone.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def dataset_digest(source) -> str:

@@ -1,0 +1,150 @@
+"""A frozen text tower's features of every caption of a dataset, stored per unit, by text.
+
+Each visit of a sample draws one of its captions, so a text tower's cache holds all of them:
+per unit (shard or table chunk, as ``features.py`` cuts the data) a ``.npy`` with one row per
+distinct caption of the unit's samples and a ``.json`` index listing each row's caption
+digest. A loader worker finds the unit from the sample's row, then the caption's row from its
+digest: only the captions of the units it reads are held, at most
+``features.OPEN_UNITS`` units at a time. Built in one pass of batched captions, unit by unit
+(no image is decoded), resumable like the image caches; the files are written the same way
+(``.npy`` first, the index last).
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from threetowers.atomic import remove_temporaries, save_npy, write_atomic
+from threetowers.backbones.text_encoder import FrozenTextEncoder
+from threetowers.data.caches.features import (
+    DTYPES,
+    CacheSpec,
+    StreamedFeatures,
+    Unit,
+    UnitMismatch,
+    _UnitFile,
+    file_sha256,
+    npy_header,
+    unit_files,
+)
+
+log = logging.getLogger(__name__)
+FORMAT = 1  # of a caption unit's index
+
+
+def caption_digest(caption: str) -> str:
+    """The key of a caption's row (its text's sha256, surrogates kept)."""
+    return hashlib.sha256(caption.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+class CaptionFeatures(StreamedFeatures):
+    """A text tower's features, read by (the sample's dataset row, the caption)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._by_digest: dict[int, dict[str, int]] = {}  # open units: caption digest -> row
+
+    def caption_features(self, row: int, caption: str) -> torch.Tensor:
+        unit = bisect.bisect_right(self.starts, row) - 1
+        if unit < 0 or not 0 <= row - self.starts[unit] < self.units[unit].size:
+            raise UnitMismatch(f"{self.name} cache: row {row} is outside the dataset")
+        fd, offset, keys, _ = self._unit(unit)
+        positions = self._positions(unit, keys)
+        position = positions.get(caption_digest(caption))
+        if position is None:
+            raise UnitMismatch(
+                f"{self.name} cache {self.units[unit].index} has no row for the caption "
+                f"{caption[:60]!r}; the data changed since it was cached - run `threetowers "
+                "cache` again (or delete the folder) to rebuild it"
+            )
+        return self._read(fd, offset, position)
+
+    def _positions(self, unit: int, keys: list[str]) -> dict[str, int]:
+        if unit not in self._by_digest:  # only the open units' tables are kept
+            self._by_digest = {u: t for u, t in self._by_digest.items() if u in self._open}
+            self._by_digest[unit] = {key: position for position, key in enumerate(keys)}
+        return self._by_digest[unit]
+
+    def __getstate__(self) -> dict:
+        return super().__getstate__() | {"_by_digest": {}}
+
+
+def _complete(npy: Path, index: Path, identity: dict, digest: str, dim: int, dtype: str, verify):
+    try:
+        meta = json.loads(index.read_text())
+        with open(npy, "rb") as handle:
+            shape, stored, _ = npy_header(handle)
+        good = (
+            meta.get("format") == FORMAT
+            and meta.get("tower") == digest
+            and meta.get("identity") == identity
+            and shape == (len(meta.get("keys", ())), dim)
+            and stored == np.dtype(dtype)
+        )
+        if good and verify and meta.get("sha256") != file_sha256(npy):
+            log.warning("caption cache %s: its bytes changed since it was written", npy)
+            good = False
+        return good
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+@torch.no_grad()
+def build_caption_caches(
+    towers: Mapping[str, FrozenTextEncoder],
+    units: Sequence[Unit],
+    spec: CacheSpec,
+    batch_size: int = 256,
+    progress: bool = True,
+    verify: bool = False,
+) -> dict[str, CaptionFeatures]:
+    """Each text tower's cache of every caption of ``units``, computing missing units."""
+    out = {}
+    for name, tower in towers.items():
+        folder, digest = spec.folder(tower)
+        missing = []
+        for unit in units:
+            npy, index, identity = unit_files(folder, unit)
+            if not _complete(npy, index, identity, digest, tower.feature_dim, spec.dtype, verify):
+                missing.append(unit)
+        if missing:
+            folder.mkdir(parents=True, exist_ok=True)
+            remove_temporaries(folder, only_dead_writers=True)  # shared by concurrent runs
+        for unit in tqdm(missing, disable=not progress, desc=f"caching {name} captions"):
+            _build_unit(tower, unit, folder, digest, spec.dtype, batch_size)
+        files = []
+        for unit in units:
+            npy, index, _ = unit_files(folder, unit)
+            files.append(_UnitFile(unit.start, unit.size, str(npy), str(index)))
+        fingerprint = hashlib.sha256(
+            json.dumps([digest, [Path(f.index).stem for f in files]]).encode()
+        ).hexdigest()
+        out[name] = CaptionFeatures(name, fingerprint, files, tower.feature_dim, spec.dtype)
+    return out
+
+
+def _build_unit(tower, unit: Unit, folder: Path, digest: str, dtype: str, batch_size: int):
+    texts = sorted({caption for captions in unit.captions() for caption in captions})
+    rows = np.zeros((len(texts), tower.feature_dim), np.float32)
+    for start in range(0, len(texts), batch_size):
+        rows[start : start + batch_size] = tower(texts[start : start + batch_size]).float().numpy()
+    npy, index, identity = unit_files(folder, unit)
+    save_npy(npy, rows.astype(DTYPES[dtype]))
+    meta = {
+        "format": FORMAT,
+        "tower": digest,
+        "identity": identity,
+        "keys": [caption_digest(text) for text in texts],
+        "bad": {},
+        "sha256": file_sha256(npy),
+    }
+    write_atomic(index, json.dumps(meta))  # last: its presence means the unit is complete

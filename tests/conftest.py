@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from torch import nn
@@ -68,3 +70,19 @@ def tiny_batch(batch: int = 8, seed: int = 1, image_size: int = 32, context: int
 @pytest.fixture
 def backbone() -> tt.FrozenBackbone:
     return tiny_backbone()
+
+
+@pytest.fixture(scope="session")
+def tiny_text_encoder(tmp_path_factory):
+    """A one-layer BERT with MiniLM's tokenizer, saved and loaded as a frozen text tower."""
+    transformers = pytest.importorskip("transformers")
+    from threetowers.backbones.text_encoder import load_text_encoder, minilm_path
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    config = transformers.BertConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
+    torch.manual_seed(5)
+    transformers.BertModel(config).save_pretrained(folder)
+    shutil.copy(minilm_path() / "tokenizer.json", folder / "tokenizer.json")
+    return load_text_encoder(folder)

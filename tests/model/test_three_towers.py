@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -251,22 +249,6 @@ def test_one_tower_written_as_a_list_is_the_model_third_shorthand():
     assert shorthand.state_dict().keys() == listed.state_dict().keys()
     for key, value in shorthand.state_dict().items():
         assert torch.equal(value, listed.state_dict()[key]), key
-
-
-@pytest.fixture(scope="module")
-def tiny_text_encoder(tmp_path_factory):
-    """A one-layer BERT with MiniLM's tokenizer, saved and loaded as a frozen text tower."""
-    transformers = pytest.importorskip("transformers")
-    from threetowers.backbones.text_encoder import load_text_encoder, minilm_path
-
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    config = transformers.BertConfig(
-        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
-    )
-    torch.manual_seed(5)
-    transformers.BertModel(config).save_pretrained(folder)
-    shutil.copy(minilm_path() / "tokenizer.json", folder / "tokenizer.json")
-    return load_text_encoder(folder)
 
 
 CAPTIONS = [f"a {c} {s}" for c, s in zip(["red", "blue"] * 4, ["ring", "star"] * 4, strict=True)]

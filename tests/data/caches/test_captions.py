@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,21 +16,6 @@ from PIL import Image
 from threetowers.data.caches.captions import build_caption_caches
 from threetowers.data.caches.features import CacheSpec, UnitMismatch, dataset_units
 from threetowers.data.sources.pairs import iter_pairs
-
-
-@pytest.fixture(scope="module")
-def text_tower(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
-    from threetowers.backbones.text_encoder import load_text_encoder, minilm_path
-
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    config = transformers.BertConfig(
-        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
-    )
-    torch.manual_seed(3)
-    transformers.BertModel(config).save_pretrained(folder)
-    shutil.copy(minilm_path() / "tokenizer.json", folder / "tokenizer.json")
-    return load_text_encoder(folder)
 
 
 def captioned_shards(folder: Path) -> Path:
@@ -53,34 +37,38 @@ def captioned_shards(folder: Path) -> Path:
     return folder
 
 
-def test_every_caption_has_the_live_towers_row(tmp_path, text_tower):
+def test_every_caption_has_the_live_towers_row(tmp_path, tiny_text_encoder):
+    tower = tiny_text_encoder
     folder = captioned_shards(tmp_path / "data")
     spec = CacheSpec(tmp_path / "cache", "float32")
-    cache = build_caption_caches({"t": text_tower}, dataset_units(folder), spec, 4, False)["t"]
+    cache = build_caption_caches({"t": tower}, dataset_units(folder), spec, 4, False)["t"]
     pairs = [pair for pair in iter_pairs(folder) if not hasattr(pair, "reason")]
     assert len(pairs) == 11
     for pair in pairs:
-        live = text_tower(pair.captions)
+        live = tower(pair.captions)
         cached = torch.stack([cache.caption_features(pair.row, c) for c in pair.captions])
         torch.testing.assert_close(cached, live, rtol=1e-5, atol=1e-6)
     with pytest.raises(UnitMismatch, match="no row for the caption"):
         cache.caption_features(pairs[0].row, "a caption this dataset never had")
     half = build_caption_caches(
-        {"t": text_tower}, dataset_units(folder), CacheSpec(tmp_path / "cache"), 4, False
+        {"t": tower}, dataset_units(folder), CacheSpec(tmp_path / "cache"), 4, False
     )["t"]
     row = cache.caption_features(0, pairs[0].captions[0])
     assert torch.equal(half.caption_features(0, pairs[0].captions[0]), row.half().float())
 
 
-def test_a_missing_unit_alone_is_built_again(tmp_path, text_tower, monkeypatch):
+def test_a_missing_unit_alone_is_built_again(tmp_path, tiny_text_encoder, monkeypatch):
+    tower = tiny_text_encoder
     folder = captioned_shards(tmp_path / "data")
     spec = CacheSpec(tmp_path / "cache")
-    cache = build_caption_caches({"t": text_tower}, dataset_units(folder), spec, 4, False)["t"]
+    cache = build_caption_caches({"t": tower}, dataset_units(folder), spec, 4, False)["t"]
     Path(cache.units[1].index).unlink()
     calls = []
-    original = type(text_tower).forward
+    original = type(tower).forward
     monkeypatch.setattr(
-        type(text_tower), "forward", lambda self, c: calls.append(len(c)) or original(self, c)
+        type(tower),
+        "forward",
+        lambda self, c: calls.append(len(c)) or original(self, c),
     )
-    build_caption_caches({"t": text_tower}, dataset_units(folder), spec, 4, False)
+    build_caption_caches({"t": tower}, dataset_units(folder), spec, 4, False)
     assert sum(calls) == 25  # the second shard's five captioned samples, five captions each

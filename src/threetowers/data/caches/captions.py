@@ -31,9 +31,9 @@ from threetowers.data.caches.features import (
     StreamedFeatures,
     Unit,
     UnitMismatch,
-    _UnitFile,
     file_sha256,
     npy_header,
+    reader,
     unit_files,
 )
 
@@ -121,14 +121,8 @@ def build_caption_caches(
             remove_temporaries(folder, only_dead_writers=True)  # shared by concurrent runs
         for unit in tqdm(missing, disable=not progress, desc=f"caching {name} captions"):
             _build_unit(tower, unit, folder, digest, spec.dtype, batch_size)
-        files = []
-        for unit in units:
-            npy, index, _ = unit_files(folder, unit)
-            files.append(_UnitFile(unit.start, unit.size, str(npy), str(index)))
-        fingerprint = hashlib.sha256(
-            json.dumps([digest, [Path(f.index).stem for f in files]]).encode()
-        ).hexdigest()
-        out[name] = CaptionFeatures(name, fingerprint, files, tower.feature_dim, spec.dtype)
+        dim = tower.feature_dim
+        out[name] = reader(CaptionFeatures, name, folder, digest, units, dim, spec.dtype)
     return out
 
 

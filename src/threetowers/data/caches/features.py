@@ -33,7 +33,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -62,6 +62,7 @@ from threetowers.data.sources.tar_samples import read_samples
 from threetowers.data.transforms import PixelEvalTransform
 
 log = logging.getLogger(__name__)
+T = TypeVar("T", bound="StreamedFeatures")
 
 TABLE_CHUNK = 8192  # rows of a table per cache unit
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -414,18 +415,22 @@ def build_caches(
         _compute(
             towers, units, todo, layout, spec, batch_size, num_workers, progress, max_bad_fraction
         )
-    out = {}
-    for name, tower in towers.items():
-        folder, digest = layout[name]
-        files = []
-        for unit in units:
-            npy, index, _ = unit_files(folder, unit)
-            files.append(_UnitFile(unit.start, unit.size, str(npy), str(index)))
-        fingerprint = hashlib.sha256(
-            json.dumps([digest, [Path(f.index).stem for f in files]]).encode()
-        ).hexdigest()
-        out[name] = StreamedFeatures(name, fingerprint, files, tower.feature_dim, spec.dtype)
-    return out
+    return {
+        name: reader(StreamedFeatures, name, *layout[name], units, tower.feature_dim, spec.dtype)
+        for name, tower in towers.items()
+    }
+
+
+def reader(kind: type[T], name: str, folder: Path, digest: str, units, dim: int, dtype: str) -> T:
+    """A reader of a tower's complete cache in ``folder``; its fingerprint names the tower
+    (``digest``) and every unit's file."""
+    files = []
+    for unit in units:
+        npy, index, _ = unit_files(folder, unit)
+        files.append(_UnitFile(unit.start, unit.size, str(npy), str(index)))
+    stems = [Path(f.index).stem for f in files]
+    fingerprint = hashlib.sha256(json.dumps([digest, stems]).encode()).hexdigest()
+    return kind(name, fingerprint, files, dim, dtype)
 
 
 @torch.no_grad()

@@ -147,11 +147,6 @@ class ModelConfig(Section):
                 f"mode 'lit' locks one frozen tower as the image tower; model.frozen lists "
                 f"{len(towers)} ({[t.name for t in towers]}): keep one, or use mode '3t'"
             )
-        if self.mode == "lit" and towers[0].backbone in TEXT_BACKBONES:
-            raise ValueError(
-                f"mode 'lit' locks an image tower in f's place, but {towers[0].backbone!r} reads "
-                "captions; a locked text tower is not supported yet: use mode '3t' with it"
-            )
         names = [t.name for t in towers]
         derived = [n for name in names for n in (name, f"f{name}", f"g{name}")]
         clashes = sorted({n for n in derived if derived.count(n) > 1} | ({"f", "g"} & set(names)))

@@ -62,7 +62,8 @@ def embed(
     else:
         keys, bad = caption_lines(texts, max_bad_fraction)
         parts = embed_texts(model, tokenizer, keys)
-        main, mixed = Z_G, [Z_G, *(model.structure.pair(k)[1] for k in aligned)]
+        main = model.structure.text_key
+        mixed = [Z_G, *(model.structure.pair(k)[1] for k in aligned)]
     bad.check()
     if bad.total:
         log.warning(bad.summary())

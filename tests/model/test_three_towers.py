@@ -280,6 +280,23 @@ def test_a_text_tower_reads_the_captions_and_pairs_f_with_its_own_embedding(tiny
         model(images, tokens)
 
 
-def test_lit_refuses_a_text_tower_in_the_image_towers_place():
-    with pytest.raises(tt.ConfigError, match="reads captions"):
-        tt.build_model(tiny_config("lit", "model.frozen=[{name: t, backbone: minilm}]"))
+def test_lit_locks_a_text_tower_in_gs_place(tiny_text_encoder):
+    cfg = tiny_config("lit", "model.frozen=[{name: t, backbone: minilm}]")
+    torch.manual_seed(0)
+    model = tt.build_model(cfg, frozen={"t": tiny_text_encoder}).eval()
+    assert model.text_tower is None and model.image_tower is not None
+    assert list(model.heads) == ["f", "t"] and model.structure.text_key == "z_t"
+    images, tokens = tiny_batch(image_size=32)
+    out = model(images, tokens, captions=CAPTIONS)
+    assert set(out) == {"z_f", "z_t"}
+    total, logs = model.loss(out)
+    assert set(k for k in logs if k.startswith("loss/")) == {"loss/f_t"}
+    scale = logs["scale/f_t"].double()
+    reference = reference_softmax(out["z_f"].double(), out["z_t"].double(), scale)
+    torch.testing.assert_close(total.double(), reference.detach())
+    text = model.encode_text(tokens, captions=CAPTIONS)
+    torch.testing.assert_close(text, out["z_t"])
+    total.backward()  # f, the heads and the scale learn; the locked tower does not
+    assert model.image_tower.patch_embed.weight.grad is not None
+    assert model.heads["t"].weight.grad is not None
+    assert all(p.grad is None for p in tiny_text_encoder.parameters())

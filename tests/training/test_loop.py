@@ -117,10 +117,13 @@ IMAGE_AND_TEXT_TOWERS = (
 )
 
 
+LOCKED_TEXT = ["model.mode=lit", "model.frozen=[{name: words, backbone: minilm}]"]
+
+
 @pytest.mark.parametrize(
     "towers",
-    [[], [TWO_TOWERS], [IMAGE_AND_TEXT_TOWERS]],
-    ids=["one_frozen_tower", "two", "image_and_text"],
+    [[], [TWO_TOWERS], [IMAGE_AND_TEXT_TOWERS], LOCKED_TEXT],
+    ids=["one_frozen_tower", "two", "image_and_text", "lit_locked_text"],
 )
 def test_killed_run_resumes_to_the_same_weights(world_dir, tmp_path, towers):
     cfg = tiny_run_config(
@@ -158,7 +161,12 @@ def test_killed_run_resumes_to_the_same_weights(world_dir, tmp_path, towers):
     ]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 41))
     assert not list((interrupted / "checkpoints").glob(".tmp-*"))
-    if towers:  # every term of both towers logged; the evaluation sweeps the weight grid
+    if towers == LOCKED_TEXT:  # f trained against MiniLM's embedding of each caption
+        assert {key for key in records[0] if key.startswith("loss/")} == {"loss/f_words"}
+        scores = json.loads((interrupted / "eval.json").read_text())
+        assert scores["mode"] == "lit" and "alpha_sweep" not in scores
+        assert {"i2t_R@1", "t2i_R@1", "zeroshot_top1"} <= set(scores)
+    elif towers:  # every term of both towers logged; the evaluation sweeps the weight grid
         second = "small" if towers == [TWO_TOWERS] else "words"
         terms = {key for key in records[0] if key.startswith("loss/")}
         assert terms == {

@@ -167,7 +167,7 @@ def evaluate_model(
     are read by ``num_workers`` loader processes (0: in this one)."""
     was_training = model.training
     model.eval()
-    image_key = model.image_key
+    image_key, text_key = model.image_key, model.structure.text_key
     mixture = Mixture.of(model) if cfg.alpha_sweep else None
     results: dict = {"mode": model.mode, "step": step}
     sweeps: dict[tuple[float, ...], dict] = {}
@@ -182,7 +182,7 @@ def evaluate_model(
         images = embed(benchmarks.retrieval.image_paths)
         captions, image_of_text = _captions_of(benchmarks.retrieval, images["index"])
         texts = embed_texts(model, tokenizer, captions, cfg.batch_size)
-        results |= metrics.retrieval(images[image_key], texts[Z_G], image_of_text)
+        results |= metrics.retrieval(images[image_key], texts[text_key], image_of_text)
         if mixture is not None:
             _merge(
                 sweeps,
@@ -201,9 +201,9 @@ def evaluate_model(
                 dataset.class_names,
                 dataset.templates,
             )
-            for key in (mixture.text_parts if mixture is not None else (Z_G,))
+            for key in (mixture.text_parts if mixture is not None else (text_key,))
         }
-        scores = metrics.zeroshot(images[image_key], classes[Z_G], labels)
+        scores = metrics.zeroshot(images[image_key], classes[text_key], labels)
         results |= {k.replace("zeroshot", prefix): v for k, v in scores.items()}
         if mixture is not None:
             rows = mixture.sweep(

@@ -136,7 +136,11 @@ def build_model(
             )
         model = ThreeTowers(
             structure,
-            text_tower=TextTransformer(**model_cfg.text.model_dump()),
+            text_tower=(
+                TextTransformer(**model_cfg.text.model_dump())
+                if structure.trains_text_tower
+                else None
+            ),
             embed_dim=model_cfg.embed_dim,
             objective=build_loss(model_cfg, loss_cfg),
             image_tower=image_tower,

@@ -1,9 +1,10 @@
 """What a mode means: which towers run, which heads exist and which terms the loss has.
 
 This is the one place that reads a mode string. clip trains f and g and aligns no frozen
-tower; lit locks one frozen tower in f's place; 3t trains f and g and aligns both with every
-frozen tower k through their own heads W_f->k and W_g->k (METHOD.md). Everything else asks
-the :class:`Objective` instead of comparing modes.
+tower; lit locks one frozen tower in f's place (an image tower) or in g's (a text tower);
+3t trains f and g and aligns both with every frozen tower k through their own heads W_f->k
+and W_g->k (METHOD.md). Everything else asks the :class:`Objective` instead of comparing
+modes.
 
 Names: a frozen tower k has the embedding ``z_k`` (head ``k``); f's and g's heads towards it
 are ``fk`` and ``gk`` (embeddings ``z_fk``, ``z_gk``), its terms ``fk_k`` and ``gk_k``. A
@@ -46,11 +47,17 @@ class Objective:
     aligned: tuple[str, ...]  # those that f and g are aligned with (own heads, own terms)
     terms: tuple[Term, ...]
     text: tuple[str, ...] = ()  # the frozen towers that read captions (the rest read images)
+    trains_text_tower: bool = True  # g is trained; else a frozen text tower is locked in
 
     @property
     def image_key(self) -> str:
         """The embedding that stands for an image at deployment: z_f, or the locked tower's."""
         return Z_F if self.trains_image_tower else embedding(self.frozen[0])
+
+    @property
+    def text_key(self) -> str:
+        """The embedding that stands for a text at deployment: z_g, or the locked tower's."""
+        return Z_G if self.trains_text_tower else embedding(self.frozen[0])
 
     @property
     def image_towers(self) -> tuple[str, ...]:
@@ -88,11 +95,9 @@ def objective(mode: str, frozen: Sequence[str], text: Sequence[str] = ()) -> Obj
                 f"{list(frozen)}; list exactly one"
             )
         (locked,) = frozen
-        if text:
-            raise ValueError(
-                f"lit locks an image tower in f's place; {locked!r} reads captions. A locked "
-                "text tower is not supported yet: use mode 3t with it"
-            )
+        if text:  # a locked text tower takes g's place (OpenCLIP's --lock-text)
+            term = Term(f"f_{locked}", Z_F, embedding(locked), False)
+            return Objective(mode, True, frozen, (), (term,), text, trains_text_tower=False)
         return Objective(
             mode, False, frozen, (), (Term(f"{locked}_g", embedding(locked), Z_G, False),)
         )

@@ -56,7 +56,7 @@ class ThreeTowers(nn.Module):
     def __init__(
         self,
         structure: Objective,
-        text_tower: nn.Module,
+        text_tower: nn.Module | None,
         embed_dim: int,
         objective: ThreeTowersLoss,
         image_tower: nn.Module | None = None,
@@ -70,6 +70,8 @@ class ThreeTowers(nn.Module):
         frozen = dict(frozen or {})
         if structure.trains_image_tower and (image_tower is None or image_preprocessing is None):
             raise ValueError(f"mode {structure.mode!r} needs an image tower and its preprocessing")
+        if structure.trains_text_tower and text_tower is None:
+            raise ValueError(f"mode {structure.mode!r} needs a text tower")
         if sorted(frozen) != sorted(structure.frozen):
             raise ValueError(
                 f"mode {structure.mode!r} runs the frozen towers {list(structure.frozen)}, "
@@ -88,7 +90,7 @@ class ThreeTowers(nn.Module):
         # Registration order (f, g, frozen, objective, heads) fixes the parameter order, which
         # optimizer states in checkpoints are indexed by: it is the order of the one-tower model.
         self.image_tower = image_tower if structure.trains_image_tower else None
-        self.text_tower = text_tower
+        self.text_tower = text_tower if structure.trains_text_tower else None
         self.frozen = nn.ModuleDict({name: frozen[name] for name in structure.frozen})
         if structure.trains_image_tower:
             self.image_preprocessing = image_preprocessing
@@ -98,7 +100,9 @@ class ThreeTowers(nn.Module):
         self.share_alignment_heads = share_alignment_heads
 
         kinds = dict(frozen_heads or {})
-        heads = {"g": make_head(head, _feature_dim(text_tower, "text"), embed_dim)}
+        heads = {}
+        if self.text_tower is not None:
+            heads["g"] = make_head(head, _feature_dim(text_tower, "text"), embed_dim)
         if self.image_tower is not None:
             heads["f"] = make_head(head, _feature_dim(image_tower, "image"), embed_dim)
         for name, tower in self.frozen.items():
@@ -216,13 +220,15 @@ class ThreeTowers(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Every text-side embedding: z_g, z_gk for each aligned frozen tower, and z_t for
         each text tower (from ``frozen_features[t]`` or the ``captions`` themselves)."""
-        text = self.text_tower(tokens)
-        out = {Z_G: self._embed("g", text)}
-        for name in self.structure.aligned:
-            _, on_g = alignment_names(name)
-            out[embedding(on_g)] = (
-                out[Z_G] if self.share_alignment_heads else self._embed(on_g, text)
-            )
+        out = {}
+        if self.text_tower is not None:
+            text = self.text_tower(tokens)
+            out[Z_G] = self._embed("g", text)
+            for name in self.structure.aligned:
+                _, on_g = alignment_names(name)
+                out[embedding(on_g)] = (
+                    out[Z_G] if self.share_alignment_heads else self._embed(on_g, text)
+                )
         for name in self.structure.text:
             features = self.frozen_tower_features(name, None, frozen_features, captions=captions)
             out[embedding(name)] = self._embed(name, features)
@@ -332,6 +338,10 @@ class ThreeTowers(nn.Module):
         [√a_f z_g ; √a_k z_gk ; √a_t z_t ; ...] matching ``encode_image`` (a text tower t
         embeds the ``captions`` themselves)."""
         weights = self.mixture(alpha)
+        if self.text_tower is None:  # lit with a locked text tower: its own embedding
+            locked = self.structure.frozen[0]
+            features = self.frozen_tower_features(locked, None, frozen_features, captions=captions)
+            return self._embed(locked, features)
         text = self.text_tower(tokens)
         z_g = self._embed("g", text)
         if weights == {"f": 1.0}:

@@ -134,7 +134,8 @@ def _embed(args: argparse.Namespace) -> None:
 
 def _cache(args: argparse.Namespace) -> None:
     from threetowers.data.caches.captions import build_caption_caches
-    from threetowers.data.caches.features import CacheSpec, build_caches, dataset_units
+    from threetowers.data.caches.features import CacheSpec, build_caches
+    from threetowers.data.caches.units import dataset_units
     from threetowers.data.pipeline import open_training_pairs
     from threetowers.model.build import build_frozen_towers, structure_of
 

@@ -19,9 +19,9 @@ from threetowers.data.caches.features import (
     CacheSpec,
     StreamedFeatures,
     build_caches,
-    dataset_units,
 )
 from threetowers.data.caches.preload import preload_pairs
+from threetowers.data.caches.units import dataset_units
 from threetowers.data.sources.loader import num_batches, pair_batches
 from threetowers.data.sources.pairs import Pair, PairTable, ShardPairs, iter_captions, open_pairs
 from threetowers.data.tokenizer import CaptionTokenizer, MemoisedEncoder

@@ -24,10 +24,10 @@ from threetowers.config import DataConfig
 from threetowers.data.caches.decoded import image_rows
 from threetowers.data.caches.features import (
     CacheSpec,
-    FilesUnit,
     StreamedFeatures,
     build_caches,
 )
+from threetowers.data.caches.units import FilesUnit
 from threetowers.data.sources.bad_samples import Skipped
 from threetowers.data.transforms import PixelEvalTransform
 from threetowers.model.three_towers import ThreeTowers

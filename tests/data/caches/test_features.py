@@ -17,13 +17,13 @@ import webdataset as wds
 from PIL import Image
 
 from tests.conftest import tiny_backbone
-from threetowers.data.caches import features as cached
+from threetowers.data.caches import units as cached
 from threetowers.data.caches.features import (
     CacheSpec,
     UnitMismatch,
     build_caches,
-    dataset_units,
 )
+from threetowers.data.caches.units import dataset_units
 from threetowers.data.pipeline import TrainingExample
 from threetowers.data.sources.bad_samples import Skipped
 from threetowers.data.sources.loader import pair_batches

@@ -32,13 +32,15 @@ from threetowers.data.caches.features import (
     Unit,
     UnitMismatch,
     file_sha256,
-    npy_header,
     reader,
+    unit_complete,
     unit_files,
+)
+from threetowers.data.caches.features import (
+    FORMAT as INDEX_FORMAT,
 )
 
 log = logging.getLogger(__name__)
-FORMAT = 1  # of a caption unit's index
 
 
 def caption_digest(caption: str) -> str:
@@ -78,26 +80,6 @@ class CaptionFeatures(StreamedFeatures):
         return super().__getstate__() | {"_by_digest": {}}
 
 
-def _complete(npy: Path, index: Path, identity: dict, digest: str, dim: int, dtype: str, verify):
-    try:
-        meta = json.loads(index.read_text())
-        with open(npy, "rb") as handle:
-            shape, stored, _ = npy_header(handle)
-        good = (
-            meta.get("format") == FORMAT
-            and meta.get("tower") == digest
-            and meta.get("identity") == identity
-            and shape == (len(meta.get("keys", ())), dim)
-            and stored == np.dtype(dtype)
-        )
-        if good and verify and meta.get("sha256") != file_sha256(npy):
-            log.warning("caption cache %s: its bytes changed since it was written", npy)
-            good = False
-        return good
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
 @torch.no_grad()
 def build_caption_caches(
     towers: Mapping[str, FrozenTextEncoder],
@@ -114,7 +96,8 @@ def build_caption_caches(
         missing = []
         for unit in units:
             npy, index, identity = unit_files(folder, unit)
-            if not _complete(npy, index, identity, digest, tower.feature_dim, spec.dtype, verify):
+            dim = tower.feature_dim
+            if not unit_complete(npy, index, identity, digest, None, dim, spec.dtype, verify):
                 missing.append(unit)
         if missing:
             folder.mkdir(parents=True, exist_ok=True)
@@ -134,7 +117,7 @@ def _build_unit(tower, unit: Unit, folder: Path, digest: str, dtype: str, batch_
     npy, index, identity = unit_files(folder, unit)
     save_npy(npy, rows.astype(DTYPES[dtype]))
     meta = {
-        "format": FORMAT,
+        "format": INDEX_FORMAT,
         "tower": digest,
         "identity": identity,
         "keys": [caption_digest(text) for text in texts],

@@ -3,7 +3,7 @@
 A frozen tower never sees augmentation, so its features of a sample never change: computed
 once, they make LiT and 3T cost what CLIP costs (or less). A tower's cache is a folder named
 by the tower's weights, preprocessing and storage dtype, holding per *unit* of the data (a
-shard, a chunk of :data:`TABLE_CHUNK` rows of a table, or a list of image files) a ``.npy``
+shard, a chunk of a table's rows, or a list of image files: ``units.py``) a ``.npy``
 of features in the unit's sample order and a ``.json`` index: the unit's identity (its
 files' paths, sizes and modification times), every sample's key and the samples that could
 not be used. So:
@@ -30,10 +30,10 @@ import json
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -43,139 +43,18 @@ from tqdm import tqdm
 from threetowers.atomic import remove_temporaries, save_npy, write_atomic
 from threetowers.backbones.frozen import FrozenBackbone
 from threetowers.data.caches.identity import (
-    SAMPLE_IDS,
-    dataset_digest,
-    files_digest,
     spec_digest,
 )
-from threetowers.data.sources.bad_samples import BadDataError, BadSample, BadSampleLog, Skipped
-from threetowers.data.sources.decode import clean_captions, load_image
-from threetowers.data.sources.pairs import (
-    PairTable,
-    ShardPairs,
-    decode_sample,
-    open_pairs,
-    sample_captions,
-    shard_sample_id,
-)
-from threetowers.data.sources.tar_samples import read_samples
+from threetowers.data.caches.units import Unit
+from threetowers.data.sources.bad_samples import BadDataError, BadSampleLog, Skipped
 from threetowers.data.transforms import PixelEvalTransform
 
 log = logging.getLogger(__name__)
 T = TypeVar("T", bound="StreamedFeatures")
 
-TABLE_CHUNK = 8192  # rows of a table per cache unit
 DTYPES = {"float16": np.float16, "float32": np.float32}
 FORMAT = 1  # of a unit's index: any other is computed again
 OPEN_UNITS = 8  # units a reader keeps open per process (a shuffle buffer spans a few shards)
-
-
-# --------------------------------------------------------------------------- units
-
-
-class Unit(Protocol):
-    """Consecutive samples of a dataset cached as one file: ``start`` is its first sample's
-    row in the dataset, ``size`` its number of samples. Picklable (it runs in workers)."""
-
-    start: int
-    size: int
-
-    def identity(self) -> dict:
-        """What its samples depend on (JSON-able): its file's name."""
-
-    def samples(self) -> Iterator[tuple[str, object]]:
-        """(key, decoded image) per sample in order, or (key, :class:`Skipped`) for one
-        that cannot be used."""
-
-
-@dataclass(frozen=True)
-class ShardUnit:
-    path: str  # as the source spells it: part of the samples' ids
-    start: int
-    size: int
-
-    def identity(self) -> dict:
-        return {"shard": files_digest([self.path]), "ids": [SAMPLE_IDS, self.path]}
-
-    def samples(self) -> Iterator[tuple[str, object]]:
-        for sample in read_samples(self.path):
-            try:
-                pair = decode_sample(sample)
-            except BadSample as bad:
-                yield sample["__key__"], bad.skipped(shard_sample_id(sample))
-                continue
-            yield pair.key, pair.image
-
-    def captions(self) -> Iterator[list[str]]:
-        """Each sample's usable captions in order ([] for a bad sample), images unread."""
-        for sample in read_samples(self.path):
-            try:
-                yield sample_captions(sample)
-            except BadSample:
-                yield []
-
-
-@dataclass(frozen=True)
-class TableUnit:
-    table: PairTable
-    start: int
-    size: int
-
-    def identity(self) -> dict:
-        return {"table": dataset_digest(self.table), "rows": [self.start, self.size]}
-
-    def samples(self) -> Iterator[tuple[str, object]]:
-        for row in range(self.start, self.start + self.size):
-            try:
-                pair = self.table[row]
-            except BadSample as bad:
-                yield self.table.keys[row], bad.skipped(self.table.ids[row])
-                continue
-            yield pair.key, pair.image
-
-    def captions(self) -> Iterator[list[str]]:
-        """Each row's usable captions in order ([] for a bad row)."""
-        for row in range(self.start, self.start + self.size):
-            try:
-                if row in self.table.bad:
-                    raise self.table.bad[row]
-                yield clean_captions(self.table.captions[row], self.table.name)
-            except BadSample:
-                yield []
-
-
-@dataclass(frozen=True)
-class FilesUnit:
-    """Image files (evaluation's benchmark images); keys are the paths."""
-
-    paths: tuple[str, ...]
-    start: int = 0
-
-    @property
-    def size(self) -> int:
-        return len(self.paths)
-
-    def identity(self) -> dict:
-        return {"files": files_digest(self.paths)}
-
-    def samples(self) -> Iterator[tuple[str, object]]:
-        for path in self.paths:
-            try:
-                yield path, load_image(Path(path), "image")  # the key names the file
-            except BadSample as bad:
-                yield path, bad.skipped(path)
-
-
-def dataset_units(source) -> list[Unit]:
-    """A dataset as units: one per shard, or chunks of :data:`TABLE_CHUNK` rows of a table."""
-    pairs = open_pairs(source)
-    if isinstance(pairs, ShardPairs):
-        rows = zip(pairs.shards, pairs.first_rows, pairs.sizes, strict=True)
-        return [ShardUnit(str(shard), first, size) for shard, first, size in rows]
-    return [
-        TableUnit(pairs, start, min(TABLE_CHUNK, len(pairs) - start))
-        for start in range(0, len(pairs), TABLE_CHUNK)
-    ]
 
 
 # --------------------------------------------------------------------------- reading
@@ -298,19 +177,21 @@ def unit_files(folder: Path, unit: Unit) -> tuple[Path, Path, dict]:
     return folder / f"{stem}.npy", folder / f"{stem}.json", identity
 
 
-def _complete(npy: Path, index: Path, identity: dict, tower: str, unit: Unit, dim, dtype, verify):
-    """Whether a unit's files hold what they should; ``verify`` also checks their bytes."""
+def unit_complete(npy: Path, index: Path, identity: dict, tower: str, rows, dim, dtype, verify):
+    """Whether a unit's files hold what they should: ``rows`` rows (None: one per key, as a
+    caption unit has) of ``dim`` in ``dtype``; ``verify`` also checks their bytes."""
     try:
         meta = json.loads(index.read_text())
         with open(npy, "rb") as handle:
             shape, stored, _ = npy_header(handle)
+        keys = len(meta.get("keys", ()))
         good = (
             meta.get("format") == FORMAT
             and meta.get("tower") == tower
             and meta.get("identity") == identity
-            and shape == (unit.size, dim)
+            and shape == (keys if rows is None else rows, dim)
+            and keys == shape[0]
             and stored == np.dtype(dtype)
-            and len(meta.get("keys", ())) == unit.size
         )
         if good and verify and meta.get("sha256") != file_sha256(npy):
             log.warning("feature cache %s: its bytes changed since it was written", npy)
@@ -409,7 +290,7 @@ def build_caches(
         layout[name] = (folder, digest)
         for number, unit in enumerate(units):
             npy, index, identity = unit_files(folder, unit)
-            if not _complete(npy, index, identity, digest, unit, dim, spec.dtype, verify):
+            if not unit_complete(npy, index, identity, digest, unit.size, dim, spec.dtype, verify):
                 todo.setdefault(number, []).append(name)
     if todo:
         _compute(

@@ -80,10 +80,7 @@ EVAL_DATA_KEYS = (
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from threetowers.data.pipeline import ensure_world
-    from threetowers.evaluation.inputs import EvalCache
-    from threetowers.evaluation.suite import chance_levels, evaluate_model, resolve_benchmarks
-    from threetowers.runs.trained import load_trained
+    from threetowers.runs.trained import evaluate_trained, load_trained
 
     run = load_trained(args.run)
     foreign = [
@@ -97,22 +94,10 @@ def _eval(args: argparse.Namespace) -> None:
             f"only (the model is fixed), got {foreign}"
         )
     cfg = load_config(run.run_dir / "config.yaml", args.overrides)
-    world = ensure_world(cfg.data.world) if cfg.data.train is None else None
-    benchmarks = resolve_benchmarks(cfg.eval, world, cfg.data.allow_absolute_paths)
     out = Path(args.out) if args.out else run.run_dir
-    results = evaluate_model(
-        run.model,
-        run.tokenizer,
-        benchmarks,
-        cfg.eval,
-        out,
-        step=run.step,
-        max_bad_fraction=cfg.data.max_bad_fraction,
-        cache=EvalCache.of(cfg.data),
-        num_workers=cfg.data.num_workers,
-    )
+    results, chance = evaluate_trained(run, cfg, out)
     print(f"step {run.step} of {run.run_dir}; eval.json in {out}")
-    print(results_table(results, chance_levels(benchmarks)))
+    print(results_table(results, chance))
 
 
 def _embed(args: argparse.Namespace) -> None:
@@ -184,8 +169,10 @@ def _pretrain(args: argparse.Namespace) -> None:
 
 
 def _reproduce(args: argparse.Namespace) -> None:
+    from threetowers.experiments.open_vocab import open_vocab
     from threetowers.experiments.reproduce import quick, reproduce
 
+    experiments = {"paper": reproduce, "open-vocab": open_vocab}
     cfg = load_config(args.config, args.overrides)
     if args.quick:
         cfg = quick(cfg)
@@ -195,9 +182,11 @@ def _reproduce(args: argparse.Namespace) -> None:
         cfg = cfg.model_copy(
             update={"reproduce": cfg.reproduce.model_copy(update={"seeds": args.seeds})}
         )
-    reproduce(cfg, args.out, progress=not args.quiet)
-    print((Path(args.out) / "results.md").read_text(), end="")
-    print(f"\nresults.json, results.md, bars.png and alpha.png are in {args.out}")
+    out = Path(args.out or ("runs/reproduce" if args.experiment == "paper" else "runs/open-vocab"))
+    experiments[args.experiment](cfg, out, progress=not args.quiet)
+    print((out / "results.md").read_text(), end="")
+    figures = ", ".join(sorted(path.name for path in out.glob("*.png")))
+    print(f"\nresults.json, results.md and {figures} are in {out}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -256,9 +245,18 @@ def parser() -> argparse.ArgumentParser:
         "--config", default="reproduce", help="a YAML file or a preset (default: reproduce)"
     )
     repro.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    repro.add_argument(
+        "--experiment",
+        choices=("paper", "open-vocab"),
+        default="paper",
+        help="paper: CLIP vs LiT vs 3T in three settings (default); open-vocab: CLIP and 3T "
+        "with the ImageNet tower, MiniLM or both, on queries in held-out words",
+    )
     repro.add_argument("--quick", action="store_true", help="one seed, short runs (a smoke run)")
     repro.add_argument("--seeds", type=int, help="seeds per run (default: reproduce.seeds)")
-    repro.add_argument("--out", default="runs/reproduce", help="where runs and results go")
+    repro.add_argument(
+        "--out", help="where runs and results go (default: runs/reproduce, runs/open-vocab)"
+    )
     repro.add_argument("--quiet", action="store_true", help="no progress bar")
     repro.set_defaults(handler=_reproduce)
 

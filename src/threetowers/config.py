@@ -251,7 +251,9 @@ class DataConfig(Section):
 class EvalConfig(Section):
     """Benchmarks; left empty with the embedded world, its own sets are used."""
 
-    retrieval: str | None = None  # Karpathy-split JSON (dataset_flickr30k.json, ...)
+    # Karpathy-split JSON (dataset_flickr30k.json, ...), or several by name (the first is the
+    # primary set; another's metrics carry its name: i2t_NAME_R@1)
+    retrieval: str | dict[str, str] | None = None
     # The folder its entries' filepath/filename are relative to; None: the JSON's folder, or
     # its flickr30k-images/ subfolder when the images are there
     retrieval_images: str | None = None

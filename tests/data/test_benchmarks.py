@@ -101,11 +101,13 @@ def test_the_real_flickr30k_and_coco_layouts_load_from_a_config(tmp_path, caplog
     flickr = flickr30k_layout(tmp_path / "flickr")
     sets = resolve_benchmarks(EvalConfig(retrieval=str(flickr)), None)
     images = tmp_path / "flickr" / "flickr30k-images"
-    assert sets.retrieval.image_paths == [images / n for n in ("a.jpg", "c.jpg", "f.jpg")]
+    assert sets.retrieval["retrieval"].image_paths == [
+        images / n for n in ("a.jpg", "c.jpg", "f.jpg")
+    ]
     assert f"3 test images under {images}" in caplog.text  # says which folder it used
     coco = write_karpathy(tmp_path / "coco")  # beside train2014/ and val2014/
     val = resolve_benchmarks(EvalConfig(retrieval=str(coco), retrieval_split="val"), None)
-    assert val.retrieval.image_paths == [tmp_path / "coco" / "val2014" / "d.jpg"]
+    assert val.retrieval["retrieval"].image_paths == [tmp_path / "coco" / "val2014" / "d.jpg"]
     # a JSON kept apart from its images: eval.retrieval_images names their folder
     apart = tmp_path / "splits" / "dataset_flickr30k.json"
     apart.parent.mkdir()
@@ -113,7 +115,7 @@ def test_the_real_flickr30k_and_coco_layouts_load_from_a_config(tmp_path, caplog
     with pytest.raises(FileNotFoundError, match="set eval.retrieval_images to the folder"):
         resolve_benchmarks(EvalConfig(retrieval=str(apart)), None)
     cfg = EvalConfig(retrieval=str(apart), retrieval_images=str(images))
-    assert resolve_benchmarks(cfg, None).retrieval.image_paths[0] == images / "a.jpg"
+    assert resolve_benchmarks(cfg, None).retrieval["retrieval"].image_paths[0] == images / "a.jpg"
 
 
 def test_karpathy_errors(tmp_path):

@@ -87,7 +87,7 @@ def test_evaluation_with_the_cache_scores_exactly_as_without(tmp_path):
     broken.write_bytes(b"\x89PNG\r\n\x1a\n damaged")
     world = json.loads((world_dir / "manifest.json").read_text()) | {"root": str(world_dir)}
     benchmarks = resolve_benchmarks(EvalConfig(), world)
-    captions = benchmarks.retrieval.captions
+    captions = benchmarks.retrieval["world"].captions
     tokenizer = CaptionTokenizer.train(captions, vocab_size=512, context_length=16)
     model = tiny_model("3t")
     cache = EvalCache(str(tmp_path / "cache"), True, True)

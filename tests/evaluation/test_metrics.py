@@ -346,6 +346,6 @@ def test_image_to_text_chance_is_what_random_embeddings_score():
         assert image_to_text_chance(per_image, k) == pytest.approx(direct, abs=1e-12)
     assert image_to_text_chance(per_image, 10) < 0.7  # far from the estimate's 100%
     assert image_to_text_chance([5], 10) == 1.0  # its own 5 captions are all there is
-    printed = chance_levels(Benchmarks(RetrievalSet([Path()] * 10, ["c"] * 55, owners)))
+    printed = chance_levels(Benchmarks({"flickr": RetrievalSet([Path()] * 10, ["c"] * 55, owners)}))
     assert printed["i2t_R@10"] == pytest.approx(100 * image_to_text_chance(per_image, 10))
     assert printed["t2i_R@10"] == 100.0 and printed["t2i_R@1"] == pytest.approx(10.0)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from threetowers.data.benchmarks import (
 )
 from threetowers.data.sources.bad_samples import BadDataError, BadSampleLog
 from threetowers.data.tokenizer import CaptionTokenizer
+from threetowers.data.world.generate import RETRIEVAL_FILES
 from threetowers.evaluation import metrics
 from threetowers.evaluation.inputs import EvalCache, image_inputs
 from threetowers.model.objective import Z_F, Z_G, Objective
@@ -38,7 +41,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Benchmarks:
-    retrieval: RetrievalSet | None = None
+    """The sets to evaluate on, by name; the first of each kind is the primary one."""
+
+    retrieval: dict[str, RetrievalSet] = field(default_factory=dict)
     zeroshot: dict[str, ClassificationSet] = field(default_factory=dict)
     fewshot_train: ClassificationSet | None = None  # labelled shots for the primary set
 
@@ -46,19 +51,28 @@ class Benchmarks:
 def resolve_benchmarks(
     cfg: EvalConfig, world: dict | None, allow_absolute_paths: bool = False
 ) -> Benchmarks:
-    """The configured benchmarks; with the embedded world and nothing configured, its own."""
-    retrieval_json, zeroshot = cfg.retrieval, dict(cfg.zeroshot)
+    """The configured benchmarks; with the embedded world and nothing configured, its own:
+    retrieval and zero-shot in its training words, and again in held-out words
+    (``data/world/heldout.py``)."""
+    retrieval = cfg.retrieval if isinstance(cfg.retrieval, dict) else {}
+    if isinstance(cfg.retrieval, str):
+        retrieval = {"retrieval": cfg.retrieval}
+    zeroshot = dict(cfg.zeroshot)
     if world is not None:
         root = Path(world["root"])
-        retrieval_json = retrieval_json or str(root / "retrieval" / "dataset_world.json")
+        retrieval = retrieval or {
+            name: str(root / "retrieval" / file) for name, file in RETRIEVAL_FILES.items()
+        }
         zeroshot = zeroshot or {
             "objects": str(root / "zeroshot_objects"),
             "places": str(root / "zeroshot_places"),
+            "heldout": str(root / "zeroshot_objects_heldout"),
         }
     sets = Benchmarks()
-    if retrieval_json:
+    for name, retrieval_json in retrieval.items():
+        key = "eval.retrieval" if isinstance(cfg.retrieval, str) else f"eval.retrieval.{name}"
         try:
-            sets.retrieval = load_karpathy(
+            sets.retrieval[name] = load_karpathy(
                 retrieval_json,
                 cfg.retrieval_images,
                 split=cfg.retrieval_split,
@@ -70,9 +84,7 @@ def resolve_benchmarks(
                 if Path(retrieval_json).is_file()
                 else "give a Karpathy-split JSON (dataset_flickr30k.json, dataset_coco.json)"
             )
-            raise FileNotFoundError(
-                f"eval.retrieval: {error}; {fix}, or leave eval.retrieval unset"
-            ) from None
+            raise FileNotFoundError(f"{key}: {error}; {fix}, or leave {key} unset") from None
     for name, root in zeroshot.items():
         try:
             sets.zeroshot[name] = load_class_folder(root, cfg.zeroshot_split)
@@ -86,6 +98,17 @@ def resolve_benchmarks(
         if (primary / "val").is_dir():
             sets.fewshot_train = load_class_folder(primary, "val")
     return sets
+
+
+def metric_names(kind: str, name: str, position: int) -> Callable[[str], str]:
+    """How a set's metrics are named: the primary set's plainly (``i2t_R@1``,
+    ``zeroshot_top1``), another's with its name (``i2t_heldout_R@1``,
+    ``zeroshot_places_top1``)."""
+    if position == 0:
+        return lambda key: key
+    if kind == "retrieval":
+        return lambda key: key.replace("_R@", f"_{name}_R@")
+    return lambda key: key.replace("zeroshot", f"zeroshot_{name}")
 
 
 @torch.no_grad()
@@ -173,24 +196,34 @@ def evaluate_model(
     sweeps: dict[tuple[float, ...], dict] = {}
     bad_images = BadSampleLog(max_bad_fraction, "evaluation images")
 
-    def embed(paths) -> dict[str, torch.Tensor]:
-        embedded = embed_images(model, paths, cfg.batch_size, bad_images, cache, num_workers)
-        bad_images.check()  # benchmark sets are small: judged as each one is read
-        return embedded
+    by_files: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
 
-    if benchmarks.retrieval is not None:
-        images = embed(benchmarks.retrieval.image_paths)
-        captions, image_of_text = _captions_of(benchmarks.retrieval, images["index"])
-        texts = embed_texts(model, tokenizer, captions, cfg.batch_size)
-        results |= metrics.retrieval(images[image_key], texts[text_key], image_of_text)
-        if mixture is not None:
-            _merge(
-                sweeps,
-                mixture.sweep(images, texts, lambda i, t: metrics.retrieval(i, t, image_of_text)),
+    def embed(paths) -> dict[str, torch.Tensor]:
+        """Each list of image files once: sets that share images (the world's held-out sets
+        link to the ordinary ones) share their embeddings."""
+        files = tuple(os.path.realpath(path) for path in paths)
+        if files not in by_files:
+            by_files[files] = embed_images(
+                model, paths, cfg.batch_size, bad_images, cache, num_workers
             )
+            bad_images.check()  # benchmark sets are small: judged as each one is read
+        return by_files[files]
+
+    for position, (name, retrieval) in enumerate(benchmarks.retrieval.items()):
+        named = metric_names("retrieval", name, position)
+        images = embed(retrieval.image_paths)
+        captions, image_of_text = _captions_of(retrieval, images["index"])
+        texts = embed_texts(model, tokenizer, captions, cfg.batch_size)
+        scores = metrics.retrieval(images[image_key], texts[text_key], image_of_text)
+        results |= {named(k): v for k, v in scores.items()}
+        if mixture is not None:
+            rows = mixture.sweep(
+                images, texts, lambda i, t, owners=image_of_text: metrics.retrieval(i, t, owners)
+            )
+            _merge(sweeps, [{named(k): v for k, v in row.items()} for row in rows])
 
     for position, (name, dataset) in enumerate(benchmarks.zeroshot.items()):
-        prefix = "zeroshot" if position == 0 else f"zeroshot_{name}"
+        named = metric_names("zeroshot", name, position)
         images = embed(dataset.image_paths)
         labels = dataset.labels[images["index"]]
         classes = {
@@ -204,15 +237,12 @@ def evaluate_model(
             for key in (mixture.text_parts if mixture is not None else (text_key,))
         }
         scores = metrics.zeroshot(images[image_key], classes[text_key], labels)
-        results |= {k.replace("zeroshot", prefix): v for k, v in scores.items()}
+        results |= {named(k): v for k, v in scores.items()}
         if mixture is not None:
             rows = mixture.sweep(
                 images, classes, lambda i, c, labels=labels: metrics.zeroshot(i, c, labels)
             )
-            _merge(
-                sweeps,
-                [{k.replace("zeroshot", prefix): v for k, v in row.items()} for row in rows],
-            )
+            _merge(sweeps, [{named(k): v for k, v in row.items()} for row in rows])
         if position == 0 and benchmarks.fewshot_train is not None:
             train = benchmarks.fewshot_train
             embedded = embed(train.image_paths)
@@ -309,17 +339,18 @@ def _captions_of(retrieval: RetrievalSet, kept: torch.Tensor) -> tuple[list[str]
 def chance_levels(benchmarks: Benchmarks) -> dict[str, float]:
     """What random embeddings would score, in %, to print next to the results."""
     chance: dict[str, float] = {}
-    if benchmarks.retrieval is not None:
-        images = len(benchmarks.retrieval)
-        per_image = torch.bincount(benchmarks.retrieval.image_of_caption, minlength=images)
+    for position, (name, retrieval) in enumerate(benchmarks.retrieval.items()):
+        named = metric_names("retrieval", name, position)
+        images = len(retrieval)
+        per_image = torch.bincount(retrieval.image_of_caption, minlength=images)
         for k in (1, 5, 10):
-            chance[f"t2i_R@{k}"] = 100 * min(1.0, k / images)  # its one image among N
-            chance[f"i2t_R@{k}"] = 100 * image_to_text_chance(per_image.tolist(), k)
+            chance[named(f"t2i_R@{k}")] = 100 * min(1.0, k / images)  # its one image among N
+            chance[named(f"i2t_R@{k}")] = 100 * image_to_text_chance(per_image.tolist(), k)
     for position, (name, dataset) in enumerate(benchmarks.zeroshot.items()):
-        prefix = "zeroshot" if position == 0 else f"zeroshot_{name}"
+        named = metric_names("zeroshot", name, position)
         classes = len(dataset.class_names)
-        chance[f"{prefix}_top1"] = 100 / classes
-        chance[f"{prefix}_top5"] = 100 * min(1.0, 5 / classes)
+        chance[named("zeroshot_top1")] = 100 / classes
+        chance[named("zeroshot_top5")] = 100 * min(1.0, 5 / classes)
         if position == 0:
             chance["fewshot_top1"] = 100 / classes
     return chance

@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from threetowers.config import Config, PretrainConfig, ReproduceConfig
+from threetowers.config import Config, ModelConfig, PretrainConfig, ReproduceConfig
 from threetowers.data.pipeline import TrainingData, ensure_world
 from threetowers.data.world.generate import VERSION as WORLD_VERSION
 from threetowers.experiments.jobs import Job, run_jobs
@@ -148,6 +148,11 @@ def run_config(cfg: Config, spec: RunSpec, out: Path) -> Config:
     elif spec.setting == "imagenet":
         third = model.third.model_copy(update={"backbone": "efficientnet_lite0", "path": None})
         model = model.model_copy(update={"third": third})
+    return with_run(cfg, model, spec, out)
+
+
+def with_run(cfg: Config, model: ModelConfig, spec: RunSpec, out: Path) -> Config:
+    """``cfg`` with ``model``, the run's seed and its directory ``OUT/runs/NAME``."""
     run_dir = out / "runs" / spec.name
     train_cfg = cfg.train.model_copy(update={"seed": spec.seed, "run_dir": str(run_dir)})
     # The pretrain and reproduce sections do not change a run (its classifier's path does):
@@ -162,18 +167,24 @@ def run_config(cfg: Config, spec: RunSpec, out: Path) -> Config:
     )
 
 
+def shared_tokenizer(cfg: Config, out: Path) -> tuple[Config, Path | None]:
+    """One tokenizer for every run (the same captions would train the same one each time):
+    ``cfg`` reading ``OUT/tokenizer.json``, which the first data job writes, and that path;
+    a tokenizer the config names is used as it is (None)."""
+    if cfg.data.tokenizer is not None:
+        return cfg, None
+    tokenizer = out / "tokenizer.json"
+    shared = cfg.data.model_copy(update={"tokenizer": str(tokenizer.resolve())})
+    return cfg.model_copy(update={"data": shared}), tokenizer
+
+
 def jobs(cfg: Config, out: Path) -> list[Job]:
     """The shared tokenizer and data, the classifiers, then the runs seed by seed (the list
     order is the priority: seed 0 completes first, so a stopped command has whole seeds to
     report)."""
     settings = cfg.reproduce.settings
-    clip = run_config(cfg, RunSpec("none", "clip", 0), out)
-    # One tokenizer for every run: the same captions would train the same one each time.
-    tokenizer = None
-    if cfg.data.tokenizer is None:
-        tokenizer = out / "tokenizer.json"  # trained by the first data job, read by the rest
-        shared = cfg.data.model_copy(update={"tokenizer": str(tokenizer.resolve())})
-        cfg = cfg.model_copy(update={"data": shared})
+    clip = run_config(cfg, RunSpec("none", "clip", 0), out)  # trains the shared tokenizer
+    cfg, tokenizer = shared_tokenizer(cfg, out)
     out_jobs = [Job("data:none", prepare_data, ([clip], tokenizer))]
     for setting in settings:
         after: tuple[str, ...] = ("data:none",)

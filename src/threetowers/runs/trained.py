@@ -40,3 +40,26 @@ def load_trained(path: str | Path, device: str = "cpu") -> TrainedRun:
     restore_model(model, checkpoint)
     tokenizer = CaptionTokenizer.load(run_dir / "tokenizer.json", cfg.model.text.context_length)
     return TrainedRun(run_dir, cfg, model.eval(), tokenizer, checkpoint.step)
+
+
+def evaluate_trained(run: TrainedRun, cfg: Config, out_dir: Path | None) -> tuple[dict, dict]:
+    """``run``'s model on the benchmarks of ``cfg`` (the run's config, perhaps with other
+    eval.* settings): its metrics (eval.json in ``out_dir`` when given) and the chance levels."""
+    from threetowers.data.pipeline import ensure_world
+    from threetowers.evaluation.inputs import EvalCache
+    from threetowers.evaluation.suite import chance_levels, evaluate_model, resolve_benchmarks
+
+    world = ensure_world(cfg.data.world) if cfg.data.train is None else None
+    benchmarks = resolve_benchmarks(cfg.eval, world, cfg.data.allow_absolute_paths)
+    results = evaluate_model(
+        run.model,
+        run.tokenizer,
+        benchmarks,
+        cfg.eval,
+        out_dir,
+        step=run.step,
+        max_bad_fraction=cfg.data.max_bad_fraction,
+        cache=EvalCache.of(cfg.data),
+        num_workers=cfg.data.num_workers,
+    )
+    return results, chance_levels(benchmarks)

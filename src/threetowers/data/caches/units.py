@@ -3,6 +3,7 @@ one file (a shard, a chunk of :data:`TABLE_CHUNK` rows of a table, or a list of 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,7 +108,10 @@ class FilesUnit:
         return len(self.paths)
 
     def identity(self) -> dict:
-        return {"files": files_digest(self.paths)}
+        # The rows are keyed by the paths as given: two lists naming the same files by
+        # other paths (a link, a relative path) are two units, never one with wrong keys.
+        paths = hashlib.sha256("\n".join(self.paths).encode()).hexdigest()
+        return {"files": files_digest(self.paths), "paths": paths}
 
     def samples(self) -> Iterator[tuple[str, object]]:
         for path in self.paths:

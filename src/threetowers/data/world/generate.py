@@ -34,6 +34,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from threetowers.data.world.heldout import (
+    HELDOUT_CLASSNAMES,
+    HELDOUT_TEMPLATES,
+    heldout_captions,
+)
 from threetowers.data.world.render import (
     COLOURS,
     OBJECT_CLASSES,
@@ -62,7 +67,8 @@ __all__ = [
 ]
 
 # Bump whenever rendering or captions change, so an old world on disk is never reused.
-VERSION = 3
+# 4: the held-out vocabulary sets (heldout.py); the other outputs are as in 3.
+VERSION = 4
 
 OBJECT_TEMPLATES = [
     "a photo of a {}.",
@@ -101,6 +107,8 @@ SPLITS = {
     "pretrain_scenes_train": (10, "scene"),
     "pretrain_scenes_val": (11, "scene"),
 }
+# The retrieval sets' Karpathy files, by set name: one set of images, two caption sets.
+RETRIEVAL_FILES = {"world": "dataset_world.json", "heldout": "dataset_world_heldout.json"}
 _LABELS = {"object": OBJECT_CLASSES, "place": PLACES, "scene": SCENES}
 
 
@@ -220,30 +228,38 @@ def _write_folder(spec: WorldSpec, split: str, start: int, stop: int, root: str)
 
 
 def _write_retrieval(spec: WorldSpec, split: str, start: int, stop: int, root: str, first: int):
-    """Images ``r{imgid}.png``; returns the Karpathy entries (imgid = first + index)."""
-    entries = []
+    """Images ``r{imgid}.png``; returns the Karpathy entries (imgid = first + index) of the
+    ordinary captions (``"world"``) and of the held-out ones (``"heldout"``)."""
+    entries: dict[str, list[dict]] = {name: [] for name in RETRIEVAL_FILES}
+    split_id = SPLITS[split][0]
     for index in range(start, stop):
         image, meta = render(spec, split, index)
         imgid = first + index
         filename = f"r{imgid:06d}.png"
         image.save(Path(root, filename), compress_level=1)
         n = len(meta["captions"])
-        sentids = list(range(imgid * n, imgid * n + n))
-        sentences = [
-            {"raw": raw, "tokens": _tokens(raw), "imgid": imgid, "sentid": sentid}
-            for raw, sentid in zip(meta["captions"], sentids, strict=True)
-        ]
-        entries.append(
-            {
-                "filename": filename,
-                "filepath": "images",
-                "split": split.removeprefix("retrieval_"),
-                "imgid": imgid,
-                "sentids": sentids,
-                "sentences": sentences,
-            }
-        )
+        # Its own stream: the held-out captions leave every ordinary one as it was.
+        seed = int(np.random.default_rng([spec.seed, split_id, index, 1]).integers(1 << 62))
+        texts = {"world": meta["captions"], "heldout": heldout_captions(meta, seed, n)}
+        for name, captions_of_name in texts.items():
+            entries[name].append(_karpathy_entry(split, filename, imgid, captions_of_name))
     return entries
+
+
+def _karpathy_entry(split: str, filename: str, imgid: int, texts: list[str]) -> dict:
+    n = len(texts)
+    sentids = list(range(imgid * n, imgid * n + n))
+    return {
+        "filename": filename,
+        "filepath": "images",
+        "split": split.removeprefix("retrieval_"),
+        "imgid": imgid,
+        "sentids": sentids,
+        "sentences": [
+            {"raw": raw, "tokens": _tokens(raw), "imgid": imgid, "sentid": sentid}
+            for raw, sentid in zip(texts, sentids, strict=True)
+        ],
+    }
 
 
 _TASKS = {"shard": _write_shard, "folder": _write_folder, "retrieval": _write_retrieval}
@@ -256,7 +272,7 @@ def _run(task):
 
 # ------------------------------------------------------------------- writing
 _OUTPUTS = ("pairs", "retrieval", "zeroshot_objects", "zeroshot_places")
-_OUTPUTS += ("pretrain_objects", "pretrain_scenes")
+_OUTPUTS += ("pretrain_objects", "pretrain_scenes", "zeroshot_objects_heldout")
 _CHUNK = 500  # images per task for the folder sets: small enough to balance two workers
 
 
@@ -287,7 +303,7 @@ def _plan(spec: WorldSpec, out: Path):
             tasks.append(("retrieval", spec, split, start, stop, str(images), first))
         counts[f"retrieval/{split.removeprefix('retrieval_')}"] = total
         first += total
-    files["retrieval"] = ["retrieval/dataset_world.json"]
+    files["retrieval"] = [f"retrieval/{file}" for file in RETRIEVAL_FILES.values()]
 
     val_objects = round(spec.pretrain_objects_per_class * spec.pretrain_val_fraction)
     val_scenes = round(spec.pretrain_scenes_per_class * spec.pretrain_val_fraction)
@@ -320,6 +336,17 @@ def _plan(spec: WorldSpec, out: Path):
     templates = "\n".join(OBJECT_TEMPLATES) + "\n"
     (out / "zeroshot_objects" / "templates.txt").write_text(templates)
     (out / "zeroshot_places" / "templates.txt").write_text("\n".join(PLACE_TEMPLATES) + "\n")
+    # The object images again, prompted in held-out words: links, not copies.
+    heldout = out / "zeroshot_objects_heldout"
+    heldout.mkdir()
+    for part in ("val", "test"):
+        (heldout / part).symlink_to(Path("..", "zeroshot_objects", part), target_is_directory=True)
+    (heldout / "classnames.txt").write_text("\n".join(HELDOUT_CLASSNAMES) + "\n")
+    (heldout / "templates.txt").write_text("\n".join(HELDOUT_TEMPLATES) + "\n")
+    files["zeroshot_objects_heldout"] = [
+        "zeroshot_objects_heldout/classnames.txt",
+        "zeroshot_objects_heldout/templates.txt",
+    ]
     return tasks, counts, files
 
 
@@ -351,18 +378,20 @@ def write_world(out_dir: str | os.PathLike, spec: WorldSpec | None = None) -> Pa
 
     # Biggest tasks first, so the pool does not end waiting on one large shard.
     tasks.sort(key=lambda task: task[4] - task[3], reverse=True)
-    entries = []
+    entries: dict[str, list[dict]] = {name: [] for name in RETRIEVAL_FILES}
     if spec.workers > 1:
         with multiprocessing.get_context().Pool(spec.workers) as pool:
             results = list(pool.imap_unordered(_run, tasks))
     else:
         results = [_run(task) for task in tasks]
     for result in results:
-        if isinstance(result, list):
-            entries.extend(result)
-    entries.sort(key=lambda entry: entry["imgid"])
-    karpathy = {"dataset": "world", "images": entries}
-    (out / "retrieval" / "dataset_world.json").write_text(json.dumps(karpathy))
+        if isinstance(result, dict):  # a retrieval task's entries
+            for name, found in result.items():
+                entries[name].extend(found)
+    for name, file in RETRIEVAL_FILES.items():
+        images = sorted(entries[name], key=lambda entry: entry["imgid"])
+        karpathy = {"dataset": "world" if name == "world" else f"world-{name}", "images": images}
+        (out / "retrieval" / file).write_text(json.dumps(karpathy))
 
     manifest = {
         "version": VERSION,

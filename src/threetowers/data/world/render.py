@@ -318,7 +318,7 @@ POSITION_PHRASES = {
 }
 # Per place: prepositions, noun phrases (the first names the place itself), and whether the
 # scene names take an article.
-_PLACE_WORDS = {
+PLACE_WORDS = {
     "grass": (["on"], ["grass", "a lawn", "a meadow"], False),
     "sand": (["on"], ["sand", "a beach", "sandy ground"], False),
     "water": (["on", "floating on"], ["water", "the water", "a lake"], False),
@@ -332,17 +332,17 @@ _PLACE_WORDS = {
 NUMBERS = {1: "one", 2: "two", 3: "three"}
 
 
-def _article(phrase: str) -> str:
+def with_article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
 def place_phrase(meta: dict, py: random.Random, exact: bool = False) -> tuple[str, str]:
     """(preposition, noun phrase) naming the image's fine scene or its coarse place; with
     ``exact``, never a loose synonym such as "a lawn"."""
-    preps, nouns, countable = _PLACE_WORDS[meta["place"]]
+    preps, nouns, countable = PLACE_WORDS[meta["place"]]
     roll = py.random()
     if roll < 0.5:
-        noun = _article(meta["scene"]) if countable else meta["scene"]
+        noun = with_article(meta["scene"]) if countable else meta["scene"]
     elif roll < 0.8 or exact:
         noun = nouns[0]  # the coarse place, as zero-shot place prompts name it
     else:
@@ -350,20 +350,26 @@ def place_phrase(meta: dict, py: random.Random, exact: bool = False) -> tuple[st
     return py.choice(preps), noun
 
 
-def _object_phrase(
-    obj: dict, py: random.Random, size: bool, colour: bool, where: bool, article: bool = True
+def object_phrase(
+    obj: dict,
+    py: random.Random,
+    size: bool,
+    colour: bool,
+    where: bool,
+    article: bool = True,
+    class_words: dict[str, list[str]] = CLASS_WORDS,
 ) -> str:
     words = []
     if size:
         words.append(py.choice(SIZE_WORDS[obj["size"]]))
     if colour:
         words.append(py.choice(COLOUR_WORDS[obj["colour"]]))
-    words.append(py.choice(CLASS_WORDS[obj["class"]]))
-    phrase = _article(" ".join(words)) if article else " ".join(words)
+    words.append(py.choice(class_words[obj["class"]]))
+    phrase = with_article(" ".join(words)) if article else " ".join(words)
     return f"{phrase} {py.choice(POSITION_PHRASES[obj['position']])}" if where else phrase
 
 
-def _join(parts: list[str]) -> str:
+def join_phrases(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
@@ -387,7 +393,7 @@ def _caption(meta: dict, py: random.Random, complete: bool) -> str:
     size, colour, where, place = (complete or py.random() < p for p in rates)
     prep, noun = place_phrase(meta, py, exact=complete)
     at = f" {prep} {noun}" if place else ""
-    things = [_object_phrase(o, py, size, colour, where) for o in objects]
+    things = [object_phrase(o, py, size, colour, where) for o in objects]
     n = len(things)
     count = NUMBERS[n]
     kind = py.choice(["objects", "shapes", "things"]) if n > 1 else "object"
@@ -403,15 +409,16 @@ def _caption(meta: dict, py: random.Random, complete: bool) -> str:
             lambda: f"{at.strip()}, {one}" if place else f"a picture of {one}",
             lambda: f"a photo of {one}{at}",
             lambda: f"a simple drawing of {one}",  # incomplete forms from here on
-            lambda: "one " + _object_phrase(objects[0], py, size, colour, where, article=False),
+            lambda: "one " + object_phrase(objects[0], py, size, colour, where, article=False),
         ]
     else:
+        all_things = join_phrases(things)
         forms = [
-            lambda: f"{count} {kind}{at}: {_join(things)}",
-            lambda: f"{_join(things)}{at}",
-            lambda: f"there are {count} {kind}{at}: {_join(things)}",
-            lambda: f"{noun} with {_join(things)}" if place else f"a picture of {_join(things)}",
-            lambda: f"{things[0]}{at}, together with {_join(things[1:])}",
+            lambda: f"{count} {kind}{at}: {all_things}",
+            lambda: f"{all_things}{at}",
+            lambda: f"there are {count} {kind}{at}: {all_things}",
+            lambda: f"{noun} with {all_things}" if place else f"a picture of {all_things}",
+            lambda: f"{things[0]}{at}, together with {join_phrases(things[1:])}",
             lambda: f"{count} {kind}{at}, including {things[0]}",
             lambda: f"{things[0]} and {others}{at}",
         ]

@@ -13,8 +13,9 @@ Every sample is a pure function of
 ``(seed, split, index)``, so generation is order-independent and parallel.
 
 ``write_world(out_dir, spec)`` writes webdataset shards of pairs, a Karpathy-format retrieval
-set, zero-shot object and place folders, and the two labelled pretraining sets; drawing and
-captions live in ``render``.
+set, zero-shot object and place folders, the two labelled pretraining sets, and the retrieval
+and object sets again in words no training caption uses (``heldout``); drawing and captions
+live in ``render``.
 """
 
 from __future__ import annotations

@@ -117,6 +117,38 @@ def _embed(args: argparse.Namespace) -> None:
     print(f"{len(keys)} embeddings of dim {vectors.shape[1]} -> {args.out}")
 
 
+def _index(args: argparse.Namespace) -> None:
+    from threetowers.runs.trained import load_trained
+    from threetowers.search.build import build_index
+    from threetowers.search.items import index_source
+
+    run = load_trained(args.run)
+    allow = run.cfg.data.allow_absolute_paths
+    source = index_source(args.images, args.data, args.split, allow_absolute_paths=allow)
+    manifest = build_index(
+        run,
+        source,
+        args.out,
+        dtype=args.dtype,
+        exact_below=args.exact_below,
+        progress=not args.quiet,
+    )
+    ann = manifest["ann"]
+    recall = f", recall@10 {ann['recall_at_10']:.3f} ({ann['params']})" if ann["params"] else ""
+    captions = f" and {manifest['captions']} captions" if manifest["captions"] else ""
+    print(f"{manifest['images']} images{captions} of {source.description} -> {args.out}")
+    print(f"  {manifest['dtype']} vectors, {ann['kind']} FAISS index{recall}")
+    if manifest["float16_recall_at_10"] is not None:
+        print(f"  float16 vs float32: recall@10 {manifest['float16_recall_at_10']:.4f}")
+    print(f"search it: threetowers serve {args.out}")
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from threetowers.search.server import serve
+
+    serve(args.index, args.host, args.port, args.run)
+
+
 def _cache(args: argparse.Namespace) -> None:
     from threetowers.data.caches.captions import build_caption_caches
     from threetowers.data.caches.features import CacheSpec, build_caches
@@ -229,6 +261,39 @@ def parser() -> argparse.ArgumentParser:
     )
     embed.add_argument("--out", required=True, help="output .safetensors or .npy")
     embed.set_defaults(handler=_embed)
+
+    index = commands.add_parser(
+        "index", help="embed a set of images with a trained run into a searchable index"
+    )
+    index.add_argument("run", help="a run directory, or one of its checkpoints/step_N")
+    index.add_argument("--images", help="a directory of images (searched recursively)")
+    index.add_argument(
+        "--data",
+        help="a Karpathy-split .json (images with captions), a CSV/TSV/JSONL table or "
+        "webdataset shards",
+    )
+    index.add_argument("--split", default="test", help="the .json's split (default: test)")
+    index.add_argument("--out", required=True, help="the index directory")
+    index.add_argument(
+        "--dtype", default="float16", choices=("float16", "float32"), help="stored vectors"
+    )
+    index.add_argument(
+        "--exact-below",
+        type=int,
+        default=50_000,
+        help="exact search below this many images, approximate (HNSW, IVF) above",
+    )
+    index.add_argument("--quiet", action="store_true", help="no progress bar")
+    index.set_defaults(handler=_index)
+
+    serve = commands.add_parser("serve", help="search an index in the browser (and over HTTP)")
+    serve.add_argument("index", help="a directory written by `threetowers index`")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="the address to bind (default: loopback only)"
+    )
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--run", help="the run that built the index (default: its recorded path)")
+    serve.set_defaults(handler=_serve)
 
     pretrain = commands.add_parser(
         "pretrain", help="train a classifier on class folders; the result serves as a third tower"

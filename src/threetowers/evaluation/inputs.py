@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from threetowers.backbones.frozen import FrozenBackbone, Preprocessing
@@ -67,17 +68,40 @@ def image_inputs(
         rows = image_rows(paths, PixelEvalTransform(pre), pixels_dir)
         return ImageInput(rows, pre.normalize_pixels)
 
+    def features(name: str, tower: FrozenBackbone) -> ImageInput:
+        device = next(model.parameters()).device
+        rows = cached_frozen_features(name, tower, paths, batch_size, device, cache.directory)
+        return ImageInput(rows, _as_is)
+
+    cached = cache is not None and cache.features
+    return _model_inputs(model, pixels, features if cached else None)
+
+
+def decoded_inputs(model: ThreeTowers, images: Sequence[Image.Image]) -> dict[str, ImageInput]:
+    """:func:`image_inputs` for images already decoded (RGB), the same views of them."""
+
+    def pixels(pre: Preprocessing) -> ImageInput:
+        view = PixelEvalTransform(pre)
+        rows = [(i, view(image)) for i, image in enumerate(images)]
+        return ImageInput(rows, pre.normalize_pixels)
+
+    return _model_inputs(model, pixels, None)
+
+
+def _model_inputs(
+    model: ThreeTowers,
+    pixels: Callable[[Preprocessing], ImageInput],
+    features: Callable[[str, FrozenBackbone], ImageInput] | None,
+) -> dict[str, ImageInput]:
+    """Which inputs ``model`` reads: f's view, and each frozen image tower's features
+    (``features``, when they are cached) or its own view."""
     inputs = {}
     if model.image_tower is not None:
         inputs["images"] = pixels(model.image_preprocessing)
     for name in model.structure.image_towers:  # text towers read the captions
         tower = model.frozen[name]
-        if cache is not None and cache.features:
-            device = next(model.parameters()).device
-            features = cached_frozen_features(
-                name, tower, paths, batch_size, device, cache.directory
-            )
-            inputs[f"frozen_features/{name}"] = ImageInput(features, _as_is)
+        if features is not None:
+            inputs[f"frozen_features/{name}"] = features(name, tower)
         elif model.image_tower is not None:  # 3t: the tower's own view, as in training
             inputs[f"frozen_images/{name}"] = pixels(tower.preprocessing)
         else:  # lit: the locked tower's view is the model's image view

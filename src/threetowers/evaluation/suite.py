@@ -31,7 +31,7 @@ from threetowers.data.sources.bad_samples import BadDataError, BadSampleLog
 from threetowers.data.tokenizer import CaptionTokenizer
 from threetowers.data.world.generate import RETRIEVAL_FILES
 from threetowers.evaluation import metrics
-from threetowers.evaluation.inputs import EvalCache, image_inputs
+from threetowers.evaluation.inputs import EvalCache, ImageInput, image_inputs
 from threetowers.model.objective import Z_F, Z_G, Objective
 from threetowers.model.three_towers import ThreeTowers
 
@@ -129,6 +129,20 @@ def embed_images(
     ``num_workers`` loader processes read the rows (in order: the same embeddings).
     """
     inputs = image_inputs(model, paths, batch_size, cache)
+    example = f"e.g. {paths[0]}" if len(paths) else ""
+    return embed_inputs(model, inputs, batch_size, bad_images, num_workers, example)
+
+
+@torch.no_grad()
+def embed_inputs(
+    model: ThreeTowers,
+    inputs: dict[str, ImageInput],
+    batch_size: int = 256,
+    bad_images: BadSampleLog | None = None,
+    num_workers: int = 0,
+    example: str = "",
+) -> dict[str, torch.Tensor]:
+    """:func:`embed_images` on inputs made already (``image_inputs``, ``decoded_inputs``)."""
     device = next(p for p in model.parameters()).device
     loaders = {
         name: DataLoader(
@@ -155,7 +169,8 @@ def embed_images(
         for key, value in model.image_embeddings(**arguments).items():
             chunks.setdefault(key, []).append(value.float().cpu())
     if not chunks["index"]:
-        raise BadDataError(f"none of the {len(paths)} images could be used, e.g. {paths[0]}")
+        rows = len(next(iter(inputs.values())).rows)
+        raise BadDataError(f"none of the {rows} images could be used {example}".rstrip())
     return {key: torch.cat(values) for key, values in chunks.items()}
 
 

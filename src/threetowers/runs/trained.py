@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,10 @@ class TrainedRun:
     model: ThreeTowers
     tokenizer: CaptionTokenizer
     step: int
+    # Names these exact weights: what an index built from the run and the queries against it
+    # must agree on (the trained weights' checksum and the model config, which fixes the
+    # frozen towers).
+    fingerprint: str
 
 
 def load_trained(path: str | Path, device: str = "cpu") -> TrainedRun:
@@ -39,7 +45,13 @@ def load_trained(path: str | Path, device: str = "cpu") -> TrainedRun:
     model = build_model(cfg, device=device)
     restore_model(model, checkpoint)
     tokenizer = CaptionTokenizer.load(run_dir / "tokenizer.json", cfg.model.text.context_length)
-    return TrainedRun(run_dir, cfg, model.eval(), tokenizer, checkpoint.step)
+    identity = {
+        "weights": checkpoint.meta["sha256"]["model.safetensors"],
+        "model": cfg.model.model_dump(mode="json"),
+        "tokenizer": hashlib.sha256((run_dir / "tokenizer.json").read_bytes()).hexdigest(),
+    }
+    fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return TrainedRun(run_dir, cfg, model.eval(), tokenizer, checkpoint.step, fingerprint)
 
 
 def evaluate_trained(run: TrainedRun, cfg: Config, out_dir: Path | None) -> tuple[dict, dict]:

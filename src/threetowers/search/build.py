@@ -1,0 +1,293 @@
+"""``threetowers index``: a trained run's embeddings of a set of images, ready to search.
+
+An index directory holds
+
+    manifest.json      the run's fingerprint, the parts, counts, dtype, the FAISS choice and
+                       the recall it measured, the bad samples; written last (its presence
+                       means the index is complete)
+    images.npy         one row per image: its parts' embeddings concatenated (parts.py),
+                       float16 by default (the effect on recall@10 measured and recorded)
+    images.faiss       the FAISS index over those rows (ann.py)
+    images.parquet     row, id, location (file, or SHARD/KEY), source, first caption
+    thumbnails.bin     each image as a small JPEG, back to back; thumbnails.npy its offsets
+    captions.*         when the data has captions: their rows, index and table (caption,
+                       image row), for image->text search
+
+Images are embedded in chunks of ``chunk_size`` written to ``partial/`` as they finish, so an
+interrupted build resumes at its last chunk. Bad images are skipped, counted and named, as
+everywhere else; an id met twice is skipped the second time, so a result names one image.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+from tqdm import tqdm
+
+from threetowers.atomic import publish, save_npy, temporary_path, write_atomic
+from threetowers.data.sources.bad_samples import BadDataError, BadSample, BadSampleLog, Skipped
+from threetowers.evaluation.inputs import decoded_inputs
+from threetowers.evaluation.suite import embed_inputs, embed_texts
+from threetowers.runs.trained import TrainedRun
+from threetowers.search import ann
+from threetowers.search.items import IndexSource, Item
+from threetowers.search.parts import Parts
+
+log = logging.getLogger(__name__)
+INDEX_VERSION = 1
+CHUNK = 2048
+THUMBNAIL_SIDE = 256  # the longest side of a stored thumbnail, in pixels
+SAMPLE_QUERIES = 256  # queries per weight setting for the measured recalls
+DTYPES = ("float16", "float32")
+
+
+class IndexMismatch(ValueError):
+    """An index and a run (or a query, or a source) that do not belong together."""
+
+
+class Layout:
+    """The files of an index directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.manifest = root / "manifest.json"
+        self.vectors, self.ann, self.table = (
+            root / f"images.{suffix}" for suffix in ("npy", "faiss", "parquet")
+        )
+        self.caption_vectors, self.caption_ann, self.caption_table = (
+            root / f"captions.{suffix}" for suffix in ("npy", "faiss", "parquet")
+        )
+        self.thumbnails = root / "thumbnails.bin"
+        self.thumbnail_offsets = root / "thumbnails.npy"
+        self.partial = root / "partial"
+
+
+def build_index(
+    run: TrainedRun,
+    source: IndexSource,
+    out: str | Path,
+    dtype: str = "float16",
+    kind: str | None = None,
+    exact_below: int = ann.EXACT_BELOW,
+    chunk_size: int = CHUNK,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> dict:
+    """Build (or resume, or find complete) the index of ``source`` in ``out``; its manifest.
+    ``kind`` forces the FAISS index (``exact``, ``hnsw``, ``ivf``); by default it follows the
+    size (``exact_below``)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
+    layout = Layout(Path(out))
+    plan = {
+        "version": INDEX_VERSION,
+        "fingerprint": run.fingerprint,
+        "source": source.description,
+        "size": source.size,
+        "chunk_size": chunk_size,
+    }
+    if layout.manifest.is_file():
+        manifest = json.loads(layout.manifest.read_text())
+        if all(manifest.get(key) == plan[key] for key in ("fingerprint", "source", "version")):
+            log.info("%s is complete (%d images); nothing to do", layout.root, manifest["images"])
+            return manifest
+        raise IndexMismatch(
+            f"{layout.root} holds an index of another run or source ({manifest.get('run')}, "
+            f"{manifest.get('source')}); delete it or pass another --out"
+        )
+    chunks, bad = _embed_chunks(run, source, layout, plan, batch_size, progress)
+    manifest = _assemble(run, source, layout, chunks, dtype, kind, exact_below)
+    manifest["bad_samples"] = bad.metrics()
+    manifest["skipped_examples"] = [[s.id, s.reason, s.detail] for s in bad.examples]
+    write_atomic(layout.manifest, json.dumps(manifest, indent=1))  # last: the index is complete
+    shutil.rmtree(layout.partial)
+    return manifest
+
+
+def _embed_chunks(
+    run: TrainedRun,
+    source: IndexSource,
+    layout: Layout,
+    plan: dict,
+    batch_size: int,
+    progress: bool,
+) -> tuple[list[tuple[dict, dict[str, np.ndarray]]], BadSampleLog]:
+    """Every chunk's record and arrays, embedding those that ``partial/`` does not hold yet,
+    and the bad samples of all of them."""
+    partial = layout.partial
+    plan_file = partial / "plan.json"
+    if plan_file.is_file() and json.loads(plan_file.read_text()) != plan:
+        log.info("%s: partial work of another build; starting over", layout.root)
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    write_atomic(plan_file, json.dumps(plan))
+    bad = BadSampleLog(run.cfg.data.max_bad_fraction, source.description, size=source.size)
+    parts = Parts.of(run.model)
+    seen: set[str] = set()
+    chunks = []
+    bar = tqdm(total=source.size, desc="index", unit="img", disable=not progress)
+    items = iter(source.items())
+    for number in range(-(-source.size // plan["chunk_size"])):
+        batch = list(itertools.islice(items, plan["chunk_size"]))
+        record_file = partial / f"chunk_{number:06d}.json"
+        arrays_file = partial / f"chunk_{number:06d}.npz"
+        if record_file.is_file():
+            record = json.loads(record_file.read_text())
+            arrays = dict(np.load(arrays_file))
+            bad.record(len(record["ids"]), [Skipped(*s) for s in record["skipped"]])
+            seen.update(record["ids"])
+        else:
+            record, arrays = _embed_chunk(run, parts, batch, seen, batch_size)
+            bad.record(len(record["ids"]), [Skipped(*s) for s in record["skipped"]])
+            tmp = temporary_path(arrays_file)
+            with open(tmp, "wb") as handle:
+                np.savez(handle, **arrays)
+            publish(tmp, arrays_file)
+            write_atomic(record_file, json.dumps(record))  # last: the chunk is complete
+        chunks.append((record, arrays))
+        bar.update(len(batch))
+    bar.close()
+    bad.check()
+    if bad.total:
+        log.warning(bad.summary())
+    if not any(record["ids"] for record, _ in chunks):
+        raise BadDataError(f"{bad.summary()}: no image to index")
+    return chunks, bad
+
+
+def _embed_chunk(
+    run: TrainedRun, parts: Parts, batch: list[Item], seen: set[str], batch_size: int
+) -> tuple[dict, dict[str, np.ndarray]]:
+    images, record = [], {"ids": [], "locations": [], "captions": [], "skipped": []}
+    for item in batch:
+        try:
+            if item.id in seen:
+                raise BadSample("malformed_row", f"{item.location}: the id {item.id!r} again")
+            image, captions = item.load()
+        except BadSample as error:
+            record["skipped"].append([item.id, error.reason, error.detail])
+            continue
+        seen.add(item.id)
+        images.append(image)
+        record["ids"].append(item.id)
+        record["locations"].append(item.location)
+        record["captions"].append(captions)
+    arrays = {"thumbnail_sizes": np.zeros(0, np.int64), "thumbnails": np.zeros(0, np.uint8)}
+    if not images:
+        return record, arrays
+    embedded = embed_inputs(run.model, decoded_inputs(run.model, images), batch_size)
+    arrays["images"] = parts.row(embedded, "image")
+    captions = [caption for texts in record["captions"] for caption in texts]
+    if captions:
+        texts = embed_texts(run.model, run.tokenizer, captions, batch_size)
+        arrays["captions"] = parts.row(texts, "text")
+    thumbnails = [thumbnail(image) for image in images]
+    arrays["thumbnail_sizes"] = np.array([len(t) for t in thumbnails], np.int64)
+    arrays["thumbnails"] = np.frombuffer(b"".join(thumbnails), np.uint8)
+    return record, arrays
+
+
+def thumbnail(image: Image.Image) -> bytes:
+    """A JPEG of at most THUMBNAIL_SIDE pixels a side (smaller images keep their size)."""
+    small = image.copy()
+    small.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+    buffer = io.BytesIO()
+    small.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _assemble(
+    run: TrainedRun,
+    source: IndexSource,
+    layout: Layout,
+    chunks: list[tuple[dict, dict[str, np.ndarray]]],
+    dtype: str,
+    kind: str | None,
+    exact_below: int,
+) -> dict:
+    parts = Parts.of(run.model)
+    width = parts.dim * len(parts.names)
+    records = [record for record, _ in chunks]
+    ids = [i for record in records for i in record["ids"]]
+    locations = [loc for record in records for loc in record["locations"]]
+    captions = [texts for record in records for texts in record["captions"]]
+    vectors = _stack([a["images"] for _, a in chunks if "images" in a], width)
+    stored = vectors.astype(dtype)
+    owners = np.repeat(np.arange(len(ids)), [len(texts) for texts in captions])
+    caption_vectors = _stack([a["captions"] for _, a in chunks if "captions" in a], width)
+
+    # Queries for the measured recalls: captions where there are some (text->image), else
+    # the images themselves (image->image), at each sample weighting of the parts.
+    rng = np.random.default_rng(0)
+    probe = caption_vectors if len(caption_vectors) else vectors
+    probe = probe[np.sort(rng.permutation(len(probe))[:SAMPLE_QUERIES])]
+    queries = np.concatenate([parts.weighted(probe, w) for w in parts.sample_weights()])
+    searchable = stored.astype(np.float32)
+    k = min(ann.RECALL_K, len(ids))
+    float16_recall = ann.recall(
+        ann.exact_top(searchable, queries, k), ann.exact_top(vectors, queries, k)
+    )
+    index, record = ann.build_ann(
+        searchable, queries, kind or ann.choose_kind(len(ids), exact_below)
+    )
+    log.info("%s: %s index, recall@10 %.3f", layout.root, record.kind, record.recall_at_10)
+
+    save_npy(layout.vectors, stored)
+    ann.write_ann(index, layout.ann)
+    first = [texts[0] if texts else None for texts in captions]
+    _write_table(
+        layout.table,
+        {"row": list(range(len(ids))), "id": ids, "location": locations, "caption": first},
+    )
+    sizes = np.concatenate([a["thumbnail_sizes"] for _, a in chunks])
+    save_npy(layout.thumbnail_offsets, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64))
+    write_atomic(layout.thumbnails, b"".join(a["thumbnails"].tobytes() for _, a in chunks))
+    manifest = {
+        "version": INDEX_VERSION,
+        "fingerprint": run.fingerprint,
+        "run": str(run.run_dir.resolve()),
+        "step": run.step,
+        "mode": run.model.mode,
+        "source": source.description,
+        "parts": list(parts.names),
+        "part_dim": parts.dim,
+        "images": len(ids),
+        "captions": int(len(caption_vectors)),
+        "dtype": dtype,
+        "float16_recall_at_10": float16_recall if dtype == "float16" else None,
+        "ann": record.to_json(),
+    }
+    if len(caption_vectors):
+        caption_queries = np.concatenate(
+            [parts.weighted(vectors[:SAMPLE_QUERIES], w) for w in parts.sample_weights()]
+        )
+        stored_captions = caption_vectors.astype(dtype)
+        caption_kind = kind or ann.choose_kind(len(stored_captions), exact_below)
+        caption_index, caption_record = ann.build_ann(
+            stored_captions.astype(np.float32), caption_queries, caption_kind
+        )
+        save_npy(layout.caption_vectors, stored_captions)
+        ann.write_ann(caption_index, layout.caption_ann)
+        texts = [caption for group in captions for caption in group]
+        _write_table(layout.caption_table, {"caption": texts, "image_row": owners.tolist()})
+        manifest["captions_ann"] = caption_record.to_json()
+    return manifest
+
+
+def _stack(arrays: list[np.ndarray], width: int) -> np.ndarray:
+    return np.concatenate(arrays) if arrays else np.zeros((0, width), np.float32)
+
+
+def _write_table(path: Path, columns: dict[str, list]) -> None:
+    tmp = temporary_path(path)
+    pq.write_table(pa.table(columns), tmp)
+    publish(tmp, path)

@@ -1,0 +1,161 @@
+"""Search an index: queries embedded by the run that built it, weighted at query time.
+
+:class:`SearchIndex` reads an index directory (build.py) and answers ``search(query,
+weights, k)``; :class:`QueryEncoder` embeds a text or an image with the run. A query carries
+its run's fingerprint, and an index refuses a query embedded by another run: the vectors
+would be in another space and the results meaningless.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from threetowers.evaluation.inputs import decoded_inputs
+from threetowers.evaluation.suite import embed_inputs, embed_texts
+from threetowers.runs.trained import TrainedRun
+from threetowers.search import ann
+from threetowers.search.build import INDEX_VERSION, IndexMismatch, Layout
+from threetowers.search.parts import Parts, weighted
+
+TARGETS = ("images", "captions")
+
+
+@dataclass(frozen=True)
+class Query:
+    """One query's parts, concatenated unweighted (like an index row), and whose they are."""
+
+    vector: np.ndarray
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: str  # the image's id (for a caption: its image's)
+    score: float  # Σ_p a_p ⟨x_p, y_p⟩
+    caption: str | None  # the caption found (captions), or the image's first caption
+
+
+class SearchIndex:
+    def __init__(self, directory: str | Path) -> None:
+        self.layout = layout = Layout(Path(directory))
+        if not layout.manifest.is_file():
+            raise FileNotFoundError(
+                f"{layout.root} is not a complete index (no manifest.json); build one with "
+                "`threetowers index RUN --images DIR --out INDEX` (re-running it resumes)"
+            )
+        self.manifest = json.loads(layout.manifest.read_text())
+        if self.manifest.get("version") != INDEX_VERSION:
+            raise IndexMismatch(
+                f"{layout.root} is an index of version {self.manifest.get('version')}, this "
+                f"threetowers reads version {INDEX_VERSION}; build it again"
+            )
+        table = pq.read_table(layout.table).to_pydict()
+        self.ids: list[str] = table["id"]
+        self.first_captions: list[str | None] = table["caption"]
+        self.row_of = {image_id: row for row, image_id in enumerate(self.ids)}
+        self.index = ann.read_ann(layout.ann)
+        self.record = ann.AnnRecord(**self.manifest["ann"])
+        self.captions: list[str] = []
+        if self.manifest["captions"]:
+            captions = pq.read_table(layout.caption_table).to_pydict()
+            self.captions, self.caption_owners = captions["caption"], captions["image_row"]
+            self.caption_index = ann.read_ann(layout.caption_ann)
+            self.caption_record = ann.AnnRecord(**self.manifest["captions_ann"])
+        self.offsets = np.load(layout.thumbnail_offsets)
+        self._thumbnails = np.memmap(layout.thumbnails, dtype=np.uint8, mode="r")
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def search(
+        self,
+        query: Query,
+        weights: Mapping[str, float],
+        k: int,
+        target: str = "images",
+    ) -> list[Hit]:
+        """The ``k`` best images (or captions) for ``query`` under the mixture ``weights``."""
+        if query.fingerprint != self.fingerprint:
+            raise IndexMismatch(
+                f"the query was embedded by a run with fingerprint {query.fingerprint}, the "
+                f"index {self.layout.root} by {self.fingerprint} ({self.manifest['run']}): "
+                "search an index with the run that built it"
+            )
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+        if target == "captions" and not self.captions:
+            raise ValueError(f"{self.layout.root} holds no captions (indexed from image files)")
+        names, dim = self.manifest["parts"], self.manifest["part_dim"]
+        vector = weighted(query.vector[None], names, dim, weights)
+        if target == "images":
+            scores, rows = ann.ann_search(self.index, self.record, vector, min(k, len(self)))
+            return [
+                Hit(self.ids[r], float(s), self.first_captions[r])
+                for s, r in zip(scores[0], rows[0], strict=True)
+                if r >= 0
+            ]
+        k = min(k, len(self.captions))
+        scores, rows = ann.ann_search(self.caption_index, self.caption_record, vector, k)
+        return [
+            Hit(self.ids[self.caption_owners[r]], float(s), self.captions[r])
+            for s, r in zip(scores[0], rows[0], strict=True)
+            if r >= 0
+        ]
+
+    def thumbnail(self, image_id: str) -> bytes | None:
+        """The stored JPEG of the image ``image_id``; None for an id the index lacks."""
+        row = self.row_of.get(image_id)
+        if row is None:
+            return None
+        return bytes(self._thumbnails[self.offsets[row] : self.offsets[row + 1]])
+
+
+class QueryEncoder:
+    """Texts and images embedded by a trained run, as queries of its index. The model is
+    called by one thread at a time (a server's requests arrive in several)."""
+
+    def __init__(self, run: TrainedRun) -> None:
+        self.run = run
+        self.parts = Parts.of(run.model)
+        self._lock = threading.Lock()
+
+    def text(self, text: str) -> Query:
+        with self._lock, torch.no_grad():
+            parts = embed_texts(self.run.model, self.run.tokenizer, [text])
+        return self._query(parts, "text")
+
+    def image(self, image: Image.Image) -> Query:
+        with self._lock, torch.no_grad():
+            parts = embed_inputs(self.run.model, decoded_inputs(self.run.model, [image]))
+        return self._query(parts, "image")
+
+    def _query(self, parts: dict[str, torch.Tensor], side: str) -> Query:
+        return Query(self.parts.row(parts, side)[0], self.fingerprint)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.run.fingerprint
+
+    def weights(self, alpha: float | Mapping[str, float]) -> dict[str, float]:
+        """The mixture weights of ``alpha``: the main pair's weight, the rest spread evenly
+        over the frozen towers' pairs; or weights by part (``model.mixture``)."""
+        names = self.parts.names
+        if isinstance(alpha, Mapping) or len(names) <= 2:
+            return self.run.model.mixture(alpha)
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+        rest = (1.0 - alpha) / (len(names) - 1)
+        return {"f": float(alpha)} | {name: rest for name in names[1:]}

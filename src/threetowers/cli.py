@@ -131,6 +131,7 @@ def _index(args: argparse.Namespace) -> None:
         args.out,
         dtype=args.dtype,
         exact_below=args.exact_below,
+        max_bad_fraction=args.max_bad_fraction,
         progress=not args.quiet,
     )
     ann = manifest["ann"]
@@ -282,6 +283,11 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=50_000,
         help="exact search below this many images, approximate (HNSW, IVF) above",
+    )
+    index.add_argument(
+        "--max-bad-fraction",
+        type=float,
+        help="stop when more of the images are unusable (default: the run's data.max_bad_fraction)",
     )
     index.add_argument("--quiet", action="store_true", help="no progress bar")
     index.set_defaults(handler=_index)

@@ -80,11 +80,13 @@ def build_index(
     exact_below: int = ann.EXACT_BELOW,
     chunk_size: int = CHUNK,
     batch_size: int = 256,
+    max_bad_fraction: float | None = None,
     progress: bool = True,
 ) -> dict:
     """Build (or resume, or find complete) the index of ``source`` in ``out``; its manifest.
     ``kind`` forces the FAISS index (``exact``, ``hnsw``, ``ivf``); by default it follows the
-    size (``exact_below``)."""
+    size (``exact_below``). More bad images than ``max_bad_fraction`` (default: the run's
+    ``data.max_bad_fraction``) stop the build."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
     layout = Layout(Path(out))
@@ -104,7 +106,10 @@ def build_index(
             f"{layout.root} holds an index of another run or source ({manifest.get('run')}, "
             f"{manifest.get('source')}); delete it or pass another --out"
         )
-    chunks, bad = _embed_chunks(run, source, layout, plan, batch_size, progress)
+    if max_bad_fraction is None:
+        max_bad_fraction = run.cfg.data.max_bad_fraction
+    bad = BadSampleLog(max_bad_fraction, source.description, size=source.size)
+    chunks = _embed_chunks(run, source, layout, plan, bad, batch_size, progress)
     manifest = _assemble(run, source, layout, chunks, dtype, kind, exact_below)
     manifest["bad_samples"] = bad.metrics()
     manifest["skipped_examples"] = [[s.id, s.reason, s.detail] for s in bad.examples]
@@ -118,11 +123,12 @@ def _embed_chunks(
     source: IndexSource,
     layout: Layout,
     plan: dict,
+    bad: BadSampleLog,
     batch_size: int,
     progress: bool,
-) -> tuple[list[tuple[dict, dict[str, np.ndarray]]], BadSampleLog]:
-    """Every chunk's record and arrays, embedding those that ``partial/`` does not hold yet,
-    and the bad samples of all of them."""
+) -> list[tuple[dict, dict[str, np.ndarray]]]:
+    """Every chunk's record and arrays, embedding those that ``partial/`` does not hold yet;
+    the bad samples of all of them go to ``bad``."""
     partial = layout.partial
     plan_file = partial / "plan.json"
     if plan_file.is_file() and json.loads(plan_file.read_text()) != plan:
@@ -130,7 +136,6 @@ def _embed_chunks(
         shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
     write_atomic(plan_file, json.dumps(plan))
-    bad = BadSampleLog(run.cfg.data.max_bad_fraction, source.description, size=source.size)
     parts = Parts.of(run.model)
     seen: set[str] = set()
     chunks = []
@@ -161,7 +166,7 @@ def _embed_chunks(
         log.warning(bad.summary())
     if not any(record["ids"] for record, _ in chunks):
         raise BadDataError(f"{bad.summary()}: no image to index")
-    return chunks, bad
+    return chunks
 
 
 def _embed_chunk(

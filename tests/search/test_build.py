@@ -267,3 +267,17 @@ def test_exact_search_and_the_size_rule():
     assert ann.choose_kind(49_999) == "exact" and ann.choose_kind(50_000) == "hnsw"
     assert ann.choose_kind(ann.IVF_ABOVE + 1) == "ivf"
     assert ann.recall(np.array([[1, 2, 3]]), np.array([[3, 4, 1]])) == pytest.approx(2 / 3)
+
+
+def test_index_command_builds_reports_and_finds_it_complete(indexed, tmp_path, capsys):
+    from threetowers.cli import main
+
+    args = ["index", str(indexed.root / "run"), "--data", str(indexed.retrieval)]
+    args += ["--out", str(tmp_path / "i"), "--quiet"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "40 images and 200 captions" in out and "exact FAISS index" in out
+    assert f"threetowers serve {tmp_path / 'i'}" in out
+    assert main(args) == 0  # complete: reported again, nothing rebuilt
+    assert main(["index", str(indexed.root / "run"), "--out", str(tmp_path / "j")]) == 2
+    assert "exactly one of --images DIR or --data SOURCE" in capsys.readouterr().err

@@ -22,13 +22,10 @@ import json
 import statistics
 from pathlib import Path
 
-import yaml
-from tqdm import tqdm
-
 from threetowers.atomic import write_atomic
 from threetowers.config import Config, FrozenTowerConfig
-from threetowers.data.pipeline import ensure_world
-from threetowers.experiments.jobs import Job, run_jobs
+from threetowers.experiments.driver import run_experiment
+from threetowers.experiments.jobs import Job
 from threetowers.experiments.report import METHOD_NAMES, compare
 from threetowers.experiments.reproduce import (
     RunSpec,
@@ -285,26 +282,18 @@ def write_report(out: Path, cfg: Config, records: list[dict], chance: dict) -> d
 
 def open_vocab(cfg: Config, out: str | Path, progress: bool = True) -> dict:
     """Train, test and validate every run of the experiment; write the report to ``out``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    ensure_world(cfg.data.world)  # once, here, before any worker needs it
-    todo = jobs(cfg, out)
     specs = {spec.name: spec for spec in plan(cfg.reproduce.seeds)}
-    bar = tqdm(total=len(todo), disable=not progress, unit="job", desc="open-vocab")
     records = {}
 
-    def done(job: Job, result, seconds: float) -> None:
-        line = f"{job.name} ready"
-        if job.name in specs:
-            records[job.name] = run_record(specs[job.name], Path(job.args[0].train.run_dir))
-            scores = "  ".join(f"{k} {records[job.name][k]:5.1f}" for k in HELDOUT)
-            line = f"{job.name:<24} {scores}"
-        bar.write(f"{line}  [{seconds:.0f} s]")
-        bar.update(1)
+    def describe(job: Job, result) -> str:
+        if job.name not in specs:
+            return f"{job.name} ready"
+        records[job.name] = run_record(specs[job.name], Path(job.args[0].train.run_dir))
+        scores = "  ".join(f"{k} {records[job.name][k]:5.1f}" for k in HELDOUT)
+        return f"{job.name:<24} {scores}"
 
-    run_jobs(todo, cfg.reproduce.workers, done)
-    bar.close()
+    out = Path(out)
+    todo = run_experiment(cfg, out, jobs, describe, "open-vocab", progress)
     first = Path(todo[-1].args[0].train.run_dir)
     chance = json.loads((first / "chance.json").read_text())
     return write_report(out, cfg, [records[name] for name in specs], chance)

@@ -26,13 +26,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-from tqdm import tqdm
-
 from threetowers.config import Config, ModelConfig, PretrainConfig, ReproduceConfig
-from threetowers.data.pipeline import TrainingData, ensure_world
+from threetowers.data.pipeline import TrainingData
 from threetowers.data.world.generate import VERSION as WORLD_VERSION
-from threetowers.experiments.jobs import Job, run_jobs
+from threetowers.experiments.driver import run_experiment
+from threetowers.experiments.jobs import Job
 from threetowers.experiments.pretrain import pretrain
 from threetowers.experiments.report import HEADLINE, run_record, write_report
 from threetowers.model.build import build_model
@@ -205,34 +203,25 @@ def jobs(cfg: Config, out: Path) -> list[Job]:
 
 def reproduce(cfg: Config, out: str | Path, progress: bool = True) -> dict:
     """Pretrain, train and evaluate every run of ``cfg.reproduce``; write the report to ``out``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    ensure_world(cfg.data.world)  # once, here, before any worker needs it
-    todo = jobs(cfg, out)
     specs = {spec.name: spec for spec in plan(cfg.reproduce.settings, cfg.reproduce.seeds)}
-    bar = tqdm(total=len(todo), disable=not progress, unit="job", desc="reproduce")
     reports, records = {}, {}
 
-    def done(job: Job, result, seconds: float) -> None:
+    def describe(job: Job, result) -> str:
         if job.name.startswith("classifier:"):
             setting = job.name.split(":")[1]
             reports[setting] = result
             line = f"classifier {setting} ({result['classes']} classes): val top-1 "
-            line += f"{result['val_top1']:.1f}%"
-        elif job.name in specs:
+            return line + f"{result['val_top1']:.1f}%"
+        if job.name in specs:
             spec = specs[job.name]
             run_dir = Path(job.args[0].train.run_dir)
             records[job.name] = run_record(spec.setting, spec.method, spec.seed, run_dir)
-            line = f"{job.name:<28} " + "  ".join(
+            return f"{job.name:<28} " + "  ".join(
                 f"{k} {records[job.name][k]:5.1f}" for k in HEADLINE
             )
-        else:
-            line = f"{job.name} ready"
-        bar.write(f"{line}  [{seconds:.0f} s]")
-        bar.update(1)
+        return f"{job.name} ready"
 
-    run_jobs(todo, cfg.reproduce.workers, done)
-    bar.close()
+    out = Path(out)
+    run_experiment(cfg, out, jobs, describe, "reproduce", progress)
     ordered = [records[name] for name in specs]
     return write_report(out, cfg, ordered, reports)

@@ -25,6 +25,7 @@ import itertools
 import json
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -110,7 +111,16 @@ def build_index(
         max_bad_fraction = run.cfg.data.max_bad_fraction
     bad = BadSampleLog(max_bad_fraction, source.description, size=source.size)
     chunks = _embed_chunks(run, source, layout, plan, bad, batch_size, progress)
-    manifest = _assemble(run, source, layout, chunks, dtype, kind, exact_below)
+    parts = Parts.of(run.model)
+    header = {
+        "fingerprint": run.fingerprint,
+        "run": str(run.run_dir.resolve()),
+        "step": run.step,
+        "mode": run.model.mode,
+        "source": source.description,
+    }
+    contents = _contents(chunks, parts.dim * len(parts.names))
+    manifest = write_index(layout, contents, parts, header, dtype, kind, exact_below)
     manifest["bad_samples"] = bad.metrics()
     manifest["skipped_examples"] = [[s.id, s.reason, s.detail] for s in bad.examples]
     write_atomic(layout.manifest, json.dumps(manifest, indent=1))  # last: the index is complete
@@ -210,33 +220,50 @@ def thumbnail(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _assemble(
-    run: TrainedRun,
-    source: IndexSource,
-    layout: Layout,
-    chunks: list[tuple[dict, dict[str, np.ndarray]]],
-    dtype: str,
-    kind: str | None,
-    exact_below: int,
-) -> dict:
-    parts = Parts.of(run.model)
-    width = parts.dim * len(parts.names)
-    records = [record for record, _ in chunks]
-    ids = [i for record in records for i in record["ids"]]
-    locations = [loc for record in records for loc in record["locations"]]
-    captions = [texts for record in records for texts in record["captions"]]
-    vectors = _stack([a["images"] for _, a in chunks if "images" in a], width)
-    stored = vectors.astype(dtype)
-    owners = np.repeat(np.arange(len(ids)), [len(texts) for texts in captions])
-    caption_vectors = _stack([a["captions"] for _, a in chunks if "captions" in a], width)
+@dataclass
+class Contents:
+    """What an index holds, before it is written."""
 
+    vectors: np.ndarray  # float32, one row per image: its parts concatenated
+    ids: list[str]
+    locations: list[str]
+    captions: list[list[str]]  # each image's captions (may be none)
+    caption_vectors: np.ndarray  # float32, one row per caption, in the images' order
+    thumbnail_sizes: np.ndarray
+    thumbnails: bytes
+
+
+def _contents(chunks: list[tuple[dict, dict[str, np.ndarray]]], width: int) -> Contents:
+    records = [record for record, _ in chunks]
+    return Contents(
+        vectors=_stack([a["images"] for _, a in chunks if "images" in a], width),
+        ids=[i for record in records for i in record["ids"]],
+        locations=[loc for record in records for loc in record["locations"]],
+        captions=[texts for record in records for texts in record["captions"]],
+        caption_vectors=_stack([a["captions"] for _, a in chunks if "captions" in a], width),
+        thumbnail_sizes=np.concatenate([a["thumbnail_sizes"] for _, a in chunks]),
+        thumbnails=b"".join(a["thumbnails"].tobytes() for _, a in chunks),
+    )
+
+
+def write_index(
+    layout: Layout,
+    contents: Contents,
+    parts: Parts,
+    header: dict,
+    dtype: str = "float16",
+    kind: str | None = None,
+    exact_below: int = ann.EXACT_BELOW,
+) -> dict:
+    """Write ``contents`` as an index (all but the manifest) and return its manifest:
+    ``header`` (the run and source) with the counts, dtype and the FAISS indexes' records."""
+    vectors, ids = contents.vectors, contents.ids
+    stored = vectors.astype(dtype)
+    searchable = stored.astype(np.float32)
     # Queries for the measured recalls: captions where there are some (text->image), else
     # the images themselves (image->image), at each sample weighting of the parts.
-    rng = np.random.default_rng(0)
-    probe = caption_vectors if len(caption_vectors) else vectors
-    probe = probe[np.sort(rng.permutation(len(probe))[:SAMPLE_QUERIES])]
-    queries = np.concatenate([parts.weighted(probe, w) for w in parts.sample_weights()])
-    searchable = stored.astype(np.float32)
+    probe = contents.caption_vectors if len(contents.caption_vectors) else vectors
+    queries = _queries(probe, parts)
     k = min(ann.RECALL_K, len(ids))
     float16_recall = ann.recall(
         ann.exact_top(searchable, queries, k), ann.exact_top(vectors, queries, k)
@@ -245,47 +272,46 @@ def _assemble(
         searchable, queries, kind or ann.choose_kind(len(ids), exact_below)
     )
     log.info("%s: %s index, recall@10 %.3f", layout.root, record.kind, record.recall_at_10)
-
+    layout.root.mkdir(parents=True, exist_ok=True)
     save_npy(layout.vectors, stored)
     ann.write_ann(index, layout.ann)
-    first = [texts[0] if texts else None for texts in captions]
+    first = [texts[0] if texts else None for texts in contents.captions]
     _write_table(
         layout.table,
-        {"row": list(range(len(ids))), "id": ids, "location": locations, "caption": first},
+        {"row": list(range(len(ids))), "id": ids, "location": contents.locations, "caption": first},
     )
-    sizes = np.concatenate([a["thumbnail_sizes"] for _, a in chunks])
-    save_npy(layout.thumbnail_offsets, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64))
-    write_atomic(layout.thumbnails, b"".join(a["thumbnails"].tobytes() for _, a in chunks))
-    manifest = {
+    offsets = np.concatenate([[0], np.cumsum(contents.thumbnail_sizes)]).astype(np.int64)
+    save_npy(layout.thumbnail_offsets, offsets)
+    write_atomic(layout.thumbnails, contents.thumbnails)
+    manifest = header | {
         "version": INDEX_VERSION,
-        "fingerprint": run.fingerprint,
-        "run": str(run.run_dir.resolve()),
-        "step": run.step,
-        "mode": run.model.mode,
-        "source": source.description,
         "parts": list(parts.names),
         "part_dim": parts.dim,
         "images": len(ids),
-        "captions": int(len(caption_vectors)),
+        "captions": len(contents.caption_vectors),
         "dtype": dtype,
         "float16_recall_at_10": float16_recall if dtype == "float16" else None,
         "ann": record.to_json(),
     }
-    if len(caption_vectors):
-        caption_queries = np.concatenate(
-            [parts.weighted(vectors[:SAMPLE_QUERIES], w) for w in parts.sample_weights()]
-        )
-        stored_captions = caption_vectors.astype(dtype)
+    if len(contents.caption_vectors):
+        stored_captions = contents.caption_vectors.astype(dtype)
         caption_kind = kind or ann.choose_kind(len(stored_captions), exact_below)
         caption_index, caption_record = ann.build_ann(
-            stored_captions.astype(np.float32), caption_queries, caption_kind
+            stored_captions.astype(np.float32), _queries(vectors, parts), caption_kind
         )
         save_npy(layout.caption_vectors, stored_captions)
         ann.write_ann(caption_index, layout.caption_ann)
-        texts = [caption for group in captions for caption in group]
+        texts = [caption for group in contents.captions for caption in group]
+        owners = np.repeat(np.arange(len(ids)), [len(group) for group in contents.captions])
         _write_table(layout.caption_table, {"caption": texts, "image_row": owners.tolist()})
         manifest["captions_ann"] = caption_record.to_json()
     return manifest
+
+
+def _queries(rows: np.ndarray, parts: Parts) -> np.ndarray:
+    """Up to SAMPLE_QUERIES of ``rows`` (a fixed draw) at each of ``parts``' sample weights."""
+    picked = rows[np.sort(np.random.default_rng(0).permutation(len(rows))[:SAMPLE_QUERIES])]
+    return np.concatenate([parts.weighted(picked, weights) for weights in parts.sample_weights()])
 
 
 def _stack(arrays: list[np.ndarray], width: int) -> np.ndarray:

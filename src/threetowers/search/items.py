@@ -70,7 +70,7 @@ def _image_folder(root: Path) -> IndexSource:
             key = str(path.relative_to(root))
             yield Item(key, str(path), lambda path=path, key=key: (load_image(path, key), []))
 
-    return IndexSource(f"images under {root}", len(paths), items)
+    return IndexSource(f"images under {root.resolve()}", len(paths), items)
 
 
 def _karpathy(path: Path, split: str, allow_absolute_paths: bool) -> IndexSource:
@@ -89,11 +89,12 @@ def _karpathy(path: Path, split: str, allow_absolute_paths: bool) -> IndexSource
 
             yield Item(key, str(image), load)
 
-    return IndexSource(f"{split} split of {path}", len(retrieval.image_paths), items)
+    return IndexSource(f"{split} split of {path.resolve()}", len(retrieval.image_paths), items)
 
 
 def _pairs(source: str | Path, allow_absolute_paths: bool) -> IndexSource:
     pairs = open_pairs(source, allow_absolute_paths=allow_absolute_paths)
+    description = f"pairs of {Path(source).resolve() if Path(source).exists() else source}"
     if isinstance(pairs, PairTable):
 
         def table_items() -> Iterator[Item]:
@@ -105,7 +106,7 @@ def _pairs(source: str | Path, allow_absolute_paths: bool) -> IndexSource:
 
                 yield Item(key, str(pairs.images[row]), load)
 
-        return IndexSource(f"pairs of {source}", len(pairs), table_items)
+        return IndexSource(description, len(pairs), table_items)
 
     def shard_items() -> Iterator[Item]:
         for sample in shard_samples(pairs.shards):
@@ -117,4 +118,4 @@ def _pairs(source: str | Path, allow_absolute_paths: bool) -> IndexSource:
 
             yield Item(name, name, load)
 
-    return IndexSource(f"pairs of {source}", len(pairs), shard_items)
+    return IndexSource(description, len(pairs), shard_items)

@@ -200,6 +200,34 @@ def index_rate(run, retrieval: Path, work: Path) -> dict:
     return {"images": manifest["images"], "captions": manifest["captions"], "seconds": seconds}
 
 
+def real_side(run, pairs: Path, work: Path, weights: dict, parts: Parts) -> dict:
+    """The same FAISS comparison on the run's own embeddings of the world's training pairs:
+    images searched by captions, captions by images (the served directions)."""
+    start = time.perf_counter()
+    build_index(run, index_source(data=pairs), work / "pairs-index", exact_below=0, progress=False)
+    seconds = time.perf_counter() - start
+    images = np.load(work / "pairs-index" / "images.npy").astype(np.float32)
+    captions = np.load(work / "pairs-index" / "captions.npy").astype(np.float32)
+    print(
+        f"{len(images)} real image and {len(captions)} caption vectors ({seconds:.0f} s to index)",
+        flush=True,
+    )
+    rng = np.random.default_rng(0)
+
+    def sample(rows: np.ndarray) -> np.ndarray:
+        return parts.weighted(rows[rng.permutation(len(rows))[:256]], weights)
+
+    kinds = ["exact", "hnsw", "ivf"]
+    return {
+        "index_seconds": seconds,
+        "images": {"vectors": len(images), "faiss": faiss_side(images, sample(captions), kinds)},
+        "captions": {
+            "vectors": len(captions),
+            "faiss": faiss_side(captions, sample(images), kinds),
+        },
+    }
+
+
 def markdown(results: dict) -> str:
     peak = results["peak_matmul_gflops"]
     lines = [
@@ -229,6 +257,23 @@ def markdown(results: dict) -> str:
                 f"| {n} | {size['served_kind']} | {row['clients']} | {row['queries_per_s']:.0f} "
                 f"| {row['p50_ms']:.1f} | {row['p99_ms']:.1f} |"
             )
+    real = results.get("real")
+    if real:
+        lines += [
+            "",
+            "The run's own embeddings of the world's training pairs (256 queries from the "
+            "other side, a fresh draw, at the same alpha):",
+            "",
+            "| searched | vectors | kind | build s | recall@10 | params | ms/query |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for searched in ("images", "captions"):
+            for kind, row in real[searched]["faiss"].items():
+                lines.append(
+                    f"| {searched} | {real[searched]['vectors']} | {kind} "
+                    f"| {row['build_seconds']:.2f} | {row['recall_at_10']:.3f} "
+                    f"| {row['params'] or '—'} | {row['ms_per_query']:.2f} |"
+                )
     rate = results["index_world"]
     lines += [
         "",
@@ -276,6 +321,9 @@ def main() -> None:
             results["sizes"][str(n)] = entry
         retrieval = Path(run.cfg.data.world.dir) / "retrieval" / "dataset_world.json"
         results["index_world"] = index_rate(run, ROOT / retrieval, work)
+        if not args.quick:
+            pairs = ROOT / run.cfg.data.world.dir / "pairs"
+            results["real"] = real_side(run, pairs, work, weights, parts)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "search.json").write_text(json.dumps(results, indent=1) + "\n")

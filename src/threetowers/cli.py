@@ -130,6 +130,7 @@ def _index(args: argparse.Namespace) -> None:
         source,
         args.out,
         dtype=args.dtype,
+        kind=None if args.ann == "auto" else args.ann,
         exact_below=args.exact_below,
         max_bad_fraction=args.max_bad_fraction,
         progress=not args.quiet,
@@ -282,7 +283,13 @@ def parser() -> argparse.ArgumentParser:
         "--exact-below",
         type=int,
         default=50_000,
-        help="exact search below this many images, approximate (HNSW, IVF) above",
+        help="exact search below this many images (and captions), approximate (IVF) above",
+    )
+    index.add_argument(
+        "--ann",
+        default="auto",
+        choices=("auto", "exact", "ivf", "hnsw"),
+        help="the FAISS index (default auto: by --exact-below)",
     )
     index.add_argument(
         "--max-bad-fraction",

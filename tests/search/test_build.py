@@ -264,8 +264,8 @@ def test_exact_search_and_the_size_rule():
     direct = queries.astype(np.float64) @ vectors.T.astype(np.float64)
     np.testing.assert_array_equal(rows, np.argsort(-direct, axis=1)[:, :5])
     np.testing.assert_allclose(scores, np.sort(direct, axis=1)[:, ::-1][:, :5], atol=1e-5)
-    assert ann.choose_kind(49_999) == "exact" and ann.choose_kind(50_000) == "hnsw"
-    assert ann.choose_kind(ann.IVF_ABOVE + 1) == "ivf"
+    assert ann.choose_kind(49_999) == "exact" and ann.choose_kind(50_000) == "ivf"
+    assert ann.choose_kind(100, exact_below=10) == "ivf"
     assert ann.recall(np.array([[1, 2, 3]]), np.array([[3, 4, 1]])) == pytest.approx(2 / 3)
 
 

@@ -205,8 +205,9 @@ def _pretrain(args: argparse.Namespace) -> None:
 def _reproduce(args: argparse.Namespace) -> None:
     from threetowers.experiments.open_vocab import open_vocab
     from threetowers.experiments.reproduce import quick, reproduce
+    from threetowers.experiments.scaling import scaling
 
-    experiments = {"paper": reproduce, "open-vocab": open_vocab}
+    experiments = {"paper": reproduce, "open-vocab": open_vocab, "scaling": scaling}
     cfg = load_config(args.config, args.overrides)
     if args.quick:
         cfg = quick(cfg)
@@ -216,7 +217,7 @@ def _reproduce(args: argparse.Namespace) -> None:
         cfg = cfg.model_copy(
             update={"reproduce": cfg.reproduce.model_copy(update={"seeds": args.seeds})}
         )
-    out = Path(args.out or ("runs/reproduce" if args.experiment == "paper" else "runs/open-vocab"))
+    out = Path(args.out or f"runs/{'reproduce' if args.experiment == 'paper' else args.experiment}")
     experiments[args.experiment](cfg, out, progress=not args.quiet)
     print((out / "results.md").read_text(), end="")
     figures = ", ".join(sorted(path.name for path in out.glob("*.png")))
@@ -325,15 +326,16 @@ def parser() -> argparse.ArgumentParser:
     repro.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     repro.add_argument(
         "--experiment",
-        choices=("paper", "open-vocab"),
+        choices=("paper", "open-vocab", "scaling"),
         default="paper",
         help="paper: CLIP vs LiT vs 3T in three settings (default); open-vocab: CLIP and 3T "
-        "with the ImageNet tower, MiniLM or both, on queries in held-out words",
+        "with the ImageNet tower, MiniLM or both, on queries in held-out words; scaling: "
+        "CLIP, LiT and 3T over training pairs, tower size and the frozen tower's size",
     )
     repro.add_argument("--quick", action="store_true", help="one seed, short runs (a smoke run)")
     repro.add_argument("--seeds", type=int, help="seeds per run (default: reproduce.seeds)")
     repro.add_argument(
-        "--out", help="where runs and results go (default: runs/reproduce, runs/open-vocab)"
+        "--out", help="where runs and results go (default: runs/reproduce, runs/EXPERIMENT)"
     )
     repro.add_argument("--quiet", action="store_true", help="no progress bar")
     repro.set_defaults(handler=_reproduce)

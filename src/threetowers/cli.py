@@ -151,6 +151,13 @@ def _serve(args: argparse.Namespace) -> None:
     serve(args.index, args.host, args.port, args.run)
 
 
+def _analyze(args: argparse.Namespace) -> None:
+    from threetowers.analysis.analyze import analyze, report
+
+    results = analyze(args.run, args.out)
+    print(report(results), end="")
+
+
 def _cache(args: argparse.Namespace) -> None:
     from threetowers.data.caches.captions import build_caption_caches
     from threetowers.data.caches.features import CacheSpec, build_caches
@@ -308,6 +315,13 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--run", help="the run that built the index (default: its recorded path)")
     serve.set_defaults(handler=_serve)
+
+    analysis = commands.add_parser(
+        "analyze", help="CKA between a run's embeddings and linear probes of the world's attributes"
+    )
+    analysis.add_argument("run", help="a run directory")
+    analysis.add_argument("--out", help="where analysis.json and .png go (default: RUN/analysis)")
+    analysis.set_defaults(handler=_analyze)
 
     pretrain = commands.add_parser(
         "pretrain", help="train a classifier on class folders; the result serves as a third tower"

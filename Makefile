@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 
-.PHONY: test demo lint clean
+.PHONY: test test-interop demo lint clean
 
 # The package alone for the demo; its test and Hugging Face extras on top for the tests.
 $(BIN)/threetowers: pyproject.toml
@@ -23,6 +23,16 @@ test: $(VENV)/.extras
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
 	$(BIN)/ruff check src tests
 
+# Exports tiny runs and loads them in OpenCLIP, which lives in its own environment
+# (.venv-interop, built once): see tests/interop.
+INTEROP := .venv-interop
+$(INTEROP)/.built: tests/interop/build_env.sh
+	bash tests/interop/build_env.sh $(INTEROP)
+	touch $@
+
+test-interop: $(VENV)/.extras $(INTEROP)/.built
+	HF_HUB_OFFLINE=1 THREETOWERS_INTEROP_PYTHON=$(INTEROP)/bin/python $(BIN)/pytest -q -m interop
+
 # Trains (or resumes, or reprints) the demo, then indexes the world's test images for
 # `threetowers serve runs/demo/index`.
 demo: $(BIN)/threetowers
@@ -35,4 +45,4 @@ lint: $(VENV)/.extras
 	$(BIN)/ruff format --check src tests
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(INTEROP) build *.egg-info src/*.egg-info

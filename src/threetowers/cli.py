@@ -158,6 +158,18 @@ def _analyze(args: argparse.Namespace) -> None:
     print(report(results), end="")
 
 
+def _export(args: argparse.Namespace) -> None:
+    from threetowers.export.open_clip import export_open_clip
+
+    config = export_open_clip(args.run, args.out, args.alpha)
+    exported = config["threetowers"]
+    print(f"{args.run} (step {exported['step']}, {exported['mode']}) -> {args.out}")
+    print(f"  holds {exported['holds']}")
+    if exported["not_held"]:
+        print(f"  not held: {exported['not_held']}")
+    print(f"load it: open_clip.create_model_and_transforms('local-dir:{args.out}')")
+
+
 def _cache(args: argparse.Namespace) -> None:
     from threetowers.data.caches.captions import build_caption_caches
     from threetowers.data.caches.features import CacheSpec, build_caches
@@ -322,6 +334,19 @@ def parser() -> argparse.ArgumentParser:
     analysis.add_argument("run", help="a run directory")
     analysis.add_argument("--out", help="where analysis.json and .png go (default: RUN/analysis)")
     analysis.set_defaults(handler=_analyze)
+
+    export = commands.add_parser(
+        "export", help="write a trained run in another library's format (OpenCLIP)"
+    )
+    export.add_argument("run", help="a run directory (or one of its checkpoints)")
+    export.add_argument("--format", choices=["open_clip"], required=True)
+    export.add_argument("--out", required=True, help="the folder to write")
+    export.add_argument(
+        "--alpha",
+        type=float,
+        help="only 1 (f and g, the default): the mix with frozen towers stays in threetowers",
+    )
+    export.set_defaults(handler=_export)
 
     pretrain = commands.add_parser(
         "pretrain", help="train a classifier on class folders; the result serves as a third tower"

@@ -35,6 +35,9 @@ class ImageTowerConfig(Section):
     heads: int = Field(3, gt=0)
     mlp_ratio: float = Field(4.0, gt=0)
     pool: Literal["cls", "gap", "map"] = "gap"
+    # None: a class token for cls pooling only; true with gap: OpenCLIP's avg pooling (the
+    # token attends, the mean leaves it out), the gap tower that `export` can write
+    class_token: bool | None = None
 
     @model_validator(mode="after")
     def _shapes_fit(self) -> ImageTowerConfig:
@@ -44,6 +47,12 @@ class ImageTowerConfig(Section):
             )
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        mismatched = self.class_token is not None and self.class_token != (self.pool == "cls")
+        if mismatched and self.pool != "gap":
+            raise ValueError(
+                f"class_token {self.class_token} does not go with pool {self.pool!r}: cls "
+                "pooling needs the class token, map pooling has none; only gap takes either"
+            )
         return self
 
 

@@ -47,6 +47,15 @@ def test_eval_resizes_shorter_side_then_crops(resize):
     torch.testing.assert_close(eval_transform(pre)(image), expected, rtol=0, atol=1e-6)
 
 
+def test_the_longer_side_truncates_as_torchvision_resize_does():
+    # 30 x 47 to a shorter side of 24: 47 * 24 / 30 = 37.6 -> 37 (rounding would give 38).
+    pre = Preprocessing(24, crop_fraction=1.0)
+    image = gradient(30, 47)
+    resized = np.asarray(image.resize((24, 37), resample=Image.BICUBIC))
+    expected = normalised(resized[6:30, :], pre)
+    torch.testing.assert_close(eval_transform(pre)(image), expected, rtol=0, atol=1e-6)
+
+
 def test_normalisation_values():
     pre = Preprocessing(8, mean=(0.5, 0.25, 0.0), std=(0.5, 0.25, 2.0))
     out = eval_transform(pre)(Image.new("RGB", (13, 11), (255, 0, 51)))

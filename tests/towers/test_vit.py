@@ -37,6 +37,29 @@ def test_pools_give_width_features_and_gradients(pool):
     assert (vit.cls_token is not None) == (pool == "cls")
 
 
+def test_gap_with_a_class_token_attends_to_it_but_leaves_it_out_of_the_mean():
+    torch.manual_seed(0)
+    vit = VisionTransformer(16, 8, 16, 1, 2, pool="gap", class_token=True).double().eval()
+    images = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    tokens = torch.cat([vit.cls_token.expand(2, -1, -1), vit._patchify(images)], dim=1)
+    tokens = vit.norm(vit.encoder(tokens + vit.pos_embed))
+    torch.testing.assert_close(vit(images), tokens[:, 1:].mean(dim=1))
+    assert vit.pos_embed.shape[1] == 4 + 1
+    # The class token changes the patches' features through attention: another tower.
+    with torch.no_grad():
+        vit.cls_token.add_(torch.randn_like(vit.cls_token))
+    assert not torch.allclose(vit(images), tokens[:, 1:].mean(dim=1))
+
+
+def test_class_token_goes_only_with_pools_that_can_use_it():
+    with pytest.raises(ValueError, match="only gap pools either way"):
+        VisionTransformer(16, 8, 16, 1, 2, pool="cls", class_token=False)
+    with pytest.raises(ValueError, match="only gap pools either way"):
+        VisionTransformer(16, 8, 16, 1, 2, pool="map", class_token=True)
+    with pytest.raises(tt.ConfigError, match="only gap takes either"):
+        tt.load_config("tiny", ["model.image.pool=map", "model.image.class_token=true"])
+
+
 def test_images_do_not_interact_within_a_batch():
     torch.manual_seed(0)
     vit = VisionTransformer(32, 8, 32, 2, 4, pool="gap").eval()

@@ -81,8 +81,10 @@ class EvalTransform(_Normalised):
         image = to_rgb(image)
         width, height = image.size
         short = min(width, height)
-        new_w = self.resize_to if width == short else round(width * self.resize_to / short)
-        new_h = self.resize_to if height == short else round(height * self.resize_to / short)
+        # The longer side truncates, as torchvision's Resize does: an exported model gets the
+        # pixels here that OpenCLIP's preprocessing gives it there.
+        new_w = self.resize_to if width == short else int(width * self.resize_to / short)
+        new_h = self.resize_to if height == short else int(height * self.resize_to / short)
         if (new_w, new_h) != (width, height):
             image = image.resize((new_w, new_h), resample=self.resample)
         left = int(round((new_w - self.size) / 2.0))

@@ -40,7 +40,10 @@ class VisionTransformer(nn.Module):
     """Patchify, add learned positions, pre-LN Transformer, final LayerNorm, pool.
 
     ``pool``: ``cls`` (a class token), ``gap`` (mean over patches) or ``map`` (attention
-    pooling). The class token exists only for ``cls``. Output: (B, width) pooled features.
+    pooling). ``class_token`` (None: only for ``cls``) adds a class token to ``gap`` too: it
+    takes part in attention but not in the mean, which is how OpenCLIP's ViT pools ``avg``
+    (its class token is always there), so only such a gap tower exports to it exactly.
+    Output: (B, width) pooled features.
     """
 
     def __init__(
@@ -52,20 +55,27 @@ class VisionTransformer(nn.Module):
         heads: int,
         mlp_ratio: float = 4.0,
         pool: str = "gap",
+        class_token: bool | None = None,
     ) -> None:
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
         if pool not in IMAGE_POOLS:
             raise ValueError(f"image pool must be one of {IMAGE_POOLS}, got {pool!r}")
+        class_token = pool == "cls" if class_token is None else class_token
+        if class_token != (pool == "cls") and pool != "gap":
+            raise ValueError(
+                f"image pool {pool!r} with class_token {class_token}: cls pooling reads the "
+                "class token, map pooling the patches; only gap pools either way"
+            )
         self.pool = pool
         self.feature_dim = width
         num_patches = (image_size // patch_size) ** 2
         self.patch_size = patch_size
         # A Conv2d's parameters (the usual checkpoint layout); see ``_patchify`` for its use.
         self.patch_embed = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if pool == "cls" else None
-        num_tokens = num_patches + (1 if pool == "cls" else 0)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if class_token else None
+        num_tokens = num_patches + (1 if class_token else 0)
         self.pos_embed = nn.Parameter(torch.randn(1, num_tokens, width) * 0.02)
         self.encoder = Encoder(width, depth, heads, mlp_ratio)
         self.norm = nn.LayerNorm(width)
@@ -92,5 +102,5 @@ class VisionTransformer(nn.Module):
         if self.pool == "cls":
             return tokens[:, 0]
         if self.pool == "gap":
-            return tokens.mean(dim=1)
+            return tokens[:, 0 if self.cls_token is None else 1 :].mean(dim=1)
         return self.attention_pool(tokens)

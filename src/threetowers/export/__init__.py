@@ -1,0 +1,1 @@
+"""A trained run in other libraries' formats."""

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -42,7 +43,13 @@ TARGETS = [
     ("loss_time_ratio_blocked_vs_naive_16k", "<=", 1.3),
     ("data_vs_train_throughput_ratio", ">=", 2.0),
     ("mfu_small", ">=", 0.40),
+    # threetowers' clip step against OpenCLIP's (open_clip_step.py): throughput ratios, MFU
+    ("open_clip_throughput_ratio_full", ">=", 1.3),
+    ("open_clip_throughput_ratio_realistic", ">=", 1.5),
+    ("open_clip_step_mfu_full", ">=", 0.80),
 ]
+# OpenCLIP's own environment (make .venv-interop/.built): the side-by-side runs there
+INTEROP_PYTHON = ROOT / ".venv-interop" / "bin" / "python"
 
 
 def machine(device: torch.device) -> dict:
@@ -109,7 +116,27 @@ def run(quick: bool, device: torch.device) -> dict:
     loss_args = ["--batches", "4096", "16384", "--repeats", "1", "--warmup", "0"] if quick else []
     results["loss"] = loss_memory.measure_all(loss_memory.parser().parse_args(loss_args))
     results |= {k: v for k, v in results["loss"].items() if k.startswith("loss_")}
+    if device.type == "cpu":
+        results |= open_clip_side_by_side(quick)
     return results
+
+
+def open_clip_side_by_side(quick: bool) -> dict:
+    """open_clip_step.py in OpenCLIP's environment, where there is one (else noted)."""
+    if not INTEROP_PYTHON.is_file():
+        print("no OpenCLIP environment: make .venv-interop/.built for the side by side")
+        return {"open_clip_step": "skipped: no .venv-interop (make .venv-interop/.built)"}
+    out = ROOT / "benchmarks" / "results" / "open_clip_step.json"
+    command = [str(INTEROP_PYTHON), str(Path(__file__).with_name("open_clip_step.py"))]
+    command += ["--out", str(out)] + (["--quick"] if quick else [])
+    subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    side = json.loads(out.read_text())
+    return {
+        "open_clip_step": side,
+        "open_clip_throughput_ratio_full": side["throughput_ratio_full"],
+        "open_clip_throughput_ratio_realistic": side["throughput_ratio_realistic"],
+        "open_clip_step_mfu_full": side["full_threetowers"]["mfu"],
+    }
 
 
 def markdown(results: dict) -> str:

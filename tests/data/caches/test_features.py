@@ -231,3 +231,28 @@ def test_a_rank_reads_only_the_caches_of_its_own_shards(tmp_path, num_workers):
     for key, features in zip(keys, torch.cat(seen), strict=True):
         torch.testing.assert_close(features, live(h, pairs[key].image), rtol=1e-5, atol=1e-6)
     assert set(pickle.loads(pickle.dumps(cache)).opened) == set()  # no descriptor travels
+
+
+def test_random_reads_over_more_units_than_open_files_read_each_index_once(
+    tmp_path, monkeypatch
+):
+    """A table's rows come in random order over all its units: more units than a reader keeps
+    open must still cost one index read per unit, with every row its own sample's."""
+    from threetowers.data.caches import features
+
+    shards = numbered_shards(tmp_path / "data", shards=4, per_shard=3)
+    h = tiny_backbone()
+    cache = build(h, shards, tmp_path / "cache")["h"]
+    monkeypatch.setattr(features, "OPEN_UNITS", 2)
+    reads = []
+    real_loads = json.loads
+    monkeypatch.setattr(features.json, "loads", lambda text: reads.append(1) or real_loads(text))
+    pairs = list(iter_pairs(shards))
+    order = np.random.default_rng(3).permutation(np.tile(np.arange(len(pairs)), 3))
+    for row in order:
+        pair = pairs[row]
+        torch.testing.assert_close(
+            cache.features(int(row), pair.key), live(h, pair.image), rtol=1e-5, atol=1e-6
+        )
+    assert len(reads) == len(cache.units) == 4
+    assert len(cache.opened) == 2

@@ -5,7 +5,7 @@ per unit (shard or table chunk, as ``features.py`` cuts the data) a ``.npy`` wit
 distinct caption of the unit's samples and a ``.json`` index listing each row's caption
 digest. A loader worker finds the unit from the sample's row, then the caption's row from its
 digest: only the captions of the units it reads are held, at most
-``features.OPEN_UNITS`` units at a time. Built in one pass of batched captions, unit by unit
+``features.INDEXED_UNITS`` units at a time. Built in one pass of batched captions, unit by unit
 (no image is decoded), resumable like the image caches; the files are written the same way
 (``.npy`` first, the index last).
 """
@@ -71,8 +71,8 @@ class CaptionFeatures(StreamedFeatures):
         return self._read(fd, offset, position)
 
     def _positions(self, unit: int, keys: list[str]) -> dict[str, int]:
-        if unit not in self._by_digest:  # only the open units' tables are kept
-            self._by_digest = {u: t for u, t in self._by_digest.items() if u in self._open}
+        if unit not in self._by_digest:  # only the indexed units' tables are kept
+            self._by_digest = {u: t for u, t in self._by_digest.items() if u in self._indexes}
             self._by_digest[unit] = {key: position for position, key in enumerate(keys)}
         return self._by_digest[unit]
 

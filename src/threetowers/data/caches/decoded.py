@@ -101,23 +101,33 @@ def image_rows(
     return DecodedImages(paths, data, meta["shapes"], bad)
 
 
+def _as_arrays(items: list[tuple[int, torch.Tensor | Skipped]]) -> list[tuple]:
+    return [(row, p if isinstance(p, Skipped) else p.numpy()) for row, p in items]
+
+
 def _build(files: ImageFiles, data: Path, index: Path, num_workers: int, progress: bool) -> None:
     data.parent.mkdir(parents=True, exist_ok=True)
     remove_temporaries(data.parent, only_dead_writers=True)  # shared by concurrent runs
     shapes: list[list[int] | None] = []
     bad: dict[int, tuple[str, str]] = {}
     tmp = temporary_path(data)
-    items = DataLoader(files, batch_size=None, num_workers=num_workers)  # one by one, in order
+    # In order, in chunks of numpy arrays: one tensor at a time through a worker's queue costs
+    # a shared-memory file per image, more than decoding it (one worker, 64 px world images:
+    # 1.15 ms an image one by one, 0.32 ms in chunks, the same bytes).
+    chunks = DataLoader(files, batch_size=64, num_workers=num_workers, collate_fn=_as_arrays)
+    bar = tqdm(total=len(files), disable=not progress, desc="decoding")
     with open(tmp, "wb") as out:
-        for row, pixels in tqdm(items, total=len(files), disable=not progress, desc="decoding"):
+        for row, pixels in (item for chunk in chunks for item in chunk):
+            bar.update()
             if isinstance(pixels, Skipped):
                 shapes.append(None)
                 bad[row] = (pixels.reason, pixels.detail)
                 continue
-            if pixels.dtype != torch.uint8:
+            if pixels.dtype != np.uint8:
                 raise TypeError(f"a cached view must return uint8 pixels, not {pixels.dtype}")
             shapes.append(list(pixels.shape))
-            out.write(pixels.numpy().tobytes())
+            out.write(pixels.tobytes())
+        bar.close()
         out.flush()
         os.fsync(out.fileno())
     publish(tmp, data)

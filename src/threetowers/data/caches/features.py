@@ -55,6 +55,10 @@ T = TypeVar("T", bound="StreamedFeatures")
 DTYPES = {"float16": np.float16, "float32": np.float32}
 FORMAT = 1  # of a unit's index: any other is computed again
 OPEN_UNITS = 8  # units a reader keeps open per process (a shuffle buffer spans a few shards)
+# Units whose index (keys, bad samples) a reader keeps: a table is read in random order over
+# all its units, and re-reading an index on every miss cost 70 us a sample (a sixth of a small
+# model's step) when only OPEN_UNITS of them were kept.
+INDEXED_UNITS = 256
 
 
 # --------------------------------------------------------------------------- reading
@@ -82,16 +86,18 @@ class StreamedFeatures:
         self.name, self.fingerprint, self.units, self.dim = name, fingerprint, units, dim
         self.dtype = np.dtype(dtype)
         self.starts = [unit.start for unit in units]
-        self._open: OrderedDict[int, tuple[int, int, list[str], dict]] = OrderedDict()
+        self._open: OrderedDict[int, int] = OrderedDict()  # unit -> its file descriptor
+        self._indexes: OrderedDict[int, tuple[int, list[str], dict]] = OrderedDict()
 
     def __len__(self) -> int:
         return sum(unit.size for unit in self.units)
 
     def __getstate__(self) -> dict:
-        return self.__dict__ | {"_open": OrderedDict()}  # file descriptors stay in their process
+        # file descriptors stay in their process
+        return self.__dict__ | {"_open": OrderedDict(), "_indexes": OrderedDict()}
 
     def __del__(self) -> None:
-        for fd, *_ in self._open.values():
+        for fd in self._open.values():
             with contextlib.suppress(OSError, TypeError):  # TypeError: at interpreter exit
                 os.close(fd)
 
@@ -135,18 +141,24 @@ class StreamedFeatures:
         return found
 
     def _unit(self, unit: int) -> tuple[int, int, list[str], dict]:
+        """The unit's open file, its rows' offset, its keys and its bad samples."""
+        files = self.units[unit]
+        if unit in self._indexes:
+            self._indexes.move_to_end(unit)
+        else:
+            meta = json.loads(Path(files.index).read_text())
+            with open(files.npy, "rb") as handle:
+                *_, offset = npy_header(handle)
+            self._indexes[unit] = (offset, meta["keys"], meta["bad"])
+            if len(self._indexes) > INDEXED_UNITS:
+                self._indexes.popitem(last=False)
         if unit in self._open:
             self._open.move_to_end(unit)
-            return self._open[unit]
-        files = self.units[unit]
-        meta = json.loads(Path(files.index).read_text())
-        with open(files.npy, "rb") as handle:
-            *_, offset = npy_header(handle)
-        fd = os.open(files.npy, os.O_RDONLY)
-        self._open[unit] = (fd, offset, meta["keys"], meta["bad"])
-        if len(self._open) > OPEN_UNITS:
-            os.close(self._open.popitem(last=False)[1][0])
-        return self._open[unit]
+        else:
+            self._open[unit] = os.open(files.npy, os.O_RDONLY)
+            if len(self._open) > OPEN_UNITS:
+                os.close(self._open.popitem(last=False)[1])
+        return self._open[unit], *self._indexes[unit]
 
 
 # --------------------------------------------------------------------------- building

@@ -233,9 +233,7 @@ def test_a_rank_reads_only_the_caches_of_its_own_shards(tmp_path, num_workers):
     assert set(pickle.loads(pickle.dumps(cache)).opened) == set()  # no descriptor travels
 
 
-def test_random_reads_over_more_units_than_open_files_read_each_index_once(
-    tmp_path, monkeypatch
-):
+def test_random_reads_over_more_units_than_open_files_read_each_index_once(tmp_path, monkeypatch):
     """A table's rows come in random order over all its units: more units than a reader keeps
     open must still cost one index read per unit, with every row its own sample's."""
     from threetowers.data.caches import features

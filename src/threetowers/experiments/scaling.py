@@ -423,6 +423,12 @@ def plot(curve: dict, metric: str, path: Path) -> None:
             base = next(p for p in curve["towers"]["clip"] if p["size_label"] == "M")
             ax.axhline(base[metric][0], color=colours["clip"], ls="--", label="CLIP (no h)")
         ax.set_xscale("log", base=2)
+        # ticks at the sizes trained, named as the runs are (Lite1 and Lite2 are only 1.2x
+        # and 1.3x Lite0: powers of two would leave that axis bare)
+        points = next(iter(methods.values()))
+        names = [p["size_label"].replace("efficientnet_lite", "Lite") for p in points]
+        ax.set_xticks([p["size"] for p in points], names)
+        ax.minorticks_off()
         ax.set_xlabel(AXIS_LABELS[axis])
         ax.set_ylabel(f"{LABELS[metric]} (%)")
         ax.grid(alpha=0.3)

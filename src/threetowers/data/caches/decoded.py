@@ -112,8 +112,8 @@ def _build(files: ImageFiles, data: Path, index: Path, num_workers: int, progres
     bad: dict[int, tuple[str, str]] = {}
     tmp = temporary_path(data)
     # In order, in chunks of numpy arrays: one tensor at a time through a worker's queue costs
-    # a shared-memory file per image, more than decoding it (one worker, 64 px world images:
-    # 1.15 ms an image one by one, 0.32 ms in chunks, the same bytes).
+    # a shared-memory file per image, more than decoding it (one worker, 64 px world images,
+    # one run: 3.6x faster in chunks, the same bytes).
     chunks = DataLoader(files, batch_size=64, num_workers=num_workers, collate_fn=_as_arrays)
     bar = tqdm(total=len(files), disable=not progress, desc="decoding")
     with open(tmp, "wb") as out:

@@ -56,8 +56,8 @@ DTYPES = {"float16": np.float16, "float32": np.float32}
 FORMAT = 1  # of a unit's index: any other is computed again
 OPEN_UNITS = 8  # units a reader keeps open per process (a shuffle buffer spans a few shards)
 # Units whose index (keys, bad samples) a reader keeps: a table is read in random order over
-# all its units, and re-reading an index on every miss cost 70 us a sample (a sixth of a small
-# model's step) when only OPEN_UNITS of them were kept.
+# all its units, and re-reading an index on every miss cost a sixth of a small model's step
+# (reproduce preset, 3t) when only OPEN_UNITS of them were kept.
 INDEXED_UNITS = 256
 
 

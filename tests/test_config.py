@@ -65,6 +65,11 @@ def test_override_can_create_a_section_left_null():
         (["model.embed_dim=-4"], r"model.embed_dim: Input should be greater than 0"),
         (["model.image.width"], r"not of the form key=value"),
         (["model.mode.x=1"], r"model.mode is a value, not a section"),
+        (
+            ["reproduce.scaling_axes=[towers, towers]"],
+            r"scaling_axes must be distinct and not empty, got \['towers', 'towers'\]",
+        ),
+        (["reproduce.scaling_axes=[tower]"], r"reproduce.scaling_axes.0: Input should be 'pairs'"),
     ],
 )
 def test_mistakes_give_one_clear_message(overrides, message):

@@ -326,11 +326,15 @@ class ReproduceConfig(Section):
     quick_pretrain_steps: int = Field(100, gt=0)  # pretrain.steps under --quick
     # runs side by side, each on its share of the cores (1: one after another, here)
     workers: int = Field(2, ge=1)
+    # the axes --experiment scaling trains (one alone: a third of the runs or less)
+    scaling_axes: list[Literal["pairs", "towers", "third"]] = ["pairs", "towers", "third"]
 
     @model_validator(mode="after")
-    def _distinct_settings(self) -> ReproduceConfig:
-        if not self.settings or len(set(self.settings)) != len(self.settings):
-            raise ValueError(f"settings must be distinct and not empty, got {self.settings}")
+    def _distinct_lists(self) -> ReproduceConfig:
+        for name in ("settings", "scaling_axes"):
+            values = getattr(self, name)
+            if not values or len(set(values)) != len(values):
+                raise ValueError(f"{name} must be distinct and not empty, got {values}")
         return self
 
 

@@ -16,33 +16,46 @@ from threetowers.cli import main
 from threetowers.config import load_config
 from threetowers.experiments.report import HEADLINE
 from threetowers.experiments.scaling import (
+    STEP_CHECK_FACTOR,
+    TOWERS_STEPS,
     Point,
     check_sizes,
-    curves,
-    gain_slopes,
     plan,
     run_config,
-    slope,
-    verdicts,
+    step_check_point,
 )
+from threetowers.experiments.scaling_report import curves, gain_slopes, slope, verdicts
 
 
 def test_plan_has_each_run_once_and_whole_seeds_first():
     runs = plan(20000, seeds=3)
     names = [p.name for p in runs]
     assert len(names) == len(set(names))
-    per_seed = [p for p in runs if not p.longer and p.seed == 0]
-    # pairs: 4 sizes x 3 methods; towers: 2 more x 3; third: 2 more x (LiT, 3T)
-    assert len(per_seed) == 12 + 6 + 4
-    assert len(runs) == 3 * 22 + 3
-    longer = [p for p in runs if p.longer]
+    longest = TOWERS_STEPS * STEP_CHECK_FACTOR
+    per_seed = [p for p in runs if p.steps != longest and p.seed == 0]
+    # pairs: 4 sizes x 3 methods; towers: 3 x 3 (longer, so M is not the base point);
+    # third: 2 more x (LiT, 3T)
+    assert len(per_seed) == 12 + 9 + 4
+    assert len(runs) == 3 * 25 + 3
+    longer = [p for p in runs if p.steps == longest]
     assert {p.method for p in longer} == {"clip", "lit", "3t"}
     assert all(p.towers == "L" and p.pairs == 20000 for p in longer)
+    assert {p.steps for p in runs if p.towers != "M"} == {TOWERS_STEPS, longest}
     # seed 0 and the step check come before any seed-1 run
     first_seed1 = next(i for i, p in enumerate(runs) if p.seed == 1)
     assert all(p.seed == 0 for p in runs[:first_seed1]) and runs.index(longer[-1]) < first_seed1
     assert "pairs2500-towersM-clip-seed0" in names
+    assert "pairs20000-towersM-clip-seed0-steps2.5x" in names
     assert "pairs20000-towersM-lite2-3t-seed2" in names
+
+
+def test_plan_of_one_axis_has_only_its_runs():
+    towers = plan(20000, seeds=3, axes=("towers",))
+    assert len(towers) == 3 * 9 + 3 and {p.pairs for p in towers} == {20000}
+    assert {p.steps for p in towers} == {TOWERS_STEPS, TOWERS_STEPS * STEP_CHECK_FACTOR}
+    third = plan(20000, seeds=3, axes=("third",))
+    assert len(third) == 3 * 6 and {p.method for p in third} == {"lit", "3t"}
+    assert not [p for p in third if p.steps != 1.0], "no step check without the towers axis"
 
 
 def test_run_configs_change_only_their_axis(tmp_path):
@@ -68,9 +81,12 @@ def test_run_configs_change_only_their_axis(tmp_path):
     )
     lite2 = run_config(cfg, Point(20000, third="efficientnet_lite2", method="lit"), tmp_path)
     assert lite2.model.third.backbone == "efficientnet_lite2" and lite2.model.mode == "lit"
-    longer = run_config(cfg, Point(20000, "L", longer=True), tmp_path)
-    assert longer.train.steps == round(1.5 * cfg.train.steps)
-    assert longer.train.run_dir != run_config(cfg, Point(20000, "L"), tmp_path).train.run_dir
+    towers_l = run_config(cfg, Point(20000, "L", steps=TOWERS_STEPS), tmp_path)
+    longer = run_config(cfg, step_check_point(20000, "3t"), tmp_path)
+    assert towers_l.train.steps == round(TOWERS_STEPS * cfg.train.steps) == 3250
+    assert longer.train.steps == round(1.5 * TOWERS_STEPS * cfg.train.steps)
+    assert longer.train.run_dir != towers_l.train.run_dir
+    assert towers_l.train.run_dir != run_config(cfg, Point(20000, "L"), tmp_path).train.run_dir
 
 
 def test_too_small_a_training_set_is_refused():
@@ -178,3 +194,22 @@ def test_quick_scaling_runs_every_point_and_writes_the_report(tmp_path, capsys):
     assert images and all(
         p.read_bytes() == (small_world / p.relative_to(world)).read_bytes() for p in images
     )
+
+
+def test_quick_scaling_of_one_axis_reports_only_that_axis(tmp_path):
+    out = tmp_path / "scaling"
+    overrides = tiny_experiment(tmp_path) + [
+        "reproduce.workers=1",
+        "reproduce.scaling_axes=[towers]",
+    ]
+    main(["reproduce", "--experiment", "scaling", "--quick", "--out", str(out), *overrides])
+    results = json.loads((out / "results.json").read_text())
+    assert {r["size_axis"] for r in results["runs"]} == {"towers"}
+    assert {c["axis"] for c in results["claim"]} == {"towers"}
+    assert results["axis_steps"] == {"towers": 5}  # 2.5 x quick_steps=2
+    assert not (out / "worlds").exists(), "no smaller world without the pairs axis"
+    for record in results["runs"]:
+        assert load_config(Path(record["run_dir"]) / "config.yaml").train.steps == 5  # 2.5 x 2
+    (check, *_) = results["step_check"]
+    assert (check["steps"], check["longer_steps"]) == (5, 8)
+    assert "at 5 steps | at 8 |" in (out / "results.md").read_text()

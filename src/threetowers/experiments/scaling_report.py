@@ -157,7 +157,7 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
-def plot(curve: dict, metric: str, path: Path) -> None:
+def plot(curve: dict, metric: str, axis_steps: dict[str, int], path: Path) -> None:
     """One panel per axis: ``metric`` against size (log scale), a line per method, the seed
     spread shaded; CLIP, which has no third tower, is a dashed level on that axis."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -186,7 +186,7 @@ def plot(curve: dict, metric: str, path: Path) -> None:
         names = [p["size_label"].replace("efficientnet_lite", "Lite") for p in points]
         ax.set_xticks([p["size"] for p in points], names)
         ax.minorticks_off()
-        ax.set_xlabel(AXIS_LABELS[axis])
+        ax.set_xlabel(f"{AXIS_LABELS[axis]} ({axis_steps[axis]} steps)")
         ax.set_ylabel(f"{LABELS[metric]} (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
@@ -216,5 +216,5 @@ def write_report(
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(markdown(curve, checks, vs_clip, steps, axis_steps, cfg))
     for metric in HEADLINE:
-        plot(curve, metric, out / f"scaling_{metric.replace('@', '')}.png")
+        plot(curve, metric, axis_steps, out / f"scaling_{metric.replace('@', '')}.png")
     return results

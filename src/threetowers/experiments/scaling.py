@@ -53,6 +53,7 @@ STEP_CHECK_FACTOR = 1.5
 # the steps gave CLIP +9.2 and 3T +16.8 zero-shot points against seed spreads of 3.0 and 1.8,
 # and seed 0 at 2.5x reached 75.0 (CLIP) and 91.2 (3T) from 38.3 and 63.7. So the towers axis
 # trains every size at 2.5x: one step count for all sizes, so size is all that differs.
+# (Not yet enough: its step check at 3.75x still gave CLIP +16.8 and 3T +3.5 at L.)
 TOWERS_STEPS = 2.5
 TowerConfig = ImageTowerConfig | TextTowerConfig
 SETTING = "imagenet"  # the records' setting in the grid's schema: the third tower is ImageNet's

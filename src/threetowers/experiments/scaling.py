@@ -236,12 +236,13 @@ def _label(axis: str, point: Point) -> str:
 # ------------------------------------------------------------------------ report
 def records_of(cfg: Config, out: Path, size_of: dict) -> list[dict]:
     """One record per run and axis it lies on, in the grid's schema plus ``size_axis``,
-    ``size`` (pairs or parameters) and ``size_label``; the base point is on every axis."""
+    ``size`` (pairs or parameters) and ``size_label``; the base point is on the pairs and
+    third axes."""
     records = []
     full = cfg.data.world.train_pairs
+    axes = tuple(cfg.reproduce.scaling_axes)
     for seed in range(cfg.reproduce.seeds):
         for method in ("clip", "lit", "3t"):
-            axes = tuple(cfg.reproduce.scaling_axes)
             for axis, points in axis_points(full, method, seed, axes).items():
                 for point in points:
                     run_dir = Path(run_config(cfg, point, out).train.run_dir)

@@ -17,12 +17,12 @@ from threetowers.config import load_config
 from threetowers.experiments.report import HEADLINE
 from threetowers.experiments.scaling import (
     STEP_CHECK_FACTOR,
-    TOWERS_STEPS,
+    STEPS,
     Point,
     check_sizes,
     plan,
     run_config,
-    step_check_point,
+    step_check_points,
 )
 from threetowers.experiments.scaling_report import curves, gain_slopes, slope, verdicts
 
@@ -31,31 +31,36 @@ def test_plan_has_each_run_once_and_whole_seeds_first():
     runs = plan(20000, seeds=3)
     names = [p.name for p in runs]
     assert len(names) == len(set(names))
-    longest = TOWERS_STEPS * STEP_CHECK_FACTOR
+    longest = STEPS * STEP_CHECK_FACTOR
     per_seed = [p for p in runs if p.steps != longest and p.seed == 0]
-    # pairs: 4 sizes x 3 methods; towers: 3 x 3 (longer, so M is not the base point);
-    # third: 2 more x (LiT, 3T)
-    assert len(per_seed) == 12 + 9 + 4
-    assert len(runs) == 3 * 25 + 3
+    # pairs: 4 sizes x 3 methods; towers: S and L x 3 (M is the base point); third: 2 more
+    # x (LiT, 3T)
+    assert len(per_seed) == 12 + 6 + 4
+    assert {p.steps for p in per_seed} == {STEPS}
     longer = [p for p in runs if p.steps == longest]
-    assert {p.method for p in longer} == {"clip", "lit", "3t"}
-    assert all(p.towers == "L" and p.pairs == 20000 for p in longer)
-    assert {p.steps for p in runs if p.towers != "M"} == {TOWERS_STEPS, longest}
-    # seed 0 and the step check come before any seed-1 run
+    # the largest run of each axis: the base point (every pair), the L towers and Lite2
+    assert {(p.pairs, p.towers, p.third, p.method) for p in longer} == {
+        (20000, "M", "efficientnet_lite0", m) for m in ("clip", "lit", "3t")
+    } | {(20000, "L", "efficientnet_lite0", m) for m in ("clip", "lit", "3t")} | {
+        (20000, "M", "efficientnet_lite2", m) for m in ("lit", "3t")
+    }
+    assert all(p.seed == 0 for p in longer) and len(runs) == 3 * 22 + 8
+    # seed 0 and the step checks come before any seed-1 run
     first_seed1 = next(i for i, p in enumerate(runs) if p.seed == 1)
     assert all(p.seed == 0 for p in runs[:first_seed1]) and runs.index(longer[-1]) < first_seed1
-    assert "pairs2500-towersM-clip-seed0" in names
-    assert "pairs20000-towersM-clip-seed0-steps2.5x" in names
-    assert "pairs20000-towersM-lite2-3t-seed2" in names
+    assert "pairs2500-towersM-clip-seed0-steps5x" in names
+    assert "pairs20000-towersM-lite2-3t-seed2-steps5x" in names
+    assert "pairs20000-towersL-lite0-3t-seed0-steps7.5x" in names
 
 
 def test_plan_of_one_axis_has_only_its_runs():
     towers = plan(20000, seeds=3, axes=("towers",))
     assert len(towers) == 3 * 9 + 3 and {p.pairs for p in towers} == {20000}
-    assert {p.steps for p in towers} == {TOWERS_STEPS, TOWERS_STEPS * STEP_CHECK_FACTOR}
+    assert {p.towers for p in towers if p.steps == STEPS * STEP_CHECK_FACTOR} == {"L"}
     third = plan(20000, seeds=3, axes=("third",))
-    assert len(third) == 3 * 6 and {p.method for p in third} == {"lit", "3t"}
-    assert not [p for p in third if p.steps != 1.0], "no step check without the towers axis"
+    assert len(third) == 3 * 6 + 2 and {p.method for p in third} == {"lit", "3t"}
+    assert {p.third for p in third if p.steps != STEPS} == {"efficientnet_lite2"}
+    assert step_check_points(20000, "clip", ("third",)) == {}, "CLIP has no third axis"
 
 
 def test_run_configs_change_only_their_axis(tmp_path):
@@ -81,12 +86,12 @@ def test_run_configs_change_only_their_axis(tmp_path):
     )
     lite2 = run_config(cfg, Point(20000, third="efficientnet_lite2", method="lit"), tmp_path)
     assert lite2.model.third.backbone == "efficientnet_lite2" and lite2.model.mode == "lit"
-    towers_l = run_config(cfg, Point(20000, "L", steps=TOWERS_STEPS), tmp_path)
-    longer = run_config(cfg, step_check_point(20000, "3t"), tmp_path)
-    assert towers_l.train.steps == round(TOWERS_STEPS * cfg.train.steps) == 3250
-    assert longer.train.steps == round(1.5 * TOWERS_STEPS * cfg.train.steps)
+    assert base.train.steps == small.train.steps == round(STEPS * cfg.train.steps) == 6500
+    towers_l = run_config(cfg, Point(20000, "L"), tmp_path)
+    longer = run_config(cfg, step_check_points(20000, "3t", ("towers",))["towers"], tmp_path)
+    assert longer.model == towers_l.model
+    assert longer.train.steps == round(1.5 * STEPS * cfg.train.steps) == 9750
     assert longer.train.run_dir != towers_l.train.run_dir
-    assert towers_l.train.run_dir != run_config(cfg, Point(20000, "L"), tmp_path).train.run_dir
 
 
 def test_too_small_a_training_set_is_refused():
@@ -173,7 +178,11 @@ def test_quick_scaling_runs_every_point_and_writes_the_report(tmp_path, capsys):
     assert {(c["axis"], c["metric"]) for c in results["claim"]} == {
         (a, k) for a in ("pairs", "towers", "third") for k in HEADLINE
     }
-    assert {s["method"] for s in results["step_check"]} == {"clip", "lit", "3t"}
+    assert {(s["axis"], s["size_label"], s["method"]) for s in results["step_check"]} == {
+        ("pairs", "256", m) for m in ("clip", "lit", "3t")
+    } | {("towers", "L", m) for m in ("clip", "lit", "3t")} | {
+        ("third", "efficientnet_lite2", m) for m in ("lit", "3t")
+    }
     for name in ("results.md", "scaling_zeroshot_top1.png", "scaling_i2t_R1.png"):
         assert (out / name).stat().st_size > 0
     assert "3T's gain over LiT grows with size" in capsys.readouterr().out
@@ -206,10 +215,11 @@ def test_quick_scaling_of_one_axis_reports_only_that_axis(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert {r["size_axis"] for r in results["runs"]} == {"towers"}
     assert {c["axis"] for c in results["claim"]} == {"towers"}
-    assert results["axis_steps"] == {"towers": 5}  # 2.5 x quick_steps=2
+    assert results["steps"] == 10  # 5 x quick_steps=2
     assert not (out / "worlds").exists(), "no smaller world without the pairs axis"
     for record in results["runs"]:
-        assert load_config(Path(record["run_dir"]) / "config.yaml").train.steps == 5  # 2.5 x 2
+        assert load_config(Path(record["run_dir"]) / "config.yaml").train.steps == 10
     (check, *_) = results["step_check"]
-    assert (check["steps"], check["longer_steps"]) == (5, 8)
-    assert "at 5 steps | at 8 |" in (out / "results.md").read_text()
+    assert (check["axis"], check["size_label"]) == ("towers", "L")
+    assert (check["steps"], check["longer_steps"]) == (10, 15)
+    assert "at 10 steps | at 15 |" in (out / "results.md").read_text()

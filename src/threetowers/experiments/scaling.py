@@ -11,21 +11,22 @@ config's towers, Lite0):
   the same images and captions. Every run takes the same steps, so smaller sets are seen for
   more epochs, and all share one tokenizer (trained on the full set).
 - ``towers``: f and g together, narrower and shallower (S) or wider and deeper (L) than the
-  config's towers (M), the embedding dimension and everything else unchanged. Every size
-  trains for ``TOWERS_STEPS`` x the config's steps (so M here is not the base point's run).
+  config's towers (M), the embedding dimension and everything else unchanged.
 - ``third``: the frozen tower itself, EfficientNet-Lite0, -Lite1 and -Lite2 (LiT and 3T).
 
-The claim is checked per metric and axis as the slope of 3T minus LiT (each seed's own
-difference) over log2 of the size, mean ± std over seeds: "holds" when the mean is above
-zero by more than its spread. The largest runs (L towers on every pair) are trained once
-more with 1.5x their steps (seed 0): the report says whether that moves them beyond the seed
-spread, i.e. whether the step count limits them.
+Every run trains for ``STEPS`` x the config's steps, so size is all that differs along an
+axis and the base point is one run on all three. The claim is checked per metric and axis as
+the slope of 3T minus LiT (each seed's own difference) over log2 of the size, mean ± std over
+seeds: "holds" when the mean is above zero by more than its spread. The largest run of each
+axis (all the pairs; the L towers; Lite2) is trained once more with 1.5x the steps (seed 0):
+the report says whether that moves it beyond the seed spread, i.e. whether the step count
+limits it.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from threetowers.config import Config, ImageTowerConfig, TextTowerConfig
@@ -49,12 +50,11 @@ PAIR_FRACTIONS = (8, 4, 2, 1)  # the training set cut to 1/8 ... all of it
 TOWERS = {"S": (2 / 3, -1), "M": (1.0, 0), "L": (4 / 3, 1)}
 THIRD = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 STEP_CHECK_FACTOR = 1.5
-# At the config's steps (1300 in the reproduce preset) the L towers were step-limited: 1.5x
-# the steps gave CLIP +9.2 and 3T +16.8 zero-shot points against seed spreads of 3.0 and 1.8,
-# and seed 0 at 2.5x reached 75.0 (CLIP) and 91.2 (3T) from 38.3 and 63.7. So the towers axis
-# trains every size at 2.5x: one step count for all sizes, so size is all that differs.
-# (Not yet enough: its step check at 3.75x still gave CLIP +16.8 and 3T +3.5 at L.)
-TOWERS_STEPS = 2.5
+# x the config's steps, for every run. The step checks found the preset's 1300 too few (L
+# towers, seed 0, zero-shot: CLIP +9.2 and 3T +16.8 at 1.5x, against seed spreads of 3.0 and
+# 1.8) and so was 3250 (CLIP +16.8, 3T +3.5 at 4875; spreads 7.3 and 0.7); the base point at
+# 1300 was too (3T 68.0 against 89.9 at 3250), which confounded the pairs axis.
+STEPS = 5.0
 TowerConfig = ImageTowerConfig | TextTowerConfig
 SETTING = "imagenet"  # the records' setting in the grid's schema: the third tower is ImageNet's
 
@@ -68,13 +68,15 @@ class Point:
     third: str = THIRD[0]
     method: str = "3t"
     seed: int = 0
-    steps: float = 1.0  # x the config's steps
+    steps: float = STEPS  # x the config's steps
 
     @property
     def name(self) -> str:
         third = "" if self.method == "clip" else f"-{self.third.removeprefix('efficientnet_')}"
-        steps = "" if self.steps == 1.0 else f"-steps{self.steps:g}x"
-        return f"pairs{self.pairs}-towers{self.towers}{third}-{self.method}-seed{self.seed}{steps}"
+        return (
+            f"pairs{self.pairs}-towers{self.towers}{third}-{self.method}-seed{self.seed}"
+            f"-steps{self.steps:g}x"
+        )
 
     def data_job(self) -> str:
         """The job that caches what this run reads (CLIP reads 3T's preloaded pixels)."""
@@ -89,32 +91,36 @@ def axis_points(
     full: int, method: str, seed: int, axes: tuple[str, ...] = AXES
 ) -> dict[str, list[Point]]:
     """axis -> its points for one method and seed, smallest first, for each of ``axes``
-    (the base point is on the pairs and third axes). CLIP has no third tower, so no third
-    axis."""
+    (the base point is on all three). CLIP has no third tower, so no third axis."""
     points = {
         "pairs": [Point(n, method=method, seed=seed) for n in pair_counts(full)],
-        "towers": [Point(full, t, method=method, seed=seed, steps=TOWERS_STEPS) for t in TOWERS],
+        "towers": [Point(full, t, method=method, seed=seed) for t in TOWERS],
     }
     if method != "clip":
         points["third"] = [Point(full, "M", third, method, seed) for third in THIRD]
     return {axis: points[axis] for axis in axes if axis in points}
 
 
-def step_check_point(full: int, method: str) -> Point:
-    """The largest run of ``method`` (seed 0) once more with STEP_CHECK_FACTOR x its steps."""
-    return Point(full, "L", method=method, steps=TOWERS_STEPS * STEP_CHECK_FACTOR)
+def step_check_points(full: int, method: str, axes: tuple[str, ...]) -> dict[str, Point]:
+    """axis -> its largest run of ``method`` (seed 0) once more with STEP_CHECK_FACTOR x the
+    steps, for each of ``axes``."""
+    return {
+        axis: replace(points[-1], steps=STEPS * STEP_CHECK_FACTOR)
+        for axis, points in axis_points(full, method, 0, axes).items()
+    }
 
 
 def plan(full: int, seeds: int, axes: tuple[str, ...] = AXES) -> list[Point]:
     """Every run once, seed by seed (a stopped command has whole seeds to report); the
-    step check after the first seed, where the towers axis is trained."""
+    step checks after the first seed."""
     runs: list[Point] = []
     for seed in range(seeds):
         for method in ("clip", "lit", "3t"):
             for points in axis_points(full, method, seed, axes).values():
                 runs += [p for p in points if p not in runs]
-        if seed == 0 and "towers" in axes:
-            runs += [step_check_point(full, m) for m in ("clip", "lit", "3t")]
+        if seed == 0:
+            for method in ("clip", "lit", "3t"):
+                runs += step_check_points(full, method, axes).values()
     return runs
 
 
@@ -150,21 +156,13 @@ def run_config(cfg: Config, point: Point, out: Path) -> Config:
     model = model.model_copy(update={"image": image, "text": text})
     third = model.third.model_copy(update={"backbone": point.third, "path": None})
     model = model.model_copy(update={"third": third})
+    train = cfg.train.model_copy(update={"steps": scaled_steps(cfg, point.steps)})
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"world": world})})
-    if point.steps != 1.0:
-        train = cfg.train.model_copy(update={"steps": scaled_steps(cfg, point.steps)})
-        cfg = cfg.model_copy(update={"train": train})
-    return with_run(cfg, model, point, out)
+    return with_run(cfg.model_copy(update={"train": train}), model, point, out)
 
 
 def scaled_steps(cfg: Config, factor: float) -> int:
     return round(cfg.train.steps * factor)
-
-
-def axis_steps(cfg: Config) -> dict[str, int]:
-    """axis -> the steps its runs train for (every point of an axis trains as long)."""
-    points = axis_points(cfg.data.world.train_pairs, "lit", 0, tuple(cfg.reproduce.scaling_axes))
-    return {axis: scaled_steps(cfg, ps[0].steps) for axis, ps in points.items()}
 
 
 def check_sizes(cfg: Config) -> None:
@@ -236,8 +234,7 @@ def _label(axis: str, point: Point) -> str:
 # ------------------------------------------------------------------------ report
 def records_of(cfg: Config, out: Path, size_of: dict) -> list[dict]:
     """One record per run and axis it lies on, in the grid's schema plus ``size_axis``,
-    ``size`` (pairs or parameters) and ``size_label``; the base point is on the pairs and
-    third axes."""
+    ``size`` (pairs or parameters) and ``size_label``; the base point is on every axis."""
     records = []
     full = cfg.data.world.train_pairs
     axes = tuple(cfg.reproduce.scaling_axes)
@@ -255,39 +252,44 @@ def records_of(cfg: Config, out: Path, size_of: dict) -> list[dict]:
     return records
 
 
-def step_check(cfg: Config, out: Path, records: list[dict], size_of: dict) -> list[dict]:
-    """Per method and metric: the largest run at its steps and at 1.5x, with the seed
-    spread at that point; "step-limited" when the longer run gains more than the spread."""
-    full = cfg.data.world.train_pairs
+def step_check(cfg: Config, out: Path, records: list[dict]) -> list[dict]:
+    """Per axis, method and metric: the axis's largest run at its steps and at 1.5x, with
+    the seed spread at that point; "step-limited" when the longer run gains more than the
+    spread."""
     rows = []
+    axes = tuple(cfg.reproduce.scaling_axes)
     for method in ("clip", "lit", "3t"):
-        run_dir = Path(run_config(cfg, step_check_point(full, method), out).train.run_dir)
-        if "towers" not in size_of or not (run_dir / "eval.json").exists():
-            continue
-        long_scores = json.loads((run_dir / "eval.json").read_text())
-        size = size_of["towers"]["L"]
-        at = [
-            r
-            for r in records
-            if (r["size_axis"], r["method"], r["size"]) == ("towers", method, size)
-        ]
-        for metric in HEADLINE:
-            mean, std = spread([r[metric] for r in at])
-            seed0 = next(r[metric] for r in at if r["seed"] == 0)
-            gain = long_scores[metric] - seed0
-            rows.append(
-                {
-                    "method": method,
-                    "metric": metric,
-                    "steps": scaled_steps(cfg, TOWERS_STEPS),
-                    "longer_steps": scaled_steps(cfg, TOWERS_STEPS * STEP_CHECK_FACTOR),
-                    "seed0": seed0,
-                    "longer": long_scores[metric],
-                    "gain": gain,
-                    "seed_std": std,
-                    "status": "step-limited" if gain > std else "not step-limited",
-                }
-            )
+        checks = step_check_points(cfg.data.world.train_pairs, method, axes)
+        for axis, point in checks.items():
+            run_dir = Path(run_config(cfg, point, out).train.run_dir)
+            if not (run_dir / "eval.json").exists():
+                continue
+            long_scores = json.loads((run_dir / "eval.json").read_text())
+            label = _label(axis, point)
+            at = [
+                r
+                for r in records
+                if (r["size_axis"], r["method"], r["size_label"]) == (axis, method, label)
+            ]
+            for metric in HEADLINE:
+                _, std = spread([r[metric] for r in at])
+                seed0 = next(r[metric] for r in at if r["seed"] == 0)
+                gain = long_scores[metric] - seed0
+                rows.append(
+                    {
+                        "axis": axis,
+                        "size_label": label,
+                        "method": method,
+                        "metric": metric,
+                        "steps": scaled_steps(cfg, STEPS),
+                        "longer_steps": scaled_steps(cfg, point.steps),
+                        "seed0": seed0,
+                        "longer": long_scores[metric],
+                        "gain": gain,
+                        "seed_std": std,
+                        "status": "step-limited" if gain > std else "not step-limited",
+                    }
+                )
     return rows
 
 
@@ -304,7 +306,5 @@ def scaling(cfg: Config, out: str | Path, progress: bool = True) -> dict:
 
     out = Path(out)
     run_experiment(cfg, out, jobs, describe, "scaling", progress)
-    size_of = sizes(cfg)
-    records = records_of(cfg, out, size_of)
-    steps = step_check(cfg, out, records, size_of)
-    return write_report(out, cfg, records, steps, axis_steps(cfg))
+    records = records_of(cfg, out, sizes(cfg))
+    return write_report(out, cfg, records, step_check(cfg, out, records), scaled_steps(cfg, STEPS))

@@ -99,14 +99,13 @@ def verdicts(slopes: dict[str, dict]) -> list[dict]:
 
 
 def markdown(
-    curve: dict, checks: list[dict], gains_clip: dict, steps: list[dict], axis_steps: dict, cfg
+    curve: dict, checks: list[dict], gains_clip: dict, step_rows: list[dict], steps: int, cfg
 ) -> str:
-    per_axis = ", ".join(f"{axis} {n}" for axis, n in axis_steps.items() if axis in curve)
     lines = [
         "# Scaling: does 3T gain more than LiT from scale?",
         "",
         f"CLIP, LiT and 3T (third tower EfficientNet-Lite0 unless the axis varies it), "
-        f"steps per axis: {per_axis}; batch {cfg.data.batch_size}; mean ± standard deviation "
+        f"{steps} steps of batch {cfg.data.batch_size} every run; mean ± standard deviation "
         f"over seeds (%, retrieval on the {cfg.eval.retrieval_split} split, zero-shot on the "
         f"{cfg.eval.zeroshot_split} split).",
         "",
@@ -137,27 +136,29 @@ def markdown(
             f"| {c['axis']} | {LABELS[c['metric']]} | {c['slope_per_doubling']:+.2f} ± "
             f"{c['slope_std']:.2f} | {c['status']} | {clip_cell} |"
         )
-    if steps:
+    if step_rows:
+        first = step_rows[0]
         lines += [
             "",
             "## Are the largest runs step-limited?",
             "",
-            f"The L towers on every pair, seed 0, trained again for {steps[0]['longer_steps']} "
-            f"steps instead of {steps[0]['steps']}.",
+            f"The largest run of each axis, seed 0, trained again for {first['longer_steps']} "
+            f"steps instead of {first['steps']}.",
             "",
-            f"| method | metric | at {steps[0]['steps']} steps | at {steps[0]['longer_steps']} "
-            "| gain | seed std | result |",
-            "|---|---|---|---|---|---|---|",
+            f"| axis | run | method | metric | at {first['steps']} steps | at "
+            f"{first['longer_steps']} | gain | seed std | result |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
-        for s in steps:
+        for s in step_rows:
             lines.append(
-                f"| {METHOD_NAMES[s['method']]} | {LABELS[s['metric']]} | {s['seed0']:.1f} | "
-                f"{s['longer']:.1f} | {s['gain']:+.1f} | {s['seed_std']:.1f} | {s['status']} |"
+                f"| {s['axis']} | {s['size_label']} | {METHOD_NAMES[s['method']]} | "
+                f"{LABELS[s['metric']]} | {s['seed0']:.1f} | {s['longer']:.1f} | "
+                f"{s['gain']:+.1f} | {s['seed_std']:.1f} | {s['status']} |"
             )
     return "\n".join(lines) + "\n"
 
 
-def plot(curve: dict, metric: str, axis_steps: dict[str, int], path: Path) -> None:
+def plot(curve: dict, metric: str, steps: int, path: Path) -> None:
     """One panel per axis: ``metric`` against size (log scale), a line per method, the seed
     spread shaded; CLIP, which has no third tower, is a dashed level on that axis."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -186,7 +187,7 @@ def plot(curve: dict, metric: str, axis_steps: dict[str, int], path: Path) -> No
         names = [p["size_label"].replace("efficientnet_lite", "Lite") for p in points]
         ax.set_xticks([p["size"] for p in points], names)
         ax.minorticks_off()
-        ax.set_xlabel(f"{AXIS_LABELS[axis]} ({axis_steps[axis]} steps)")
+        ax.set_xlabel(f"{AXIS_LABELS[axis]} ({steps} steps)")
         ax.set_ylabel(f"{LABELS[metric]} (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
@@ -195,10 +196,10 @@ def plot(curve: dict, metric: str, axis_steps: dict[str, int], path: Path) -> No
 
 
 def write_report(
-    out: Path, cfg: Config, records: list[dict], steps: list[dict], axis_steps: dict[str, int]
+    out: Path, cfg: Config, records: list[dict], step_rows: list[dict], steps: int
 ) -> dict:
-    """results.json, results.md and the figures in ``out``; ``steps`` are the step check's
-    rows, ``axis_steps`` each axis's training steps."""
+    """results.json, results.md and the figures in ``out``; ``step_rows`` are the step
+    check's rows, ``steps`` every run's training steps."""
     curve = curves(records)
     slopes = gain_slopes(records, "3t", "lit")
     vs_clip = gain_slopes(records, "3t", "clip")
@@ -209,12 +210,12 @@ def write_report(
         "claim": checks,
         "slopes_3t_minus_lit": slopes,
         "slopes_3t_minus_clip": vs_clip,
-        "step_check": steps,
-        "axis_steps": axis_steps,
+        "step_check": step_rows,
+        "steps": steps,
         "config": cfg.model_dump(mode="json"),
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "results.md").write_text(markdown(curve, checks, vs_clip, steps, axis_steps, cfg))
+    (out / "results.md").write_text(markdown(curve, checks, vs_clip, step_rows, steps, cfg))
     for metric in HEADLINE:
-        plot(curve, metric, axis_steps, out / f"scaling_{metric.replace('@', '')}.png")
+        plot(curve, metric, steps, out / f"scaling_{metric.replace('@', '')}.png")
     return results

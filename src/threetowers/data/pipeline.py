@@ -23,7 +23,10 @@ from threetowers.data.caches.features import (
 from threetowers.data.caches.preload import preload_pairs
 from threetowers.data.caches.units import dataset_units
 from threetowers.data.sources.loader import num_batches, pair_batches
-from threetowers.data.sources.pairs import Pair, PairTable, ShardPairs, iter_captions, open_pairs
+from threetowers.data.sources.pair import Pair
+from threetowers.data.sources.pairs import iter_captions, open_pairs
+from threetowers.data.sources.shards import ShardPairs
+from threetowers.data.sources.table import PairTable
 from threetowers.data.tokenizer import CaptionTokenizer, MemoisedEncoder
 from threetowers.data.transforms import PixelEvalTransform, PixelTrainTransform
 from threetowers.data.world.generate import WorldSpec, write_world

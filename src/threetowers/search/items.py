@@ -17,13 +17,9 @@ from PIL import Image
 
 from threetowers.data.benchmarks import load_karpathy
 from threetowers.data.sources.decode import load_image
-from threetowers.data.sources.pairs import (
-    PairTable,
-    decode_sample,
-    open_pairs,
-    shard_sample_id,
-    shard_samples,
-)
+from threetowers.data.sources.pairs import open_pairs
+from threetowers.data.sources.shards import decode_sample, shard_sample_id, shard_samples
+from threetowers.data.sources.table import PairTable
 from threetowers.embed import image_files
 
 Loaded = tuple[Image.Image, list[str]]  # the decoded image and its captions

@@ -27,7 +27,8 @@ from threetowers.data.caches.units import dataset_units
 from threetowers.data.pipeline import TrainingExample
 from threetowers.data.sources.bad_samples import Skipped
 from threetowers.data.sources.loader import pair_batches
-from threetowers.data.sources.pairs import PairTable, iter_pairs, open_pairs
+from threetowers.data.sources.pairs import iter_pairs, open_pairs
+from threetowers.data.sources.table import PairTable
 from threetowers.data.transforms import eval_transform
 
 

@@ -29,13 +29,8 @@ from threetowers.data.sources.bad_samples import (
     Skipped,
 )
 from threetowers.data.sources.loader import pair_batches
-from threetowers.data.sources.pairs import (
-    count_shard_samples,
-    decode_sample,
-    iter_captions,
-    iter_pairs,
-    open_pairs,
-)
+from threetowers.data.sources.pairs import iter_captions, iter_pairs, open_pairs
+from threetowers.data.sources.shards import count_shard_samples, decode_sample
 from threetowers.data.sources.tar_samples import count_samples, read_samples
 from threetowers.data.transforms import PixelEvalTransform, PixelTrainTransform
 

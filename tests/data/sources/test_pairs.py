@@ -13,13 +13,9 @@ import webdataset as wds
 from PIL import Image
 
 from threetowers.data.sources.loader import num_batches, pair_batches
-from threetowers.data.sources.pairs import (
-    PairTable,
-    ShardPairs,
-    count_shard_samples,
-    epoch_size,
-    open_pairs,
-)
+from threetowers.data.sources.pairs import epoch_size, open_pairs
+from threetowers.data.sources.shards import ShardPairs, count_shard_samples
+from threetowers.data.sources.table import PairTable
 
 SHARD_SIZES = [5, 7, 6, 8, 4, 9]
 N_SHARD = sum(SHARD_SIZES)

@@ -9,7 +9,8 @@ import os
 from pathlib import Path
 from stat import S_ISLNK
 
-from threetowers.data.sources.pairs import ShardPairs, open_pairs
+from threetowers.data.sources.pairs import open_pairs
+from threetowers.data.sources.shards import ShardPairs
 
 # Caches keyed by sample: version 2 names shard samples ``SHARD/KEY`` (version 1: ``KEY``,
 # which confused samples of shards numbered alike), so no version 1 file is ever reused.

@@ -22,7 +22,9 @@ from tqdm import tqdm
 from threetowers.atomic import fsync, publish, remove_temporaries, temporary_path, write_atomic
 from threetowers.data.caches.identity import cache_base, dataset_digest
 from threetowers.data.sources.bad_samples import BadDataError, BadSample, Skipped
-from threetowers.data.sources.pairs import Pair, PairSource, PairTable, epoch_size, iter_pairs
+from threetowers.data.sources.pair import Pair
+from threetowers.data.sources.pairs import PairSource, epoch_size, iter_pairs
+from threetowers.data.sources.table import PairTable
 
 
 class PreloadedPairs(PairTable):

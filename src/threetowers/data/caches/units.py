@@ -12,14 +12,14 @@ from typing import Protocol
 from threetowers.data.caches.identity import SAMPLE_IDS, dataset_digest, files_digest
 from threetowers.data.sources.bad_samples import BadSample
 from threetowers.data.sources.decode import clean_captions, load_image
-from threetowers.data.sources.pairs import (
-    PairTable,
+from threetowers.data.sources.pairs import open_pairs
+from threetowers.data.sources.shards import (
     ShardPairs,
     decode_sample,
-    open_pairs,
     sample_captions,
     shard_sample_id,
 )
+from threetowers.data.sources.table import PairTable
 from threetowers.data.sources.tar_samples import read_samples
 
 TABLE_CHUNK = 8192  # rows of a table per cache unit

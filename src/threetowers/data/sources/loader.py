@@ -48,19 +48,15 @@ import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from threetowers.data.sources.bad_samples import BadSample, Skipped
-from threetowers.data.sources.pairs import (
-    BUFFER_STREAM,
-    Pair,
-    PairSource,
-    PairTable,
+from threetowers.data.sources.pair import BUFFER_STREAM, Pair, check_seed, sample_rng
+from threetowers.data.sources.pairs import PairSource, open_pairs
+from threetowers.data.sources.shards import (
     ShardPairs,
-    check_seed,
     decode_sample,
-    open_pairs,
-    sample_rng,
     shard_sample_id,
     shard_samples,
 )
+from threetowers.data.sources.table import PairTable
 
 Example = Callable[[Pair, np.random.Generator], dict[str, torch.Tensor | str]]
 # --------------------------------------------------------------------------- planning
@@ -325,7 +321,7 @@ def pair_batches(
     drop_last: bool = True,
 ) -> Iterator[dict[str, Any]]:
     """Batches of one epoch for one rank: ``example`` outputs stacked, plus ``"ids"`` (each
-    sample's id, see :class:`~threetowers.data.sources.pairs.Pair`).
+    sample's id, see :class:`~threetowers.data.sources.pair.Pair`).
 
     ``example(pair, rng)`` must be picklable (it runs in DataLoader workers) and return a
     dict of equally shaped tensors; ``pair`` carries this visit's caption, ``rng`` is

@@ -1,0 +1,132 @@
+"""Streaming pairs from local webdataset ``.tar`` shards as img2dataset writes them:
+``KEY.jpg|jpeg|png|webp`` and ``KEY.txt``, optionally ``KEY.json``, whose ``"captions"``
+list, when present, replaces the ``.txt`` caption."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+
+from threetowers.data.sources.bad_samples import BadSample
+from threetowers.data.sources.decode import caption_text, clean_captions, is_utf8, load_image
+from threetowers.data.sources.pair import SHARD_STREAM, Pair, check_seed
+from threetowers.data.sources.tar_samples import count_samples, read_samples
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+def shard_sample_id(sample: dict[str, Any]) -> str:
+    """The id of a raw shard sample: its shard's path as the source lists it, then its key."""
+    return f"{sample.get('__url__', '?')}/{sample['__key__']}"
+
+
+_COUNT_CACHE: dict[tuple[str, int, int], int] = {}
+
+
+def count_shard_samples(path: str | Path) -> int:
+    """Samples in one tar from its headers alone (see ``tar_samples``), cached per
+    (path, size, mtime). Every key is a sample, with or without an image: those without
+    are streamed, then skipped and counted as bad."""
+    path = Path(path)
+    stat = path.stat()
+    cache_key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if cache_key not in _COUNT_CACHE:
+        _COUNT_CACHE[cache_key] = count_samples(path)
+    return _COUNT_CACHE[cache_key]
+
+
+class ShardPairs:
+    """Local webdataset shards, in the order given (shuffled per epoch by the loader)."""
+
+    def __init__(self, shards: Sequence[str | Path]) -> None:
+        shards = [Path(s) for s in shards]
+        if not shards:
+            raise ValueError("no shards given")
+        missing = [str(s) for s in shards if not s.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} of {len(shards)} shards not found, e.g. {missing[:3]}"
+            )
+        repeated = [str(s) for s, n in Counter(shards).items() if n > 1]
+        if repeated:  # its samples would be two samples of one id (see Pair)
+            raise ValueError(f"shards listed more than once: {repeated[:3]}; list each once")
+        self.shards = shards
+
+    @cached_property
+    def sizes(self) -> list[int]:
+        """Samples per shard (reads tar headers once)."""
+        return [count_shard_samples(shard) for shard in self.shards]
+
+    @cached_property
+    def first_rows(self) -> list[int]:
+        """Each shard's first row in the dataset's order."""
+        return np.cumsum([0, *self.sizes[:-1]]).tolist()
+
+    def __len__(self) -> int:
+        return sum(self.sizes)
+
+    def shard_order(self, seed: int, epoch: int) -> list[int]:
+        """Indices of the shards in the epoch's order, the same on every rank."""
+        check_seed(seed, epoch)
+        state = np.random.SeedSequence([seed, epoch, SHARD_STREAM]).generate_state(2, np.uint64)
+        urls = [str(i) for i in range(len(self.shards))]
+        # webdataset's own seeded shard shuffle, run here so every rank can plan the epoch.
+        shuffled = wds.SimpleShardList(urls, seed=int(state[0]) << 64 | int(state[1]))
+        return [int(entry["url"]) for entry in shuffled]
+
+    def __repr__(self) -> str:
+        return f"ShardPairs({len(self.shards)} shards, first {str(self.shards[0])!r})"
+
+
+def sample_captions(sample: dict[str, Any]) -> list[str]:
+    """The usable captions of a raw shard sample: the ``.json`` "captions" list when it has
+    one, else the ``.txt``; :class:`BadSample` when there is none."""
+    where = f"sample {sample['__key__']!r} of {sample.get('__url__', '?')}"
+    if "__bad__" in sample:
+        raise BadSample(*sample["__bad__"])
+    if "json" in sample:
+        try:
+            meta = json.loads(sample["json"])
+        except ValueError:  # unreadable metadata: the .txt caption still serves
+            meta = None
+        listed = meta.get("captions") if isinstance(meta, dict) else None
+        if isinstance(listed, list) and listed:
+            return clean_captions(listed, where)
+    if "txt" not in sample:
+        raise BadSample("no_caption", f"{where}: no .txt, and no .json with a 'captions' list")
+    return clean_captions([caption_text(sample["txt"], where)], where)
+
+
+def decode_sample(sample: dict[str, Any]) -> Pair:
+    """A raw shard sample as a Pair, or :class:`BadSample` saying why it cannot be used."""
+    key, url = sample["__key__"], sample.get("__url__", "?")
+    where = f"sample {key!r} of {url}"
+    if not is_utf8(key):
+        raise BadSample("malformed_row", f"{where}: the key is not UTF-8")
+    captions = sample_captions(sample)  # before the image: far cheaper to check
+    data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+    if data is None:
+        raise BadSample("no_image", f"{where}: no .{'/.'.join(IMAGE_EXTENSIONS)} member")
+    row = sample.get("__row__", -1)
+    return Pair(key, load_image(data, where), captions, shard_sample_id(sample), row)
+
+
+def shard_samples(
+    shards: Iterable[str | Path], first_rows: Iterable[int] | None = None
+) -> Iterator[dict[str, Any]]:
+    """Raw samples of shards, one after the other (see ``tar_samples.read_samples``); with
+    each shard's first row in its dataset, every sample carries its row as ``__row__``."""
+    firsts = iter(first_rows) if first_rows is not None else None
+    for shard in shards:
+        first = next(firsts) if firsts is not None else None
+        for position, sample in enumerate(read_samples(shard)):
+            if first is not None:
+                sample["__row__"] = first + position
+            yield sample

@@ -1,0 +1,211 @@
+"""Map-style pairs from a CSV/TSV with a header (``image`` and ``caption`` columns by
+default, optional ``key``) or a JSONL file (``image`` plus ``caption`` or a ``captions``
+list, optional ``key``); image paths are relative to the table's folder and held inside it."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from threetowers.data.sources.bad_samples import BadSample
+from threetowers.data.sources.decode import clean_captions, is_utf8, load_image
+from threetowers.data.sources.pair import ORDER_STREAM, Pair, check_seed
+
+
+class PairTable:
+    """Map-style pairs from a CSV/TSV/JSONL file; ``table[i]`` decodes image ``i``.
+
+    Rows that cannot be used (malformed, a duplicate key, a path leaving the table's folder)
+    stay in the table as bad rows: ``table[i]`` raises their :class:`BadSample`, so the loader
+    skips and counts them like any other bad sample, and row numbers keep their meaning.
+    """
+
+    def __init__(
+        self,
+        images: Sequence[Path],
+        captions: Sequence[list[str]],
+        keys: Sequence[str],
+        name: str,
+        bad: dict[int, BadSample] | None = None,
+    ) -> None:
+        if not len(images) == len(captions) == len(keys):
+            raise ValueError("images, captions and keys must have the same length")
+        self.bad = dict(bad or {})
+        good_keys = [key for i, key in enumerate(keys) if i not in self.bad]
+        duplicates = [key for key, n in Counter(good_keys).items() if n > 1]
+        if duplicates:
+            raise ValueError(f"{name}: duplicate keys, e.g. {duplicates[:3]}")
+        self.images = [Path(p) for p in images]
+        self.captions = [list(c) for c in captions]
+        self.keys = [str(k) for k in keys]
+        self.name = name
+
+    @classmethod
+    def from_csv(
+        cls,
+        path: str | Path,
+        image_column: str = "image",
+        caption_column: str = "caption",
+        key_column: str = "key",
+        delimiter: str | None = None,
+        allow_absolute_paths: bool = False,
+    ) -> PairTable:
+        """CSV (or TSV: ``.tsv`` suffix or ``delimiter="\\t"``) with a header row."""
+        path = _existing(path)
+        delimiter = delimiter or ("\t" if path.suffix.lower() == ".tsv" else ",")
+        rows = _Rows(path, allow_absolute_paths)
+        # TSV dumps of web captions (e.g. CC3M) carry bare quote characters; only CSV quotes.
+        quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+        # Bytes that are not UTF-8 become lone surrogates: only their row is bad, not the file.
+        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
+            reader = csv.DictReader(handle, delimiter=delimiter, quoting=quoting)
+            columns = reader.fieldnames or []
+            for column in (image_column, caption_column):
+                if column not in columns:
+                    raise ValueError(
+                        f"{path}: no column {column!r}; the header has {columns} (choose "
+                        "columns with image_column= / caption_column=)"
+                    )
+            while True:
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    break
+                except csv.Error as error:  # e.g. a field over the csv module's size limit
+                    rows.reject(reader.line_num, None, f"unreadable row ({error})")
+                    continue
+                line, key = reader.line_num, row.get(key_column) or None
+                if None in row or None in row.values():
+                    rows.reject(line, key, f"not the {len(columns)} fields of the header")
+                elif not row[image_column]:
+                    rows.reject(line, key, f"empty {image_column!r} cell")
+                else:
+                    rows.add(line, row[image_column], [row[caption_column]], key)
+        return rows.table()
+
+    @classmethod
+    def from_jsonl(cls, path: str | Path, allow_absolute_paths: bool = False) -> PairTable:
+        """One JSON object per line: ``image`` and ``caption`` or ``captions`` (a list)."""
+        path = _existing(path)
+        rows = _Rows(path, allow_absolute_paths)
+        with open(path, "rb") as handle:
+            for line_number, raw in enumerate(handle, start=1):
+                line = raw.decode("utf-8", errors="surrogateescape")
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    rows.reject(line_number, None, f"not valid JSON: {error}")
+                    continue
+                if not isinstance(record, dict) or not isinstance(record.get("image"), str):
+                    rows.reject(line_number, None, "not an object with an 'image' string")
+                    continue
+                key = str(record["key"]) if "key" in record else None
+                texts = record.get("captions", record.get("caption"))
+                texts = [texts] if isinstance(texts, str) else texts
+                if not isinstance(texts, list):
+                    rows.reject(line_number, key, "needs 'caption' (a string) or 'captions'")
+                    continue
+                rows.add(line_number, record["image"], texts, key)
+        return rows.table()
+
+    @property
+    def ids(self) -> list[str]:
+        """Each row's sample id (see :class:`Pair`): the keys, unique within a table."""
+        return self.keys
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, index: int) -> Pair:
+        if index in self.bad:
+            raise self.bad[index]
+        where = f"{self.name} key {self.keys[index]}"
+        captions = clean_captions(self.captions[index], where)
+        image = load_image(self.images[index], where)
+        return Pair(self.keys[index], image, captions, self.keys[index], index)
+
+    def order(self, seed: int, epoch: int) -> np.ndarray:
+        """The epoch's permutation of row indices, a function of (seed, epoch) only."""
+        check_seed(seed, epoch)
+        return np.random.default_rng([seed, epoch, ORDER_STREAM]).permutation(len(self))
+
+    def __repr__(self) -> str:
+        return f"PairTable({self.name!r}, {len(self)} pairs)"
+
+
+class _Rows:
+    """A table's rows as they are read: each with a key, good or bad (see PairTable)."""
+
+    def __init__(self, table: Path, allow_absolute_paths: bool) -> None:
+        self.table_path, self.allow_absolute_paths = table, allow_absolute_paths
+        self.images: list[Path] = []
+        self.captions: list[list[str]] = []
+        self.keys: list[str] = []
+        self.bad: dict[int, BadSample] = {}
+        self.first_line: dict[str, int] = {}
+
+    def add(self, line: int, image: str, captions: list, key: str | None) -> None:
+        where = f"{self.table_path}:{line}"
+        if key is not None and key in self.first_line:
+            self.reject(line, key, f"duplicate key {key!r} (first on line {self.first_line[key]})")
+            return
+        try:
+            if key is not None and not is_utf8(key):
+                raise BadSample("malformed_row", f"{where}: key {key!r} is not UTF-8")
+            path = _resolve(self.table_path, image, self.allow_absolute_paths, where)
+        except BadSample as bad:
+            self._append(Path(), [], key, bad)
+            return
+        key = self._append(path, list(captions), key, None)
+        self.first_line[key] = line
+
+    def reject(self, line: int, key: str | None, problem: str) -> None:
+        bad = BadSample("malformed_row", f"{self.table_path}:{line}: {problem}")
+        self._append(Path(), [], key, bad)
+
+    def _append(self, image: Path, captions: list, key: str | None, bad: BadSample | None) -> str:
+        # Rows without a key are named by their position, bad rows included.
+        key = key if key is not None else f"{len(self.keys):09d}"
+        if bad is not None:
+            self.bad[len(self.keys)] = bad
+        self.images.append(image)
+        self.captions.append(captions)
+        self.keys.append(key)
+        return key
+
+    def table(self) -> PairTable:
+        return PairTable(self.images, self.captions, self.keys, str(self.table_path), self.bad)
+
+
+def _existing(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pairs file not found: {path}")
+    return path
+
+
+def _resolve(table: Path, image: str, allow_absolute_paths: bool, where: str) -> Path:
+    """An image path of a table, relative to the table's folder.
+
+    Absolute paths and paths that climb out with ``..`` are refused unless allowed, so that a
+    data file cannot make the loader read elsewhere. The check is lexical: symbolic links
+    inside the folder are the folder owner's choice and are followed.
+    """
+    if not is_utf8(image):
+        raise BadSample("malformed_row", f"{where}: image path {image!r} is not UTF-8")
+    path = Path(image)
+    inside = not path.is_absolute() and Path(os.path.normpath(image)).parts[:1] != (os.pardir,)
+    if not (inside or allow_absolute_paths):
+        raise BadSample(
+            "path_outside_root",
+            f"{where}: image path {image!r} leaves the table's folder {table.parent}",
+        )
+    return path if path.is_absolute() else table.parent / path

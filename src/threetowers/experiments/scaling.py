@@ -219,12 +219,12 @@ def sizes(cfg: Config) -> dict[str, dict[str, int]]:
     """axis -> point label -> its size on that axis (pairs, or parameters), for the
     axes the config trains."""
     full = cfg.data.world.train_pairs
-    size_of = {
-        "pairs": {str(n): n for n in pair_counts(full)},
-        "towers": {towers: tower_parameters(cfg, towers) for towers in TOWERS},
-        "third": {third: third_parameters(cfg, third) for third in THIRD},
+    size_of = {  # built only for the axes trained: the third one loads every EfficientNet
+        "pairs": lambda: {str(n): n for n in pair_counts(full)},
+        "towers": lambda: {towers: tower_parameters(cfg, towers) for towers in TOWERS},
+        "third": lambda: {third: third_parameters(cfg, third) for third in THIRD},
     }
-    return {axis: size_of[axis] for axis in cfg.reproduce.scaling_axes}
+    return {axis: size_of[axis]() for axis in cfg.reproduce.scaling_axes}
 
 
 def _label(axis: str, point: Point) -> str:

@@ -13,6 +13,7 @@ import pytest
 import webdataset as wds
 from PIL import Image, ImageDraw
 
+from threetowers.data.world import captions as wc
 from threetowers.data.world import render as wr
 from threetowers.data.world.generate import (
     COLOURS,
@@ -141,7 +142,7 @@ def test_captions_name_classes_and_cover_what_labels_ignore():
         _, meta = render(TINY, "train", index)
         texts = meta["captions"]
         assert len(texts) == TINY.captions_per_image and len(set(texts)) > 1
-        classes = [w for o in meta["objects"] for w in wr.CLASS_WORDS[o["class"]]]
+        classes = [w for o in meta["objects"] for w in wc.CLASS_WORDS[o["class"]]]
         for text in texts:
             assert text == text.strip() and text.islower() and "  " not in text
             assert _mentions(text, classes), (text, meta["objects"])
@@ -149,9 +150,9 @@ def test_captions_name_classes_and_cover_what_labels_ignore():
         union = " | ".join(texts)
         assert meta["place"] in union or meta["scene"] in union
         for obj in meta["objects"]:
-            assert _mentions(union, wr.COLOUR_WORDS[obj["colour"]])
-            assert _mentions(union, wr.SIZE_WORDS[obj["size"]])
-            assert _mentions(union, wr.POSITION_PHRASES[obj["position"]])
+            assert _mentions(union, wc.COLOUR_WORDS[obj["colour"]])
+            assert _mentions(union, wc.SIZE_WORDS[obj["size"]])
+            assert _mentions(union, wc.POSITION_PHRASES[obj["position"]])
     assert 4 < np.mean(lengths) < 25
     # The function itself: any count, numpy or Python RNG, deterministic given the RNG.
     _, meta = render(TINY, "val", 0)

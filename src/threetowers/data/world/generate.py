@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from threetowers.data.world.captions import captions
 from threetowers.data.world.heldout import (
     HELDOUT_CLASSNAMES,
     HELDOUT_TEMPLATES,
@@ -46,7 +47,6 @@ from threetowers.data.world.render import (
     PLACES,
     SCENES,
     VARIANTS,
-    captions,
     compose,
     landmark_of,
     sample_objects,

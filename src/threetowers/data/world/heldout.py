@@ -20,13 +20,8 @@ from __future__ import annotations
 
 import random
 
-from threetowers.data.world.render import (
-    MENTION_RATES,
-    OBJECT_CLASSES,
-    PLACE_WORDS,
-    join_phrases,
-    object_phrase,
-)
+from threetowers.data.world.captions import MENTION_RATES, PLACE_WORDS, join_phrases, object_phrase
+from threetowers.data.world.render import OBJECT_CLASSES
 
 HELDOUT_CLASS_WORDS = {
     "circle": "dot",

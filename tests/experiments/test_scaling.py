@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -223,3 +224,17 @@ def test_quick_scaling_of_one_axis_reports_only_that_axis(tmp_path):
     assert (check["axis"], check["size_label"]) == ("towers", "L")
     assert (check["steps"], check["longer_steps"]) == (10, 15)
     assert "at 10 steps | at 15 |" in (out / "results.md").read_text()
+
+    # A run is finished by its records alone (docs/results/scaling/record.sh keeps these three
+    # files so that the experiment can span sessions): with only them left, nothing trains.
+    records = {}
+    for run in (out / "runs").iterdir():
+        for path in run.iterdir():
+            if path.name not in ("config.yaml", "eval.json", "environment.json"):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        records[run.name] = (run / "eval.json").read_bytes()
+    main(["reproduce", "--experiment", "scaling", "--quick", "--out", str(out), *overrides])
+    for run in (out / "runs").iterdir():
+        assert not (run / "checkpoints").exists(), f"{run.name} trained again"
+        assert (run / "eval.json").read_bytes() == records[run.name]
+    assert json.loads((out / "results.json").read_text())["runs"] == results["runs"]

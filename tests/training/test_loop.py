@@ -97,6 +97,9 @@ def test_run_directory_holds_config_metrics_tokenizer_and_checkpoints(world_dir,
     assert (run / "alpha_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     env = json.loads((run / "environment.json").read_text())
     assert env["packages"]["torch"].startswith("2.")
+    # what decides float rounding, for runs of one experiment made on several machines
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert (env["cuda_device"] is None) == (not torch.cuda.is_available())
     # A crash after the last checkpoint but before the evaluation: re-running evaluates.
     (run / "eval.json").unlink()
     train(cfg, run, progress=False)

@@ -8,6 +8,7 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
+import torch
 import yaml
 
 from threetowers.atomic import remove_temporaries, write_atomic
@@ -67,6 +68,10 @@ def environment() -> dict:
         "platform": platform.platform(),
         "packages": versions,
         "git_revision": git_revision(),
+        # The kernels' instruction set and the GPU: float rounding differs between them, so
+        # runs of one experiment made on different machines may differ in the last digits.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
 
 

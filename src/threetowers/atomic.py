@@ -4,6 +4,10 @@ A ``kill -9`` at any moment leaves the old file or the new one, never a mix: a r
 resumes must not read half a config, tokenizer or checkpoint. What a killed writer leaves
 behind is a hidden temporary named after its process (``.NAME.tmp-PID``), which the next
 run removes.
+
+A folder this tool fills (a world, an index) is cleaned only when it is the tool's own: it
+holds the marker file that the tool writes before anything else there. A non-empty folder
+without one is someone else's and is refused, never cleared.
 """
 
 from __future__ import annotations
@@ -16,7 +20,33 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from threetowers.locks import LOCK_NAME
+
 TMP_MARK = ".tmp-"
+
+
+class ForeignFolderError(ValueError):
+    """A folder the tool was asked to fill holds files it did not write."""
+
+
+def refuse_foreign(folder: str | Path, markers: list[Path], what: str, option: str) -> None:
+    """Refuse a non-empty ``folder`` that holds none of ``markers`` (the files this tool
+    writes there first): clearing it would delete the user's own files. ``option`` is the
+    setting that named the folder, for the message."""
+    folder = Path(folder)
+    if not folder.is_dir() or any(marker.exists() for marker in markers):
+        return
+    # Only our lock and temporaries may precede the marker.
+    found = sorted(
+        p.name for p in folder.iterdir() if p.name != LOCK_NAME and TMP_MARK not in p.name
+    )
+    if found:
+        shown = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
+        raise ForeignFolderError(
+            f"{option}={folder} is not empty ({shown}) and was not written by threetowers "
+            f"(no {markers[0].name}), so writing the {what} there could delete those files; "
+            f"give {option} a new or empty folder"
+        )
 
 
 def temporary_path(path: str | Path) -> Path:

@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import pickle
 import random
+import shutil
 import signal
 import time
 import warnings
@@ -48,6 +49,48 @@ def test_keeps_the_last_k_and_latest_wins(tmp_path):
         save_checkpoint(tmp_path, step, model, state(step), keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000006", "step_00000008"]
     assert load_latest(tmp_path).step == 8
+
+
+def test_pruning_removes_only_the_checkpoints_it_wrote(tmp_path):
+    model = tiny_model("clip")
+    save_checkpoint(tmp_path, 20, model, state(20))
+    backup = tmp_path / "step_00000020_keep"
+    shutil.copytree(tmp_path / "step_00000020", backup)
+    (tmp_path / "step_notes").mkdir()
+    for step in (40, 60, 80):
+        save_checkpoint(tmp_path, step, model, state(step), keep=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "step_00000020_keep",
+        "step_00000080",
+        "step_notes",
+    ]
+    assert load_checkpoint(backup).step == 20
+
+
+def test_a_resume_past_a_corrupt_checkpoint_never_prunes_its_new_one(tmp_path):
+    model = tiny_model("clip")
+    save_checkpoint(tmp_path, 20, model, state(20), keep=1)
+    corrupt = save_checkpoint(tmp_path, 40, model, state(40), keep=2)
+    (corrupt / "state.pt").write_bytes(b"flipped")
+    with pytest.warns(UserWarning, match="step_00000040"):
+        assert load_latest(tmp_path).step == 20
+    save_checkpoint(tmp_path, 30, model, state(30), keep=1)  # training on from step 20
+    with pytest.warns(UserWarning, match="step_00000040"):
+        assert load_latest(tmp_path).step == 30  # kept: the corrupt 40 does not count
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000030", "step_00000040"]
+
+
+def test_every_checkpoint_corrupt_stops_naming_each(tmp_path):
+    model = tiny_model("clip")
+    for step in (2, 4):
+        path = save_checkpoint(tmp_path, step, model, state(step))
+        (path / "model.safetensors").write_bytes(b"not the weights")
+    with pytest.raises(CheckpointError) as error:
+        load_latest(tmp_path)
+    message = str(error.value)
+    assert "step_00000002: model.safetensors does not match its checksum" in message
+    assert "step_00000004: model.safetensors does not match its checksum" in message
+    assert "To start over from step 0, move" in message
 
 
 def test_corrupt_latest_is_reported_and_the_previous_used(tmp_path):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from threetowers.atomic import ForeignFolderError
 from threetowers.data.benchmarks import load_karpathy
 from threetowers.evaluation.suite import embed_images, embed_texts
 from threetowers.model.objective import Z_F, Z_G
@@ -281,3 +282,26 @@ def test_index_command_builds_reports_and_finds_it_complete(indexed, tmp_path, c
     assert main(args) == 0  # complete: reported again, nothing rebuilt
     assert main(["index", str(indexed.root / "run"), "--out", str(tmp_path / "j")]) == 2
     assert "exactly one of --images DIR or --data SOURCE" in capsys.readouterr().err
+
+
+def test_an_out_folder_of_the_users_own_files_is_refused_never_cleared(indexed, tmp_path):
+    out = tmp_path / "mine"
+    (out / "partial").mkdir(parents=True)
+    (out / "partial" / "draft.txt").write_text("the user's notes")
+    with pytest.raises(ForeignFolderError, match=r"--out=.*mine is not empty \(partial\)"):
+        build_index(indexed.run, index_source(data=indexed.retrieval), out, progress=False)
+    assert (out / "partial" / "draft.txt").read_text() == "the user's notes"
+    assert [p.name for p in out.iterdir()] == ["partial"]
+
+
+def test_a_finished_build_removes_only_its_own_partial_files(indexed, tmp_path, monkeypatch):
+    out = tmp_path / "i"
+    real = build._embed_chunk
+
+    def leave_a_user_file(*args):  # the user drops a file in partial/ while it builds
+        (out / "partial" / "notes.txt").write_text("mine")
+        return real(*args)
+
+    monkeypatch.setattr(build, "_embed_chunk", leave_a_user_file)
+    build_index(indexed.run, index_source(data=indexed.retrieval), out, progress=False)
+    assert [p.name for p in (out / "partial").iterdir()] == ["notes.txt"]

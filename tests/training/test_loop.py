@@ -21,6 +21,7 @@ from tests.data.caches.test_features import colliding_shards
 from threetowers.cli import main
 from threetowers.data.sources.bad_samples import BadDataError
 from threetowers.runs.checkpoint import load_latest
+from threetowers.training import loop
 from threetowers.training.loop import train
 
 TINY_WORLD = {
@@ -313,3 +314,32 @@ def test_resume_from_the_end_of_an_epoch(world_dir, tmp_path):
     got = final_weights(train(cfg, run, progress=False))
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
+
+
+def test_every_checkpoint_corrupt_stops_before_any_work_and_loses_nothing(
+    world_dir, tmp_path, monkeypatch, capsys
+):
+    cfg = tiny_run_config(
+        world_dir,
+        tmp_path / "cache",
+        "model.mode=clip",
+        "train.steps=4",
+        "train.checkpoint_every=2",
+    )
+    config = write_config(cfg, tmp_path / "run.yaml")
+    run = train(cfg, tmp_path / "run", progress=False)
+    for checkpoint in (run / "checkpoints").iterdir():
+        (checkpoint / "state.pt").write_bytes(b"a flipped disk block")
+    before = {path.name: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+
+    def no_data_work(*args, **kwargs):
+        raise AssertionError("the training data was opened")
+
+    monkeypatch.setattr(loop, "TrainingData", no_data_work)
+    assert main(["train", str(config), "--run-dir", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no checkpoint in" in err[0], err
+    for step in (2, 4):
+        assert f"step_0000000{step}: state.pt does not match its checksum" in err[0]
+    assert "To start over from step 0, move" in err[0]
+    assert {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

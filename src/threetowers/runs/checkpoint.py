@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from threetowers.atomic import fsync, publish, remove_temporaries, temporary_pat
 from threetowers.safe_load import UnsafeFileError, load_tensors
 
 PREFIX = "step_"
+_STEP = re.compile(rf"{PREFIX}\d{{8,}}")  # checkpoint_path's names
 FROZEN_PREFIX = "frozen."  # the frozen towers, reloaded from their sources
 
 
@@ -86,20 +88,35 @@ def save_checkpoint(
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
         shutil.rmtree(final)
     publish(tmp, final)
-    _prune(directory, keep)
+    _prune(directory, keep, step)
     return final
 
 
 def load_latest(directory: str | Path) -> Checkpoint | None:
-    """The newest checkpoint that passes its checksums; corrupt ones are reported and skipped."""
+    """The newest checkpoint that passes its checksums; corrupt ones are reported and skipped.
+
+    None when there is no checkpoint. When there are some and none is usable, a
+    :class:`CheckpointError` names each and its fault: starting again from step 0 would
+    silently throw the run away, so that takes a deliberate step by the user.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         return None
-    for path in sorted(_checkpoints(directory), reverse=True):
+    faults = []
+    for path in reversed(_checkpoints(directory)):
         try:
-            return load_checkpoint(path)
+            checkpoint = load_checkpoint(path)
         except CheckpointError as error:
-            warnings.warn(f"skipping checkpoint {path}: {error}", stacklevel=2)
+            faults.append(f"{path.name}: {error}")
+            continue
+        for fault in faults:
+            warnings.warn(f"skipping checkpoint {directory / fault}", stacklevel=2)
+        return checkpoint
+    if faults:
+        raise CheckpointError(
+            f"no checkpoint in {directory} can be resumed from ({'; '.join(faults)}). To start "
+            f"over from step 0, move {directory} aside (or train in a new run directory)"
+        )
     return None
 
 
@@ -143,11 +160,22 @@ def remove_stale_temporaries(directory: str | Path) -> None:
 
 
 def _checkpoints(directory: Path) -> list[Path]:
-    return [p for p in directory.glob(f"{PREFIX}*") if p.is_dir()]
+    """The checkpoints this tool wrote (``step_`` and the digits of a step; a user's
+    ``step_00000020_keep`` is not one), oldest first."""
+    found = [p for p in directory.glob(f"{PREFIX}*") if p.is_dir() and _STEP.fullmatch(p.name)]
+    return sorted(found, key=_step_of)
 
 
-def _prune(directory: Path, keep: int) -> None:
-    for old in sorted(_checkpoints(directory))[:-keep]:
+def _step_of(path: Path) -> int:
+    return int(path.name.removeprefix(PREFIX))
+
+
+def _prune(directory: Path, keep: int, step: int) -> None:
+    """Keep the last ``keep`` checkpoints up to ``step``. Later ones are left alone: they are
+    what a resume skipped as corrupt, kept for inspection (and replaced when training
+    reaches their step); counting them would prune the checkpoint just written."""
+    reached = [path for path in _checkpoints(directory) if _step_of(path) <= step]
+    for old in reached[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 

@@ -24,7 +24,6 @@ import io
 import itertools
 import json
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,10 +33,18 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
-from threetowers.atomic import publish, save_npy, temporary_path, write_atomic
+from threetowers.atomic import (
+    publish,
+    refuse_foreign,
+    remove_temporaries,
+    save_npy,
+    temporary_path,
+    write_atomic,
+)
 from threetowers.data.sources.bad_samples import BadDataError, BadSample, BadSampleLog, Skipped
 from threetowers.evaluation.inputs import decoded_inputs
 from threetowers.evaluation.suite import embed_inputs, embed_texts
+from threetowers.readback import read_json
 from threetowers.runs.trained import TrainedRun
 from threetowers.search import ann
 from threetowers.search.items import IndexSource, Item
@@ -70,6 +77,7 @@ class Layout:
         self.thumbnails = root / "thumbnails.bin"
         self.thumbnail_offsets = root / "thumbnails.npy"
         self.partial = root / "partial"
+        self.plan = self.partial / "plan.json"  # written first: partial/ is ours to clear
 
 
 def build_index(
@@ -91,6 +99,7 @@ def build_index(
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
     layout = Layout(Path(out))
+    refuse_foreign(layout.root, [layout.manifest, layout.plan], "index", "--out")
     plan = {
         "version": INDEX_VERSION,
         "fingerprint": run.fingerprint,
@@ -99,7 +108,7 @@ def build_index(
         "chunk_size": chunk_size,
     }
     if layout.manifest.is_file():
-        manifest = json.loads(layout.manifest.read_text())
+        manifest = read_json(layout.manifest)
         if all(manifest.get(key) == plan[key] for key in ("fingerprint", "source", "version")):
             log.info("%s is complete (%d images); nothing to do", layout.root, manifest["images"])
             return manifest
@@ -124,7 +133,7 @@ def build_index(
     manifest["bad_samples"] = bad.metrics()
     manifest["skipped_examples"] = [[s.id, s.reason, s.detail] for s in bad.examples]
     write_atomic(layout.manifest, json.dumps(manifest, indent=1))  # last: the index is complete
-    shutil.rmtree(layout.partial)
+    _clear_partial(layout)
     return manifest
 
 
@@ -139,11 +148,10 @@ def _embed_chunks(
 ) -> list[tuple[dict, dict[str, np.ndarray]]]:
     """Every chunk's record and arrays, embedding those that ``partial/`` does not hold yet;
     the bad samples of all of them go to ``bad``."""
-    partial = layout.partial
-    plan_file = partial / "plan.json"
-    if plan_file.is_file() and json.loads(plan_file.read_text()) != plan:
+    partial, plan_file = layout.partial, layout.plan
+    if plan_file.is_file() and read_json(plan_file) != plan:
         log.info("%s: partial work of another build; starting over", layout.root)
-        shutil.rmtree(partial)
+        _clear_partial(layout)
     partial.mkdir(parents=True, exist_ok=True)
     write_atomic(plan_file, json.dumps(plan))
     parts = Parts.of(run.model)
@@ -156,7 +164,7 @@ def _embed_chunks(
         record_file = partial / f"chunk_{number:06d}.json"
         arrays_file = partial / f"chunk_{number:06d}.npz"
         if record_file.is_file():
-            record = json.loads(record_file.read_text())
+            record = read_json(record_file)
             arrays = dict(np.load(arrays_file))
             bad.record(len(record["ids"]), [Skipped(*s) for s in record["skipped"]])
             seen.update(record["ids"])
@@ -177,6 +185,17 @@ def _embed_chunks(
     if not any(record["ids"] for record, _ in chunks):
         raise BadDataError(f"{bad.summary()}: no image to index")
     return chunks
+
+
+def _clear_partial(layout: Layout) -> None:
+    """Remove what ``_embed_chunks`` wrote in partial/ (and partial/ once empty), nothing else."""
+    for pattern in ("chunk_*.json", "chunk_*.npz"):
+        for path in layout.partial.glob(pattern):
+            path.unlink()
+    layout.plan.unlink(missing_ok=True)
+    remove_temporaries(layout.partial)
+    if not any(layout.partial.iterdir()):
+        layout.partial.rmdir()
 
 
 def _embed_chunk(

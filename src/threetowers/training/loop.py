@@ -82,9 +82,12 @@ def _train(cfg: Config, run_dir: Path, progress: bool, device: torch.device) -> 
     if not main:  # the ranks log the same (global) counts: rank 0 speaks for all
         logging.getLogger("threetowers").setLevel(logging.ERROR)
     torch.manual_seed(cfg.train.seed)
+    checkpoints = run_dir / "checkpoints"
     with distributed.main_first():  # rank 0 writes the run directory, tokenizer and caches
         if main:
             prepare_run_dir(cfg, run_dir)
+            remove_stale_temporaries(checkpoints)
+        resumed = load_latest(checkpoints)  # before any long work: no usable one stops here
         data = TrainingData(cfg, run_dir)
         model = build_model(cfg, device=device)
         data.attach(model, progress and main)
@@ -94,12 +97,9 @@ def _train(cfg: Config, run_dir: Path, progress: bool, device: torch.device) -> 
     optimizer, schedule = make_optimizer(
         model, cfg.train.lr, cfg.train.weight_decay, cfg.train.warmup_steps, cfg.train.steps
     )
-    checkpoints = run_dir / "checkpoints"
-    if main:
-        remove_stale_temporaries(checkpoints)
     bad_data = BadSampleLog(cfg.data.max_bad_fraction, "training data", size=len(data.pairs))
     run = TrainingState(optimizer, schedule, bad_data, StepHealth(cfg.train.max_bad_steps))
-    last_checkpoint = _resume(checkpoints, model, run)
+    last_checkpoint = _resume(resumed, checkpoints, model, run)
     forward = _distributed_data_parallel(model, device) if world > 1 else model
     if main:
         drop_metrics_after(run_dir / "metrics.jsonl", run.step)
@@ -277,9 +277,9 @@ def _step(
     return logs, finite
 
 
-def _resume(checkpoints: Path, model, run: TrainingState) -> Path | None:
-    """Restore the latest valid checkpoint into ``model`` and ``run``; returns its path."""
-    checkpoint = load_latest(checkpoints)
+def _resume(checkpoint, checkpoints: Path, model, run: TrainingState) -> Path | None:
+    """Restore ``checkpoint`` (the latest valid one, or None) into ``model`` and ``run``;
+    returns its path."""
     if checkpoint is None:
         return None
     restore_model(model, checkpoint)

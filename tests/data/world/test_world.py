@@ -13,6 +13,7 @@ import pytest
 import webdataset as wds
 from PIL import Image, ImageDraw
 
+from threetowers.atomic import ForeignFolderError
 from threetowers.data.world import captions as wc
 from threetowers.data.world import render as wr
 from threetowers.data.world.generate import (
@@ -22,6 +23,7 @@ from threetowers.data.world.generate import (
     PLACE_TEMPLATES,
     PLACES,
     SCENES,
+    STARTED,
     WorldSpec,
     WorldSpecMismatch,
     captions,
@@ -296,9 +298,11 @@ def test_interrupted_run_is_redone_and_workers_do_not_change_content(tmp_path):
     )
     partial = tmp_path / "partial"
     (partial / "pairs").mkdir(parents=True)
+    (partial / STARTED).write_text("{}")  # what an interrupted run of ours writes first
     (partial / "pairs" / "train-000009.tar").write_bytes(b"junk from an interrupted run")
     write_world(partial, spec)
     assert not (partial / "pairs" / "train-000009.tar").exists()
+    assert not (partial / STARTED).exists()
     parallel = write_world(tmp_path / "parallel", WorldSpec(**{**spec.content(), "workers": 2}))
     for shard in sorted((partial / "pairs").glob("*.tar")):
         assert shard.read_bytes() == (parallel.parent / "pairs" / shard.name).read_bytes()
@@ -306,3 +310,20 @@ def test_interrupted_run_is_redone_and_workers_do_not_change_content(tmp_path):
         assert (partial / "retrieval" / name).read_text() == (
             parallel.parent / "retrieval" / name
         ).read_text()
+
+
+def test_a_folder_of_the_users_own_files_is_refused_never_cleared(tmp_path):
+    mine = tmp_path / "mydata"
+    (mine / "pairs").mkdir(parents=True)
+    (mine / "retrieval").mkdir()
+    (mine / "pairs" / "000000.tar").write_bytes(b"the user's shard")
+    (mine / "retrieval" / "dataset_coco.json").write_text("{}")
+    with pytest.raises(ForeignFolderError) as error:
+        write_world(mine, TINY)
+    assert str(error.value) == (
+        f"data.world.dir={mine} is not empty (pairs, retrieval) and was not written by "
+        "threetowers (no manifest.json), so writing the world there could delete those files; "
+        "give data.world.dir a new or empty folder"
+    )
+    assert (mine / "pairs" / "000000.tar").read_bytes() == b"the user's shard"
+    assert sorted(p.name for p in mine.iterdir()) == ["pairs", "retrieval"]

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from threetowers.atomic import refuse_foreign, write_atomic
 from threetowers.data.world.captions import captions
 from threetowers.data.world.heldout import (
     HELDOUT_CLASSNAMES,
@@ -51,6 +52,7 @@ from threetowers.data.world.render import (
     landmark_of,
     sample_objects,
 )
+from threetowers.readback import read_json
 
 __all__ = [
     "COLOURS",
@@ -272,6 +274,7 @@ def _run(task):
 
 
 # ------------------------------------------------------------------- writing
+STARTED = ".generating.json"  # written first: the folder's partial outputs are ours to clear
 _OUTPUTS = ("pairs", "retrieval", "zeroshot_objects", "zeroshot_places")
 _OUTPUTS += ("pretrain_objects", "pretrain_scenes", "zeroshot_objects_heldout")
 _CHUNK = 500  # images per task for the folder sets: small enough to balance two workers
@@ -358,13 +361,14 @@ def write_world(out_dir: str | os.PathLike, spec: WorldSpec | None = None) -> Pa
     returned as is; one with a different spec raises ``WorldSpecMismatch`` rather than
     deleting data (choose another directory). The manifest is written last and atomically, so
     an interrupted run leaves no manifest; the next call clears the partial outputs and
-    starts again.
+    starts again. Only a folder that is empty or marked by :data:`STARTED` is written: a
+    folder of the user's own files is refused, never cleared.
     """
     spec = spec or WorldSpec()
     out = Path(out_dir)
     manifest_path = out / "manifest.json"
     if manifest_path.exists():
-        found = json.loads(manifest_path.read_text())
+        found = read_json(manifest_path)
         if found.get("version") == VERSION and found.get("spec") == spec.content():
             return manifest_path
         raise WorldSpecMismatch(
@@ -372,9 +376,12 @@ def write_world(out_dir: str | os.PathLike, spec: WorldSpec | None = None) -> Pa
             f"{found.get('version')}); asked for {spec.content()} (version {VERSION}). "
             "Use another directory, or delete this one to regenerate."
         )
-    for name in _OUTPUTS:  # leftovers of an interrupted run
-        shutil.rmtree(out / name, ignore_errors=True)
+    started = out / STARTED
+    refuse_foreign(out, [manifest_path, started], "world", "data.world.dir")
     out.mkdir(parents=True, exist_ok=True)
+    write_atomic(started, json.dumps({"version": VERSION, "spec": spec.content()}))
+    for name in _OUTPUTS:  # leftovers of an interrupted run of ours (the marker says so)
+        shutil.rmtree(out / name, ignore_errors=True)
     tasks, counts, files = _plan(spec, out)
 
     # Biggest tasks first, so the pool does not end waiting on one large shard.
@@ -406,7 +413,6 @@ def write_world(out_dir: str | os.PathLike, spec: WorldSpec | None = None) -> Pa
         "counts": counts,
         "files": files,
     }
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, manifest_path)
+    write_atomic(manifest_path, json.dumps(manifest, indent=1))
+    started.unlink()
     return manifest_path

@@ -1,14 +1,16 @@
 """Structured, validated configs: YAML files or named presets plus dotted ``key=value`` overrides.
 
 Pydantic models give types, ranges and unknown-key rejection; this module turns every failure
-into one ``ConfigError`` that names each bad key, what is wrong and how to fix it.
+into one ``ConfigError`` that names each bad key, what is wrong and how to fix it. YAML is
+parsed with guards: duplicate keys, deep nesting and alias bombs are refused before any work.
 """
 
 from __future__ import annotations
 
 import difflib
+import reprlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
@@ -16,6 +18,20 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 from threetowers.backbones.registry import BACKBONES, BACKBONES_NEEDING_PATH, TEXT_BACKBONES
 
 PRESETS_DIR = Path(__file__).parent / "presets"
+
+# Far beyond any real config (a few levels deep, a few hundred values), yet small enough that
+# a hostile one is refused while parsing instead of exhausting the stack or memory later.
+MAX_DEPTH = 64
+MAX_VALUES = 100_000
+_TOO_DEEP = (
+    f"nested more than {MAX_DEPTH} levels deep, aliases expanded (a config is a few levels "
+    "deep); flatten it"
+)
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+# Error messages show at most this much of a wrong value.
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 120
 
 
 class ConfigError(ValueError):
@@ -376,7 +392,7 @@ def _read_source(source: str | Path) -> dict[str, Any]:
             f"config {str(source)!r} is neither a file nor a preset; presets: {preset_names()}"
         )
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = _parse_yaml(path.read_text(), str(path))
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML ({error})") from None
     if raw is None:
@@ -393,7 +409,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     if not sep or not key.strip():
         raise ConfigError(f"override {item!r} is not of the form key=value (e.g. model.mode=clip)")
     try:
-        value = yaml.safe_load(text)
+        value = _parse_yaml(text, f"override {key.strip()}")
     except yaml.YAMLError:
         value = text
     parts = key.strip().split(".")
@@ -410,6 +426,80 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     node[parts[-1]] = value
 
 
+class _GuardedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing duplicate keys, deep nesting and alias bombs.
+
+    Aliases share one parsed node but expand when the config is validated or printed, so the
+    limits apply to the expanded document; ``measured`` holds each node's expanded size.
+    """
+
+    def __init__(self, text: str, origin: str) -> None:
+        super().__init__(text)
+        self.origin = origin
+        self.depth = 0
+        self.measured: dict[yaml.Node, tuple[int, int]] = {}  # node -> (values, levels)
+
+    def refuse(self, mark: yaml.Mark, problem: str) -> NoReturn:
+        raise ConfigError(f"{self.origin}, line {mark.line + 1}: {problem}")
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            node = super().compose_node(parent, index)
+            if node not in self.measured:  # its anchor is still open: the value contains itself
+                self.refuse(event.start_mark, f"alias *{event.anchor} is inside its own value")
+            if self.depth + self.measured[node][1] > MAX_DEPTH:
+                self.refuse(event.start_mark, _TOO_DEEP)
+            return node
+        # PyYAML composes recursively: stop long before Python's recursion limit
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            self.refuse(event.start_mark, _TOO_DEEP)
+        node = super().compose_node(parent, index)
+        self.depth -= 1
+        children = []
+        if isinstance(node, yaml.MappingNode):
+            self.check_keys(node)
+            children = [child for pair in node.value for child in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = node.value
+        values = 1 + sum(self.measured[child][0] for child in children)
+        if values > MAX_VALUES:
+            self.refuse(
+                event.start_mark,
+                f"this value holds over {MAX_VALUES:,} values once its aliases (*name) are "
+                "expanded; a config needs far fewer: write the values out, or nest fewer aliases",
+            )
+        levels = 1 + max((self.measured[child][1] for child in children), default=0)
+        self.measured[node] = values, levels
+        return node
+
+    def check_keys(self, node: yaml.MappingNode) -> None:
+        """A key given twice in one mapping: YAML would keep the last one silently."""
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            # merge keys (<<) may repeat, and the keys they merge in are meant to be overridden
+            if key_node.tag == _MERGE_TAG or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key = self.construct_object(key_node)
+            if key in lines:
+                self.refuse(
+                    key_node.start_mark,
+                    f"key {_SHORT.repr(key)} is given twice (first on line {lines[key]}); "
+                    "keep one: the last would silently replace the first",
+                )
+            lines[key] = key_node.start_mark.line + 1
+
+
+def _parse_yaml(text: str, origin: str) -> Any:
+    """One YAML document a user wrote, through the guards; ``origin`` names it in errors."""
+    loader = _GuardedLoader(text, origin)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def _describe(error: ValidationError, origin: str) -> str:
     lines = [f"invalid config ({origin}):"]
     for problem in error.errors():
@@ -420,7 +510,7 @@ def _describe(error: ValidationError, origin: str) -> str:
             message = problem["msg"].removeprefix("Value error, ")
             lines.append(f"  {where}: {message}")
         else:
-            lines.append(f"  {where}: {problem['msg']} (got {problem.get('input')!r})")
+            lines.append(f"  {where}: {problem['msg']} (got {_SHORT.repr(problem.get('input'))})")
     return "\n".join(lines)
 
 

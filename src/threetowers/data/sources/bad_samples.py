@@ -32,12 +32,16 @@ REASONS = {
     "malformed_row": "a table row or shard sample that cannot be parsed",
     "path_outside_root": "an image path that leaves the dataset's folder",
     "truncated_shard": "a tar shard cut off in this sample (or unreadable from its start)",
+    "compressed_shard": "a compressed tar shard whose name does not say so (one per shard)",
+    "member_too_large": "a shard member larger than its kind's limit (left unread)",
 }
 # What to do about each reason, added to the error that stops a run.
 _FIXES = {
     "path_outside_root": "if the table's absolute or '..' paths are intended, set "
     "data.allow_absolute_paths=true",
     "missing_file": "image paths in a table are relative to the table's folder",
+    "compressed_shard": "decompress shards that are compressed but named .tar (e.g. "
+    "gunzip -c X.tar > plain/X.tar)",
 }
 NAMED = 10  # bad samples named in the log (and kept as examples) per log
 # Visits before the bad fraction is judged: a few bad samples in the first batches must not

@@ -1,6 +1,7 @@
 """Streaming pairs from local webdataset ``.tar`` shards as img2dataset writes them:
 ``KEY.jpg|jpeg|png|webp`` and ``KEY.txt``, optionally ``KEY.json``, whose ``"captions"``
-list, when present, replaces the ``.txt`` caption."""
+list, when present, replaces the ``.txt`` caption. Members are read only within their size
+limits (1 MiB of text or metadata, 64 MiB of image: see ``tar_samples``)."""
 
 from __future__ import annotations
 

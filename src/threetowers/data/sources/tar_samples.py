@@ -18,21 +18,63 @@ into the next shard's first. Here both use :func:`_scan`:
 * a key that comes back later in the same shard (its members not consecutive) is a second
   sample with the first one's name: it is streamed as bad (``malformed_row``), so two
   samples are never mistaken for one.
+
+Hostile or odd shards cost no more memory than their largest allowed member, whatever their
+headers claim:
+
+* a member is read only when its header's size is within its limit (:data:`MEMBER_LIMITS`:
+  1 MiB for ``.txt`` and ``.json``, 64 MiB for an image or any other member); a larger one
+  makes its sample bad (``member_too_large``) and is skipped unread. A sparse member (GNU
+  sparse: little data that expands to its stated size) is refused unread too
+  (``malformed_row``): no writer of image-text shards makes them;
+* no single read from a shard is larger than the largest limit, so tar's own extended
+  headers (pax records, GNU long names), which :mod:`tarfile` reads whole, are bounded too;
+  a larger one ends the shard where it stands, as a damaged header does;
+* a shard is read as plain tar unless its name declares compression (``.tar.gz``/``.tgz``,
+  ``.tar.bz2``/``.tbz2``, ``.tar.xz``/``.txz``): a compressed stream named ``.tar`` is not
+  unpacked but counts, and streams, as one bad sample named after the shard
+  (``compressed_shard``).
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import lzma
 import re
 import tarfile
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from webdataset.tariterators import base_plus_ext
 
+from threetowers.data.sources.bad_samples import BadSample
+
 # What tarfile and the decompressors raise on damaged archives.
-_TAR_ERRORS = (tarfile.TarError, OSError, EOFError)
+_TAR_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError)
+# Most bytes read for one member, by suffix; images and any other member get IMAGE_LIMIT.
+# Captions and metadata: decode keeps at most 4096 characters of a caption, and
+# img2dataset's metadata is a few KB; a megabyte of either is junk.
+TEXT_LIMIT = 1 << 20
+# Web images are well under a megabyte; a camera JPEG even at Pillow's decompression-bomb
+# limit (~89 megapixels, which decode.load_image enforces) is a few tens of megabytes.
+IMAGE_LIMIT = 64 << 20
+MEMBER_LIMITS = {"txt": TEXT_LIMIT, "json": TEXT_LIMIT}
+# Compression is taken from the name only: sniffing it would unpack any stream named .tar.
+_OPENERS: dict[str, Callable[..., IO[bytes]]] = {
+    ".tar.gz": gzip.open,
+    ".tgz": gzip.open,
+    ".tar.bz2": bz2.open,
+    ".tbz2": bz2.open,
+    ".tar.xz": lzma.open,
+    ".txz": lzma.open,
+}
+# Leading bytes of compressed streams, to say why a shard named .tar is unreadable.
+_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
 # Metadata members, skipped: the same rule as webdataset's tar reader.
 _META = re.compile(r"__[^/]*__($|/)")
 
@@ -69,13 +111,63 @@ def _scan(archive: tarfile.TarFile) -> Iterator[_Group]:
         yield group
 
 
+class _Capped:
+    """A shard's file that refuses any one read over the largest member limit: tarfile reads
+    an extended header whole, at whatever size its own header states."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self.file = file
+
+    def read(self, size: int = -1) -> bytes:
+        if not 0 <= size <= IMAGE_LIMIT:
+            raise tarfile.ReadError(f"a read of {size} bytes, over the {IMAGE_LIMIT}-byte limit")
+        return self.file.read(size)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.file, name)
+
+
+def _open(path: str | Path) -> tarfile.TarFile:
+    """The shard as a tar archive, decompressed only as its name says; :class:`BadSample`
+    (``truncated_shard``, or ``compressed_shard``) when it cannot be read. Close its
+    ``fileobj`` too: tarfile leaves a file it was given open."""
+    url = str(path)
+    opener = next((o for end, o in _OPENERS.items() if url.endswith(end)), open)
+    try:
+        file = opener(path, "rb")
+    except _TAR_ERRORS as error:
+        raise BadSample("truncated_shard", f"{url} is not a readable tar file ({error})") from None
+    try:
+        return tarfile.open(fileobj=_Capped(file), mode="r:")
+    except _TAR_ERRORS as error:
+        kind = _compression(file) if opener is open else None
+        file.close()
+        if kind is not None:
+            detail = (
+                f"{url} is {kind}-compressed, but a shard is read as plain tar unless its name "
+                "says otherwise (.tar.gz, .tar.bz2, .tar.xz): decompress it to a plain .tar"
+            )
+            raise BadSample("compressed_shard", detail) from None
+        raise BadSample("truncated_shard", f"{url} is not a readable tar file ({error})") from None
+
+
+def _compression(file: IO[bytes]) -> str | None:
+    """The compression that a file's first bytes show, if any."""
+    try:
+        file.seek(0)
+        start = file.read(6)
+    except OSError:
+        return None
+    return next((kind for magic, kind in _MAGIC.items() if start.startswith(magic)), None)
+
+
 def count_samples(path: str | Path) -> int:
     """Samples in one shard from its headers (a shard that cannot be opened counts as 1)."""
     try:
-        archive = tarfile.open(path, mode="r:*")
-    except _TAR_ERRORS:
+        archive = _open(path)
+    except BadSample:
         return 1
-    with archive:
+    with archive, closing(archive.fileobj):
         return sum(1 for _ in _scan(archive))
 
 
@@ -85,12 +177,11 @@ def read_samples(path: str | Path) -> Iterator[dict[str, Any]]:
     ``__bad__`` = (reason, detail) instead of its members."""
     url = str(path)
     try:
-        archive = tarfile.open(path, mode="r:*")
-    except _TAR_ERRORS as error:
-        detail = f"{url} is not a readable tar file ({error})"
-        yield _bad(Path(path).name, url, "truncated_shard", detail)
+        archive = _open(path)
+    except BadSample as bad:
+        yield _bad(Path(path).name, url, bad.reason, bad.detail)
         return
-    with archive:
+    with archive, closing(archive.fileobj):
         seen: set[str] = set()
         last = None  # held back one sample: only the end of the scan tells if it is whole
         for group in _scan(archive):
@@ -142,6 +233,13 @@ def _read(archive: tarfile.TarFile, group: _Group, url: str) -> dict[str, Any]:
         if suffix in sample:
             detail = f"{where}: two members named {member.name}"
             return _bad(group.key, url, "malformed_row", detail)
+        if member.issparse():
+            detail = f"{where}: {member.name} is a sparse member (no shard writer makes them)"
+            return _bad(group.key, url, "malformed_row", detail)
+        limit = MEMBER_LIMITS.get(suffix, IMAGE_LIMIT)
+        if member.size > limit:
+            detail = f"{where}: {member.name} is {member.size:,} bytes (limit {limit:,})"
+            return _bad(group.key, url, "member_too_large", detail)
         try:
             data = archive.extractfile(member).read()
         except _TAR_ERRORS as error:

@@ -55,10 +55,15 @@ def _summary(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from threetowers.training.loop import train
+    from threetowers.training.loop import Stopped, train
 
     cfg = load_config(args.config, args.overrides)
-    run_dir = train(cfg, args.run_dir, progress=not args.quiet)
+    try:
+        run_dir = train(cfg, args.run_dir, progress=not args.quiet)
+    except Stopped as stopped:  # asked to stop, and stopped cleanly: a success
+        if launched_rank() == 0:
+            print(f"threetowers train: {stopped}; re-run the same command to resume")
+        return
     if launched_rank() == 0:  # under torchrun, one table
         _print_results(run_dir)
 
@@ -185,7 +190,6 @@ def _cache(args: argparse.Namespace) -> None:
     pairs, _ = open_training_pairs(cfg)
     units = dataset_units(pairs)
     spec = CacheSpec(cfg.data.cache_dir, cfg.data.cache_dtype)
-    # an explicit `cache` checks every existing unit's bytes
     caches = build_caches(
         {name: tower for name, tower in towers.items() if name not in text},
         units,
@@ -193,10 +197,9 @@ def _cache(args: argparse.Namespace) -> None:
         cfg.data.batch_size,
         cfg.data.num_workers,
         max_bad_fraction=cfg.data.max_bad_fraction,
-        verify=True,
     )
     captions = build_caption_caches(
-        {name: towers[name] for name in text}, units, spec, cfg.data.batch_size, verify=True
+        {name: towers[name] for name in text}, units, spec, cfg.data.batch_size
     )
     for name, cache in caches.items():
         what = f"{len(cache)} feature vectors"

@@ -18,7 +18,9 @@ import torch
 
 from tests.conftest import tiny_model
 from threetowers.runs.checkpoint import (
+    META_DIGEST,
     CheckpointError,
+    _meta_digest,
     load_checkpoint,
     load_latest,
     remove_stale_temporaries,
@@ -126,9 +128,10 @@ class Exploit:
 
 
 def resign(path, name):
-    """Update meta.json's checksum, so that only the safe loader stands in the way."""
+    """Update meta.json's checksums, so that only the safe loader stands in the way."""
     meta = json.loads((path / "meta.json").read_text())
     meta["sha256"][name] = hashlib.sha256((path / name).read_bytes()).hexdigest()
+    meta[META_DIGEST] = _meta_digest(meta)
     (path / "meta.json").write_text(json.dumps(meta))
 
 
@@ -149,6 +152,26 @@ def test_state_file_with_code_is_refused_with_a_clear_error(tmp_path):
     with pytest.warns(UserWarning, match="step_00000004.*refused"):
         assert load_latest(tmp_path).step == 2  # the previous one is used
     assert not marker.exists()
+
+
+def test_a_flipped_digit_in_meta_json_never_moves_the_step(tmp_path):
+    model = tiny_model("clip")
+    save_checkpoint(tmp_path, 20, model, state(20))
+    path = save_checkpoint(tmp_path, 40, model, state(40))
+    text = (path / "meta.json").read_text()
+    (path / "meta.json").write_text(text.replace('"step": 40', '"step": 48'))
+    with pytest.raises(CheckpointError, match="meta.json does not match its checksum"):
+        load_checkpoint(path)
+    with pytest.warns(UserWarning, match="step_00000040: meta.json does not match"):
+        assert load_latest(tmp_path).step == 20
+
+
+def test_a_checkpoint_written_before_meta_had_a_checksum_still_loads(tmp_path):
+    path = save_checkpoint(tmp_path, 20, tiny_model("clip"), state(20))
+    meta = json.loads((path / "meta.json").read_text())
+    del meta[META_DIGEST]  # as the previous version wrote it
+    (path / "meta.json").write_text(json.dumps(meta, indent=1))
+    assert load_checkpoint(path).step == 20
 
 
 def test_unreadable_meta_is_a_checkpoint_error(tmp_path):

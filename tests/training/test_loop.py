@@ -336,6 +336,7 @@ def test_every_checkpoint_corrupt_stops_before_any_work_and_loses_nothing(
         raise AssertionError("the training data was opened")
 
     monkeypatch.setattr(loop, "TrainingData", no_data_work)
+    capsys.readouterr()
     assert main(["train", str(config), "--run-dir", str(run), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no checkpoint in" in err[0], err
@@ -343,3 +344,129 @@ def test_every_checkpoint_corrupt_stops_before_any_work_and_loses_nothing(
         assert f"step_0000000{step}: state.pt does not match its checksum" in err[0]
     assert "To start over from step 0, move" in err[0]
     assert {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def start_training(config: Path, run: Path) -> subprocess.Popen:
+    """``threetowers train`` in its own process group (as a cluster job runs), once it has
+    logged its third step."""
+    process = subprocess.Popen(
+        train_command(config, run),
+        env=TRAIN_ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.time() + 120
+    while sum(1 for _ in open_lines(run / "metrics.jsonl")) < 3:
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline
+        time.sleep(0.01)
+    return process
+
+
+TRAIN_ENV = dict(os.environ, OMP_NUM_THREADS="2")  # one thread count: the same rounding
+
+
+def train_command(config: Path, run: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "threetowers",
+        "train",
+        str(config),
+        "--quiet",
+        "--run-dir",
+        str(run),
+    ]
+
+
+def open_lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_a_second_writer_of_a_run_directory_is_refused(world_dir, tmp_path, capsys):
+    cfg = tiny_run_config(world_dir, tmp_path / "cache", "model.mode=clip", "train.steps=400")
+    config = write_config(cfg, tmp_path / "run.yaml")
+    other = write_config(
+        cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": 1})}),
+        tmp_path / "other.yaml",
+    )
+    run = tmp_path / "run"
+    first = start_training(config, run)
+    try:
+        written = {p: p.read_bytes() for p in (run / "config.yaml", run / "environment.json")}
+        for second in (config, other):
+            assert main(["train", str(second), "--run-dir", str(run), "--quiet"]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1, err
+            assert err[0] == (
+                f"threetowers train: error: {run} is in use: another threetowers process "
+                f"(pid {first.pid}) is writing this run directory; wait for it to finish, or "
+                "train in another run directory (--run-dir)"
+            )
+        assert {p: p.read_bytes() for p in written} == written
+        assert first.poll() is None  # the first run goes on, its temporaries untouched
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+
+
+def test_sigterm_saves_a_checkpoint_at_the_next_step_and_the_rerun_resumes_exactly(
+    world_dir, tmp_path
+):
+    cfg = tiny_run_config(
+        world_dir,
+        tmp_path / "cache",
+        "model.mode=3t",
+        "train.steps=20",
+        "train.checkpoint_every=100",
+        "data.num_workers=2",
+    )
+    config = write_config(cfg, tmp_path / "run.yaml")
+    subprocess.run(train_command(config, tmp_path / "straight"), check=True, env=TRAIN_ENV)
+    run = tmp_path / "stopped"
+    job = start_training(config, run)
+    os.killpg(job.pid, signal.SIGTERM)  # the whole job, loader workers included, as SLURM does
+    out, err = job.communicate(timeout=120)
+    assert job.returncode == 0, err
+    step = len([line for line in open_lines(run / "metrics.jsonl") if '"loss"' in line])
+    assert 3 <= step < 20
+    assert out.strip() == (
+        f"threetowers train: stopped by SIGTERM at step {step}; {run}/checkpoints/"
+        f"step_{step:08d} saved; re-run the same command to resume"
+    )
+    assert [p.name for p in (run / "checkpoints").iterdir()] == [f"step_{step:08d}"]
+    subprocess.run(train_command(config, run), check=True, env=TRAIN_ENV, capture_output=True)
+    expected, got = final_weights(tmp_path / "straight"), final_weights(run)
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+
+
+def test_a_changed_tokenizer_is_refused_at_resume_before_any_work(world_dir, tmp_path, capsys):
+    cfg = tiny_run_config(
+        world_dir,
+        tmp_path / "cache",
+        "model.mode=clip",
+        "train.steps=2",
+        "train.checkpoint_every=1",
+    )
+    config = write_config(cfg, tmp_path / "run.yaml")
+    run = train(cfg, tmp_path / "run", progress=False)
+    tokenizer = run / "tokenizer.json"
+    saved = json.loads(tokenizer.read_text())
+    vocab = saved["model"]["vocab"]  # two words trade ids: a tokenizer of the same shape
+    first, second = sorted(vocab)[:2]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    tokenizer.write_text(json.dumps(saved))
+    shutil.rmtree(run / "checkpoints" / "step_00000002")  # so that the run resumes
+    capsys.readouterr()
+    assert main(["train", str(config), "--run-dir", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"threetowers train: error: {tokenizer} is not the tokenizer that checkpoint step 1 "
+        "was trained with (sha256 "
+    ), err
+    assert err[0].endswith("restore that tokenizer.json, or train in a new run directory")
+    assert main(["eval", str(run)]) == 2  # a loaded run is checked too
+    assert "is not the tokenizer that checkpoint step 1" in capsys.readouterr().err

@@ -3,7 +3,6 @@ towers' feature caches."""
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import os
@@ -251,7 +250,6 @@ class TrainingData:
 
     def fingerprints(self) -> dict[str, str]:
         """What a checkpoint records so that a resume with other data is caught."""
-        tokenizer = hashlib.sha256(self.tokenizer.to_json().encode()).hexdigest()
-        out = {"tokenizer_sha256": tokenizer}
+        out = {"tokenizer_sha256": self.tokenizer.digest()}
         caches = self.caches | self.text_caches
         return out | {f"feature_cache/{n}": cache.fingerprint for n, cache in caches.items()}

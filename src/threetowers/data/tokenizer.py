@@ -6,6 +6,7 @@ what the text tower expects: padding masked out, at least one real token, end-of
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -154,6 +155,11 @@ class CaptionTokenizer:
 
     def to_json(self) -> str:
         return self._tokenizer.to_str()
+
+    def digest(self) -> str:
+        """sha256 of the tokenizer itself (not of a file's formatting): what a checkpoint
+        records as ``tokenizer_sha256``."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
 
     @property
     def vocab_size(self) -> int:

@@ -6,7 +6,8 @@ A checkpoint is a directory ``RUN/checkpoints/step_00001234/`` holding
                         they are reloaded from their sources, their caches' fingerprints recorded)
     state.pt            optimizer, scheduler, RNG and data position; plain tensors and
                         containers only, read with ``torch.load(weights_only=True)``
-    meta.json           step, sha256 of both files, data fingerprints (tokenizer, caches)
+    meta.json           step, sha256 of both files, data fingerprints (tokenizer, caches),
+                        and the sha256 of all that (a flipped digit must not move the step)
 
 written into a temporary directory, fsynced, then renamed into place: a crash at any moment
 leaves either the complete checkpoint or none. A checkpoint whose checksums do not match, or
@@ -34,6 +35,7 @@ from threetowers.safe_load import UnsafeFileError, load_tensors
 
 PREFIX = "step_"
 _STEP = re.compile(rf"{PREFIX}\d{{8,}}")  # checkpoint_path's names
+META_DIGEST = "meta_sha256"
 FROZEN_PREFIX = "frozen."  # the frozen towers, reloaded from their sources
 
 
@@ -81,6 +83,7 @@ def save_checkpoint(
     torch.save(state, tmp / "state.pt")
     record = dict(meta or {}, step=step)
     record["sha256"] = {name: _sha256(tmp / name) for name in ("model.safetensors", "state.pt")}
+    record[META_DIGEST] = _meta_digest(record)
     (tmp / "meta.json").write_text(json.dumps(record, indent=1))
     for name in ("model.safetensors", "state.pt", "meta.json"):
         fsync(tmp / name)
@@ -126,6 +129,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     try:
         meta = json.loads((path / "meta.json").read_text())
+        # checkpoints written before meta.json had its own checksum lack the key
+        if META_DIGEST in meta and meta[META_DIGEST] != _meta_digest(meta):
+            raise CheckpointError("meta.json does not match its checksum (corrupted or edited)")
         digests = meta["sha256"]
         for name in ("model.safetensors", "state.pt"):
             if _sha256(path / name) != digests[name]:
@@ -154,6 +160,18 @@ def restore_model(model: torch.nn.Module, checkpoint: Checkpoint) -> None:
         )
 
 
+def check_tokenizer(checkpoint: Checkpoint | None, digest: str, where: str) -> None:
+    """Refuse a tokenizer other than the one ``checkpoint`` was trained with: its token ids
+    would silently stand for other words. ``where`` names the tokenizer's file or setting."""
+    recorded = checkpoint.meta.get("tokenizer_sha256") if checkpoint is not None else None
+    if recorded is not None and recorded != digest:
+        raise CheckpointError(
+            f"{where} is not the tokenizer that checkpoint step {checkpoint.step} was trained "
+            f"with (sha256 {digest[:12]}..., recorded {recorded[:12]}...); restore that "
+            "tokenizer.json, or train in a new run directory"
+        )
+
+
 def remove_stale_temporaries(directory: str | Path) -> None:
     """Delete what a killed writer left behind (never a complete checkpoint)."""
     remove_temporaries(directory)
@@ -177,6 +195,12 @@ def _prune(directory: Path, keep: int, step: int) -> None:
     reached = [path for path in _checkpoints(directory) if _step_of(path) <= step]
     for old in reached[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _meta_digest(meta: dict[str, Any]) -> str:
+    """sha256 of meta.json's record without this digest (its step, fingerprints, checksums)."""
+    record = {key: value for key, value in meta.items() if key != META_DIGEST}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
 def _sha256(path: Path) -> str:

@@ -11,7 +11,12 @@ from threetowers.config import Config, load_config
 from threetowers.data.tokenizer import CaptionTokenizer
 from threetowers.model.build import build_model
 from threetowers.model.three_towers import ThreeTowers
-from threetowers.runs.checkpoint import load_checkpoint, load_latest, restore_model
+from threetowers.runs.checkpoint import (
+    check_tokenizer,
+    load_checkpoint,
+    load_latest,
+    restore_model,
+)
 
 
 @dataclass
@@ -45,6 +50,7 @@ def load_trained(path: str | Path, device: str = "cpu") -> TrainedRun:
     model = build_model(cfg, device=device)
     restore_model(model, checkpoint)
     tokenizer = CaptionTokenizer.load(run_dir / "tokenizer.json", cfg.model.text.context_length)
+    check_tokenizer(checkpoint, tokenizer.digest(), str(run_dir / "tokenizer.json"))
     identity = {
         "weights": checkpoint.meta["sha256"]["model.safetensors"],
         "model": cfg.model.model_dump(mode="json"),

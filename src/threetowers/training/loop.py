@@ -15,8 +15,10 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import signal
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -24,7 +26,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from threetowers import distributed
+from threetowers import distributed, locks
 from threetowers.atomic import write_atomic
 from threetowers.config import Config
 from threetowers.data.pipeline import TrainingData
@@ -34,6 +36,7 @@ from threetowers.evaluation.suite import chance_levels, evaluate_model, resolve_
 from threetowers.model.build import build_model
 from threetowers.model.three_towers import ThreeTowers
 from threetowers.runs.checkpoint import (
+    check_tokenizer,
     checkpoint_path,
     load_latest,
     remove_stale_temporaries,
@@ -69,14 +72,49 @@ def train(cfg: Config, run_dir: str | Path | None = None, progress: bool = True)
     """
     device = distributed.local_device(resolve_device(cfg.train.device))
     created_group = distributed.init_from_env(device)
+    run_dir = run_dir_of(cfg, run_dir)
     try:
-        return _train(cfg, run_dir_of(cfg, run_dir), progress, device)
+        with _one_writer(run_dir), _sigterm_stops() as stop:
+            return _train(cfg, run_dir, progress, device, stop)
     finally:
         if created_group:
             dist.destroy_process_group()
 
 
-def _train(cfg: Config, run_dir: Path, progress: bool, device: torch.device) -> Path:
+def _one_writer(run_dir: Path):
+    """Rank 0 (the only rank that writes the run directory) holds its lock for the run."""
+    if not distributed.is_main():
+        return nullcontext()
+    fix = "wait for it to finish, or train in another run directory (--run-dir)"
+    return locks.exclusive(run_dir, "run directory", fix)
+
+
+class Stopped(Exception):
+    """SIGTERM stopped the run at a step boundary, its checkpoint saved: re-run to resume."""
+
+    def __init__(self, step: int, checkpoint: Path) -> None:
+        super().__init__(f"stopped by SIGTERM at step {step}; {checkpoint} saved")
+        self.step, self.checkpoint = step, checkpoint
+
+
+@contextmanager
+def _sigterm_stops():
+    """SIGTERM (how SLURM and Kubernetes stop a job) sets the event instead of killing the
+    process: the loop saves a checkpoint at the next step boundary and stops."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():  # signals reach main only
+        yield stop
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _train(
+    cfg: Config, run_dir: Path, progress: bool, device: torch.device, stop: threading.Event
+) -> Path:
     world, main = distributed.world_size(), distributed.is_main()
     distributed.local_batch_size(cfg.data.batch_size)  # fail before any work
     if not main:  # the ranks log the same (global) counts: rank 0 speaks for all
@@ -89,6 +127,8 @@ def _train(cfg: Config, run_dir: Path, progress: bool, device: torch.device) -> 
             remove_stale_temporaries(checkpoints)
         resumed = load_latest(checkpoints)  # before any long work: no usable one stops here
         data = TrainingData(cfg, run_dir)
+        tokenizer = cfg.data.tokenizer or run_dir / "tokenizer.json"
+        check_tokenizer(resumed, data.tokenizer.digest(), str(tokenizer))
         model = build_model(cfg, device=device)
         data.attach(model, progress and main)
     if main:
@@ -111,7 +151,9 @@ def _train(cfg: Config, run_dir: Path, progress: bool, device: torch.device) -> 
     while run.step < total:
         steps_before, whole_epoch = run.step, run.batch_in_epoch == 0
         for batch in data.batches(run.epoch, run.batch_in_epoch):
-            counts, skipped = _across_ranks(len(batch["ids"]), batch.pop("skipped"))
+            counts, skipped, stopping = _across_ranks(
+                len(batch["ids"]), batch.pop("skipped"), stop.is_set()
+            )
             bad_data.record(sum(counts), skipped)
             run.batch_in_epoch += 1
             if min(counts) == 0:  # some rank has nothing left: no step (the ranks move together)
@@ -147,7 +189,7 @@ def _train(cfg: Config, run_dir: Path, progress: bool, device: torch.device) -> 
                     loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}", pairs_s=f"{rate:.0f}"
                 )
             bar.update(1)
-            if due(run.step, cfg.train.checkpoint_every, total):
+            if due(run.step, cfg.train.checkpoint_every, total) or stopping:
                 # Every rank holds the same weights, optimizer state, position and counts, so
                 # rank 0's checkpoint restores them all.
                 last_checkpoint = checkpoint_path(checkpoints, run.step)
@@ -160,6 +202,12 @@ def _train(cfg: Config, run_dir: Path, progress: bool, device: torch.device) -> 
                         data.fingerprints(),
                         keep=cfg.train.keep_checkpoints,
                     )
+            if stopping:  # every rank saw the same flag: all stop here, after rank 0 saved
+                bar.close()
+                if main:
+                    metrics.close()
+                distributed.barrier()
+                raise Stopped(run.step, last_checkpoint)
             if main and run.step < total and due(run.step, cfg.eval.every):
                 _evaluate(model, data, benchmarks, cfg, run_dir, run.step, metrics)
             if run.step >= total:
@@ -200,11 +248,13 @@ def _distributed_data_parallel(model: ThreeTowers, device: torch.device):
     return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
 
 
-def _across_ranks(used: int, skipped: list) -> tuple[list[int], list]:
-    """Every rank's batch size and all ranks' bad samples: the counts every rank keeps (and
-    rank 0 checkpoints) are those of the global batch."""
-    shares = distributed.all_gather_objects((used, skipped))
-    return [count for count, _ in shares], [bad for _, share in shares for bad in share]
+def _across_ranks(used: int, skipped: list, stop: bool) -> tuple[list[int], list, bool]:
+    """Every rank's batch size, all ranks' bad samples and whether any rank was asked to
+    stop: the counts every rank keeps (and rank 0 checkpoints) are those of the global batch,
+    and the ranks stop at the same step."""
+    shares = distributed.all_gather_objects((used, skipped, stop))
+    counts = [count for count, _, _ in shares]
+    return counts, [bad for _, share, _ in shares for bad in share], any(s for *_, s in shares)
 
 
 def _evaluate(model, data, benchmarks, cfg: Config, run_dir: Path, step: int, metrics) -> None:

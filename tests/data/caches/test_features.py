@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -168,18 +172,60 @@ def test_a_killed_build_keeps_its_finished_shards_and_a_changed_shard_alone_is_r
         assert torch.equal(again.features(pair.row, pair.key), reference[pair.key])
 
 
-def test_an_explicit_build_checks_the_bytes_of_existing_units(tmp_path, caplog):
+@pytest.mark.parametrize("damage", ["flipped", "short"])
+def test_every_build_checks_the_bytes_of_existing_units(tmp_path, caplog, damage):
     folder = colliding_shards(tmp_path / "data")
     h = tiny_backbone()
     cache = build(h, folder, tmp_path / "cache")["h"]
     npy = Path(cache.units[0].npy)
     good, before = npy.read_bytes(), cache.features(9, "000000009")
-    npy.write_bytes(good[:-2] + b"\x00\x7c")  # same size and header, the last value changed
-    trusted = build(h, folder, tmp_path / "cache")["h"]  # training trusts shape and names
-    assert not torch.equal(trusted.features(9, "000000009"), before)
-    checked = build(h, folder, tmp_path / "cache", verify=True)["h"]
-    assert "its bytes changed" in caplog.text
+    if damage == "flipped":  # same size and header, the last value changed
+        npy.write_bytes(good[:-2] + b"\x00\x7c")
+    else:  # a copy cut 64 bytes short: its header still promises every row
+        npy.write_bytes(good[:-64])
+    checked = build(h, folder, tmp_path / "cache")["h"]  # what training does at its start
+    assert "its bytes changed since it was written; computing it again" in caplog.text
     assert npy.read_bytes() == good and torch.equal(checked.features(9, "000000009"), before)
+
+
+def test_a_second_writer_waits_for_the_first_and_computes_nothing_twice(tmp_path, caplog):
+    folder = colliding_shards(tmp_path / "data")
+    writer = subprocess.Popen(  # another run computing the same cache, slowly
+        [sys.executable, "-c", SLOW_WRITER, str(folder), str(tmp_path / "cache")],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parents[3],
+    )
+    assert writer.stdout.readline().strip() == "computing"
+    computed = []
+    original = cached.ShardUnit.samples
+    with (
+        mock.patch.object(
+            cached.ShardUnit, "samples", lambda unit: computed.append(unit) or original(unit)
+        ),
+        caplog.at_level(logging.INFO, logger="threetowers"),
+    ):
+        cache = build(tiny_backbone(), folder, tmp_path / "cache")["h"]
+    assert writer.wait() == 0
+    assert f"(pid {writer.pid}) is writing this feature cache; waiting" in caplog.text
+    assert computed == []  # the other writer's units, complete and checked, are used
+    assert len(cache) == 20
+
+
+SLOW_WRITER = """
+import sys, time
+from tests.conftest import tiny_backbone
+from tests.data.caches.test_features import build
+from threetowers.data.caches import features
+
+compute = features._compute
+def slowly(*args):
+    print("computing", flush=True)
+    time.sleep(1.5)
+    compute(*args)
+features._compute = slowly
+build(tiny_backbone(), sys.argv[1], sys.argv[2])
+"""
 
 
 def test_a_unit_replaced_by_a_pickle_is_rebuilt_never_unpickled(tmp_path):

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from threetowers import locks
 from threetowers.atomic import remove_temporaries, save_npy, write_atomic
 from threetowers.backbones.text_encoder import FrozenTextEncoder
 from threetowers.data.caches.features import (
@@ -87,26 +88,30 @@ def build_caption_caches(
     spec: CacheSpec,
     batch_size: int = 256,
     progress: bool = True,
-    verify: bool = False,
 ) -> dict[str, CaptionFeatures]:
-    """Each text tower's cache of every caption of ``units``, computing missing units."""
+    """Each text tower's cache of every caption of ``units``, computing the units that are
+    missing or whose bytes do not match their checksum (under the folder's lock, as
+    :func:`~threetowers.data.caches.features.build_caches` does)."""
     out = {}
     for name, tower in towers.items():
         folder, digest = spec.folder(tower)
-        missing = []
-        for unit in units:
-            npy, index, identity = unit_files(folder, unit)
-            dim = tower.feature_dim
-            if not unit_complete(npy, index, identity, digest, None, dim, spec.dtype, verify):
-                missing.append(unit)
-        if missing:
-            folder.mkdir(parents=True, exist_ok=True)
-            remove_temporaries(folder, only_dead_writers=True)  # shared by concurrent runs
-        for unit in tqdm(missing, disable=not progress, desc=f"caching {name} captions"):
-            _build_unit(tower, unit, folder, digest, spec.dtype, batch_size)
         dim = tower.feature_dim
+        if _missing(units, folder, digest, dim, spec.dtype):
+            with locks.waiting(folder, "feature cache"):
+                remove_temporaries(folder, only_dead_writers=True)  # shared by concurrent runs
+                todo = _missing(units, folder, digest, dim, spec.dtype)
+                for unit in tqdm(todo, disable=not progress, desc=f"caching {name} captions"):
+                    _build_unit(tower, unit, folder, digest, spec.dtype, batch_size)
         out[name] = reader(CaptionFeatures, name, folder, digest, units, dim, spec.dtype)
     return out
+
+
+def _missing(units: Sequence[Unit], folder: Path, digest: str, dim: int, dtype: str) -> list[Unit]:
+    return [
+        unit
+        for unit in units
+        if not unit_complete(*unit_files(folder, unit), digest, None, dim, dtype)
+    ]
 
 
 def _build_unit(tower, unit: Unit, folder: Path, digest: str, dtype: str, batch_size: int):

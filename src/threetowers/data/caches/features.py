@@ -40,6 +40,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
+from threetowers import locks
 from threetowers.atomic import remove_temporaries, save_npy, write_atomic
 from threetowers.backbones.frozen import FrozenBackbone
 from threetowers.data.caches.identity import (
@@ -189,9 +190,11 @@ def unit_files(folder: Path, unit: Unit) -> tuple[Path, Path, dict]:
     return folder / f"{stem}.npy", folder / f"{stem}.json", identity
 
 
-def unit_complete(npy: Path, index: Path, identity: dict, tower: str, rows, dim, dtype, verify):
+def unit_complete(npy: Path, index: Path, identity: dict, tower: str, rows, dim, dtype) -> bool:
     """Whether a unit's files hold what they should: ``rows`` rows (None: one per key, as a
-    caption unit has) of ``dim`` in ``dtype``; ``verify`` also checks their bytes."""
+    caption unit has) of ``dim`` in ``dtype``, with the bytes its checksum records (a flipped
+    byte would train on wrong features; hashing runs at ~1.8 GB/s, see
+    benchmarks/cache_verification.py)."""
     try:
         meta = json.loads(index.read_text())
         with open(npy, "rb") as handle:
@@ -205,8 +208,11 @@ def unit_complete(npy: Path, index: Path, identity: dict, tower: str, rows, dim,
             and keys == shape[0]
             and stored == np.dtype(dtype)
         )
-        if good and verify and meta.get("sha256") != file_sha256(npy):
-            log.warning("feature cache %s: its bytes changed since it was written", npy)
+        if good and meta.get("sha256") != file_sha256(npy):
+            log.warning(
+                "feature cache %s: its bytes changed since it was written; computing it again",
+                npy,
+            )
             good = False
         return good
     except (OSError, ValueError, KeyError, TypeError):
@@ -289,25 +295,41 @@ def build_caches(
     num_workers: int = 0,
     progress: bool = True,
     max_bad_fraction: float = 1.0,
-    verify: bool = False,
 ) -> dict[str, StreamedFeatures]:
-    """Each tower's cache of ``units``, computing the units any tower lacks in one pass
-    (each image decoded once); ``verify`` re-reads the existing units' bytes against their
-    checksums instead of trusting them. Bad samples have no features (training skips them
-    too); more than ``max_bad_fraction`` of them stop the pass with :class:`BadDataError`."""
-    layout, todo = {}, {}
-    for name, tower in towers.items():
-        folder, digest = spec.folder(tower)
-        dim = tower.feature_dim
-        layout[name] = (folder, digest)
-        for number, unit in enumerate(units):
-            npy, index, identity = unit_files(folder, unit)
-            if not unit_complete(npy, index, identity, digest, unit.size, dim, spec.dtype, verify):
-                todo.setdefault(number, []).append(name)
-    if todo:
-        _compute(
-            towers, units, todo, layout, spec, batch_size, num_workers, progress, max_bad_fraction
-        )
+    """Each tower's cache of ``units``, computing the units any tower lacks (or whose bytes
+    do not match their checksum) in one pass (each image decoded once). Bad samples have no
+    features (training skips them too); more than ``max_bad_fraction`` of them stop the
+    pass with :class:`BadDataError`. A process computing units into a tower's folder holds
+    its lock: another one waits, then computes only what is still missing."""
+    layout = {name: spec.folder(tower) for name, tower in towers.items()}
+
+    def missing() -> dict[int, list[str]]:
+        todo: dict[int, list[str]] = {}
+        for name, tower in towers.items():
+            folder, digest = layout[name]
+            for number, unit in enumerate(units):
+                npy, index, identity = unit_files(folder, unit)
+                size, dim = unit.size, tower.feature_dim
+                if not unit_complete(npy, index, identity, digest, size, dim, spec.dtype):
+                    todo.setdefault(number, []).append(name)
+        return todo
+
+    if missing():
+        with contextlib.ExitStack() as held:
+            for folder in sorted({folder for folder, _ in layout.values()}):
+                held.enter_context(locks.waiting(folder, "feature cache"))
+            if todo := missing():
+                _compute(
+                    towers,
+                    units,
+                    todo,
+                    layout,
+                    spec,
+                    batch_size,
+                    num_workers,
+                    progress,
+                    max_bad_fraction,
+                )
     return {
         name: reader(StreamedFeatures, name, *layout[name], units, tower.feature_dim, spec.dtype)
         for name, tower in towers.items()

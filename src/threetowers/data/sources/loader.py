@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import signal
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -356,13 +357,24 @@ def pair_batches(
     return _shard_iterator(stream, counts, start_batch, num_workers)
 
 
+def _ignore_sigterm(_worker: int) -> None:
+    """A job's SIGTERM reaches its whole process group: the workers leave it to the training
+    process, which stops at a step boundary and then shuts them down (a killed worker would
+    fail the next batch instead)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _table_iterator(
     dataset: _TableExamples, batches: list[list[int]], num_workers: int
 ) -> Iterator[dict[str, Any]]:
     if not batches:
         return
     loader = DataLoader(
-        dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=_collate
+        dataset,
+        batch_sampler=batches,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        worker_init_fn=_ignore_sigterm,
     )
     yield from loader
 
@@ -372,7 +384,13 @@ def _shard_iterator(
 ) -> Iterator[dict[str, Any]]:
     if sum(counts) <= start_batch:
         return
-    loader = DataLoader(stream, batch_size=None, num_workers=num_workers, collate_fn=_passthrough)
+    loader = DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=num_workers,
+        collate_fn=_passthrough,
+        worker_init_fn=_ignore_sigterm,
+    )
     expected = itertools.islice(_round_robin(counts), start_batch, None)
     for worker, index, batch in loader:
         planned = next(expected, None)

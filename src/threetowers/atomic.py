@@ -12,17 +12,65 @@ without one is someone else's and is refused, never cleared.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from threetowers.locks import LOCK_NAME
 
 TMP_MARK = ".tmp-"
+
+
+class NoSpaceError(OSError):
+    """The disk is too full for a file the tool must write; nothing half-written is kept."""
+
+
+def no_space(folder: str | Path, needed: int, what: str) -> NoSpaceError:
+    """The one message for a full disk: where, how much, and that a re-run goes on."""
+    free = shutil.disk_usage(folder).free
+    return NoSpaceError(
+        f"not enough disk space in {folder} for {what}: it needs about {_megabytes(needed)}, "
+        f"{_megabytes(free)} are free; free some space and re-run the same command "
+        "(finished work is kept)"
+    )
+
+
+def is_disk_full(error: BaseException, folder: str | Path, needed: int) -> bool:
+    """Whether a failed write ran out of space: ENOSPC or EDQUOT, or (libraries that wrap the
+    error, as torch.save does) less space free than the write needs."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return shutil.disk_usage(folder).free < needed
+
+
+def reserve(path: str | Path, size: int, what: str) -> None:
+    """Allocate ``size`` bytes of ``path`` on the disk now. A memory-mapped file is created
+    sparse: without this, a full disk would kill the process with SIGBUS mid-write."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        os.close(fd)
+        fd = -1
+        Path(path).unlink()  # a temporary: nothing of it is kept
+        raise no_space(Path(path).parent, size, what) from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 2**20:,.1f} MiB"
 
 
 class ForeignFolderError(ValueError):
@@ -56,35 +104,64 @@ def temporary_path(path: str | Path) -> Path:
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> None:
-    path = Path(path)
-    tmp = temporary_path(path)
-    with open(tmp, "wb") as handle:
-        handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+    data = data.encode("utf-8") if isinstance(data, str) else data
+    with whole_or_nothing(path, len(data)) as tmp, open(tmp, "wb") as handle:
+        handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
-    publish(tmp, path)
 
 
 def save_tensors(
     path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> None:
     """A safetensors file, written whole or not at all."""
-    path = Path(path)
-    tmp = temporary_path(path)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata)
-    fsync(tmp)
-    publish(tmp, path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    needed = sum(v.numel() * v.element_size() for v in tensors.values())
+    with whole_or_nothing(path, needed) as tmp:
+        save_file(tensors, str(tmp), metadata)
+        fsync(tmp)
 
 
 def save_npy(path: str | Path, array: np.ndarray) -> None:
     """A ``.npy`` file, written whole or not at all."""
-    path = Path(path)
-    tmp = temporary_path(path)
-    with open(tmp, "wb") as handle:
+    with whole_or_nothing(path, array.nbytes) as tmp, open(tmp, "wb") as handle:
         np.save(handle, array, allow_pickle=False)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+@contextmanager
+def whole_or_nothing(path: str | Path, needed: int) -> Iterator[Path]:
+    """The temporary that the block writes ``path`` into (and fsyncs), published when the
+    block ends; when it fails, the temporary is removed (and a full disk says so)."""
+    path = Path(path)
+    tmp = temporary_path(path)
+    try:
+        with full_disk_named(path.parent, str(path), needed):
+            yield tmp
+    except BaseException:
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
     publish(tmp, path)
+
+
+@contextmanager
+def full_disk_named(folder: str | Path, what: str, needed: int | Callable[[], int]):
+    """A full disk while the block writes ``what`` (``needed`` bytes, or a function giving
+    them) into ``folder`` ends in one :class:`NoSpaceError`: libraries report it as OSError,
+    RuntimeError (torch.save, FAISS) or their own error."""
+    try:
+        yield
+    except NoSpaceError:
+        raise
+    except (OSError, RuntimeError, SafetensorError) as error:
+        size = needed() if callable(needed) else needed
+        if not is_disk_full(error, folder, size):
+            raise
+        raise no_space(folder, size, what) from error
 
 
 def publish(tmp: Path, path: Path) -> None:

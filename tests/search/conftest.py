@@ -5,6 +5,8 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,9 +16,10 @@ import uvicorn
 from tests.training.test_loop import tiny_run_config
 from threetowers.runs.trained import TrainedRun, load_trained
 from threetowers.search.build import build_index
+from threetowers.search.connections import server_config
 from threetowers.search.engine import QueryEncoder, SearchIndex
 from threetowers.search.items import index_source
-from threetowers.search.server import create_app
+from threetowers.search.server import SECURITY_HEADERS, Limits, create_app
 from threetowers.training.loop import train
 
 
@@ -45,16 +48,15 @@ class LiveServer:
     encoder: QueryEncoder
 
 
-@pytest.fixture(scope="session")
-def live(indexed) -> LiveServer:
-    """``threetowers serve``'s app on a free loopback port, in a thread of this process."""
-    index, encoder = SearchIndex(indexed.index_dir), QueryEncoder(indexed.run)
+@contextmanager
+def running(app, limits: Limits | None = None) -> Iterator[str]:
+    """``app`` served as ``threetowers serve`` serves it (its uvicorn config, under
+    ``limits``) on a free loopback port, in a thread of this process; its URL."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    config = uvicorn.Config(
-        create_app(index, encoder), host="127.0.0.1", port=port, log_level="error"
-    )
+    limits = limits or Limits()
+    config = server_config(app, "127.0.0.1", port, limits, SECURITY_HEADERS, log_level="error")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -63,6 +65,16 @@ def live(indexed) -> LiveServer:
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("the test server did not start")
         time.sleep(0.05)
-    yield LiveServer(f"http://127.0.0.1:{port}", index, encoder)
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def live(indexed) -> Iterator[LiveServer]:
+    """``threetowers serve``'s app and server configuration, on a loopback port."""
+    index, encoder = SearchIndex(indexed.index_dir), QueryEncoder(indexed.run)
+    with running(create_app(index, encoder)) as url:
+        yield LiveServer(url, index, encoder)

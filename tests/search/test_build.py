@@ -3,8 +3,14 @@ sources, the fingerprint, and the FAISS index's measured recall."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -12,9 +18,10 @@ import pytest
 import torch
 from PIL import Image
 
-from threetowers.atomic import ForeignFolderError
+from threetowers.atomic import TMP_MARK, ForeignFolderError, NoSpaceError, temporary_path
 from threetowers.data.benchmarks import load_karpathy
 from threetowers.evaluation.suite import embed_images, embed_texts
+from threetowers.locks import LockedError
 from threetowers.model.objective import Z_F, Z_G
 from threetowers.search import ann, build
 from threetowers.search.build import IndexMismatch, build_index
@@ -305,3 +312,128 @@ def test_a_finished_build_removes_only_its_own_partial_files(indexed, tmp_path, 
     monkeypatch.setattr(build, "_embed_chunk", leave_a_user_file)
     build_index(indexed.run, index_source(data=indexed.retrieval), out, progress=False)
     assert [p.name for p in (out / "partial").iterdir()] == ["notes.txt"]
+
+
+def test_a_second_build_of_one_out_is_refused_and_writes_nothing(indexed, tmp_path):
+    out = tmp_path / "i"
+    out.mkdir()
+    # Another process holding the --out's lock as `threetowers index` does (a lock of this
+    # process would not exclude its own second one).
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(out)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        with pytest.raises(LockedError) as refused:
+            build_index(indexed.run, index_source(data=indexed.retrieval), out, progress=False)
+        assert str(refused.value) == (
+            f"{out} is in use: another threetowers process (pid {holder.pid}) is writing this "
+            "index; wait for it to finish or pass another --out"
+        )
+        assert [path.name for path in out.iterdir()] == [".lock"]  # nothing written
+    finally:
+        holder.communicate(b"")  # it lets go as it exits
+    manifest = build_index(indexed.run, index_source(data=indexed.retrieval), out, progress=False)
+    assert manifest["images"] == 40
+
+
+HOLD_LOCK = """
+import sys
+from threetowers.locks import exclusive
+with exclusive(sys.argv[1], "index", ""):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def no_space(path) -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+def faiss_full_disk(real):
+    """faiss.write_index on a full disk: part of the file written, then its RuntimeError."""
+
+    def write_index(index, target):
+        if not isinstance(target, str):  # a writer object: counting the bytes, not a file
+            return real(index, target)
+        Path(target).write_bytes(b"IxFI" + b"\0" * 4047)
+        raise RuntimeError(
+            "Error in void faiss::write_index(const Index*, IOWriter*, int) at "
+            "/project/faiss/impl/index_write.cpp:499: Error: 'ret == (size * 4)' failed: "
+            f"write error in {target}: 4051 != 512000 (No space left on device)"
+        )
+
+    return write_index
+
+
+def half_then_full(target):
+    """A writer that puts a few bytes into ``target`` (a file or a path), then fails."""
+
+    def write(*args, **kwargs):
+        destination = next(a for a in args if isinstance(a, (str, Path)) or hasattr(a, "write"))
+        if isinstance(destination, (str, Path)):
+            Path(destination).write_bytes(b"PAR1\x15\x04")
+        else:
+            destination.write(b"\x93NUMPY\x01\x00")
+        raise no_space(target)
+
+    return write
+
+
+@pytest.mark.parametrize("failing", ["faiss", "npy", "parquet", "thumbnails", "chunk"])
+def test_a_full_disk_stops_the_build_in_one_message_and_a_rerun_finishes(
+    indexed, tmp_path, monkeypatch, failing
+):
+    out, source = tmp_path / "i", index_source(data=indexed.retrieval)
+    real_write_atomic = build.write_atomic
+
+    def thumbnails_fail(path, data):
+        if path.name != "thumbnails.bin":
+            return real_write_atomic(path, data)
+        half_then_full(path)(temporary_path(path))
+
+    fault, folder, final = {
+        "faiss": (faiss_full_disk(ann.faiss.write_index), out, "images.faiss"),
+        "npy": (half_then_full(out / "images.npy"), out, "images.npy"),
+        "parquet": (half_then_full(out / "images.parquet"), out, "images.parquet"),
+        "thumbnails": (thumbnails_fail, out, "thumbnails.bin"),
+        "chunk": (half_then_full(out / "partial"), out / "partial", "partial/chunk_000000.npz"),
+    }[failing]
+    target = {
+        "faiss": (ann.faiss, "write_index"),
+        "npy": (np, "save"),
+        "parquet": (build.pq, "write_table"),
+        "thumbnails": (build, "write_atomic"),
+        "chunk": (np, "savez"),
+    }[failing]
+    monkeypatch.setattr(*target, fault)
+    with pytest.raises(NoSpaceError) as stopped:
+        build_index(indexed.run, source, out, progress=False)
+    message = str(stopped.value)
+    assert message.startswith(f"not enough disk space in {folder} for ")
+    assert re.search(r"it needs about [\d,]+\.\d MiB, [\d,]+\.\d MiB are free", message)
+    assert message.endswith("free some space and re-run the same command (finished work is kept)")
+    assert not (out / final).exists()  # never a half-written file under its own name
+    assert not (out / "manifest.json").exists()
+    assert not list(out.rglob(f"*{TMP_MARK}*"))
+    monkeypatch.undo()
+    build_index(indexed.run, source, out, progress=False)
+    assert SearchIndex(out).ids == SearchIndex(indexed.index_dir).ids
+
+
+def test_a_full_disk_is_one_line_from_the_index_command(indexed, tmp_path, monkeypatch, capsys):
+    from threetowers.cli import main
+
+    args = ["index", str(indexed.root / "run"), "--data", str(indexed.retrieval)]
+    args += ["--out", str(tmp_path / "i"), "--quiet"]
+    monkeypatch.setattr(ann.faiss, "write_index", faiss_full_disk(ann.faiss.write_index))
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert "Traceback" not in error and error.count("error:") == 1
+    assert error.splitlines()[-1].startswith(
+        f"threetowers index: error: not enough disk space in {tmp_path / 'i'} for "
+    )
+    monkeypatch.undo()
+    assert main(args) == 0

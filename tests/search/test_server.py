@@ -4,6 +4,7 @@ malformed and hostile requests, each answered by one JSON error with a 4xx statu
 from __future__ import annotations
 
 import io
+import socket
 import struct
 import zlib
 from urllib.parse import quote
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from threetowers.cli import main
+from threetowers.search import connections
 from threetowers.search import server as server_module
 
 SLOW = settings(
@@ -209,15 +211,60 @@ def test_hostile_ids_never_reach_the_file_system(live, image_id):
 
 def test_serve_binds_loopback_unless_told_and_warns(indexed, monkeypatch, capsys, caplog):
     calls = []
-    monkeypatch.setattr("uvicorn.run", lambda app, **kwargs: calls.append(kwargs))
+    monkeypatch.setattr("uvicorn.Server.run", lambda server: calls.append(server.config))
     assert main(["serve", str(indexed.index_dir)]) == 0
-    assert calls[-1]["host"] == "127.0.0.1" and calls[-1]["port"] == 8000
+    assert calls[-1].host == "127.0.0.1" and calls[-1].port == 8000
+    assert calls[-1].http.func is connections.Connection  # the bounded protocol
     assert "http://127.0.0.1:8000/" in capsys.readouterr().out
     assert "not a loopback address" not in caplog.text
     assert main(["serve", str(indexed.index_dir), "--host", "0.0.0.0", "--port", "9000"]) == 0
-    assert calls[-1]["host"] == "0.0.0.0" and "not a loopback address" in caplog.text
+    assert calls[-1].host == "0.0.0.0" and "not a loopback address" in caplog.text
 
 
 def test_serve_refuses_what_is_not_an_index(tmp_path, capsys):
     assert main(["serve", str(tmp_path)]) == 2
     assert "threetowers index" in capsys.readouterr().err
+
+
+def test_head_answers_wherever_get_does(live):
+    image_url = f"/images/{quote(live.index.ids[0], safe='')}"
+    search = "/api/search?text=a+red+star&k=3"
+    for path in ["/", "/static/app.js", "/static/style.css", "/api/info", image_url, search,
+                 "/images/missing.png", "/api/search"]:  # fmt: skip
+        get, head = httpx.get(live.url + path), httpx.head(live.url + path)
+        assert head.status_code == get.status_code != 405, path
+        assert head.content == b"", path
+        varying = {"date"} | ({"content-length"} if path == search else set())  # took_ms
+        same = {name: value for name, value in get.headers.items() if name not in varying}
+        assert {name: value for name, value in head.headers.items() if name not in varying} == same
+
+
+def raw_request(url: str, request: bytes) -> httpx.Response:
+    """``request`` sent as it is (httpx refuses what is too long), its answer parsed."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        connection.sendall(request)
+        answer = b""
+        while data := connection.recv(65536):
+            answer += data
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = [tuple(line.split(": ", 1)) for line in lines]
+    return httpx.Response(int(status_line.split()[1]), headers=headers, content=body)
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "message"),
+    [
+        (b"GET /api/search?text=" + b"a" * 2**20 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+         414, "request line is longer"),
+        (b"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 2**20 + b"\r\n\r\n",
+         431, "headers are longer"),
+        (b"NOT HTTP AT ALL\r\n\r\n", 400, "not an HTTP/1.1 request"),
+    ],
+)  # fmt: skip
+def test_requests_h11_refuses_get_the_json_error(live, request_bytes, status, message):
+    response = raw_request(live.url, request_bytes)
+    assert message in assert_error(response, status)
+    assert response.headers["connection"] == "close"
+    assert httpx.get(live.url + "/api/info").status_code == 200  # still serving

@@ -11,7 +11,9 @@ the recall they measured go into the manifest.
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -129,10 +131,38 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 def write_ann(index: faiss.Index, path: Path) -> None:
+    """``index`` in ``path``, whole or not at all. FAISS reports a failed write (a full disk
+    among them) as a RuntimeError: it comes out as the OSError Python would raise."""
     tmp = temporary_path(path)
-    faiss.write_index(index, str(tmp))
+    try:
+        faiss.write_index(index, str(tmp))
+    except RuntimeError as error:
+        tmp.unlink(missing_ok=True)
+        raise _os_error(str(error), path) from None
     fsync(tmp)
     publish(tmp, path)
+
+
+def serialized_size(index: faiss.Index) -> int:
+    """The bytes ``write_ann`` writes for ``index`` (counted, not stored)."""
+    size = 0
+
+    def count(data: bytes) -> int:
+        nonlocal size
+        size += len(data)
+        return len(data)
+
+    faiss.write_index(index, faiss.PyCallbackIOWriter(count))
+    return size
+
+
+def _os_error(message: str, path: Path) -> OSError:
+    """FAISS's message ("... write error in F: 4051 != 512000 (No space left on device)") as
+    an OSError with the errno whose text it names."""
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.ENOENT, errno.EROFS, errno.EIO):
+        if os.strerror(code) in message:
+            return OSError(code, os.strerror(code), str(path))
+    return OSError(f"could not write {path}: {message}")
 
 
 def read_ann(path: Path) -> faiss.Index:

@@ -3,8 +3,8 @@
 An index directory holds
 
     manifest.json      the run's fingerprint, the parts, counts, dtype, the FAISS choice and
-                       the recall it measured, the bad samples; written last (its presence
-                       means the index is complete)
+                       the recall it measured, the bad samples, each file's sha256; written
+                       last (its presence means the index is complete)
     images.npy         one row per image: its parts' embeddings concatenated (parts.py),
                        float16 by default (the effect on recall@10 measured and recorded)
     images.faiss       the FAISS index over those rows (ann.py)
@@ -16,17 +16,24 @@ An index directory holds
 Images are embedded in chunks of ``chunk_size`` written to ``partial/`` as they finish, so an
 interrupted build resumes at its last chunk. Bad images are skipped, counted and named, as
 everywhere else; an id met twice is skipped the second time, so a result names one image.
+One build at a time writes a directory (a second is refused: ``locks.exclusive``). Every
+file is written whole or not at all; a full disk stops the build with one message naming the
+folder and the space the files need, and the same command run again finishes it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import json
 import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -34,6 +41,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from threetowers.atomic import (
+    NoSpaceError,
+    full_disk_named,
     publish,
     refuse_foreign,
     remove_temporaries,
@@ -44,6 +53,7 @@ from threetowers.atomic import (
 from threetowers.data.sources.bad_samples import BadDataError, BadSample, BadSampleLog, Skipped
 from threetowers.evaluation.inputs import decoded_inputs
 from threetowers.evaluation.suite import embed_inputs, embed_texts
+from threetowers.locks import exclusive
 from threetowers.readback import read_json
 from threetowers.runs.trained import TrainedRun
 from threetowers.search import ann
@@ -100,41 +110,46 @@ def build_index(
         raise ValueError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
     layout = Layout(Path(out))
     refuse_foreign(layout.root, [layout.manifest, layout.plan], "index", "--out")
-    plan = {
-        "version": INDEX_VERSION,
-        "fingerprint": run.fingerprint,
-        "source": source.description,
-        "size": source.size,
-        "chunk_size": chunk_size,
-    }
-    if layout.manifest.is_file():
-        manifest = read_json(layout.manifest)
-        if all(manifest.get(key) == plan[key] for key in ("fingerprint", "source", "version")):
-            log.info("%s is complete (%d images); nothing to do", layout.root, manifest["images"])
-            return manifest
-        raise IndexMismatch(
-            f"{layout.root} holds an index of another run or source ({manifest.get('run')}, "
-            f"{manifest.get('source')}); delete it or pass another --out"
-        )
-    if max_bad_fraction is None:
-        max_bad_fraction = run.cfg.data.max_bad_fraction
-    bad = BadSampleLog(max_bad_fraction, source.description, size=source.size)
-    chunks = _embed_chunks(run, source, layout, plan, bad, batch_size, progress)
-    parts = Parts.of(run.model)
-    header = {
-        "fingerprint": run.fingerprint,
-        "run": str(run.run_dir.resolve()),
-        "step": run.step,
-        "mode": run.model.mode,
-        "source": source.description,
-    }
-    contents = _contents(chunks, parts.dim * len(parts.names))
-    manifest = write_index(layout, contents, parts, header, dtype, kind, exact_below)
-    manifest["bad_samples"] = bad.metrics()
-    manifest["skipped_examples"] = [[s.id, s.reason, s.detail] for s in bad.examples]
-    write_atomic(layout.manifest, json.dumps(manifest, indent=1))  # last: the index is complete
-    _clear_partial(layout)
-    return manifest
+    with exclusive(layout.root, "index", "wait for it to finish or pass another --out"):
+        plan = {
+            "version": INDEX_VERSION,
+            "fingerprint": run.fingerprint,
+            "source": source.description,
+            "size": source.size,
+            "chunk_size": chunk_size,
+        }
+        if layout.manifest.is_file():
+            manifest = read_json(layout.manifest)
+            if all(manifest.get(key) == plan[key] for key in ("fingerprint", "source", "version")):
+                log.info(
+                    "%s is complete (%d images); nothing to do", layout.root, manifest["images"]
+                )
+                return manifest
+            raise IndexMismatch(
+                f"{layout.root} holds an index of another run or source ({manifest.get('run')}, "
+                f"{manifest.get('source')}); delete it or pass another --out"
+            )
+        if max_bad_fraction is None:
+            max_bad_fraction = run.cfg.data.max_bad_fraction
+        bad = BadSampleLog(max_bad_fraction, source.description, size=source.size)
+        chunks = _embed_chunks(run, source, layout, plan, bad, batch_size, progress)
+        parts = Parts.of(run.model)
+        header = {
+            "fingerprint": run.fingerprint,
+            "run": str(run.run_dir.resolve()),
+            "step": run.step,
+            "mode": run.model.mode,
+            "source": source.description,
+        }
+        contents = _contents(chunks, parts.dim * len(parts.names))
+        manifest = write_index(layout, contents, parts, header, dtype, kind, exact_below)
+        manifest["bad_samples"] = bad.metrics()
+        manifest["skipped_examples"] = [[s.id, s.reason, s.detail] for s in bad.examples]
+        text = json.dumps(manifest, indent=1)
+        with _space_for(layout.root, "manifest.json", lambda: len(text)):
+            write_atomic(layout.manifest, text)  # last: the index is complete
+        _clear_partial(layout)
+        return manifest
 
 
 def _embed_chunks(
@@ -171,11 +186,7 @@ def _embed_chunks(
         else:
             record, arrays = _embed_chunk(run, parts, batch, seen, batch_size)
             bad.record(len(record["ids"]), [Skipped(*s) for s in record["skipped"]])
-            tmp = temporary_path(arrays_file)
-            with open(tmp, "wb") as handle:
-                np.savez(handle, **arrays)
-            publish(tmp, arrays_file)
-            write_atomic(record_file, json.dumps(record))  # last: the chunk is complete
+            _save_chunk(record_file, arrays_file, record, arrays)
         chunks.append((record, arrays))
         bar.update(len(batch))
     bar.close()
@@ -185,6 +196,29 @@ def _embed_chunks(
     if not any(record["ids"] for record, _ in chunks):
         raise BadDataError(f"{bad.summary()}: no image to index")
     return chunks
+
+
+def _save_chunk(record_file: Path, arrays_file: Path, record: dict, arrays: dict) -> None:
+    what = f"the embeddings of {arrays_file.stem}"
+    needed = sum(array.nbytes for array in arrays.values())
+    with _space_for(arrays_file.parent, what, lambda: needed):
+        tmp = temporary_path(arrays_file)
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+        publish(tmp, arrays_file)
+        write_atomic(record_file, json.dumps(record))  # last: the chunk is complete
+
+
+@contextmanager
+def _space_for(folder: Path, what: str, needed: Callable[[], int]) -> Iterator[None]:
+    """One message for a full disk while writing ``what`` (``needed()`` bytes) into
+    ``folder``; the temporaries go, files already published are whole."""
+    try:
+        with full_disk_named(folder, what, needed):
+            yield
+    except NoSpaceError:
+        remove_temporaries(folder)  # ours: the lock keeps other writers out
+        raise
 
 
 def _clear_partial(layout: Layout) -> None:
@@ -291,17 +325,22 @@ def write_index(
         searchable, queries, kind or ann.choose_kind(len(ids), exact_below)
     )
     log.info("%s: %s index, recall@10 %.3f", layout.root, record.kind, record.recall_at_10)
-    layout.root.mkdir(parents=True, exist_ok=True)
-    save_npy(layout.vectors, stored)
-    ann.write_ann(index, layout.ann)
     first = [texts[0] if texts else None for texts in contents.captions]
-    _write_table(
-        layout.table,
-        {"row": list(range(len(ids))), "id": ids, "location": contents.locations, "caption": first},
-    )
     offsets = np.concatenate([[0], np.cumsum(contents.thumbnail_sizes)]).astype(np.int64)
-    save_npy(layout.thumbnail_offsets, offsets)
-    write_atomic(layout.thumbnails, contents.thumbnails)
+    files = {
+        layout.vectors: stored,
+        layout.ann: index,
+        layout.table: pa.table(
+            {
+                "row": list(range(len(ids))),
+                "id": ids,
+                "location": contents.locations,
+                "caption": first,
+            }
+        ),
+        layout.thumbnail_offsets: offsets,
+        layout.thumbnails: contents.thumbnails,
+    }
     manifest = header | {
         "version": INDEX_VERSION,
         "parts": list(parts.names),
@@ -318,12 +357,20 @@ def write_index(
         caption_index, caption_record = ann.build_ann(
             stored_captions.astype(np.float32), _queries(vectors, parts), caption_kind
         )
-        save_npy(layout.caption_vectors, stored_captions)
-        ann.write_ann(caption_index, layout.caption_ann)
         texts = [caption for group in contents.captions for caption in group]
         owners = np.repeat(np.arange(len(ids)), [len(group) for group in contents.captions])
-        _write_table(layout.caption_table, {"caption": texts, "image_row": owners.tolist()})
+        files |= {
+            layout.caption_vectors: stored_captions,
+            layout.caption_ann: caption_index,
+            layout.caption_table: pa.table({"caption": texts, "image_row": owners.tolist()}),
+        }
         manifest["captions_ann"] = caption_record.to_json()
+    layout.root.mkdir(parents=True, exist_ok=True)
+    with _space_for(layout.root, "the index files", lambda: sum(map(_size, files.values()))):
+        for path, data in files.items():
+            _write(path, data)
+    # What serve checks before it answers: a file changed since is refused, not searched.
+    manifest["sha256"] = {path.name: file_sha256(path) for path in files}
     return manifest
 
 
@@ -337,7 +384,29 @@ def _stack(arrays: list[np.ndarray], width: int) -> np.ndarray:
     return np.concatenate(arrays) if arrays else np.zeros((0, width), np.float32)
 
 
-def _write_table(path: Path, columns: dict[str, list]) -> None:
-    tmp = temporary_path(path)
-    pq.write_table(pa.table(columns), tmp)
-    publish(tmp, path)
+def _write(path: Path, data: np.ndarray | faiss.Index | pa.Table | bytes) -> None:
+    if isinstance(data, np.ndarray):
+        save_npy(path, data)
+    elif isinstance(data, faiss.Index):
+        ann.write_ann(data, path)
+    elif isinstance(data, pa.Table):
+        tmp = temporary_path(path)
+        pq.write_table(data, tmp)
+        publish(tmp, path)
+    else:
+        write_atomic(path, data)
+
+
+def _size(data: np.ndarray | faiss.Index | pa.Table | bytes) -> int:
+    """About the bytes ``_write`` puts on disk for ``data`` (parquet: before compression)."""
+    if isinstance(data, faiss.Index):
+        return ann.serialized_size(data)
+    return data.nbytes if isinstance(data, (np.ndarray, pa.Table)) else len(data)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(2**20):
+            digest.update(block)
+    return digest.hexdigest()

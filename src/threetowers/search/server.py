@@ -7,7 +7,10 @@ from its Content-Length before it is read. Every error is JSON ``{"error": messa
 4xx status, and the server keeps serving after it. The page is three files of this package,
 read at start-up, that fetch nothing from elsewhere (a Content-Security-Policy says so to the
 browser too). Hosts other than the one served on are refused, so a web page elsewhere cannot
-reach a loopback server through a name of its own (DNS rebinding).
+reach a loopback server through a name of its own (DNS rebinding). HEAD is answered wherever
+GET is (its headers, no body).
+
+Slow and numerous clients are bounded by :mod:`threetowers.search.connections`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from importlib import resources
 from typing import Annotated
 from urllib.parse import quote
 
+import uvicorn
 from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -31,6 +35,7 @@ from starlette.exceptions import HTTPException
 from threetowers.data.sources.bad_samples import BadSample
 from threetowers.data.sources.decode import load_image
 from threetowers.embed import parse_alpha
+from threetowers.search.connections import quiet_accept_errors, server_config
 from threetowers.search.engine import TARGETS, QueryEncoder, SearchIndex
 
 log = logging.getLogger(__name__)
@@ -54,6 +59,11 @@ class Limits:
     max_k: int = 1000
     max_upload_bytes: int = 10 * 2**20
     max_image_pixels: int = 40_000_000  # a 40-megapixel photo; bombs are far larger
+    # 1000 characters of text, percent-encoded UTF-8, fit 12 KB; the rest is room for headers
+    max_head_bytes: int = 64 * 2**10
+    request_timeout: float = 10.0  # seconds for a request's head, or between two body reads
+    idle_timeout: float = 5.0  # seconds a connection waits for its next request
+    max_connections: int = 100  # a browser opens 6 per server; lowered to fit `ulimit -n`
 
 
 class RequestError(Exception):
@@ -74,7 +84,13 @@ def create_app(index: SearchIndex, encoder: QueryEncoder, limits: Limits = Limit
             f"step {index.manifest['step']}); it was trained further or replaced: build the "
             "index again with `threetowers index`"
         )
-    app = FastAPI(title="threetowers search", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="threetowers search",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        redirect_slashes=False,  # "/images/." is a 404 like any unknown id, not a redirect
+    )
     allowed = set(hosts or LOOPBACK)
     files = resources.files("threetowers.search") / "static"
     page = {route: ((files / name).read_bytes(), kind) for route, (name, kind) in PAGE.items()}
@@ -93,6 +109,8 @@ def create_app(index: SearchIndex, encoder: QueryEncoder, limits: Limits = Limit
         response = await call_next(request)
         response.headers.update(SECURITY_HEADERS)
         return response
+
+    app.add_middleware(HeadAsGet)  # added last: outermost, so the guard and routes see a GET
 
     @app.exception_handler(RequestError)
     async def request_error(_, error: RequestError):
@@ -192,6 +210,24 @@ def create_app(index: SearchIndex, encoder: QueryEncoder, limits: Limits = Limit
     return app
 
 
+class HeadAsGet:
+    """HEAD answered as the GET it stands for, without the body (RFC 9110 §9.3.2)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            return await self.app(scope, receive, send)
+
+        async def headers_only(message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
+
+
 def _static(body: bytes, kind: str):
     def serve() -> Response:
         return Response(body, media_type=kind)
@@ -247,8 +283,6 @@ def _error(status: int, message: str) -> JSONResponse:
 
 def serve(index_dir: str, host: str = "127.0.0.1", port: int = 8000, run: str | None = None):
     """Serve ``index_dir`` until interrupted, with its own run (or ``run``)."""
-    import uvicorn
-
     from threetowers.runs.trained import load_trained
 
     index = SearchIndex(index_dir)
@@ -256,6 +290,7 @@ def serve(index_dir: str, host: str = "127.0.0.1", port: int = 8000, run: str | 
     loopback = host in LOOPBACK
     hosts = None if loopback else ["*"] if host in ("0.0.0.0", "::") else [host]
     app = create_app(index, encoder, hosts=hosts)
+    config = server_config(app, host, port, limits=Limits(), headers=SECURITY_HEADERS)
     where = f"[{host}]" if ":" in host else host
     print(f"serving {index_dir} ({len(index)} images) on http://{where}:{port}/", flush=True)
     if not loopback:
@@ -264,4 +299,5 @@ def serve(index_dir: str, host: str = "127.0.0.1", port: int = 8000, run: str | 
             "index and see its images",
             host,
         )
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    quiet_accept_errors()
+    uvicorn.Server(config).run()

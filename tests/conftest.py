@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,3 +88,32 @@ def tiny_text_encoder(tmp_path_factory):
     transformers.BertModel(config).save_pretrained(folder)
     shutil.copy(minilm_path() / "tokenizer.json", folder / "tokenizer.json")
     return load_text_encoder(folder)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """``small_disk(kib)``: a folder on a tmpfs of that size, a real full disk (ENOSPC, and
+    SIGBUS for a mapped file written past it); ``small_disk.grow(folder, kib)`` frees space.
+    Mounting needs root (CI runs as root); elsewhere the test is skipped, saying why."""
+    mounted: list[Path] = []
+
+    def mount(kib: int) -> Path:
+        folder = tmp_path / f"disk{len(mounted)}"
+        folder.mkdir()
+        done = _mount(["-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(folder)])
+        if done.returncode:
+            pytest.skip(f"a small disk needs `mount -t tmpfs` (root): {done.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    def grow(folder: Path, kib: int) -> None:
+        assert _mount(["-o", f"remount,size={kib}k", str(folder)]).returncode == 0
+
+    mount.grow = grow
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def _mount(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(["mount", *args], capture_output=True, text=True, check=False)

@@ -137,31 +137,29 @@ def whole_or_nothing(path: str | Path, needed: int) -> Iterator[Path]:
     path = Path(path)
     tmp = temporary_path(path)
     try:
-        with full_disk_named(path.parent, str(path), needed):
-            yield tmp
-    except BaseException:
+        yield tmp
+    except BaseException as error:
         if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+        raise_if_disk_full(error, path.parent, str(path), needed)
         raise
     publish(tmp, path)
 
 
-@contextmanager
-def full_disk_named(folder: str | Path, what: str, needed: int | Callable[[], int]):
-    """A full disk while the block writes ``what`` (``needed`` bytes, or a function giving
-    them) into ``folder`` ends in one :class:`NoSpaceError`: libraries report it as OSError,
-    RuntimeError (torch.save, FAISS) or their own error."""
-    try:
-        yield
-    except NoSpaceError:
-        raise
-    except (OSError, RuntimeError, SafetensorError) as error:
+def raise_if_disk_full(
+    error: BaseException, folder: str | Path, what: str, needed: int | Callable[[], int]
+) -> None:
+    """Raise the one :class:`NoSpaceError` for ``error`` if it came from a full disk while
+    writing ``what`` (``needed`` bytes, or a function giving them) into ``folder``: libraries
+    report it as OSError, RuntimeError (torch.save, FAISS) or their own error."""
+    if isinstance(error, NoSpaceError):
+        return
+    if isinstance(error, (OSError, RuntimeError, SafetensorError)):
         size = needed() if callable(needed) else needed
-        if not is_disk_full(error, folder, size):
-            raise
-        raise no_space(folder, size, what) from error
+        if is_disk_full(error, folder, size):
+            raise no_space(folder, size, what) from error
 
 
 def publish(tmp: Path, path: Path) -> None:

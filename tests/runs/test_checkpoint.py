@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_model
+from threetowers.atomic import NoSpaceError
 from threetowers.runs.checkpoint import (
     META_DIGEST,
     CheckpointError,
@@ -93,6 +94,24 @@ def test_every_checkpoint_corrupt_stops_naming_each(tmp_path):
     assert "step_00000002: model.safetensors does not match its checksum" in message
     assert "step_00000004: model.safetensors does not match its checksum" in message
     assert "To start over from step 0, move" in message
+
+
+def test_a_full_disk_while_saving_keeps_the_last_checkpoint_and_says_so(small_disk):
+    disk = small_disk(2600)  # the model's ~1 MB twice, one ~1 MB optimizer state
+    model = tiny_model("clip")
+    save_checkpoint(disk, 2, model, state(2))
+    moments = state(4) | {"exp_avg": torch.zeros(250_000)}  # torch.save runs out of space
+    with pytest.raises(NoSpaceError) as error:
+        save_checkpoint(disk, 4, model, moments)
+    assert isinstance(error.value.__cause__, RuntimeError)  # torch.save's, not an OSError
+    assert str(error.value).startswith(
+        f"not enough disk space in {disk} for {disk / 'step_00000004'}: it needs about 1.9 MiB"
+    )
+    assert sorted(p.name for p in disk.iterdir()) == ["step_00000002"]
+    assert load_latest(disk).step == 2
+    small_disk.grow(disk, 8192)
+    save_checkpoint(disk, 4, model, moments)
+    assert load_latest(disk).step == 4
 
 
 def test_corrupt_latest_is_reported_and_the_previous_used(tmp_path):

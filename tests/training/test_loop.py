@@ -470,3 +470,29 @@ def test_a_changed_tokenizer_is_refused_at_resume_before_any_work(world_dir, tmp
     assert err[0].endswith("restore that tokenizer.json, or train in a new run directory")
     assert main(["eval", str(run)]) == 2  # a loaded run is checked too
     assert "is not the tokenizer that checkpoint step 1" in capsys.readouterr().err
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_rerun_goes_on(
+    world_dir, tmp_path, small_disk, capsys
+):
+    run = small_disk(1500)  # the run's files and model.safetensors fit, its state.pt not
+    cfg = tiny_run_config(
+        world_dir,
+        tmp_path / "cache",
+        "model.mode=clip",
+        "train.steps=4",
+        "train.checkpoint_every=2",
+    )
+    config = write_config(cfg, tmp_path / "run.yaml")
+    capsys.readouterr()
+    assert main(["train", str(config), "--run-dir", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 1
+    assert err.splitlines()[-1].startswith(
+        f"threetowers train: error: not enough disk space in {run / 'checkpoints'} for "
+        f"{run / 'checkpoints' / 'step_00000002'}: it needs about "
+    ), err
+    assert not [p for p in run.rglob("*") if ".tmp-" in p.name]
+    small_disk.grow(run, 32768)
+    assert main(["train", str(config), "--run-dir", str(run), "--quiet"]) == 0
+    assert load_latest(run / "checkpoints").step == 4 and (run / "eval.json").exists()

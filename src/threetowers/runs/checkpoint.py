@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from threetowers.atomic import fsync, publish, remove_temporaries, temporary_path
+from threetowers.atomic import fsync, remove_temporaries, temporary_path, whole_or_nothing
 from threetowers.safe_load import UnsafeFileError, load_tensors
 
 PREFIX = "step_"
@@ -76,21 +76,22 @@ def save_checkpoint(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(directory, step)
-    tmp = temporary_path(final)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / "model.safetensors"))
-    torch.save(state, tmp / "state.pt")
-    record = dict(meta or {}, step=step)
-    record["sha256"] = {name: _sha256(tmp / name) for name in ("model.safetensors", "state.pt")}
-    record[META_DIGEST] = _meta_digest(record)
-    (tmp / "meta.json").write_text(json.dumps(record, indent=1))
-    for name in ("model.safetensors", "state.pt", "meta.json"):
-        fsync(tmp / name)
-    fsync(tmp)
-    if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
-        shutil.rmtree(final)
-    publish(tmp, final)
+    shutil.rmtree(temporary_path(final), ignore_errors=True)
+    weights = trainable_state(model)
+    with whole_or_nothing(final, _nbytes(weights) + _nbytes(state)) as tmp:
+        tmp.mkdir()
+        save_file(weights, str(tmp / "model.safetensors"))
+        torch.save(state, tmp / "state.pt")
+        record = dict(meta or {}, step=step)
+        files = ("model.safetensors", "state.pt")
+        record["sha256"] = {name: _sha256(tmp / name) for name in files}
+        record[META_DIGEST] = _meta_digest(record)
+        (tmp / "meta.json").write_text(json.dumps(record, indent=1))
+        for name in ("model.safetensors", "state.pt", "meta.json"):
+            fsync(tmp / name)
+        fsync(tmp)
+        if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
+            shutil.rmtree(final)
     _prune(directory, keep, step)
     return final
 
@@ -195,6 +196,17 @@ def _prune(directory: Path, keep: int, step: int) -> None:
     reached = [path for path in _checkpoints(directory) if _step_of(path) <= step]
     for old in reached[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _nbytes(tree: Any) -> int:
+    """The tensor bytes in a state (what writing it takes, give or take its framing)."""
+    if torch.is_tensor(tree):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, dict):
+        return sum(_nbytes(value) for value in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(_nbytes(value) for value in tree)
+    return 0
 
 
 def _meta_digest(meta: dict[str, Any]) -> str:

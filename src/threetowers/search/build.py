@@ -41,9 +41,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from threetowers.atomic import (
-    NoSpaceError,
-    full_disk_named,
     publish,
+    raise_if_disk_full,
     refuse_foreign,
     remove_temporaries,
     save_npy,
@@ -214,10 +213,10 @@ def _space_for(folder: Path, what: str, needed: Callable[[], int]) -> Iterator[N
     """One message for a full disk while writing ``what`` (``needed()`` bytes) into
     ``folder``; the temporaries go, files already published are whole."""
     try:
-        with full_disk_named(folder, what, needed):
-            yield
-    except NoSpaceError:
+        yield
+    except Exception as error:
         remove_temporaries(folder)  # ours: the lock keeps other writers out
+        raise_if_disk_full(error, folder, what, needed)
         raise
 
 

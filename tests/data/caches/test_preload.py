@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -75,3 +79,38 @@ def test_preload_with_augmentation_is_refused(tmp_path):
     data = TrainingData(cfg, tmp_path / "run")
     with pytest.raises(ConfigError, match="data.augment=false"):
         data.attach(build_model(cfg), progress=False)
+
+
+def test_a_full_disk_is_one_message_before_the_preload_not_a_sigbus(shards, small_disk):
+    disk = small_disk(512)  # the view below needs 40 x 3 x 128 x 128 bytes: ~1.9 MiB
+    command = [sys.executable, "-c", PRELOAD, str(disk), *map(str, shards)]
+    root = Path(__file__).parents[3]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=root)
+    assert done.returncode == 0, done.stderr  # a SIGBUS would end it with -7
+    assert done.stdout.startswith(
+        f"NoSpaceError: not enough disk space in {disk} for the preloaded images "
+        "(data.preload): it needs about 1.9 MiB, "
+    )
+    assert done.stdout.rstrip().endswith(
+        "free some space and re-run the same command (finished work is kept)"
+    )
+    assert list(disk.iterdir()) == []  # nothing half-written
+    small_disk.grow(disk, 4096)
+    done = subprocess.run(command, capture_output=True, text=True, cwd=root)
+    assert done.stdout.strip() == "preloaded 40", done.stderr
+
+
+PRELOAD = """
+import sys
+from threetowers.atomic import NoSpaceError
+from threetowers.backbones.frozen import Preprocessing
+from threetowers.data.caches.preload import preload_pairs
+from threetowers.data.transforms import PixelEvalTransform
+
+view = PixelEvalTransform(Preprocessing(128, (0.5,) * 3, (0.5,) * 3, crop_fraction=1.0))
+try:
+    table = preload_pairs(sys.argv[2:], view, sys.argv[1], progress=False)
+    print("preloaded", len(table))
+except NoSpaceError as error:
+    print(f"NoSpaceError: {error}")
+"""

@@ -19,7 +19,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from threetowers.atomic import fsync, publish, remove_temporaries, temporary_path, write_atomic
+from threetowers.atomic import (
+    fsync,
+    publish,
+    remove_temporaries,
+    reserve,
+    temporary_path,
+    write_atomic,
+)
 from threetowers.data.caches.identity import cache_base, dataset_digest
 from threetowers.data.sources.bad_samples import BadDataError, BadSample, Skipped
 from threetowers.data.sources.pair import Pair
@@ -105,6 +112,7 @@ def _build(source: PairSource, view, array: Path, index: Path, progress: bool) -
             pixels = np.lib.format.open_memmap(
                 tmp_array, mode="w+", dtype=np.uint8, shape=(total, *image.shape)
             )
+            reserve(tmp_array, tmp_array.stat().st_size, "the preloaded images (data.preload)")
         pixels[row] = image
     if len(ids) != total:
         raise RuntimeError(f"read {len(ids)} pairs where the files hold {total}")

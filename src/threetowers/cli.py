@@ -8,7 +8,6 @@ run that stopped on non-finite steps. Anything else is a bug and keeps its trace
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from threetowers.config import ConfigError, load_config, preset_names
 from threetowers.distributed import launched_rank
 from threetowers.evaluation.suite import results_table
 from threetowers.model.build import build_model
+from threetowers.readback import read_json
 
 
 def _config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,8 +69,8 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _print_results(run_dir: Path) -> None:
-    results = json.loads((run_dir / "eval.json").read_text())
-    chance = json.loads((run_dir / "chance.json").read_text())
+    results = read_json(run_dir / "eval.json")
+    chance = read_json(run_dir / "chance.json")
     print(f"\nresults of {run_dir} (%, {results.get('mode', '')}):")
     print(results_table(results, chance))
 
@@ -217,7 +217,7 @@ def _pretrain(args: argparse.Namespace) -> None:
     from threetowers.experiments.pretrain import pretrain
 
     out = pretrain(load_config(args.config, args.overrides), progress=not args.quiet)
-    report = json.loads(out.with_suffix(".json").read_text())
+    report = read_json(out.with_suffix(".json"))
     print(
         f"classifier ({report['classes']} classes, val top-1 {report['val_top1']:.1f}%) -> "
         f"{out}; use it with model.third.backbone=checkpoint model.third.path={out}"

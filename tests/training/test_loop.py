@@ -496,3 +496,18 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_rerun_goes_on(
     small_disk.grow(run, 32768)
     assert main(["train", str(config), "--run-dir", str(run), "--quiet"]) == 0
     assert load_latest(run / "checkpoints").step == 4 and (run / "eval.json").exists()
+
+
+def test_a_damaged_eval_json_is_evaluated_again_and_named(world_dir, tmp_path, capsys):
+    cfg = tiny_run_config(world_dir, tmp_path / "cache", "model.mode=clip", "train.steps=2")
+    config = write_config(cfg, tmp_path / "run.yaml")
+    run = train(cfg, tmp_path / "run", progress=False)
+    scores = (run / "eval.json").read_text()
+    (run / "eval.json").write_text(scores[:18])  # "Unterminated string" before
+    capsys.readouterr()
+    assert main(["train", str(config), "--run-dir", str(run), "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert f"{run / 'eval.json'} is damaged (not JSON: " in err
+    assert "it is evaluated again" in err and "Traceback" not in err
+    assert json.loads((run / "eval.json").read_text()) == json.loads(scores)
+    assert f"results of {run}" in out

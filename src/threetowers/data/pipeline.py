@@ -4,7 +4,6 @@ towers' feature caches."""
 from __future__ import annotations
 
 import itertools
-import json
 import os
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from threetowers.data.tokenizer import CaptionTokenizer, MemoisedEncoder
 from threetowers.data.transforms import PixelEvalTransform, PixelTrainTransform
 from threetowers.data.world.generate import WorldSpec, write_world
 from threetowers.model.three_towers import ThreeTowers
+from threetowers.readback import read_json
 
 # Tokenizers' own thread pool does not survive DataLoader worker forks; captions are short.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -38,7 +38,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def ensure_world(world: WorldConfig) -> dict:
     """Generate the embedded world on first use; return its manifest (with its root)."""
     manifest_path = write_world(world.dir, WorldSpec(**world.model_dump(exclude={"dir"})))
-    return json.loads(manifest_path.read_text()) | {"root": str(manifest_path.parent)}
+    return read_json(manifest_path) | {"root": str(manifest_path.parent)}
 
 
 def training_source(cfg: Config) -> tuple[str | list[str], dict | None]:

@@ -34,6 +34,7 @@ from threetowers.experiments.reproduce import (
     train_run,
     with_run,
 )
+from threetowers.readback import read_json
 from threetowers.runs.trained import evaluate_trained, load_trained
 
 INET = FrozenTowerConfig(name="inet", backbone="efficientnet_lite0", image_size=64)
@@ -77,7 +78,7 @@ def train_and_validate(cfg: Config) -> None:
     run_dir = Path(cfg.train.run_dir)
     run = load_trained(run_dir)
     path = run_dir / "eval_val.json"
-    if path.is_file() and json.loads(path.read_text()).get("step") == run.step:
+    if path.is_file() and read_json(path).get("step") == run.step:
         return
     # No few-shot probe: on val its shots would be drawn from the images it is scored on.
     val = cfg.eval.model_copy(
@@ -137,11 +138,11 @@ def best_weights(test: dict, val: dict, towers: list[str]) -> dict[str, dict]:
 def run_record(spec: RunSpec, run_dir: Path) -> dict:
     """One run's entry of results.json: the grid's schema (setting, method, seed, metrics),
     and for 3T the weights chosen on val."""
-    test = json.loads((run_dir / "eval.json").read_text())
+    test = read_json(run_dir / "eval.json")
     record = {"setting": spec.setting, "method": spec.method, "seed": spec.seed}
     record |= {"run_dir": str(run_dir)} | {k: test[k] for k in METRICS}
     if spec.method == "3t":
-        val = json.loads((run_dir / "eval_val.json").read_text())
+        val = read_json(run_dir / "eval_val.json")
         towers = [tower.name for tower in SETTINGS[spec.setting]]
         record["best_alpha"] = best_weights(test, val, towers)
     return record
@@ -295,5 +296,5 @@ def open_vocab(cfg: Config, out: str | Path, progress: bool = True) -> dict:
     out = Path(out)
     todo = run_experiment(cfg, out, jobs, describe, "open-vocab", progress)
     first = Path(todo[-1].args[0].train.run_dir)
-    chance = json.loads((first / "chance.json").read_text())
+    chance = read_json(first / "chance.json")
     return write_report(out, cfg, [records[name] for name in specs], chance)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from threetowers.config import Config
 from threetowers.evaluation.metrics import plot_alpha_sweep
+from threetowers.readback import read_json
 
 METRICS = ("zeroshot_top1", "i2t_R@1", "t2i_R@1", "i2t_R@5", "t2i_R@5", "fewshot_top1")
 HEADLINE = ("zeroshot_top1", "i2t_R@1", "t2i_R@1")
@@ -29,7 +30,7 @@ METHOD_NAMES = {"clip": "CLIP", "lit": "LiT", "3t": "3T"}
 
 def run_record(setting: str, method: str, seed: int, run_dir: Path) -> dict:
     """One run's entry of results.json, read from its eval.json."""
-    scores = json.loads((run_dir / "eval.json").read_text())
+    scores = read_json(run_dir / "eval.json")
     missing = [k for k in METRICS if k not in scores]
     if missing:
         raise ValueError(

@@ -34,6 +34,7 @@ from threetowers.experiments.jobs import Job
 from threetowers.experiments.pretrain import pretrain
 from threetowers.experiments.report import HEADLINE, run_record, write_report
 from threetowers.model.build import build_model
+from threetowers.readback import read_json
 from threetowers.runs.run_dir import same_config
 from threetowers.training.loop import evaluated_step, train
 
@@ -107,10 +108,10 @@ def classifier(cfg: Config, world_set: str, path: Path) -> dict:
     says what it was made from); returns its report."""
     report_path = path.with_suffix(".json")
     if path.exists() and report_path.exists():
-        return json.loads(report_path.read_text())
+        return read_json(report_path)
     settings = cfg.pretrain.model_copy(update={"world_set": world_set, "out": str(path)})
     pretrain(cfg.model_copy(update={"pretrain": settings}), progress=False)
-    return json.loads(report_path.read_text())
+    return read_json(report_path)
 
 
 def prepare_data(configs: list[Config], tokenizer_out: Path | None = None) -> None:

@@ -25,7 +25,6 @@ limits it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from threetowers.experiments.reproduce import (
 )
 from threetowers.experiments.scaling_report import AXES, spread, write_report
 from threetowers.model.build import build_model
+from threetowers.readback import read_json
 
 PAIR_FRACTIONS = (8, 4, 2, 1)  # the training set cut to 1/8 ... all of it
 # f and g together, relative to the config's towers (M): width x factor (whole heads of the
@@ -264,7 +264,7 @@ def step_check(cfg: Config, out: Path, records: list[dict]) -> list[dict]:
             run_dir = Path(run_config(cfg, point, out).train.run_dir)
             if not (run_dir / "eval.json").exists():
                 continue
-            long_scores = json.loads((run_dir / "eval.json").read_text())
+            long_scores = read_json(run_dir / "eval.json")
             label = _label(axis, point)
             at = [
                 r
@@ -301,7 +301,7 @@ def scaling(cfg: Config, out: str | Path, progress: bool = True) -> dict:
     def describe(job: Job, result) -> str:
         if job.name not in names:
             return f"{job.name} ready"
-        scores = json.loads((Path(job.args[0].train.run_dir) / "eval.json").read_text())
+        scores = read_json(Path(job.args[0].train.run_dir) / "eval.json")
         return f"{job.name:<36} " + "  ".join(f"{k} {scores[k]:5.1f}" for k in HEADLINE)
 
     out = Path(out)

@@ -35,6 +35,7 @@ from threetowers.evaluation.inputs import EvalCache
 from threetowers.evaluation.suite import chance_levels, evaluate_model, resolve_benchmarks
 from threetowers.model.build import build_model
 from threetowers.model.three_towers import ThreeTowers
+from threetowers.readback import DamagedFileError, read_json
 from threetowers.runs.checkpoint import (
     check_tokenizer,
     checkpoint_path,
@@ -275,7 +276,13 @@ def _evaluate(model, data, benchmarks, cfg: Config, run_dir: Path, step: int, me
 
 def evaluated_step(run_dir: Path) -> int | None:
     path = run_dir / "eval.json"
-    return json.loads(path.read_text()).get("step") if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return read_json(path, "it is evaluated again").get("step")
+    except DamagedFileError as error:  # the evaluation can always be made again
+        log.warning("%s", error)
+        return None
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:

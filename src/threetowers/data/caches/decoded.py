@@ -28,6 +28,7 @@ from threetowers.atomic import publish, remove_temporaries, temporary_path, writ
 from threetowers.data.benchmarks import ImageFiles
 from threetowers.data.caches.identity import cache_base, files_digest
 from threetowers.data.sources.bad_samples import Skipped
+from threetowers.readback import read_json
 
 
 class WholeImage:
@@ -96,7 +97,7 @@ def image_rows(
     data, index = base.with_suffix(".u8"), base.with_suffix(".json")
     if not index.exists():
         _build(ImageFiles(paths, view), data, index, num_workers, progress)
-    meta = json.loads(index.read_text())
+    meta = read_json(index)
     bad = {int(row): (reason, detail) for row, (reason, detail) in meta["bad"].items()}
     return DecodedImages(paths, data, meta["shapes"], bad)
 

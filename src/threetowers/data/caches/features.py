@@ -49,6 +49,7 @@ from threetowers.data.caches.identity import (
 from threetowers.data.caches.units import Unit
 from threetowers.data.sources.bad_samples import BadDataError, BadSampleLog, Skipped
 from threetowers.data.transforms import PixelEvalTransform
+from threetowers.readback import read_json
 
 log = logging.getLogger(__name__)
 T = TypeVar("T", bound="StreamedFeatures")
@@ -147,7 +148,7 @@ class StreamedFeatures:
         if unit in self._indexes:
             self._indexes.move_to_end(unit)
         else:
-            meta = json.loads(Path(files.index).read_text())
+            meta = read_json(files.index)
             with open(files.npy, "rb") as handle:
                 *_, offset = npy_header(handle)
             self._indexes[unit] = (offset, meta["keys"], meta["bad"])
@@ -196,7 +197,7 @@ def unit_complete(npy: Path, index: Path, identity: dict, tower: str, rows, dim,
     byte would train on wrong features; hashing runs at ~1.8 GB/s, see
     benchmarks/cache_verification.py)."""
     try:
-        meta = json.loads(index.read_text())
+        meta = read_json(index)
         with open(npy, "rb") as handle:
             shape, stored, _ = npy_header(handle)
         keys = len(meta.get("keys", ()))

@@ -32,6 +32,7 @@ from threetowers.data.sources.bad_samples import BadDataError, BadSample, Skippe
 from threetowers.data.sources.pair import Pair
 from threetowers.data.sources.pairs import PairSource, epoch_size, iter_pairs
 from threetowers.data.sources.table import PairTable
+from threetowers.readback import read_json
 
 
 class PreloadedPairs(PairTable):
@@ -81,7 +82,7 @@ def preload_pairs(
     array, index = base.with_suffix(".npy"), base.with_suffix(".json")
     if not index.exists():
         _build(source, view, array, index, progress)
-    meta = json.loads(index.read_text())
+    meta = read_json(index)
     pixels = np.load(array, mmap_mode="r") if view is not None else None
     bad = {int(row): BadSample(*why) for row, why in meta.get("bad", {}).items()}
     return PreloadedPairs(pixels, meta["captions"], meta["keys"], meta["ids"], str(base), bad)

@@ -75,6 +75,12 @@ def write_config(cfg: tt.Config, path: Path) -> Path:
     return path
 
 
+def clip_run_config(world_dir: Path, tmp_path: Path, *overrides: str) -> tuple[tt.Config, Path]:
+    """A tiny CLIP run's config, and the file it is written to (for the command line)."""
+    cfg = tiny_run_config(world_dir, tmp_path / "cache", "model.mode=clip", *overrides)
+    return cfg, write_config(cfg, tmp_path / "run.yaml")
+
+
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     last = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
     return load_file(str(last / "model.safetensors"))
@@ -319,14 +325,7 @@ def test_resume_from_the_end_of_an_epoch(world_dir, tmp_path):
 def test_every_checkpoint_corrupt_stops_before_any_work_and_loses_nothing(
     world_dir, tmp_path, monkeypatch, capsys
 ):
-    cfg = tiny_run_config(
-        world_dir,
-        tmp_path / "cache",
-        "model.mode=clip",
-        "train.steps=4",
-        "train.checkpoint_every=2",
-    )
-    config = write_config(cfg, tmp_path / "run.yaml")
+    cfg, config = clip_run_config(world_dir, tmp_path, "train.steps=4", "train.checkpoint_every=2")
     run = train(cfg, tmp_path / "run", progress=False)
     for checkpoint in (run / "checkpoints").iterdir():
         (checkpoint / "state.pt").write_bytes(b"a flipped disk block")
@@ -386,8 +385,7 @@ def open_lines(path: Path) -> list[str]:
 
 
 def test_a_second_writer_of_a_run_directory_is_refused(world_dir, tmp_path, capsys):
-    cfg = tiny_run_config(world_dir, tmp_path / "cache", "model.mode=clip", "train.steps=400")
-    config = write_config(cfg, tmp_path / "run.yaml")
+    cfg, config = clip_run_config(world_dir, tmp_path, "train.steps=400")
     other = write_config(
         cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": 1})}),
         tmp_path / "other.yaml",
@@ -444,14 +442,7 @@ def test_sigterm_saves_a_checkpoint_at_the_next_step_and_the_rerun_resumes_exact
 
 
 def test_a_changed_tokenizer_is_refused_at_resume_before_any_work(world_dir, tmp_path, capsys):
-    cfg = tiny_run_config(
-        world_dir,
-        tmp_path / "cache",
-        "model.mode=clip",
-        "train.steps=2",
-        "train.checkpoint_every=1",
-    )
-    config = write_config(cfg, tmp_path / "run.yaml")
+    cfg, config = clip_run_config(world_dir, tmp_path, "train.steps=2", "train.checkpoint_every=1")
     run = train(cfg, tmp_path / "run", progress=False)
     tokenizer = run / "tokenizer.json"
     saved = json.loads(tokenizer.read_text())
@@ -476,14 +467,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_rerun_goes_on(
     world_dir, tmp_path, small_disk, capsys
 ):
     run = small_disk(1500)  # the run's files and model.safetensors fit, its state.pt not
-    cfg = tiny_run_config(
-        world_dir,
-        tmp_path / "cache",
-        "model.mode=clip",
-        "train.steps=4",
-        "train.checkpoint_every=2",
-    )
-    config = write_config(cfg, tmp_path / "run.yaml")
+    _, config = clip_run_config(world_dir, tmp_path, "train.steps=4", "train.checkpoint_every=2")
     capsys.readouterr()
     assert main(["train", str(config), "--run-dir", str(run), "--quiet"]) == 2
     err = capsys.readouterr().err
@@ -499,8 +483,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_rerun_goes_on(
 
 
 def test_a_damaged_eval_json_is_evaluated_again_and_named(world_dir, tmp_path, capsys):
-    cfg = tiny_run_config(world_dir, tmp_path / "cache", "model.mode=clip", "train.steps=2")
-    config = write_config(cfg, tmp_path / "run.yaml")
+    cfg, config = clip_run_config(world_dir, tmp_path, "train.steps=2")
     run = train(cfg, tmp_path / "run", progress=False)
     scores = (run / "eval.json").read_text()
     (run / "eval.json").write_text(scores[:18])  # "Unterminated string" before

@@ -8,6 +8,8 @@ uninterrupted run.
 Faults a long run meets on the way: bad samples are skipped and counted (``BadSampleLog``;
 a batch left with none is no step); a step with a non-finite loss or gradient changes no
 weight and no optimizer state, and ``train.max_bad_steps`` of them in a row stop the run.
+One process writes a run directory (its lock); SIGTERM, how clusters stop a job, saves a
+checkpoint at the next step boundary and stops the run cleanly (:class:`Stopped`).
 """
 
 from __future__ import annotations

@@ -173,6 +173,23 @@ def test_overrides_may_follow_options(capsys):
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
+def test_a_key_given_twice_on_the_command_line_is_refused(tmp_path, capsys):
+    # what `data.train=/data/cc3m/{000000..000331}.tar`, unquoted, becomes in the shell
+    shards = [f"data.train={tmp_path}/cc3m/{i:06d}.tar" for i in range(332)]
+    run = tmp_path / "run"
+    assert main(["train", "tiny", *shards, "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"threetowers train: error: data.train is given 332 times on the command line "
+        f"({shards[0]}, {shards[1]}, ...); give it once. An unquoted brace pattern is "
+        "expanded by the shell into one argument per file: quote it, e.g. "
+        "'data.train=/data/cc3m/{000000..000331}.tar'"
+    ]
+    assert not run.exists()  # refused before anything is written
+    assert main(["config", "tiny", "train.steps=5", "train.steps=7"]) == 2
+    assert "train.steps is given 2 times" in capsys.readouterr().err
+
+
 def class_folders(root, classes=3, per_class=40, corrupt=()):
     """Class folders of small images, the given (class, index) files corrupt."""
     for label in range(classes):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from threetowers.config import ConfigError, load_config, preset_names
+from threetowers.config import ConfigError, load_config, preset_names, refuse_repeated_keys
 from threetowers.distributed import launched_rank
 from threetowers.evaluation.suite import results_table
 from threetowers.model.build import build_model
@@ -123,13 +123,15 @@ def _embed(args: argparse.Namespace) -> None:
 
 
 def _index(args: argparse.Namespace) -> None:
+    from threetowers.data.sources.fields import Fields
     from threetowers.runs.trained import load_trained
     from threetowers.search.build import build_index
     from threetowers.search.items import index_source
 
     run = load_trained(args.run)
-    allow = run.cfg.data.allow_absolute_paths
-    source = index_source(args.images, args.data, args.split, allow_absolute_paths=allow)
+    data = run.cfg.data
+    fields = Fields(data.image_key, data.caption_key)
+    source = index_source(args.images, args.data, args.split, data.allow_absolute_paths, fields)
     manifest = build_index(
         run,
         source,
@@ -422,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     try:
+        refuse_repeated_keys(getattr(args, "overrides", []))
         args.handler(args)
     # ConfigError, BadDataError, CheckpointError and the loaders' errors are ValueErrors;
     # OSError covers missing files, permissions and a full disk; a run stopped by

@@ -237,6 +237,11 @@ class WorldConfig(Section):
 
 class DataConfig(Section):
     train: str | None = None  # pairs: CSV/TSV/JSONL file, shard directory or pattern; None: world
+    # Where each sample's image and captions are: a table's column, a JSONL key, a shard's
+    # member extension ("jpg;png") or, for captions, a field of its .json member. None: image
+    # and caption (or captions) in tables; the usual image members and .txt in shards.
+    image_key: str | None = None
+    caption_key: str | None = None
     world: WorldConfig = WorldConfig()
     tokenizer: str | None = None  # tokenizer.json; None: train a BPE on the training captions
     batch_size: int = Field(256, gt=0)
@@ -308,6 +313,22 @@ class TrainConfig(Section):
     max_bad_steps: int = Field(10, gt=0)
     log_every: int = Field(10, gt=0)
     run_dir: str = "runs/default"
+    # A new run starts from another run's trained weights (those whose names and shapes fit):
+    # a run directory (its latest checkpoint) or one checkpoint (RUN/checkpoints/step_N).
+    init_from: str | None = None
+    # The train.steps a run was continued from, in order (a continuation records them): the
+    # lr schedule restarts at each, over the steps that continuation added.
+    continued_from: list[PositiveInt] = []
+
+    @model_validator(mode="after")
+    def _continued_before_the_end(self) -> TrainConfig:
+        ends = [*self.continued_from, self.steps]
+        if any(earlier >= later for earlier, later in itertools.pairwise(ends)):
+            raise ValueError(
+                f"continued_from must be increasing steps below steps={self.steps}, got "
+                f"{self.continued_from}; leave it out: a continuation records it"
+            )
+        return self
 
 
 class PretrainConfig(Section):
@@ -370,6 +391,26 @@ def load_config(source: str | Path | None = None, overrides: list[str] | None = 
     for item in overrides or []:
         _apply_override(raw, item)
     return config_from_dict(raw, origin=str(source) if source is not None else "defaults")
+
+
+def refuse_repeated_keys(overrides: list[str]) -> None:
+    """A key given twice on the command line: the shell expanded an unquoted brace pattern
+    (``data.train=/data/{000000..000331}.tar`` becomes 332 arguments, the last one winning),
+    or a mistake; either way the run would not train on what the user named."""
+    seen: dict[str, list[str]] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if sep:
+            seen.setdefault(key.strip(), []).append(value)
+    for key, values in seen.items():
+        if len(values) > 1:
+            shown = ", ".join(f"{key}={value}" for value in values[:2])
+            raise ConfigError(
+                f"{key} is given {len(values)} times on the command line ({shown}"
+                f"{', ...' if len(values) > 2 else ''}); give it once. An unquoted brace "
+                "pattern is expanded by the shell into one argument per file: quote it, e.g. "
+                f"'{key}=/data/cc3m/{{000000..000331}}.tar'"
+            )
 
 
 def config_from_dict(raw: dict[str, Any], origin: str = "config") -> Config:

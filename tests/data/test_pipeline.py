@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import webdataset as wds
 from PIL import Image
 
 from threetowers.backbones.frozen import Preprocessing
+from threetowers.cli import main
 from threetowers.data.transforms import (
     PixelEvalTransform,
     PixelTrainTransform,
@@ -81,3 +83,62 @@ def test_ranks_over_unequal_shards_stop_each_epoch_at_the_same_batch(tmp_path, m
             assert sum(1 for _ in data.batches(epoch, 1)) == min(planned) - 1  # resumed
         assert got == [min(planned)] * 2
         assert planned[0] != planned[1]
+
+
+BAD_TABLES = {  # name -> (file, content, what the message must say)
+    "jsonl_without_image": (
+        "pairs.jsonl",
+        '{"file": "a.png", "caption": "x"}\n' * 3,
+        "not an object with an 'image' string",
+    ),
+    "jsonl_with_trailing_commas": (
+        "pairs.jsonl",
+        '{"image": "a.png", "caption": "x"},\n' * 3,
+        "not valid JSON: Extra data",
+    ),
+    "json_array": (
+        "pairs.jsonl",
+        '[{"image": "a.png", "caption": "x"}, {"image": "a.png", "caption": "y"}]\n',
+        "not an object with an 'image' string",
+    ),
+    "absolute_paths": (
+        "pairs.csv",
+        "image,caption\n/etc/a.png,x\n/etc/b.png,y\n",
+        "path_outside_root",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_TABLES, ids=list(BAD_TABLES))
+def test_a_table_with_no_usable_row_names_the_real_cause_first(tmp_path, capsys, case):
+    name, content, cause = BAD_TABLES[case]
+    (tmp_path / "a.png").write_bytes(b"never read")
+    (tmp_path / name).write_text(content)
+    argv = ["train", "tiny", f"data.train={tmp_path / name}", "model.mode=clip", "--quiet"]
+    assert main([*argv, "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer" not in err and "Traceback" not in err
+    line = next(line for line in err.splitlines() if "error:" in line)
+    assert line.startswith(
+        f"threetowers train: error: data.train {tmp_path / name}: none of its "
+    ), line
+    assert cause in err
+
+
+def test_a_csv_without_the_columns_points_at_the_config_keys(tmp_path, capsys):
+    (tmp_path / "pairs.csv").write_text("filepath,title\na.png,x\n")
+    argv = ["train", "tiny", f"data.train={tmp_path / 'pairs.csv'}", "model.mode=clip"]
+    assert main([*argv, "--run-dir", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "(name the image column with data.image_key=COLUMN)" in err
+    assert "image_column=" not in err
+
+
+def test_shards_without_a_usable_caption_say_where_captions_are_read(tmp_path, capsys):
+    with wds.TarWriter(str(tmp_path / "s.tar")) as sink:
+        for i in range(3):
+            sink.write({"__key__": f"k{i}", "png": b"x", "title": b"a caption elsewhere"})
+    argv = ["train", "tiny", f"data.train={tmp_path / 's.tar'}", "model.mode=clip"]
+    assert main([*argv, "--run-dir", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "no sample of" in err and "name another with data.caption_key" in err

@@ -20,6 +20,8 @@ from threetowers.data.caches.features import (
 )
 from threetowers.data.caches.preload import preload_pairs
 from threetowers.data.caches.units import dataset_units
+from threetowers.data.sources.bad_samples import BadDataError, refuse_known_bad
+from threetowers.data.sources.fields import Fields
 from threetowers.data.sources.loader import num_batches, pair_batches
 from threetowers.data.sources.pair import Pair
 from threetowers.data.sources.pairs import iter_captions, open_pairs
@@ -54,12 +56,18 @@ def open_training_pairs(cfg: Config) -> tuple[PairTable | ShardPairs, dict | Non
     """The opened training pairs, under the config's path policy, and the world manifest."""
     source, world = training_source(cfg)
     try:
-        pairs = open_pairs(source, allow_absolute_paths=cfg.data.allow_absolute_paths)
+        fields = Fields(cfg.data.image_key, cfg.data.caption_key)
+        pairs = open_pairs(
+            source, fields=fields, allow_absolute_paths=cfg.data.allow_absolute_paths
+        )
     except FileNotFoundError as error:
         raise FileNotFoundError(
             f"data.train: {error}; set data.train to a .csv/.tsv/.jsonl file, a directory of "
             ".tar shards or a shard pattern, or leave it unset for the embedded world"
         ) from None
+    if isinstance(pairs, PairTable):  # its rows are read: the real cause comes first
+        known = [bad.skipped(pairs.ids[row]) for row, bad in sorted(pairs.bad.items())]
+        refuse_known_bad(f"data.train {pairs.name}", len(pairs), known, cfg.data.max_bad_fraction)
     return pairs, world
 
 
@@ -79,9 +87,15 @@ def load_or_train_tokenizer(cfg: Config, run_dir: Path, source) -> CaptionTokeni
     elif saved.exists():
         tokenizer = CaptionTokenizer.load(saved, context)
     else:
-        tokenizer = CaptionTokenizer.train(
-            iter_captions(source), cfg.model.text.vocab_size, context
-        )
+        captions = list(iter_captions(source))  # the trainer holds them all anyway
+        if not captions:
+            raise BadDataError(
+                f"data.train: no sample of {source} has a usable caption, so no tokenizer can "
+                "be trained; a shard's caption is its .txt or .caption member or its .json's "
+                "'captions' or 'caption', a table's its caption column: name another with "
+                "data.caption_key"
+            )
+        tokenizer = CaptionTokenizer.train(captions, cfg.model.text.vocab_size, context)
     if tokenizer.vocab_size > cfg.model.text.vocab_size:
         raise ValueError(
             f"the tokenizer has {tokenizer.vocab_size} tokens but model.text.vocab_size is "

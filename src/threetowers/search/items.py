@@ -17,6 +17,7 @@ from PIL import Image
 
 from threetowers.data.benchmarks import load_karpathy
 from threetowers.data.sources.decode import load_image
+from threetowers.data.sources.fields import DEFAULT_FIELDS, Fields
 from threetowers.data.sources.pairs import open_pairs
 from threetowers.data.sources.shards import decode_sample, shard_sample_id, shard_samples
 from threetowers.data.sources.table import PairTable
@@ -46,16 +47,17 @@ def index_source(
     data: str | Path | None = None,
     split: str = "test",
     allow_absolute_paths: bool = False,
+    fields: Fields = DEFAULT_FIELDS,
 ) -> IndexSource:
     """``--images DIR`` or ``--data SOURCE`` (a Karpathy ``.json``, of which ``split``, or a
-    training source)."""
+    training source, read as ``fields`` say: the run's data.image_key and caption_key)."""
     if (images is None) == (data is None):
         raise ValueError("give exactly one of --images DIR or --data SOURCE")
     if images is not None:
         return _image_folder(Path(images))
     if str(data).endswith(".json"):
         return _karpathy(Path(data), split, allow_absolute_paths)
-    return _pairs(data, allow_absolute_paths)
+    return _pairs(data, allow_absolute_paths, fields)
 
 
 def _image_folder(root: Path) -> IndexSource:
@@ -88,8 +90,8 @@ def _karpathy(path: Path, split: str, allow_absolute_paths: bool) -> IndexSource
     return IndexSource(f"{split} split of {path.resolve()}", len(retrieval.image_paths), items)
 
 
-def _pairs(source: str | Path, allow_absolute_paths: bool) -> IndexSource:
-    pairs = open_pairs(source, allow_absolute_paths=allow_absolute_paths)
+def _pairs(source: str | Path, allow_absolute_paths: bool, fields: Fields) -> IndexSource:
+    pairs = open_pairs(source, fields=fields, allow_absolute_paths=allow_absolute_paths)
     description = f"pairs of {Path(source).resolve() if Path(source).exists() else source}"
     if isinstance(pairs, PairTable):
 
@@ -109,7 +111,7 @@ def _pairs(source: str | Path, allow_absolute_paths: bool) -> IndexSource:
             name = shard_sample_id(sample)
 
             def load(sample: dict = sample) -> Loaded:
-                pair = decode_sample(sample)
+                pair = decode_sample(sample, pairs.fields)
                 return pair.image, pair.captions
 
             yield Item(name, name, load)

@@ -12,6 +12,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from threetowers.data.sources.fields import Fields
 from threetowers.data.sources.loader import num_batches, pair_batches
 from threetowers.data.sources.pairs import epoch_size, open_pairs
 from threetowers.data.sources.shards import ShardPairs, count_shard_samples
@@ -253,7 +254,7 @@ def test_table_reading(tables):
     pair = csv_table[5]
     assert pair.image.mode == "RGB" and pair.image.getpixel((0, 0))[0] == 5
     assert pair.captions == ["caption 5"]
-    tsv = open_pairs(tables / "pairs.tsv", image_column="file", caption_column="text")
+    tsv = open_pairs(tables / "pairs.tsv", fields=Fields("file", "text"))
     assert tsv[7].captions == ["caption 7"]
     jsonl = open_pairs(tables / "pairs.jsonl")
     assert jsonl.keys[3] == "j3" and jsonl[3].captions == [f"caption 3 {j}" for j in range(3)]

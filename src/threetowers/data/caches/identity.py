@@ -18,11 +18,13 @@ SAMPLE_IDS = 2
 
 
 def dataset_digest(source) -> str:
-    """Identity of a dataset's files (paths, sizes and modification times) and of the sample
-    ids they give: shard ids hold the shard paths as the source spells them."""
+    """Identity of a dataset's files (paths, sizes and modification times), of the sample
+    ids they give (shard ids hold the shard paths as the source spells them) and of the
+    fields read from them (``data.image_key``, ``data.caption_key``)."""
     pairs = open_pairs(source)
     files = pairs.shards if isinstance(pairs, ShardPairs) else [pairs.name]
-    spelled = json.dumps([SAMPLE_IDS, *map(str, files)])
+    fields = pairs.fields.identity()  # {} for the defaults: older caches keep their names
+    spelled = json.dumps([SAMPLE_IDS, *map(str, files), *([fields] if fields else [])])
     return hashlib.sha256(f"{files_digest(files)}|{spelled}".encode()).hexdigest()
 
 

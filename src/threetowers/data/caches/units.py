@@ -12,6 +12,7 @@ from typing import Protocol
 from threetowers.data.caches.identity import SAMPLE_IDS, dataset_digest, files_digest
 from threetowers.data.sources.bad_samples import BadSample
 from threetowers.data.sources.decode import clean_captions, load_image
+from threetowers.data.sources.fields import DEFAULT_FIELDS, Fields
 from threetowers.data.sources.pairs import open_pairs
 from threetowers.data.sources.shards import (
     ShardPairs,
@@ -45,14 +46,16 @@ class ShardUnit:
     path: str  # as the source spells it: part of the samples' ids
     start: int
     size: int
+    fields: Fields = DEFAULT_FIELDS
 
     def identity(self) -> dict:
-        return {"shard": files_digest([self.path]), "ids": [SAMPLE_IDS, self.path]}
+        files = {"shard": files_digest([self.path]), "ids": [SAMPLE_IDS, self.path]}
+        return files | self.fields.identity()
 
     def samples(self) -> Iterator[tuple[str, object]]:
         for sample in read_samples(self.path):
             try:
-                pair = decode_sample(sample)
+                pair = decode_sample(sample, self.fields)
             except BadSample as bad:
                 yield sample["__key__"], bad.skipped(shard_sample_id(sample))
                 continue
@@ -62,7 +65,7 @@ class ShardUnit:
         """Each sample's usable captions in order ([] for a bad sample), images unread."""
         for sample in read_samples(self.path):
             try:
-                yield sample_captions(sample)
+                yield sample_captions(sample, self.fields)
             except BadSample:
                 yield []
 
@@ -126,7 +129,7 @@ def dataset_units(source) -> list[Unit]:
     pairs = open_pairs(source)
     if isinstance(pairs, ShardPairs):
         rows = zip(pairs.shards, pairs.first_rows, pairs.sizes, strict=True)
-        return [ShardUnit(str(shard), first, size) for shard, first, size in rows]
+        return [ShardUnit(str(shard), first, size, pairs.fields) for shard, first, size in rows]
     return [
         TableUnit(pairs, start, min(TABLE_CHUNK, len(pairs) - start))
         for start in range(0, len(pairs), TABLE_CHUNK)

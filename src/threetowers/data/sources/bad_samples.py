@@ -40,6 +40,8 @@ _FIXES = {
     "path_outside_root": "if the table's absolute or '..' paths are intended, set "
     "data.allow_absolute_paths=true",
     "missing_file": "image paths in a table are relative to the table's folder",
+    "malformed_row": "data.image_key and data.caption_key name other columns or keys, and a "
+    "JSONL file holds one JSON object per line",
     "compressed_shard": "decompress shards that are compressed but named .tar (e.g. "
     "gunzip -c X.tar > plain/X.tar)",
 }
@@ -141,13 +143,36 @@ class BadSampleLog:
         return ", ".join(f"{n} {reason}" for reason, n in self.counts.most_common())
 
     def _too_many(self) -> str:
-        shown = "\n".join(f"  {s.id!r}: {s.reason}: {s.detail}" for s in self.examples[:5])
-        fixes = [_FIXES[r] for r in self.counts if r in _FIXES]
         return (
             f"{self.what}: {self.total} of {self.seen} samples were bad "
             f"({self.total / self.seen:.1%}; {self._reasons()}), more than "
-            f"data.max_bad_fraction={self.max_fraction}. First examples:\n{shown}\n"
-            + "".join(f"{fix}; " for fix in fixes)
-            + "fix or remove these samples, or raise data.max_bad_fraction if this much bad "
-            "data is expected"
+            f"data.max_bad_fraction={self.max_fraction}. {self._examples_and_fixes()}, or "
+            "raise data.max_bad_fraction if this much bad data is expected"
         )
+
+    def _examples_and_fixes(self) -> str:
+        shown = "\n".join(f"  {s.id!r}: {s.reason}: {s.detail}" for s in self.examples[:5])
+        fixes = [_FIXES[r] for r in self.counts if r in _FIXES]
+        return (
+            f"First examples:\n{shown}\n"
+            + "".join(f"{fix}; " for fix in fixes)
+            + ("fix or remove these samples")
+        )
+
+
+def refuse_known_bad(what: str, size: int, skipped: list[Skipped], max_fraction: float) -> None:
+    """Samples known to be bad before any is read (a table's malformed rows and refused
+    paths): when no sample is left, or they alone pass ``max_fraction``, stop now, naming
+    them, rather than after a tokenizer and caches are built on what is left. Counts
+    nothing: the pass that meets them counts them."""
+    if not skipped or (len(skipped) < size and len(skipped) <= max_fraction * size):
+        return
+    known = BadSampleLog(max_fraction, what, size)
+    known.seen, known.counts = size, Counter(bad.reason for bad in skipped)
+    known.examples = skipped[:NAMED]
+    if len(skipped) < size:
+        raise BadDataError(known._too_many())
+    raise BadDataError(
+        f"{what}: none of its {size} samples can be used ({known._reasons()}). "
+        + known._examples_and_fixes()
+    )

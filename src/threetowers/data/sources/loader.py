@@ -251,7 +251,7 @@ class _ShardStream(IterableDataset):
         drop_last: bool,
     ) -> None:
         self.urls = [str(shard) for shard in source.shards]
-        self.first_rows = source.first_rows
+        self.first_rows, self.fields = source.first_rows, source.fields
         self.plans, self.skipped, self.first, self.example = plans, skipped, first, example
         self.seed, self.epoch, self.rank = seed, epoch, rank
         self.batch_size, self.shuffle_buffer, self.drop_last = batch_size, shuffle_buffer, drop_last
@@ -283,7 +283,7 @@ class _ShardStream(IterableDataset):
 
     def _example(self, sample: dict[str, Any]) -> tuple[str, dict] | Skipped:
         try:
-            pair = decode_sample(sample)
+            pair = decode_sample(sample, self.fields)
         except BadSample as bad:
             return bad.skipped(shard_sample_id(sample))
         return _make_example(pair, self.example, self.seed, self.epoch)

@@ -20,6 +20,7 @@ import webdataset as wds
 
 from threetowers.data.sources.bad_samples import BadSample, Skipped
 from threetowers.data.sources.decode import clean_captions
+from threetowers.data.sources.fields import DEFAULT_FIELDS, Fields
 from threetowers.data.sources.pair import Pair
 from threetowers.data.sources.shards import (
     ShardPairs,
@@ -47,7 +48,7 @@ def iter_pairs(source: PairSource) -> Iterator[Pair | Skipped]:
         return
     for sample in shard_samples(pairs.shards, pairs.first_rows):
         try:
-            item = decode_sample(sample)
+            item = decode_sample(sample, pairs.fields)
         except BadSample as bad:
             item = bad.skipped(shard_sample_id(sample))
         yield item
@@ -65,50 +66,43 @@ def iter_captions(source: PairSource) -> Iterator[str]:
         return
     for sample in shard_samples(pairs.shards):
         with contextlib.suppress(BadSample):
-            yield from sample_captions(sample)
+            yield from sample_captions(sample, pairs.fields)
 
 
 def open_pairs(
     source: PairSource,
     *,
-    image_column: str = "image",
-    caption_column: str = "caption",
-    key_column: str = "key",
+    fields: Fields = DEFAULT_FIELDS,
     allow_absolute_paths: bool = False,
 ) -> PairTable | ShardPairs:
     """Open ``source``: a ``.csv``/``.tsv``/``.jsonl`` table, a directory of ``*.tar``
     shards, a shard path or brace pattern (``train-{000000..000009}.tar``), or a list of
-    shard paths. Already opened sources are returned as they are. A table's image paths
-    must stay inside its folder unless ``allow_absolute_paths``."""
+    shard paths; ``fields`` says where each sample's image and captions are. Already opened
+    sources are returned as they are. A table's image paths must stay inside its folder
+    unless ``allow_absolute_paths``."""
     if isinstance(source, (PairTable, ShardPairs)):
         return source
     if isinstance(source, (list, tuple)):
         not_tar = [str(s) for s in source if not str(s).endswith(".tar")]
         if not_tar:
             raise ValueError(f"a list source must hold .tar shards; got {not_tar[:3]}")
-        return ShardPairs(source)
+        return ShardPairs(source, fields)
     path = Path(source)
     text = str(source)
     if path.is_dir():
         shards = sorted(path.glob("*.tar"))
         if not shards:
             raise FileNotFoundError(f"no *.tar shards in directory {path}")
-        return ShardPairs(shards)
+        return ShardPairs(shards, fields)
     if "{" in text:
-        return ShardPairs(wds.shardlists.expand_urls(text))
+        return ShardPairs(wds.shardlists.expand_urls(text), fields)
     suffix = path.suffix.lower()
     if suffix == ".tar":
-        return ShardPairs([path])
+        return ShardPairs([path], fields)
     if suffix in (".csv", ".tsv"):
-        return PairTable.from_csv(
-            path,
-            image_column,
-            caption_column,
-            key_column,
-            allow_absolute_paths=allow_absolute_paths,
-        )
+        return PairTable.from_csv(path, fields, allow_absolute_paths=allow_absolute_paths)
     if suffix == ".jsonl":
-        return PairTable.from_jsonl(path, allow_absolute_paths=allow_absolute_paths)
+        return PairTable.from_jsonl(path, fields, allow_absolute_paths=allow_absolute_paths)
     if not path.exists():
         raise FileNotFoundError(f"pairs source not found: {path}")
     raise ValueError(

@@ -1,7 +1,9 @@
 """Streaming pairs from local webdataset ``.tar`` shards as img2dataset writes them:
-``KEY.jpg|jpeg|png|webp`` and ``KEY.txt``, optionally ``KEY.json``, whose ``"captions"``
-list, when present, replaces the ``.txt`` caption. Members are read only within their size
-limits (1 MiB of text or metadata, 64 MiB of image: see ``tar_samples``)."""
+``KEY.jpg`` (or another image member) and ``KEY.txt``, optionally ``KEY.json``, whose
+``"captions"`` list, when present, replaces the ``.txt`` caption; ``data.image_key`` and
+``data.caption_key`` name other members or ``.json`` fields (fields.py). Members are read
+only within their size limits (1 MiB of text or metadata, 64 MiB of image: see
+``tar_samples``)."""
 
 from __future__ import annotations
 
@@ -17,10 +19,9 @@ import webdataset as wds
 
 from threetowers.data.sources.bad_samples import BadSample
 from threetowers.data.sources.decode import caption_text, clean_captions, is_utf8, load_image
+from threetowers.data.sources.fields import CAPTION_MEMBERS, DEFAULT_FIELDS, Fields
 from threetowers.data.sources.pair import SHARD_STREAM, Pair, check_seed
 from threetowers.data.sources.tar_samples import count_samples, read_samples
-
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
 def shard_sample_id(sample: dict[str, Any]) -> str:
@@ -46,7 +47,7 @@ def count_shard_samples(path: str | Path) -> int:
 class ShardPairs:
     """Local webdataset shards, in the order given (shuffled per epoch by the loader)."""
 
-    def __init__(self, shards: Sequence[str | Path]) -> None:
+    def __init__(self, shards: Sequence[str | Path], fields: Fields = DEFAULT_FIELDS) -> None:
         shards = [Path(s) for s in shards]
         if not shards:
             raise ValueError("no shards given")
@@ -58,7 +59,7 @@ class ShardPairs:
         repeated = [str(s) for s, n in Counter(shards).items() if n > 1]
         if repeated:  # its samples would be two samples of one id (see Pair)
             raise ValueError(f"shards listed more than once: {repeated[:3]}; list each once")
-        self.shards = shards
+        self.shards, self.fields = shards, fields
 
     @cached_property
     def sizes(self) -> list[int]:
@@ -86,35 +87,66 @@ class ShardPairs:
         return f"ShardPairs({len(self.shards)} shards, first {str(self.shards[0])!r})"
 
 
-def sample_captions(sample: dict[str, Any]) -> list[str]:
-    """The usable captions of a raw shard sample: the ``.json`` "captions" list when it has
-    one, else the ``.txt``; :class:`BadSample` when there is none."""
+def sample_captions(sample: dict[str, Any], fields: Fields = DEFAULT_FIELDS) -> list[str]:
+    """The usable captions of a raw shard sample, where ``fields`` says (see fields.py);
+    :class:`BadSample` when there is none."""
     where = f"sample {sample['__key__']!r} of {sample.get('__url__', '?')}"
     if "__bad__" in sample:
         raise BadSample(*sample["__bad__"])
-    if "json" in sample:
-        try:
-            meta = json.loads(sample["json"])
-        except ValueError:  # unreadable metadata: the .txt caption still serves
-            meta = None
-        listed = meta.get("captions") if isinstance(meta, dict) else None
-        if isinstance(listed, list) and listed:
-            return clean_captions(listed, where)
-    if "txt" not in sample:
-        raise BadSample("no_caption", f"{where}: no .txt, and no .json with a 'captions' list")
-    return clean_captions([caption_text(sample["txt"], where)], where)
+    meta = _metadata(sample)
+    if fields.caption is not None:
+        return clean_captions(_named_captions(sample, meta, fields.caption, where), where)
+    listed = meta.get("captions")
+    if isinstance(listed, list) and listed:
+        return clean_captions(listed, where)
+    member = next((m for m in CAPTION_MEMBERS if m in sample), None)
+    if member is not None:
+        return clean_captions([caption_text(sample[member], where)], where)
+    if isinstance(meta.get("caption"), str):
+        return clean_captions([meta["caption"]], where)
+    raise BadSample(
+        "no_caption",
+        f"{where}: no .txt or .caption member, and no .json with a 'captions' list or a "
+        "'caption' (name another with data.caption_key)",
+    )
 
 
-def decode_sample(sample: dict[str, Any]) -> Pair:
+def _metadata(sample: dict[str, Any]) -> dict:
+    """The sample's ``.json`` member as a dict ({} when absent or unreadable: the other
+    members may still serve)."""
+    try:
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _named_captions(sample: dict[str, Any], meta: dict, name: str, where: str) -> list:
+    """``data.caption_key``'s captions: a member of that extension, else a field of the
+    ``.json`` (a string or a list)."""
+    if name.lower() in sample:
+        return [caption_text(sample[name.lower()], where)]
+    value = meta.get(name)
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return value
+    raise BadSample(
+        "no_caption", f"{where}: no .{name} member and no {name!r} in its .json (data.caption_key)"
+    )
+
+
+def decode_sample(sample: dict[str, Any], fields: Fields = DEFAULT_FIELDS) -> Pair:
     """A raw shard sample as a Pair, or :class:`BadSample` saying why it cannot be used."""
     key, url = sample["__key__"], sample.get("__url__", "?")
     where = f"sample {key!r} of {url}"
     if not is_utf8(key):
         raise BadSample("malformed_row", f"{where}: the key is not UTF-8")
-    captions = sample_captions(sample)  # before the image: far cheaper to check
-    data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+    captions = sample_captions(sample, fields)  # before the image: far cheaper to check
+    members = fields.image_members
+    data = next((sample[ext] for ext in members if ext in sample), None)
     if data is None:
-        raise BadSample("no_image", f"{where}: no .{'/.'.join(IMAGE_EXTENSIONS)} member")
+        raise BadSample("no_image", f"{where}: no .{'/.'.join(members)} member")
     row = sample.get("__row__", -1)
     return Pair(key, load_image(data, where), captions, shard_sample_id(sample), row)
 

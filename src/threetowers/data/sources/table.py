@@ -1,6 +1,8 @@
 """Map-style pairs from a CSV/TSV with a header (``image`` and ``caption`` columns by
-default, optional ``key``) or a JSONL file (``image`` plus ``caption`` or a ``captions``
-list, optional ``key``); image paths are relative to the table's folder and held inside it."""
+default, optional ``key``; the separator, comma or tab, read from the header) or a JSONL
+file (``image`` plus ``caption`` or a ``captions`` list, optional ``key``); other columns
+and keys by ``data.image_key`` / ``data.caption_key`` (fields.py). Image paths are relative
+to the table's folder and held inside it."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import numpy as np
 
 from threetowers.data.sources.bad_samples import BadSample
 from threetowers.data.sources.decode import clean_captions, is_utf8, load_image
+from threetowers.data.sources.fields import DEFAULT_FIELDS, Fields
 from threetowers.data.sources.pair import ORDER_STREAM, Pair, check_seed
 
 
@@ -33,6 +36,7 @@ class PairTable:
         keys: Sequence[str],
         name: str,
         bad: dict[int, BadSample] | None = None,
+        fields: Fields = DEFAULT_FIELDS,
     ) -> None:
         if not len(images) == len(captions) == len(keys):
             raise ValueError("images, captions and keys must have the same length")
@@ -44,33 +48,35 @@ class PairTable:
         self.images = [Path(p) for p in images]
         self.captions = [list(c) for c in captions]
         self.keys = [str(k) for k in keys]
-        self.name = name
+        self.name, self.fields = name, fields
 
     @classmethod
     def from_csv(
         cls,
         path: str | Path,
-        image_column: str = "image",
-        caption_column: str = "caption",
+        fields: Fields = DEFAULT_FIELDS,
         key_column: str = "key",
-        delimiter: str | None = None,
         allow_absolute_paths: bool = False,
     ) -> PairTable:
-        """CSV (or TSV: ``.tsv`` suffix or ``delimiter="\\t"``) with a header row."""
+        """CSV or TSV with a header row; the separator is the header's (a tab, else a comma),
+        whatever the suffix: OpenCLIP's ``filepath``/``title`` files are tab-separated
+        ``.csv`` files."""
         path = _existing(path)
-        delimiter = delimiter or ("\t" if path.suffix.lower() == ".tsv" else ",")
-        rows = _Rows(path, allow_absolute_paths)
-        # TSV dumps of web captions (e.g. CC3M) carry bare quote characters; only CSV quotes.
-        quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+        image_column, caption_column = fields.image_column, fields.caption_column
+        rows = _Rows(path, allow_absolute_paths, fields)
         # Bytes that are not UTF-8 become lone surrogates: only their row is bad, not the file.
         with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
+            delimiter = "\t" if "\t" in handle.readline() else ","
+            handle.seek(0)
+            # TSV dumps of web captions (e.g. CC3M) carry bare quote characters; only CSV quotes.
+            quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
             reader = csv.DictReader(handle, delimiter=delimiter, quoting=quoting)
             columns = reader.fieldnames or []
-            for column in (image_column, caption_column):
+            for column, setting in ((image_column, "image"), (caption_column, "caption")):
                 if column not in columns:
                     raise ValueError(
-                        f"{path}: no column {column!r}; the header has {columns} (choose "
-                        "columns with image_column= / caption_column=)"
+                        f"{path}: no column {column!r}; the header has {columns} (name the "
+                        f"{setting} column with data.{setting}_key=COLUMN)"
                     )
             while True:
                 try:
@@ -90,10 +96,15 @@ class PairTable:
         return rows.table()
 
     @classmethod
-    def from_jsonl(cls, path: str | Path, allow_absolute_paths: bool = False) -> PairTable:
-        """One JSON object per line: ``image`` and ``caption`` or ``captions`` (a list)."""
+    def from_jsonl(
+        cls, path: str | Path, fields: Fields = DEFAULT_FIELDS, allow_absolute_paths: bool = False
+    ) -> PairTable:
+        """One JSON object per line: the image's path and a caption (a string) or captions (a
+        list), under the keys ``fields`` names (default ``image``, ``caption``/``captions``)."""
         path = _existing(path)
-        rows = _Rows(path, allow_absolute_paths)
+        rows = _Rows(path, allow_absolute_paths, fields)
+        image_key = fields.image_column
+        caption_keys = (fields.caption,) if fields.caption else ("captions", "caption")
         with open(path, "rb") as handle:
             for line_number, raw in enumerate(handle, start=1):
                 line = raw.decode("utf-8", errors="surrogateescape")
@@ -104,16 +115,17 @@ class PairTable:
                 except json.JSONDecodeError as error:
                     rows.reject(line_number, None, f"not valid JSON: {error}")
                     continue
-                if not isinstance(record, dict) or not isinstance(record.get("image"), str):
-                    rows.reject(line_number, None, "not an object with an 'image' string")
+                if not isinstance(record, dict) or not isinstance(record.get(image_key), str):
+                    rows.reject(line_number, None, f"not an object with an {image_key!r} string")
                     continue
                 key = str(record["key"]) if "key" in record else None
-                texts = record.get("captions", record.get("caption"))
+                texts = next((record[k] for k in caption_keys if k in record), None)
                 texts = [texts] if isinstance(texts, str) else texts
                 if not isinstance(texts, list):
-                    rows.reject(line_number, key, "needs 'caption' (a string) or 'captions'")
+                    wanted = " or ".join(repr(k) for k in reversed(caption_keys))
+                    rows.reject(line_number, key, f"needs {wanted} (a string or a list)")
                     continue
-                rows.add(line_number, record["image"], texts, key)
+                rows.add(line_number, record[image_key], texts, key)
         return rows.table()
 
     @property
@@ -144,8 +156,12 @@ class PairTable:
 class _Rows:
     """A table's rows as they are read: each with a key, good or bad (see PairTable)."""
 
-    def __init__(self, table: Path, allow_absolute_paths: bool) -> None:
-        self.table_path, self.allow_absolute_paths = table, allow_absolute_paths
+    def __init__(self, table: Path, allow_absolute_paths: bool, fields: Fields) -> None:
+        self.table_path, self.allow_absolute_paths, self.fields = (
+            table,
+            allow_absolute_paths,
+            fields,
+        )
         self.images: list[Path] = []
         self.captions: list[list[str]] = []
         self.keys: list[str] = []
@@ -182,7 +198,8 @@ class _Rows:
         return key
 
     def table(self) -> PairTable:
-        return PairTable(self.images, self.captions, self.keys, str(self.table_path), self.bad)
+        name = str(self.table_path)
+        return PairTable(self.images, self.captions, self.keys, name, self.bad, self.fields)
 
 
 def _existing(path: str | Path) -> Path:

@@ -23,9 +23,9 @@ Hostile or odd shards cost no more memory than their largest allowed member, wha
 headers claim:
 
 * a member is read only when its header's size is within its limit (:data:`MEMBER_LIMITS`:
-  1 MiB for ``.txt`` and ``.json``, 64 MiB for an image or any other member); a larger one
-  makes its sample bad (``member_too_large``) and is skipped unread. A sparse member (GNU
-  sparse: little data that expands to its stated size) is refused unread too
+  1 MiB for ``.txt``, ``.caption`` and ``.json``, 64 MiB for an image or any other member);
+  a larger one makes its sample bad (``member_too_large``) and is skipped unread. A sparse
+  member (GNU sparse: little data that expands to its stated size) is refused unread too
   (``malformed_row``): no writer of image-text shards makes them;
 * no single read from a shard is larger than the largest limit, so tar's own extended
   headers (pax records, GNU long names), which :mod:`tarfile` reads whole, are bounded too;
@@ -63,7 +63,7 @@ TEXT_LIMIT = 1 << 20
 # Web images are well under a megabyte; a camera JPEG even at Pillow's decompression-bomb
 # limit (~89 megapixels, which decode.load_image enforces) is a few tens of megabytes.
 IMAGE_LIMIT = 64 << 20
-MEMBER_LIMITS = {"txt": TEXT_LIMIT, "json": TEXT_LIMIT}
+MEMBER_LIMITS = {"txt": TEXT_LIMIT, "caption": TEXT_LIMIT, "json": TEXT_LIMIT}
 # Compression is taken from the name only: sniffing it would unpack any stream named .tar.
 _OPENERS: dict[str, Callable[..., IO[bytes]]] = {
     ".tar.gz": gzip.open,

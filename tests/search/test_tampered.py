@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from threetowers.cli import main
-from threetowers.search.engine import DamagedIndexError, QueryEncoder, SearchIndex
+from threetowers.search.checks import DamagedIndexError
+from threetowers.search.engine import QueryEncoder, SearchIndex
 
 
 def edit_manifest(index: Path, change) -> None:

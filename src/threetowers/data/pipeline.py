@@ -63,7 +63,8 @@ def open_training_pairs(cfg: Config) -> tuple[PairTable | ShardPairs, dict | Non
     except FileNotFoundError as error:
         raise FileNotFoundError(
             f"data.train: {error}; set data.train to a .csv/.tsv/.jsonl file, a directory of "
-            ".tar shards or a shard pattern, or leave it unset for the embedded world"
+            ".tar or .parquet shards or a quoted shard pattern, or leave it unset for the "
+            "embedded world"
         ) from None
     if isinstance(pairs, PairTable):  # its rows are read: the real cause comes first
         known = [bad.skipped(pairs.ids[row]) for row, bad in sorted(pairs.bad.items())]

@@ -266,7 +266,7 @@ def test_table_errors(tables, tmp_path):
         open_pairs(tables / "pairs.tsv")
     with pytest.raises(FileNotFoundError, match="missing.csv"):
         open_pairs(tmp_path / "missing.csv")
-    unknown = tmp_path / "pairs.parquet"
+    unknown = tmp_path / "pairs.feather"  # (.parquet is a source now: test_parquet.py)
     unknown.write_bytes(b"")
     with pytest.raises(ValueError, match="unknown pairs format"):
         open_pairs(unknown)

@@ -1,5 +1,6 @@
 """What a dataset is cut into for its caches: units of consecutive samples, each cached as
-one file (a shard, a chunk of :data:`TABLE_CHUNK` rows of a table, or a list of image files)."""
+one file (a shard, a parquet file, a chunk of :data:`TABLE_CHUNK` rows of a table, or a list
+of image files)."""
 
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ from threetowers.data.sources.shards import (
     decode_sample,
     sample_captions,
     shard_sample_id,
+    shard_samples,
 )
 from threetowers.data.sources.table import PairTable
-from threetowers.data.sources.tar_samples import read_samples
 
 TABLE_CHUNK = 8192  # rows of a table per cache unit
 
@@ -43,6 +44,8 @@ class Unit(Protocol):
 
 @dataclass(frozen=True)
 class ShardUnit:
+    """A tar shard or a parquet file (``shards.shard_samples`` reads either)."""
+
     path: str  # as the source spells it: part of the samples' ids
     start: int
     size: int
@@ -53,7 +56,7 @@ class ShardUnit:
         return files | self.fields.identity()
 
     def samples(self) -> Iterator[tuple[str, object]]:
-        for sample in read_samples(self.path):
+        for sample in shard_samples([self.path], fields=self.fields):
             try:
                 pair = decode_sample(sample, self.fields)
             except BadSample as bad:
@@ -63,7 +66,7 @@ class ShardUnit:
 
     def captions(self) -> Iterator[list[str]]:
         """Each sample's usable captions in order ([] for a bad sample), images unread."""
-        for sample in read_samples(self.path):
+        for sample in shard_samples([self.path], fields=self.fields, images=False):
             try:
                 yield sample_captions(sample, self.fields)
             except BadSample:
@@ -125,7 +128,8 @@ class FilesUnit:
 
 
 def dataset_units(source) -> list[Unit]:
-    """A dataset as units: one per shard, or chunks of :data:`TABLE_CHUNK` rows of a table."""
+    """A dataset as units: one per shard (or parquet file), or chunks of :data:`TABLE_CHUNK`
+    rows of a table."""
     pairs = open_pairs(source)
     if isinstance(pairs, ShardPairs):
         rows = zip(pairs.shards, pairs.first_rows, pairs.sizes, strict=True)

@@ -24,14 +24,15 @@ REASONS = {
     "missing_file": "the image file is missing or unreadable",
     "undecodable_image": "corrupt, truncated, empty or unknown image data",
     "oversized_image": "more pixels than the decompression-bomb limit",
-    "no_image": "a shard sample without an image member",
+    "no_image": "a shard sample without an image member (parquet: a null image)",
     "no_caption": "no caption at all",
     "empty_caption": "only empty or whitespace captions",
     "overlong_caption": "only absurdly long captions",
     "caption_not_utf8": "caption bytes that are not UTF-8",
     "malformed_row": "a table row or shard sample that cannot be parsed",
     "path_outside_root": "an image path that leaves the dataset's folder",
-    "truncated_shard": "a tar shard cut off in this sample (or unreadable from its start)",
+    "truncated_shard": "a tar shard cut off in this sample (or unreadable from its start), "
+    "or a parquet file or row group that cannot be read",
     "compressed_shard": "a compressed tar shard whose name does not say so (one per shard)",
     "member_too_large": "a shard member larger than its kind's limit (left unread)",
 }
@@ -39,7 +40,7 @@ REASONS = {
 _FIXES = {
     "path_outside_root": "if the table's absolute or '..' paths are intended, set "
     "data.allow_absolute_paths=true",
-    "missing_file": "image paths in a table are relative to the table's folder",
+    "missing_file": "image paths in a table or parquet file are relative to its folder",
     "malformed_row": "data.image_key and data.caption_key name other columns or keys, and a "
     "JSONL file holds one JSON object per line",
     "compressed_shard": "decompress shards that are compressed but named .tar (e.g. "

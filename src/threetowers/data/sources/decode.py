@@ -8,6 +8,7 @@ to upright RGB by :func:`to_rgb` and used. Everything that cannot be used raises
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from pathlib import Path
 
@@ -93,3 +94,23 @@ def is_utf8(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def image_path(data_file: Path, image: str, allow_absolute_paths: bool, where: str) -> Path:
+    """An image path that a data file (a table, a parquet file) holds, relative to its folder.
+
+    Absolute paths and paths that climb out with ``..`` are refused unless allowed, so that a
+    data file cannot make the loader read elsewhere. The check is lexical: symbolic links
+    inside the folder are the folder owner's choice and are followed.
+    """
+    if not is_utf8(image):
+        raise BadSample("malformed_row", f"{where}: image path {image!r} is not UTF-8")
+    path = Path(image)
+    inside = not path.is_absolute() and Path(os.path.normpath(image)).parts[:1] != (os.pardir,)
+    if not (inside or allow_absolute_paths):
+        raise BadSample(
+            "path_outside_root",
+            f"{where}: image path {image!r} leaves {data_file.parent}, the folder of "
+            f"{data_file.name}",
+        )
+    return path if path.is_absolute() else data_file.parent / path

@@ -31,7 +31,8 @@ the same batches, bit for bit):
       workers). A batch of bad samples only has ``"ids"`` empty and no example fields.
     * Not guaranteed: the same batches after the data changes, or across versions of
       numpy, webdataset or Pillow (permutations, the shuffle buffer and decoders may move).
-      Shards must be local files (sample counts come from their tar headers).
+      Shards must be local files (sample counts come from their tar headers, or a
+      parquet file's footer: a parquet file is a shard, see ``parquet_samples.py``).
 """
 
 from __future__ import annotations
@@ -263,7 +264,7 @@ class _ShardStream(IterableDataset):
         skip = min(self.skipped[worker] * self.batch_size, plan.samples)
         shards = [self.urls[i] for i in plan.shards]
         stages: list[Any] = [
-            lambda: shard_samples(shards, [self.first_rows[i] for i in plan.shards]),
+            lambda: shard_samples(shards, [self.first_rows[i] for i in plan.shards], self.fields),
             _ExpectCount(plan.samples, worker),
         ]
         if self.shuffle_buffer > 1:
@@ -290,7 +291,8 @@ class _ShardStream(IterableDataset):
 
 
 class _ExpectCount:
-    """Fail loudly if a worker's stream disagrees with the header count it was planned on."""
+    """Fail loudly if a worker's stream disagrees with the count it was planned on (tar
+    headers, parquet footers)."""
 
     def __init__(self, expected: int, worker: int) -> None:
         self.expected, self.worker = expected, worker
@@ -302,8 +304,9 @@ class _ExpectCount:
             yield sample
         if seen != self.expected:
             raise RuntimeError(
-                f"loader worker {self.worker} read {seen} samples but the tar headers "
-                f"promised {self.expected}; were the shards changed during the epoch?"
+                f"loader worker {self.worker} read {seen} samples but the shards' tar "
+                f"headers or parquet footers promised {self.expected}; were the shards "
+                "changed during the epoch?"
             )
 
 

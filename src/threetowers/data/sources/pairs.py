@@ -3,7 +3,7 @@
 Sources
     * :class:`~threetowers.data.sources.table.PairTable` (map-style): a CSV/TSV/JSONL table.
     * :class:`~threetowers.data.sources.shards.ShardPairs` (streaming): local webdataset
-      ``.tar`` shards.
+      ``.tar`` shards, or ``.parquet`` files (each file a shard: ``parquet_samples.py``).
 
 Samples that cannot be used (see ``bad_samples.py``) raise :class:`BadSample` where they
 are decoded; the loader skips and counts them. The resumable, rank- and worker-split loader
@@ -13,7 +13,9 @@ over these sources is in ``loader.py``.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import webdataset as wds
@@ -25,6 +27,7 @@ from threetowers.data.sources.pair import Pair
 from threetowers.data.sources.shards import (
     ShardPairs,
     decode_sample,
+    is_parquet,
     sample_captions,
     shard_sample_id,
     shard_samples,
@@ -46,7 +49,7 @@ def iter_pairs(source: PairSource) -> Iterator[Pair | Skipped]:
                 item = bad.skipped(pairs.ids[index])
             yield item
         return
-    for sample in shard_samples(pairs.shards, pairs.first_rows):
+    for sample in shard_samples(pairs.shards, pairs.first_rows, pairs.fields):
         try:
             item = decode_sample(sample, pairs.fields)
         except BadSample as bad:
@@ -64,7 +67,7 @@ def iter_captions(source: PairSource) -> Iterator[str]:
                 with contextlib.suppress(BadSample):
                     yield from clean_captions(captions, pairs.name)
         return
-    for sample in shard_samples(pairs.shards):
+    for sample in shard_samples(pairs.shards, fields=pairs.fields, images=False):
         with contextlib.suppress(BadSample):
             yield from sample_captions(sample, pairs.fields)
 
@@ -75,30 +78,29 @@ def open_pairs(
     fields: Fields = DEFAULT_FIELDS,
     allow_absolute_paths: bool = False,
 ) -> PairTable | ShardPairs:
-    """Open ``source``: a ``.csv``/``.tsv``/``.jsonl`` table, a directory of ``*.tar``
-    shards, a shard path or brace pattern (``train-{000000..000009}.tar``), or a list of
-    shard paths; ``fields`` says where each sample's image and captions are. Already opened
-    sources are returned as they are. A table's image paths must stay inside its folder
-    unless ``allow_absolute_paths``."""
+    """Open ``source``: a ``.csv``/``.tsv``/``.jsonl`` table; webdataset ``.tar`` shards or
+    ``.parquet`` files as a directory of them, one path, a brace pattern
+    (``train-{000000..000009}.tar``) or a list of paths. ``fields`` says where each sample's
+    image and captions are. Already opened sources are returned as they are. A table's or
+    parquet file's image paths must stay inside its folder unless ``allow_absolute_paths``."""
     if isinstance(source, (PairTable, ShardPairs)):
         return source
     if isinstance(source, (list, tuple)):
-        not_tar = [str(s) for s in source if not str(s).endswith(".tar")]
-        if not_tar:
-            raise ValueError(f"a list source must hold .tar shards; got {not_tar[:3]}")
-        return ShardPairs(source, fields)
+        unknown = [str(s) for s in source if not str(s).endswith(".tar") and not is_parquet(s)]
+        if unknown:
+            raise ValueError(
+                f"a list source must hold .tar shards or .parquet files; got {unknown[:3]}"
+            )
+        return _shards(source, fields, allow_absolute_paths)
     path = Path(source)
     text = str(source)
     if path.is_dir():
-        shards = sorted(path.glob("*.tar"))
-        if not shards:
-            raise FileNotFoundError(f"no *.tar shards in directory {path}")
-        return ShardPairs(shards, fields)
+        return _shards(_folder(path), fields, allow_absolute_paths)
     if "{" in text:
-        return ShardPairs(wds.shardlists.expand_urls(text), fields)
+        return _shards(wds.shardlists.expand_urls(text), fields, allow_absolute_paths)
     suffix = path.suffix.lower()
-    if suffix == ".tar":
-        return ShardPairs([path], fields)
+    if suffix in (".tar", ".parquet"):
+        return _shards([path], fields, allow_absolute_paths)
     if suffix in (".csv", ".tsv"):
         return PairTable.from_csv(path, fields, allow_absolute_paths=allow_absolute_paths)
     if suffix == ".jsonl":
@@ -106,11 +108,55 @@ def open_pairs(
     if not path.exists():
         raise FileNotFoundError(f"pairs source not found: {path}")
     raise ValueError(
-        f"unknown pairs format {path.name!r}: expected .csv, .tsv, .jsonl, .tar, a brace "
-        "pattern of .tar shards, or a directory of .tar shards"
+        f"unknown pairs format {path.name!r}: expected .csv, .tsv, .jsonl, .tar or .parquet, a "
+        "brace pattern of .tar shards or .parquet files, or a directory of them"
     )
 
 
+def _shards(paths: Sequence, fields: Fields, allow_absolute_paths: bool) -> ShardPairs:
+    """Shards as ShardPairs; parquet files carry the path rule in their fields, since their
+    samples' paths resolve where they are decoded (fields.py)."""
+    if any(is_parquet(path) for path in paths):
+        fields = replace(fields, allow_absolute_paths=allow_absolute_paths)
+    return ShardPairs(paths, fields)
+
+
+# Hugging Face's shard names: SPLIT-00000-of-00004.parquet
+_SPLIT_FILE = re.compile(r"(.+)-(\d+)-of-(\d+)\.parquet")
+
+
+def _folder(path: Path) -> list[Path]:
+    """The shards of a directory: its ``*.tar`` or its ``*.parquet`` files, never both,
+    and never the parquet files of several Hugging Face splits (``train-*``, ``test-*``:
+    one would leak into the other)."""
+    tars, parquets = sorted(path.glob("*.tar")), sorted(path.glob("*.parquet"))
+    if tars and parquets:
+        raise ValueError(
+            f"directory {path} holds both .tar shards and .parquet files, and a source is "
+            "one kind: name the files of one with a quoted brace pattern"
+        )
+    if not tars and not parquets:
+        nested = path / "data"
+        hint = f" (its data/ folder has some: {nested})" if any(nested.glob("*.parquet")) else ""
+        raise FileNotFoundError(f"no *.tar shards or *.parquet files in directory {path}{hint}")
+    splits: dict[str, list[re.Match]] = {}
+    for file in parquets:
+        if match := _SPLIT_FILE.fullmatch(file.name):
+            splits.setdefault(match.group(1), []).append(match)
+    if len(splits) > 1:
+        name = "train" if "train" in splits else min(splits)
+        numbers = sorted(match.group(2) for match in splits[name])
+        total = splits[name][0].group(3)
+        pattern = path / f"{name}-{{{numbers[0]}..{numbers[-1]}}}-of-{total}.parquet"
+        raise ValueError(
+            f"directory {path} holds the parquet files of several splits "
+            f"({', '.join(sorted(splits))}); name one split's files with a quoted brace "
+            f"pattern, e.g. '{pattern}'"
+        )
+    return tars or parquets
+
+
 def epoch_size(source: PairSource) -> int:
-    """Number of pairs in one epoch over all ranks (shards: counted from tar headers)."""
+    """Number of pairs in one epoch over all ranks (shards: counted from tar headers or
+    parquet footers)."""
     return len(open_pairs(source))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from threetowers.data.sources.bad_samples import BadSample
-from threetowers.data.sources.decode import clean_captions, is_utf8, load_image
+from threetowers.data.sources.decode import clean_captions, image_path, is_utf8, load_image
 from threetowers.data.sources.fields import DEFAULT_FIELDS, Fields
 from threetowers.data.sources.pair import ORDER_STREAM, Pair, check_seed
 
@@ -176,7 +175,7 @@ class _Rows:
         try:
             if key is not None and not is_utf8(key):
                 raise BadSample("malformed_row", f"{where}: key {key!r} is not UTF-8")
-            path = _resolve(self.table_path, image, self.allow_absolute_paths, where)
+            path = image_path(self.table_path, image, self.allow_absolute_paths, where)
         except BadSample as bad:
             self._append(Path(), [], key, bad)
             return
@@ -207,22 +206,3 @@ def _existing(path: str | Path) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"pairs file not found: {path}")
     return path
-
-
-def _resolve(table: Path, image: str, allow_absolute_paths: bool, where: str) -> Path:
-    """An image path of a table, relative to the table's folder.
-
-    Absolute paths and paths that climb out with ``..`` are refused unless allowed, so that a
-    data file cannot make the loader read elsewhere. The check is lexical: symbolic links
-    inside the folder are the folder owner's choice and are followed.
-    """
-    if not is_utf8(image):
-        raise BadSample("malformed_row", f"{where}: image path {image!r} is not UTF-8")
-    path = Path(image)
-    inside = not path.is_absolute() and Path(os.path.normpath(image)).parts[:1] != (os.pardir,)
-    if not (inside or allow_absolute_paths):
-        raise BadSample(
-            "path_outside_root",
-            f"{where}: image path {image!r} leaves the table's folder {table.parent}",
-        )
-    return path if path.is_absolute() else table.parent / path

@@ -179,8 +179,10 @@ def test_too_much_bad_data_stops_training_naming_examples(shards, tmp_path, caps
     ],
 )
 def test_missing_paths_and_bad_values_are_named(shards, tmp_path, capsys, overrides, message):
-    argv = ["train", "tiny", "model.mode=clip", f"data.train={shards}", "data.batch_size=4"]
-    argv += ["train.steps=1", "data.max_bad_fraction=0.5", *overrides]
+    settings = {"model.mode": "clip", "data.train": shards, "data.batch_size": 4}
+    settings |= {"train.steps": 1, "data.max_bad_fraction": 0.5}
+    settings |= dict(item.split("=", 1) for item in overrides)  # a key is given once
+    argv = ["train", "tiny", *(f"{key}={value}" for key, value in settings.items())]
     assert main([*argv, "--run-dir", str(tmp_path / "run"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err

@@ -235,8 +235,22 @@ class WorldConfig(Section):
     workers: int = Field(2, gt=0)
 
 
+class TrainSource(Section):
+    """One of several training sources (``data.train`` as a list)."""
+
+    source: str  # anything data.train accepts alone
+    weight: float = Field(1.0, gt=0)  # its share of the samples drawn (data.resampled)
+    name: str | None = None  # names its metrics (data/source/NAME/samples); default: position
+
+
 class DataConfig(Section):
-    train: str | None = None  # pairs: CSV/TSV/JSONL file, shard directory or pattern; None: world
+    # pairs: a CSV/TSV/JSONL file, .tar or .parquet shards (a directory or pattern), several
+    # as a list of {source, weight, name} or OpenCLIP's 'A::B' (weights: train_weights 'W1::W2')
+    train: str | list[TrainSource] | None = None
+    train_weights: str | float | None = None
+    # draw shards with replacement, in proportion to the sources' weights (webdataset's
+    # resampling): an epoch is one pass's worth of samples, not every sample once
+    resampled: bool = False
     # Where each sample's image and captions are: a table's column, a JSONL key, a shard's
     # member extension ("jpg;png") or, for captions, a field of its .json member. None: image
     # and caption (or captions) in tables; the usual image members and .txt in shards.
@@ -270,12 +284,60 @@ class DataConfig(Section):
     # ("..") only when this is set: a data file must not make the loader read elsewhere.
     allow_absolute_paths: bool = False
 
+    def train_sources(self) -> list[TrainSource] | None:
+        """``train`` as a list of named sources (None: the embedded world)."""
+        if self.train is None:
+            return None
+        if isinstance(self.train, list):
+            items = self.train
+        else:
+            paths = self.train.split("::")
+            weights = str(self.train_weights or "::".join(["1"] * len(paths))).split("::")
+            items = [
+                TrainSource(source=p, weight=float(w)) for p, w in zip(paths, weights, strict=True)
+            ]
+        return [
+            item.model_copy(update={"name": item.name or str(position)})
+            for position, item in enumerate(items)
+        ]
+
+    @model_validator(mode="after")
+    def _sources_consistent(self) -> DataConfig:
+        if self.train_weights is not None:
+            if not isinstance(self.train, str) or "::" not in self.train:
+                raise ValueError("train_weights goes with data.train='A::B' (one weight each)")
+            paths, weights = self.train.split("::"), str(self.train_weights).split("::")
+            if len(weights) != len(paths) or not all(_positive(w) for w in weights):
+                raise ValueError(
+                    f"train_weights needs {len(paths)} positive numbers 'W1::W2...', one per "
+                    f"source, got {self.train_weights!r}"
+                )
+        sources = self.train_sources() or []
+        names = [item.name for item in sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"train: source names must differ, got {names}")
+        if len({item.weight for item in sources}) > 1 and not self.resampled:
+            raise ValueError(
+                "train: weights draw samples with replacement; set data.resampled=true (or "
+                "give every source the same weight to read each sample once per epoch)"
+            )
+        if self.resampled and self.preload:
+            raise ValueError("resampled and preload exclude each other: preload reads rows")
+        return self
+
     @model_validator(mode="after")
     def _crop_scale_in_range(self) -> DataConfig:
         low, high = self.crop_scale
         if not 0 < low <= high <= 1:
             raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
         return self
+
+
+def _positive(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
 
 
 class EvalConfig(Section):
@@ -323,7 +385,7 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _continued_before_the_end(self) -> TrainConfig:
         ends = [*self.continued_from, self.steps]
-        if any(earlier >= later for earlier, later in itertools.pairwise(ends)):
+        if any(earlier >= later for earlier, later in zip(ends, ends[1:], strict=False)):
             raise ValueError(
                 f"continued_from must be increasing steps below steps={self.steps}, got "
                 f"{self.continued_from}; leave it out: a continuation records it"

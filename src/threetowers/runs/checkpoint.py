@@ -161,6 +161,18 @@ def restore_model(model: torch.nn.Module, checkpoint: Checkpoint) -> None:
         )
 
 
+def load_matching(
+    model: torch.nn.Module, weights: dict[str, torch.Tensor]
+) -> tuple[list[str], list[str]]:
+    """Load the tensors of ``weights`` (another run's) whose name and shape the model's
+    trainable state has; returns the model's names left as they were and the names of
+    ``weights`` not used, sorted."""
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(FROZEN_PREFIX)}
+    fitting = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(fitting, strict=False)
+    return sorted(own.keys() - fitting.keys()), sorted(weights.keys() - fitting.keys())
+
+
 def check_tokenizer(checkpoint: Checkpoint | None, digest: str, where: str) -> None:
     """Refuse a tokenizer other than the one ``checkpoint`` was trained with: its token ids
     would silently stand for other words. ``where`` names the tokenizer's file or setting."""

@@ -12,6 +12,7 @@ from threetowers.data.tokenizer import CaptionTokenizer
 from threetowers.model.build import build_model
 from threetowers.model.three_towers import ThreeTowers
 from threetowers.runs.checkpoint import (
+    Checkpoint,
     check_tokenizer,
     load_checkpoint,
     load_latest,
@@ -32,8 +33,9 @@ class TrainedRun:
     fingerprint: str
 
 
-def load_trained(path: str | Path, device: str = "cpu") -> TrainedRun:
-    """``path``: a run directory (its latest valid checkpoint) or one checkpoint directory."""
+def find_checkpoint(path: str | Path) -> tuple[Path, Checkpoint]:
+    """``path``: a run directory (its latest valid checkpoint) or one checkpoint directory of
+    a run; returns the run directory and the checkpoint."""
     path = Path(path)
     if (path / "meta.json").is_file() and path.parent.name == "checkpoints":
         run_dir, checkpoint = path.parent.parent, load_checkpoint(path)
@@ -46,11 +48,24 @@ def load_trained(path: str | Path, device: str = "cpu") -> TrainedRun:
         )
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir} has no readable checkpoint yet; train it first")
+    return run_dir, checkpoint
+
+
+def trained_tokenizer(run_dir: Path, cfg: Config, checkpoint: Checkpoint) -> CaptionTokenizer:
+    """The run's tokenizer.json, refused unless it is the one ``checkpoint`` was trained with."""
+    path = run_dir / "tokenizer.json"
+    tokenizer = CaptionTokenizer.load(path, cfg.model.text.context_length)
+    check_tokenizer(checkpoint, tokenizer.digest(), str(path))
+    return tokenizer
+
+
+def load_trained(path: str | Path, device: str = "cpu") -> TrainedRun:
+    """``path``: a run directory (its latest valid checkpoint) or one checkpoint directory."""
+    run_dir, checkpoint = find_checkpoint(path)
     cfg = load_config(run_dir / "config.yaml")
     model = build_model(cfg, device=device)
     restore_model(model, checkpoint)
-    tokenizer = CaptionTokenizer.load(run_dir / "tokenizer.json", cfg.model.text.context_length)
-    check_tokenizer(checkpoint, tokenizer.digest(), str(run_dir / "tokenizer.json"))
+    tokenizer = trained_tokenizer(run_dir, cfg, checkpoint)
     identity = {
         "weights": checkpoint.meta["sha256"]["model.safetensors"],
         "model": cfg.model.model_dump(mode="json"),

@@ -10,6 +10,29 @@ a batch left with none is no step); a step with a non-finite loss or gradient ch
 weight and no optimizer state, and ``train.max_bad_steps`` of them in a row stop the run.
 One process writes a run directory (its lock); SIGTERM, how clusters stop a job, saves a
 checkpoint at the next step boundary and stops the run cleanly (:class:`Stopped`).
+
+A start checks what a user can get wrong before any long work (training the tokenizer,
+building the frozen towers' caches): the run directory's checkpoints and config, every
+benchmark path, ``train.init_from`` and the data. config.yaml is written only then, so the
+corrected command of a start that failed runs in the same directory (``runs/run_dir.py``).
+
+Fine-tuning: ``train.init_from`` starts a new run from another run's trained weights, those
+whose names and shapes fit (the rest stay new; one log line names both sides). Optimizer,
+schedule, data position and step start afresh; the source run's tokenizer.json is copied,
+since the text tower's token ids must mean the same words, unless ``data.tokenizer`` names
+one. It applies only while the run has no checkpoint of its own: re-running the command
+resumes the new run.
+
+Continuing: the same config with a larger ``train.steps`` continues a run in its directory.
+The added steps are scheduled as a run of their own: ``train.warmup_steps`` of linear warmup
+to ``train.lr``, then cosine to 0 at the new ``train.steps``; Adam's moments, the data
+position and the counts carry on (a run stopped short of its ``train.steps`` first ends its
+own schedule). A restart rather than one cosine stretched over all the steps: the finished
+run ended at lr 0 under its own schedule, and stretching would start the added steps with a
+jump to a mid-cosine lr, without warmup. The steps continued from are recorded in
+config.yaml (``train.continued_from``), so the lr is a function of the config and the step
+alone: a resume anywhere in a continued run is exact, and a run never continued keeps its
+schedule and numbers.
 """
 
 from __future__ import annotations
@@ -30,8 +53,8 @@ from tqdm import tqdm
 
 from threetowers import distributed, locks
 from threetowers.atomic import write_atomic
-from threetowers.config import Config
-from threetowers.data.pipeline import TrainingData
+from threetowers.config import Config, ConfigError, load_config
+from threetowers.data.pipeline import TrainingData, training_source
 from threetowers.data.sources.bad_samples import BadDataError, BadSampleLog
 from threetowers.evaluation.inputs import EvalCache
 from threetowers.evaluation.suite import chance_levels, evaluate_model, resolve_benchmarks
@@ -39,15 +62,25 @@ from threetowers.model.build import build_model
 from threetowers.model.three_towers import ThreeTowers
 from threetowers.readback import DamagedFileError, read_json
 from threetowers.runs.checkpoint import (
+    Checkpoint,
     check_tokenizer,
     checkpoint_path,
     load_latest,
+    load_matching,
     remove_stale_temporaries,
     restore_model,
     save_checkpoint,
 )
-from threetowers.runs.run_dir import MetricsLog, drop_metrics_after, prepare_run_dir, run_dir_of
-from threetowers.training.optim import make_optimizer
+from threetowers.runs.run_dir import (
+    MetricsLog,
+    config_to_train,
+    drop_metrics_after,
+    prepare_run_dir,
+    record_config,
+    run_dir_of,
+)
+from threetowers.runs.trained import find_checkpoint, trained_tokenizer
+from threetowers.training.optim import continued_schedule, follow, make_optimizer
 from threetowers.training.state import StepHealth, TrainingState, due
 
 log = logging.getLogger(__name__)
@@ -125,17 +158,20 @@ def _train(
     torch.manual_seed(cfg.train.seed)
     checkpoints = run_dir / "checkpoints"
     with distributed.main_first():  # rank 0 writes the run directory, tokenizer and caches
-        if main:
-            prepare_run_dir(cfg, run_dir)
-            remove_stale_temporaries(checkpoints)
-        resumed = load_latest(checkpoints)  # before any long work: no usable one stops here
-        data = TrainingData(cfg, run_dir)
+        # every path a user gives is checked before any long work (tokenizer, caches)
+        cfg, resumed = _admit(cfg, run_dir, main)
+        init = _init_from(cfg, run_dir, main) if resumed is None and cfg.train.init_from else None
+        benchmarks = _benchmarks(cfg) if main else None
+        data = TrainingData(cfg, run_dir)  # opens the data, then trains or loads the tokenizer
+        if main:  # the data and every path opened: this start is the run's
+            record_config(cfg, run_dir)
         tokenizer = cfg.data.tokenizer or run_dir / "tokenizer.json"
         check_tokenizer(resumed, data.tokenizer.digest(), str(tokenizer))
         model = build_model(cfg, device=device)
+        if init is not None:
+            _initialise(model, init, cfg.train.init_from)
         data.attach(model, progress and main)
     if main:
-        benchmarks = resolve_benchmarks(cfg.eval, data.world, cfg.data.allow_absolute_paths)
         write_atomic(run_dir / "chance.json", json.dumps(chance_levels(benchmarks), indent=1))
     optimizer, schedule = make_optimizer(
         model, cfg.train.lr, cfg.train.weight_decay, cfg.train.warmup_steps, cfg.train.steps
@@ -143,6 +179,10 @@ def _train(
     bad_data = BadSampleLog(cfg.data.max_bad_fraction, "training data", size=len(data.pairs))
     run = TrainingState(optimizer, schedule, bad_data, StepHealth(cfg.train.max_bad_steps))
     last_checkpoint = _resume(resumed, checkpoints, model, run)
+    follow(
+        schedule,
+        continued_schedule(cfg.train.warmup_steps, cfg.train.steps, cfg.train.continued_from),
+    )
     forward = _distributed_data_parallel(model, device) if world > 1 else model
     if main:
         drop_metrics_after(run_dir / "metrics.jsonl", run.step)
@@ -234,6 +274,60 @@ def _train(
         metrics.close()
     distributed.barrier()  # the run is complete (checkpoint, eval.json) when any rank returns
     return run_dir
+
+
+def _admit(cfg: Config, run_dir: Path, main: bool) -> tuple[Config, Checkpoint | None]:
+    """The config this start of the run trains (a continuation's records its history) and
+    the checkpoint it resumes (None: none)."""
+    checkpoints = run_dir / "checkpoints"
+    if main:
+        remove_stale_temporaries(checkpoints)
+    resumed = load_latest(checkpoints)  # no usable checkpoint stops here
+    step = None if resumed is None else resumed.step
+    if main:
+        return prepare_run_dir(cfg, run_dir, step), resumed
+    return config_to_train(cfg, run_dir, step), resumed  # as rank 0 admitted and recorded it
+
+
+def _benchmarks(cfg: Config):
+    """The benchmarks, their paths checked (the embedded world's manifest names its own)."""
+    _, world = training_source(cfg)
+    return resolve_benchmarks(cfg.eval, world, cfg.data.allow_absolute_paths)
+
+
+def _init_from(cfg: Config, run_dir: Path, main: bool) -> Checkpoint:
+    """The checkpoint ``train.init_from`` names, checked with its tokenizer before any work;
+    unless ``data.tokenizer`` is set, rank 0 copies that tokenizer.json into the run, byte
+    for byte (a new tokenizer would give the trained token embeddings other words)."""
+    try:
+        source, checkpoint = find_checkpoint(cfg.train.init_from)
+        tokenizer = source / "tokenizer.json"
+        if cfg.data.tokenizer is None:
+            if not tokenizer.is_file():
+                raise FileNotFoundError(
+                    f"{tokenizer} is missing, and the text tower's token ids mean its "
+                    "words; restore it, or set data.tokenizer to the tokenizer "
+                    f"{source} was trained with"
+                )
+            trained_tokenizer(source, load_config(source / "config.yaml"), checkpoint)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"train.init_from: {error}") from None
+    if main and cfg.data.tokenizer is None:
+        write_atomic(run_dir / "tokenizer.json", tokenizer.read_bytes())
+    return checkpoint
+
+
+def _initialise(model: ThreeTowers, checkpoint: Checkpoint, source: str) -> None:
+    """Start ``model`` from the weights of ``checkpoint`` that fit it."""
+    new, unused = load_matching(model, checkpoint.model)
+    log.info(
+        "train.init_from: %d tensors from step %d of %s; left new: %s; not used: %s",
+        len(checkpoint.model) - len(unused),
+        checkpoint.step,
+        source,
+        ", ".join(new) or "none",
+        ", ".join(unused) or "none",
+    )
 
 
 def _distributed_data_parallel(model: ThreeTowers, device: torch.device):

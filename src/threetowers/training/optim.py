@@ -1,4 +1,5 @@
-"""AdamW parameter groups and the warmup + cosine learning-rate schedule."""
+"""AdamW parameter groups and the warmup + cosine learning-rate schedule (restarted over
+the steps each continuation of a run adds)."""
 
 from __future__ import annotations
 
@@ -40,3 +41,29 @@ def make_optimizer(
         optimizer, warmup_cosine(warmup_steps, total_steps)
     )
     return optimizer, schedule
+
+
+def continued_schedule(warmup_steps: int, steps: int, continued_from: list[int]):
+    """The lr multiplier after ``step`` steps: warmup and cosine to 0 over ``steps``,
+    restarted at each step a continuation began (``train.continued_from``), over the steps
+    it added."""
+    starts = [0, *continued_from]
+    parts = [
+        (start, warmup_cosine(warmup_steps, end - start))
+        for start, end in zip(starts, [*continued_from, steps], strict=True)
+    ]
+
+    def factor(step: int) -> float:
+        start, part = next((start, part) for start, part in reversed(parts) if step >= start)
+        return part(step - start)
+
+    return factor
+
+
+def follow(schedule: torch.optim.lr_scheduler.LambdaLR, factor) -> None:
+    """Make ``schedule`` (its state restored) follow ``factor`` from its step on: a
+    checkpoint holds the lr of the schedule it was saved under, which a continuation
+    restarts."""
+    schedule.lr_lambdas = [factor] * len(schedule.lr_lambdas)
+    for group, base in zip(schedule.optimizer.param_groups, schedule.base_lrs, strict=True):
+        group["lr"] = base * factor(schedule.last_epoch)

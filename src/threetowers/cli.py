@@ -189,7 +189,7 @@ def _cache(args: argparse.Namespace) -> None:
     if not towers:
         raise ConfigError("mode 'clip' has no frozen tower to cache; use model.mode=3t or lit")
     text = structure_of(cfg.model).text
-    pairs, _ = open_training_pairs(cfg)
+    pairs, *_ = open_training_pairs(cfg)
     units = dataset_units(pairs)
     spec = CacheSpec(cfg.data.cache_dir, cfg.data.cache_dtype)
     caches = build_caches(

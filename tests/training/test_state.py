@@ -17,6 +17,7 @@ CHECKPOINT_KEYS = {
     "batch_in_epoch",
     "bad_samples",
     "health",
+    "sources",
 }
 
 
@@ -41,6 +42,8 @@ def test_a_state_restores_everything_it_saved():
     saved = state(0)
     saved.epoch, saved.batch_in_epoch = 2, 7
     saved.health.update(False, 5, {"loss": float("nan")}, None)
+    saved.sources.samples.update({"cc3m": 30, "laion": 90})
+    saved.sources.bad.update({"laion": 2})
     snapshot = saved.state_dict()
     assert set(snapshot) == CHECKPOINT_KEYS
     expected_rng = torch.get_rng_state()
@@ -49,6 +52,10 @@ def test_a_state_restores_everything_it_saved():
     restored.load_state_dict(snapshot, step=12)
     assert (restored.step, restored.epoch, restored.batch_in_epoch) == (12, 2, 7)
     assert restored.health.state_dict() == {"in_a_row": 1, "skipped": 1}
+    assert restored.sources.state_dict() == {
+        "samples": {"cc3m": 30, "laion": 90},
+        "bad": {"laion": 2},
+    }
     assert restored.schedule.state_dict() == saved.schedule.state_dict()
     moments = restored.optimizer.state_dict()["state"][0]["exp_avg"]
     assert torch.equal(moments, saved.optimizer.state_dict()["state"][0]["exp_avg"])
@@ -57,7 +64,7 @@ def test_a_state_restores_everything_it_saved():
 
 def test_a_checkpoint_without_counts_starts_them_from_zero():
     old = state(0).state_dict()
-    del old["bad_samples"], old["health"]
+    del old["bad_samples"], old["health"], old["sources"]
     restored = state(1)
     restored.load_state_dict(old, step=3)
     assert restored.health.skipped == 0 and restored.step == 3

@@ -23,6 +23,7 @@ from threetowers.data.caches.units import dataset_units
 from threetowers.data.sources.bad_samples import BadDataError, refuse_known_bad
 from threetowers.data.sources.fields import Fields
 from threetowers.data.sources.loader import num_batches, pair_batches
+from threetowers.data.sources.mix import SourceMix, open_sources
 from threetowers.data.sources.pair import Pair
 from threetowers.data.sources.pairs import iter_captions, open_pairs
 from threetowers.data.sources.shards import ShardPairs
@@ -43,22 +44,28 @@ def ensure_world(world: WorldConfig) -> dict:
     return read_json(manifest_path) | {"root": str(manifest_path.parent)}
 
 
-def training_source(cfg: Config) -> tuple[str | list[str], dict | None]:
-    """The training pairs (the user's, or the world's train shards) and the world manifest."""
-    if cfg.data.train is not None:
-        return cfg.data.train, None
+def training_source(cfg: Config) -> tuple[list[tuple[str, object, float]], dict | None]:
+    """The training sources as (name, source, weight) - the user's, or the world's train
+    shards - and the world manifest."""
+    sources = cfg.data.train_sources()
+    if sources is not None:
+        return [(item.name, item.source, item.weight) for item in sources], None
     manifest = ensure_world(cfg.data.world)
     root = Path(manifest["root"])
-    return [str(root / name) for name in manifest["files"]["pairs/train"]], manifest
+    return [("0", [str(root / name) for name in manifest["files"]["pairs/train"]], 1.0)], manifest
 
 
-def open_training_pairs(cfg: Config) -> tuple[PairTable | ShardPairs, dict | None]:
-    """The opened training pairs, under the config's path policy, and the world manifest."""
-    source, world = training_source(cfg)
+def open_training_pairs(
+    cfg: Config,
+) -> tuple[PairTable | ShardPairs, dict | None, SourceMix | None]:
+    """The opened training pairs (several sources joined), under the config's path policy;
+    the world manifest; the mix of sources (None for a table)."""
+    sources, world = training_source(cfg)
+    fields = Fields(cfg.data.image_key, cfg.data.caption_key)
+    allow = cfg.data.allow_absolute_paths
     try:
-        fields = Fields(cfg.data.image_key, cfg.data.caption_key)
-        pairs = open_pairs(
-            source, fields=fields, allow_absolute_paths=cfg.data.allow_absolute_paths
+        pairs, mix = open_sources(
+            sources, lambda source: open_pairs(source, fields=fields, allow_absolute_paths=allow)
         )
     except FileNotFoundError as error:
         raise FileNotFoundError(
@@ -69,7 +76,12 @@ def open_training_pairs(cfg: Config) -> tuple[PairTable | ShardPairs, dict | Non
     if isinstance(pairs, PairTable):  # its rows are read: the real cause comes first
         known = [bad.skipped(pairs.ids[row]) for row, bad in sorted(pairs.bad.items())]
         refuse_known_bad(f"data.train {pairs.name}", len(pairs), known, cfg.data.max_bad_fraction)
-    return pairs, world
+        if cfg.data.resampled:
+            raise ConfigError(
+                f"data.resampled draws shards with replacement; {pairs.name} is a table, read "
+                "row by row: write it as shards, or leave data.resampled unset"
+            )
+    return pairs, world, mix
 
 
 def load_or_train_tokenizer(cfg: Config, run_dir: Path, source) -> CaptionTokenizer:
@@ -164,7 +176,7 @@ def _regroup(batch: dict, prefix: str, prepare: dict | None = None) -> None:
 class TrainingData:
     def __init__(self, cfg: Config, run_dir: Path) -> None:
         self.cfg = cfg
-        self.pairs, self.world = open_training_pairs(cfg)
+        self.pairs, self.world, self.mix = open_training_pairs(cfg)
         self.source = self.pairs  # as opened (``pairs`` becomes the preloaded table)
         self.tokenizer = load_or_train_tokenizer(cfg, run_dir, self.pairs)
         self.caches: dict[str, StreamedFeatures] = {}  # image tower -> its feature cache
@@ -236,6 +248,8 @@ class TrainingData:
             # preloaded rows are a memory read: worker processes would cost more than they save
             "num_workers": 0 if data.preload else data.num_workers,
         }
+        if data.resampled:
+            split["resampled"] = self.mix.resampled(self.pairs)
         batches = pair_batches(
             self.pairs,
             example=self.example,

@@ -56,6 +56,7 @@ from threetowers.atomic import write_atomic
 from threetowers.config import Config, ConfigError, load_config
 from threetowers.data.pipeline import TrainingData, training_source
 from threetowers.data.sources.bad_samples import BadDataError, BadSampleLog
+from threetowers.data.sources.mix import SourceCounts
 from threetowers.evaluation.inputs import EvalCache
 from threetowers.evaluation.suite import chance_levels, evaluate_model, resolve_benchmarks
 from threetowers.model.build import build_model
@@ -177,7 +178,9 @@ def _train(
         model, cfg.train.lr, cfg.train.weight_decay, cfg.train.warmup_steps, cfg.train.steps
     )
     bad_data = BadSampleLog(cfg.data.max_bad_fraction, "training data", size=len(data.pairs))
-    run = TrainingState(optimizer, schedule, bad_data, StepHealth(cfg.train.max_bad_steps))
+    sources = SourceCounts(data.mix)
+    health = StepHealth(cfg.train.max_bad_steps)
+    run = TrainingState(optimizer, schedule, bad_data, health, sources)
     last_checkpoint = _resume(resumed, checkpoints, model, run)
     follow(
         schedule,
@@ -194,10 +197,11 @@ def _train(
     while run.step < total:
         steps_before, whole_epoch = run.step, run.batch_in_epoch == 0
         for batch in data.batches(run.epoch, run.batch_in_epoch):
-            counts, skipped, stopping = _across_ranks(
-                len(batch["ids"]), batch.pop("skipped"), stop.is_set()
+            counts, skipped, stopping, drawn = _across_ranks(
+                batch["ids"], batch.pop("skipped"), stop.is_set(), sources
             )
             bad_data.record(sum(counts), skipped)
+            sources.record(drawn, skipped)
             run.batch_in_epoch += 1
             if min(counts) == 0:  # some rank has nothing left: no step (the ranks move together)
                 if sum(counts):
@@ -225,6 +229,7 @@ def _train(
                     | {k: v.item() for k, v in logs.items()}
                     | {"skipped_steps": run.health.skipped}
                     | bad_data.metrics()
+                    | sources.metrics()
                 )
                 if main:
                     metrics.log(record)
@@ -345,13 +350,14 @@ def _distributed_data_parallel(model: ThreeTowers, device: torch.device):
     return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
 
 
-def _across_ranks(used: int, skipped: list, stop: bool) -> tuple[list[int], list, bool]:
-    """Every rank's batch size, all ranks' bad samples and whether any rank was asked to
-    stop: the counts every rank keeps (and rank 0 checkpoints) are those of the global batch,
-    and the ranks stop at the same step."""
-    shares = distributed.all_gather_objects((used, skipped, stop))
-    counts = [count for count, _, _ in shares]
-    return counts, [bad for _, share, _ in shares for bad in share], any(s for *_, s in shares)
+def _across_ranks(ids: list[str], skipped: list, stop: bool, sources: SourceCounts):
+    """Every rank's batch size, all ranks' bad samples, whether any rank was asked to stop,
+    and every rank's samples by source: the counts every rank keeps (and rank 0 checkpoints)
+    are those of the global batch, and the ranks stop at the same step."""
+    shares = distributed.all_gather_objects((len(ids), skipped, stop, sources.of(ids)))
+    counts = [count for count, *_ in shares]
+    bad = [sample for _, share, *_ in shares for sample in share]
+    return counts, bad, any(stopped for *_, stopped, _ in shares), [s for *_, s in shares]
 
 
 def _evaluate(model, data, benchmarks, cfg: Config, run_dir: Path, step: int, metrics) -> None:

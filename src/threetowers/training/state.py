@@ -1,9 +1,9 @@
 """What a resume restores besides the weights, in one object, and when periodic actions run.
 
 :class:`TrainingState` holds the optimizer, the schedule, the data position, the torch RNG
-and the counts of bad samples and skipped steps; its ``state_dict`` is a checkpoint's
-``state.pt`` (the keys every earlier checkpoint has) and ``load_state_dict`` puts all of it
-back. :func:`due` is the one rule for "is it time" (log, checkpoint, evaluate).
+and the counts of bad samples, skipped steps and samples by source; its ``state_dict`` is a
+checkpoint's ``state.pt`` (the keys every earlier checkpoint has) and ``load_state_dict``
+puts all of it back. :func:`due` is the one rule for "is it time" (log, checkpoint, evaluate).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from threetowers.data.sources.bad_samples import BadSampleLog
+from threetowers.data.sources.mix import SourceCounts
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +69,17 @@ class StepHealth:
 class TrainingState:
     """The position of a run and everything it carries from step to step but the weights."""
 
-    def __init__(self, optimizer, schedule, bad_data: BadSampleLog, health: StepHealth) -> None:
+    def __init__(
+        self,
+        optimizer,
+        schedule,
+        bad_data: BadSampleLog,
+        health: StepHealth,
+        sources: SourceCounts | None = None,
+    ) -> None:
         self.optimizer, self.schedule = optimizer, schedule
         self.bad_data, self.health = bad_data, health
+        self.sources = sources or SourceCounts(None)
         self.step = self.epoch = self.batch_in_epoch = 0
 
     def state_dict(self) -> dict[str, Any]:
@@ -82,6 +91,7 @@ class TrainingState:
             "batch_in_epoch": self.batch_in_epoch,
             "bad_samples": self.bad_data.state_dict(),
             "health": self.health.state_dict(),
+            "sources": self.sources.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any], step: int) -> None:
@@ -92,5 +102,7 @@ class TrainingState:
         if "bad_samples" in state:  # older checkpoints have no counts: they start from zero
             self.bad_data.load_state_dict(state["bad_samples"])
             self.health.load_state_dict(state["health"])
+        if "sources" in state:  # likewise the counts by source
+            self.sources.load_state_dict(state["sources"])
         self.step, self.epoch = step, state["epoch"]
         self.batch_in_epoch = state["batch_in_epoch"]

@@ -29,6 +29,10 @@ the same batches, bit for bit):
       and listed in its ``"skipped"`` entry. So batches stay the same, bit for bit, on
       resume, and counts of bad samples travel with the batches (exact with any number of
       workers). A batch of bad samples only has ``"ids"`` empty and no example fields.
+    * Resampled (:class:`Resampled`): each (rank, worker) draws shards with replacement,
+      seeded by (seed, epoch, rank, worker), until it holds its share of one pass; so a
+      sample may come twice in an epoch or not at all, ranks may draw the same shard, and
+      ``start_batch=k`` is exact as above.
     * Not guaranteed: the same batches after the data changes, or across versions of
       numpy, webdataset or Pillow (permutations, the shuffle buffer and decoders may move).
       Shards must be local files (sample counts come from their tar headers, or a
@@ -50,7 +54,13 @@ import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from threetowers.data.sources.bad_samples import BadSample, Skipped
-from threetowers.data.sources.pair import BUFFER_STREAM, Pair, check_seed, sample_rng
+from threetowers.data.sources.pair import (
+    BUFFER_STREAM,
+    RESAMPLE_STREAM,
+    Pair,
+    check_seed,
+    sample_rng,
+)
 from threetowers.data.sources.pairs import PairSource, open_pairs
 from threetowers.data.sources.shards import (
     ShardPairs,
@@ -95,6 +105,30 @@ class _WorkerPlan:
     batches: int
 
 
+@dataclass(frozen=True)
+class Resampled:
+    """Shards drawn with replacement, each in proportion to its weight (one per shard of the
+    source), as webdataset's ResampledShards draws them: for each (rank, worker), seeded by
+    (seed, epoch, rank, worker), until the worker holds its share of one pass over the data.
+    An epoch is then a stretch of that length, not a visit of every sample; a resume draws
+    the same shards again, so it stays exact. Weights per source: :func:`source_weights`."""
+
+    weights: tuple[float, ...]
+
+
+def source_weights(sizes: Sequence[int], sources: Sequence[int], weights: Sequence[float]):
+    """Per-shard weights under which source ``k`` (``sources[i]``: shard i's source) gives
+    ``weights[k] / sum(weights)`` of the samples drawn, each of its samples alike: a shard
+    holding samples weighs ``weights[k] / (samples of source k)``, whatever its size (a
+    drawn shard gives all its samples)."""
+    totals = np.zeros(len(weights))
+    np.add.at(totals, np.asarray(sources), np.asarray(sizes, dtype=float))
+    return tuple(
+        float(weights[k] / totals[k]) if size else 0.0
+        for size, k in zip(sizes, sources, strict=True)
+    )
+
+
 def _shard_plans(
     source: ShardPairs,
     batch_size: int,
@@ -104,8 +138,13 @@ def _shard_plans(
     world: int,
     workers: int,
     drop: bool,
+    resampled: Resampled | None = None,
 ) -> list[_WorkerPlan]:
     streams = max(1, workers)
+    if resampled is not None:
+        return _resampled_plans(
+            source, resampled, batch_size, seed, epoch, rank, world, streams, drop
+        )
     if len(source.shards) < world * streams:
         raise ValueError(
             f"{len(source.shards)} shards cannot feed {world} rank(s) x {streams} loader "
@@ -118,6 +157,33 @@ def _shard_plans(
     for worker in range(streams):
         shards = _assigned(order, rank, world, worker, streams)
         samples = sum(source.sizes[i] for i in shards)
+        plans.append(_WorkerPlan(shards, samples, _batch_count(samples, batch_size, drop)))
+    return plans
+
+
+def _resampled_plans(
+    source: ShardPairs,
+    resampled: Resampled,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world: int,
+    streams: int,
+    drop: bool,
+) -> list[_WorkerPlan]:
+    weights = np.asarray(resampled.weights, dtype=float)
+    if len(weights) != len(source.shards) or not weights.sum() > 0:
+        raise ValueError("resampling needs one non-negative weight per shard, not all zero")
+    share = -(-len(source) // (world * streams))  # each worker's part of one pass
+    plans = []
+    for worker in range(streams):
+        rng = np.random.default_rng([seed, epoch, RESAMPLE_STREAM, rank, worker])
+        shards, samples = [], 0
+        while samples < share:
+            shard = int(rng.choice(len(weights), p=weights / weights.sum()))
+            shards.append(shard)
+            samples += source.sizes[shard]
         plans.append(_WorkerPlan(shards, samples, _batch_count(samples, batch_size, drop)))
     return plans
 
@@ -163,13 +229,16 @@ def num_batches(
     world_size: int = 1,
     num_workers: int = 0,
     drop_last: bool = True,
+    resampled: Resampled | None = None,
 ) -> int:
     """Batches :func:`pair_batches` yields for ``rank`` in this epoch (from ``start_batch=0``)."""
     source = open_pairs(source)
     _check_loader_args(batch_size, 0, rank, world_size)
     if isinstance(source, PairTable):
         return len(_table_batches(source, batch_size, seed, epoch, rank, world_size, drop_last))
-    plans = _shard_plans(source, batch_size, seed, epoch, rank, world_size, num_workers, drop_last)
+    plans = _shard_plans(
+        source, batch_size, seed, epoch, rank, world_size, num_workers, drop_last, resampled
+    )
     return sum(plan.batches for plan in plans)
 
 
@@ -323,6 +392,7 @@ def pair_batches(
     num_workers: int = 0,
     shuffle_buffer: int = 1000,
     drop_last: bool = True,
+    resampled: Resampled | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Batches of one epoch for one rank: ``example`` outputs stacked, plus ``"ids"`` (each
     sample's id, see :class:`~threetowers.data.sources.pair.Pair`).
@@ -331,17 +401,22 @@ def pair_batches(
     dict of equally shaped tensors; ``pair`` carries this visit's caption, ``rng`` is
     seeded by (seed, epoch, key). ``start_batch=k`` yields batches k, k+1, ... of the same
     epoch. Bad samples are left out of their batch and listed in its ``"skipped"``. See the
-    module docstring for what is and is not guaranteed.
+    module docstring for what is and is not guaranteed. ``resampled``: shards drawn with
+    replacement (:class:`Resampled`; shard sources only).
     """
     # Plan (and fail) here, eagerly, rather than on the first next() of a generator.
     source = open_pairs(source)
     _check_loader_args(batch_size, start_batch, rank, world_size)
     check_seed(seed, epoch)
     if isinstance(source, PairTable):
+        if resampled is not None:
+            raise ValueError("resampling draws shards: a table is read as it is (no resampled)")
         batches = _table_batches(source, batch_size, seed, epoch, rank, world_size, drop_last)
         dataset = _TableExamples(source, example, seed, epoch)
         return _table_iterator(dataset, batches[start_batch:], num_workers)
-    plans = _shard_plans(source, batch_size, seed, epoch, rank, world_size, num_workers, drop_last)
+    plans = _shard_plans(
+        source, batch_size, seed, epoch, rank, world_size, num_workers, drop_last, resampled
+    )
     counts = [plan.batches for plan in plans]
     skipped, first = _resume_point(counts, start_batch)
     stream = _ShardStream(

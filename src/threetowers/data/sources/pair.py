@@ -13,6 +13,7 @@ from PIL import Image
 # Distinct streams for the separate uses of (seed, epoch): the sample order, the shard
 # order, shuffle buffers and per-sample draws must not share random numbers.
 ORDER_STREAM, SHARD_STREAM, BUFFER_STREAM, SAMPLE_STREAM = 101, 102, 103, 104
+RESAMPLE_STREAM = 105
 
 
 @dataclass

@@ -354,6 +354,9 @@ class EvalConfig(Section):
     zeroshot_split: str | None = "test"
     fewshot_shots: int = Field(10, ge=0)  # per class, drawn from the class folder's val split
     alpha_sweep: bool = True
+    # Held-out pairs of your own data (anything data.train accepts alone): the validation
+    # loss and retrieval on them at every evaluation (val_loss, val_i2t_R@1, ...)
+    val_data: str | None = None
     every: int = Field(0, ge=0)  # steps between evaluations; 0: only at the end
     batch_size: int = Field(256, gt=0)
 

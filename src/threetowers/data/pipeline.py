@@ -3,6 +3,7 @@ towers' feature caches."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 from pathlib import Path
@@ -20,13 +21,19 @@ from threetowers.data.caches.features import (
 )
 from threetowers.data.caches.preload import preload_pairs
 from threetowers.data.caches.units import dataset_units
-from threetowers.data.sources.bad_samples import BadDataError, refuse_known_bad
+from threetowers.data.sources.bad_samples import BadDataError, BadSample, refuse_known_bad
+from threetowers.data.sources.decode import clean_captions
 from threetowers.data.sources.fields import Fields
 from threetowers.data.sources.loader import num_batches, pair_batches
 from threetowers.data.sources.mix import SourceMix, open_sources
 from threetowers.data.sources.pair import Pair
 from threetowers.data.sources.pairs import iter_captions, open_pairs
-from threetowers.data.sources.shards import ShardPairs
+from threetowers.data.sources.shards import (
+    ShardPairs,
+    sample_captions,
+    shard_sample_id,
+    shard_samples,
+)
 from threetowers.data.sources.table import PairTable
 from threetowers.data.tokenizer import CaptionTokenizer, MemoisedEncoder
 from threetowers.data.transforms import PixelEvalTransform, PixelTrainTransform
@@ -82,6 +89,46 @@ def open_training_pairs(
                 "row by row: write it as shards, or leave data.resampled unset"
             )
     return pairs, world, mix
+
+
+def open_val_pairs(cfg: Config) -> PairTable | ShardPairs | None:
+    """``eval.val_data``, opened as ``data.train`` is (its fields, its path rule)."""
+    if cfg.eval.val_data is None:
+        return None
+    fields = Fields(cfg.data.image_key, cfg.data.caption_key)
+    try:
+        return open_pairs(
+            cfg.eval.val_data, fields=fields, allow_absolute_paths=cfg.data.allow_absolute_paths
+        )
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"eval.val_data: {error}") from None
+
+
+def captions_by_id(pairs: PairTable | ShardPairs) -> dict[str, list[str]]:
+    """Every usable caption of each usable sample of ``pairs``, by sample id (images unread)."""
+    found: dict[str, list[str]] = {}
+    if isinstance(pairs, PairTable):
+        for row, sample_id in enumerate(pairs.ids):
+            with contextlib.suppress(BadSample):
+                if row not in pairs.bad:
+                    found[sample_id] = clean_captions(pairs.captions[row], pairs.name)
+        return found
+    for sample in shard_samples(pairs.shards, fields=pairs.fields, images=False):
+        with contextlib.suppress(BadSample):
+            found[shard_sample_id(sample)] = sample_captions(sample, pairs.fields)
+    return found
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors (also those in its per-tower dicts) on ``device``."""
+    return {
+        key: to_device(value, device)
+        if isinstance(value, dict)
+        else value.to(device, non_blocking=True)
+        if torch.is_tensor(value)
+        else value
+        for key, value in batch.items()
+    }
 
 
 def load_or_train_tokenizer(cfg: Config, run_dir: Path, source) -> CaptionTokenizer:
@@ -177,6 +224,7 @@ class TrainingData:
     def __init__(self, cfg: Config, run_dir: Path) -> None:
         self.cfg = cfg
         self.pairs, self.world, self.mix = open_training_pairs(cfg)
+        self.val_pairs = open_val_pairs(cfg)  # opened now: a wrong path fails before any work
         self.source = self.pairs  # as opened (``pairs`` becomes the preloaded table)
         self.tokenizer = load_or_train_tokenizer(cfg, run_dir, self.pairs)
         self.caches: dict[str, StreamedFeatures] = {}  # image tower -> its feature cache
@@ -235,6 +283,14 @@ class TrainingData:
             self.encode = MemoisedEncoder(self.tokenizer)
             view = _already_decoded if view is not None else None
         self.example = TrainingExample(view, augment, frozen_views, self.caches, self.text_caches)
+        # validation: fixed views, every frozen tower live (no caches of the held-out pairs)
+        aligned = [name for name in model.structure.aligned if name in image_towers]
+        towers = {name: model.frozen[name].preprocessing for name in aligned}
+        val_view = PixelEvalTransform(pre) if pre is not None else None
+        val_views = {name: PixelEvalTransform(tower) for name, tower in towers.items()}
+        self.val_example = TrainingExample(val_view, None, val_views)
+        self.val_normalise = pre.normalize_pixels if pre is not None else None
+        self.val_frozen_normalise = {name: tower.normalize_pixels for name, tower in towers.items()}
 
     def batches(self, epoch: int, start_batch: int):
         """This rank's batches of ``epoch`` from ``start_batch`` on: ``data.batch_size`` is the
@@ -262,20 +318,51 @@ class TrainingData:
             least = min(num_batches(self.pairs, rank=r, **split) for r in range(world))
             batches = itertools.islice(batches, max(0, least - start_batch))
         for batch in batches:
-            if not batch["ids"]:  # only bad samples: nothing to prepare
-                yield batch
-                continue
-            # the captions stay: a frozen text tower reads them
-            batch["tokens"] = self.encode(batch["captions"])
-            if self.normalise is not None:
-                batch["images"] = self.normalise(batch["images"])
-            _regroup(batch, FROZEN_IMAGES, self.frozen_normalise)
-            _regroup(batch, FROZEN_FEATURES)
-            # Padding never changes a caption's embedding, so drop the all-padding columns:
-            # the text tower's cost follows the longest caption, not the context length.
-            longest = int((batch["tokens"] != self.tokenizer.pad_id).sum(dim=1).max())
-            batch["tokens"] = batch["tokens"][:, :longest]
-            yield batch
+            yield self._prepared(batch, self.encode, self.normalise, self.frozen_normalise)
+
+    def validation_batches(self):
+        """``eval.val_data``'s batches (one process), prepared like training's; with
+        :meth:`val_captions`, what ``evaluation.validation.validate`` reads."""
+        shards = getattr(self.val_pairs, "shards", None)
+        workers = (
+            self.cfg.data.num_workers
+            if shards is None
+            else min(self.cfg.data.num_workers, len(shards))
+        )
+        batches = pair_batches(
+            self.val_pairs,
+            example=self.val_example,
+            batch_size=self.cfg.eval.batch_size,
+            seed=self.cfg.train.seed,
+            epoch=0,
+            num_workers=workers,
+            shuffle_buffer=1,
+            drop_last=False,
+        )
+        view = self.val_example.image_view
+        normalise = None if view is None else self.val_normalise
+        for batch in batches:
+            yield self._prepared(batch, self.tokenizer.encode, normalise, self.val_frozen_normalise)
+
+    def val_captions(self) -> dict[str, list[str]]:
+        """Every usable caption of each sample of ``eval.val_data``, by sample id."""
+        return captions_by_id(self.val_pairs)
+
+    def _prepared(self, batch: dict, encode, normalise, frozen_normalise: dict) -> dict:
+        """A loader batch as a step reads it: tokens, normalised pixels, per-tower dicts."""
+        if not batch["ids"]:  # only bad samples: nothing to prepare
+            return batch
+        # the captions stay: a frozen text tower reads them
+        batch["tokens"] = encode(batch["captions"])
+        if normalise is not None:
+            batch["images"] = normalise(batch["images"])
+        _regroup(batch, FROZEN_IMAGES, frozen_normalise)
+        _regroup(batch, FROZEN_FEATURES)
+        # Padding never changes a caption's embedding, so drop the all-padding columns:
+        # the text tower's cost follows the longest caption, not the context length.
+        longest = int((batch["tokens"] != self.tokenizer.pad_id).sum(dim=1).max())
+        batch["tokens"] = batch["tokens"][:, :longest]
+        return batch
 
     def fingerprints(self) -> dict[str, str]:
         """What a checkpoint records so that a resume with other data is caught."""

@@ -196,8 +196,10 @@ def evaluate_model(
     max_bad_fraction: float = 1.0,
     cache: EvalCache | None = None,
     num_workers: int = 0,
+    extra: dict | None = None,
 ) -> dict:
-    """All metrics of ``model`` on ``benchmarks``; writes eval.json (and the α plot) to out_dir.
+    """All metrics of ``model`` on ``benchmarks``, and ``extra`` ones measured elsewhere
+    (validation); writes eval.json (and the α plot) to out_dir.
 
     Unusable images are left out of their set (a retrieval image with its captions) and
     counted in ``skipped_images``; more than ``max_bad_fraction`` of them is an error. With
@@ -273,6 +275,7 @@ def evaluate_model(
 
     if sweeps:
         results[mixture.key] = mixture.rows(sweeps)
+    results |= extra or {}
     results["skipped_images"] = bad_images.total
     if bad_images.total:
         log.warning(bad_images.summary())

@@ -37,6 +37,7 @@ schedule and numbers.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -54,11 +55,12 @@ from tqdm import tqdm
 from threetowers import distributed, locks
 from threetowers.atomic import write_atomic
 from threetowers.config import Config, ConfigError, load_config
-from threetowers.data.pipeline import TrainingData, training_source
+from threetowers.data.pipeline import TrainingData, to_device, training_source
 from threetowers.data.sources.bad_samples import BadDataError, BadSampleLog
 from threetowers.data.sources.mix import SourceCounts
 from threetowers.evaluation.inputs import EvalCache
 from threetowers.evaluation.suite import chance_levels, evaluate_model, resolve_benchmarks
+from threetowers.evaluation.validation import validate
 from threetowers.model.build import build_model
 from threetowers.model.three_towers import ThreeTowers
 from threetowers.readback import DamagedFileError, read_json
@@ -295,9 +297,17 @@ def _admit(cfg: Config, run_dir: Path, main: bool) -> tuple[Config, Checkpoint |
 
 
 def _benchmarks(cfg: Config):
-    """The benchmarks, their paths checked (the embedded world's manifest names its own)."""
+    """The benchmarks, their paths checked (the embedded world's manifest names its own);
+    a run with nothing to evaluate on says so, once."""
     _, world = training_source(cfg)
-    return resolve_benchmarks(cfg.eval, world, cfg.data.allow_absolute_paths)
+    benchmarks = resolve_benchmarks(cfg.eval, world, cfg.data.allow_absolute_paths)
+    if not (benchmarks.retrieval or benchmarks.zeroshot or cfg.eval.val_data):
+        log.warning(
+            "no evaluation set: eval.retrieval, eval.zeroshot and eval.val_data are unset, so "
+            "this run reports its training loss only; set eval.val_data to held-out pairs of "
+            "your data to see its validation loss and retrieval"
+        )
+    return benchmarks
 
 
 def _init_from(cfg: Config, run_dir: Path, main: bool) -> Checkpoint:
@@ -361,6 +371,12 @@ def _across_ranks(ids: list[str], skipped: list, stop: bool, sources: SourceCoun
 
 
 def _evaluate(model, data, benchmarks, cfg: Config, run_dir: Path, step: int, metrics) -> None:
+    validation = {}
+    if data.val_pairs is not None:
+        device = next(model.parameters()).device
+        batches = data.validation_batches()
+        on_device = functools.partial(to_device, device=device)
+        validation = validate(model, data.tokenizer, batches, data.val_captions(), on_device)
     scores = evaluate_model(
         model,
         data.tokenizer,
@@ -370,6 +386,7 @@ def _evaluate(model, data, benchmarks, cfg: Config, run_dir: Path, step: int, me
         step=step,
         max_bad_fraction=cfg.data.max_bad_fraction,
         cache=EvalCache.of(cfg.data),
+        extra=validation,
     )
     metrics.log(
         {"step": step, "eval": {k: v for k, v in scores.items() if not isinstance(v, list)}}
@@ -387,18 +404,6 @@ def evaluated_step(run_dir: Path) -> int | None:
         return None
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    """The batch's tensors (also those in its per-tower dicts) on ``device``."""
-    return {
-        key: _to_device(value, device)
-        if isinstance(value, dict)
-        else value.to(device, non_blocking=True)
-        if torch.is_tensor(value)
-        else value
-        for key, value in batch.items()
-    }
-
-
 def _step(
     forward, model: ThreeTowers, batch: dict, counts: list[int], optimizer, schedule, cfg, device
 ):
@@ -406,7 +411,7 @@ def _step(
 
     ``forward`` is the model or its DDP wrapper; ``counts`` every rank's batch size.
     """
-    batch = _to_device(batch, device)
+    batch = to_device(batch, device)
     with autocast(device, cfg.train.precision):
         # Frozen towers without cached features run here, outside the DDP wrapper.
         frozen = model.frozen_features(

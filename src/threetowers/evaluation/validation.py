@@ -17,7 +17,7 @@ import torch
 from threetowers.data.tokenizer import CaptionTokenizer
 from threetowers.evaluation import metrics
 from threetowers.evaluation.suite import embed_texts
-from threetowers.model.three_towers import ThreeTowers
+from threetowers.model.three_towers import ThreeTowers, batch_embeddings
 
 
 @torch.no_grad()
@@ -45,14 +45,7 @@ def _validate(model, tokenizer, batches, captions, on_device) -> dict[str, float
     for batch in batches:
         if not batch["ids"]:
             continue
-        batch = on_device(batch)
-        frozen = model.frozen_features(
-            batch.get("images"),
-            batch.get("frozen_features"),
-            batch.get("frozen_images"),
-            batch["captions"],
-        )
-        out = model(batch.get("images"), batch["tokens"], frozen_features=frozen)
+        out = batch_embeddings(model, on_device(batch))
         loss_sum += float(model.loss(out)[0]) * len(batch["ids"])
         images.append(out[image_key].float().cpu())
         ids += batch["ids"]

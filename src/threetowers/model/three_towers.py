@@ -369,3 +369,15 @@ def _concatenate(
         math.sqrt(weights[p]) * parts[p] if p in weights else torch.zeros_like(like) for p in order
     ]
     return torch.cat(pieces, dim=-1)
+
+
+def batch_embeddings(model: ThreeTowers, batch: dict, forward=None) -> dict[str, torch.Tensor]:
+    """The embeddings of a prepared loader batch: the frozen towers without cached features
+    run first, outside any wrapper; then ``forward`` (the model, or its DDP wrapper)."""
+    frozen = model.frozen_features(
+        batch.get("images"),
+        batch.get("frozen_features"),
+        batch.get("frozen_images"),
+        batch["captions"],
+    )
+    return (forward or model)(batch.get("images"), batch["tokens"], frozen_features=frozen)

@@ -62,7 +62,7 @@ from threetowers.evaluation.inputs import EvalCache
 from threetowers.evaluation.suite import chance_levels, evaluate_model, resolve_benchmarks
 from threetowers.evaluation.validation import validate
 from threetowers.model.build import build_model
-from threetowers.model.three_towers import ThreeTowers
+from threetowers.model.three_towers import ThreeTowers, batch_embeddings
 from threetowers.readback import DamagedFileError, read_json
 from threetowers.runs.checkpoint import (
     Checkpoint,
@@ -413,14 +413,7 @@ def _step(
     """
     batch = to_device(batch, device)
     with autocast(device, cfg.train.precision):
-        # Frozen towers without cached features run here, outside the DDP wrapper.
-        frozen = model.frozen_features(
-            batch.get("images"),
-            batch.get("frozen_features"),
-            batch.get("frozen_images"),
-            batch["captions"],
-        )
-        out = forward(batch.get("images"), batch["tokens"], frozen_features=frozen)
+        out = batch_embeddings(model, batch, forward)  # frozen towers outside the DDP wrapper
         loss, logs = model.loss(out, counts)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

@@ -168,6 +168,7 @@ def _train(
         data = TrainingData(cfg, run_dir)  # opens the data, then trains or loads the tokenizer
         if main:  # the data and every path opened: this start is the run's
             record_config(cfg, run_dir)
+            _say_if_blind(cfg, benchmarks)
         tokenizer = cfg.data.tokenizer or run_dir / "tokenizer.json"
         check_tokenizer(resumed, data.tokenizer.digest(), str(tokenizer))
         model = build_model(cfg, device=device)
@@ -297,17 +298,19 @@ def _admit(cfg: Config, run_dir: Path, main: bool) -> tuple[Config, Checkpoint |
 
 
 def _benchmarks(cfg: Config):
-    """The benchmarks, their paths checked (the embedded world's manifest names its own);
-    a run with nothing to evaluate on says so, once."""
+    """The benchmarks, their paths checked (the embedded world's manifest names its own)."""
     _, world = training_source(cfg)
-    benchmarks = resolve_benchmarks(cfg.eval, world, cfg.data.allow_absolute_paths)
+    return resolve_benchmarks(cfg.eval, world, cfg.data.allow_absolute_paths)
+
+
+def _say_if_blind(cfg: Config, benchmarks) -> None:
+    """A run with nothing to evaluate on says so, once, when its start has succeeded."""
     if not (benchmarks.retrieval or benchmarks.zeroshot or cfg.eval.val_data):
         log.warning(
             "no evaluation set: eval.retrieval, eval.zeroshot and eval.val_data are unset, so "
             "this run reports its training loss only; set eval.val_data to held-out pairs of "
             "your data to see its validation loss and retrieval"
         )
-    return benchmarks
 
 
 def _init_from(cfg: Config, run_dir: Path, main: bool) -> Checkpoint:

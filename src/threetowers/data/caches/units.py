@@ -44,9 +44,11 @@ class Unit(Protocol):
 
 @dataclass(frozen=True)
 class ShardUnit:
-    """A tar shard or a parquet file (``shards.shard_samples`` reads either)."""
+    """A tar shard or a parquet file (``shards.shard_samples`` reads either); a remote tar
+    shard is known by its URL with the ETag, size and time its server gives, a ``pipe:``
+    command by the command (``identity.files_digest``, ``sources/remote.py``)."""
 
-    path: str  # as the source spells it: part of the samples' ids
+    path: str  # as the source spells it (a URL or command too): part of the samples' ids
     start: int
     size: int
     fields: Fields = DEFAULT_FIELDS

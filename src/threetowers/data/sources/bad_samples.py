@@ -35,6 +35,8 @@ REASONS = {
     "or a parquet file or row group that cannot be read",
     "compressed_shard": "a compressed tar shard whose name does not say so (one per shard)",
     "member_too_large": "a shard member larger than its kind's limit (left unread)",
+    "unreachable_shard": "a remote shard of which nothing could be read, after its retries "
+    "(one per shard)",
 }
 # What to do about each reason, added to the error that stops a run.
 _FIXES = {
@@ -45,6 +47,8 @@ _FIXES = {
     "JSONL file holds one JSON object per line",
     "compressed_shard": "decompress shards that are compressed but named .tar (e.g. "
     "gunzip -c X.tar > plain/X.tar)",
+    "unreachable_shard": "check that remote shards' URLs (or pipe: commands) read from here, "
+    "e.g. with curl -I URL",
 }
 NAMED = 10  # bad samples named in the log (and kept as examples) per log
 # Visits before the bad fraction is judged: a few bad samples in the first batches must not

@@ -35,8 +35,9 @@ the same batches, bit for bit):
       ``start_batch=k`` is exact as above.
     * Not guaranteed: the same batches after the data changes, or across versions of
       numpy, webdataset or Pillow (permutations, the shuffle buffer and decoders may move).
-      Shards must be local files (sample counts come from their tar headers, or a
-      parquet file's footer: a parquet file is a shard, see ``parquet_samples.py``).
+      Sample counts come from local tar headers, a parquet file's footer (a parquet file
+      is a shard, see ``parquet_samples.py``), or for a remote shard from its
+      ``_stats.json`` or one streamed count, cached (``shards.py``, ``remote.py``).
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 Sources
     * :class:`~threetowers.data.sources.table.PairTable` (map-style): a CSV/TSV/JSONL table.
     * :class:`~threetowers.data.sources.shards.ShardPairs` (streaming): local webdataset
-      ``.tar`` shards, or ``.parquet`` files (each file a shard: ``parquet_samples.py``).
+      ``.tar`` shards, or ``.parquet`` files (each file a shard: ``parquet_samples.py``);
+      remote ``.tar`` shards (``remote.py``): ``http(s)://`` URLs, ``pipe:COMMAND``,
+      fsspec URLs (``s3://``, ``gs://``, ...), streamed.
 
 Samples that cannot be used (see ``bad_samples.py``) raise :class:`BadSample` where they
 are decoded; the loader skips and counts them. The resumable, rank- and worker-split loader
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import webdataset as wds
 
+from threetowers.data.sources import remote
 from threetowers.data.sources.bad_samples import BadSample, Skipped
 from threetowers.data.sources.decode import clean_captions
 from threetowers.data.sources.fields import DEFAULT_FIELDS, Fields
@@ -80,18 +83,31 @@ def open_pairs(
 ) -> PairTable | ShardPairs:
     """Open ``source``: a ``.csv``/``.tsv``/``.jsonl`` table; webdataset ``.tar`` shards or
     ``.parquet`` files as a directory of them, one path, a brace pattern
-    (``train-{000000..000009}.tar``) or a list of paths. ``fields`` says where each sample's
-    image and captions are. Already opened sources are returned as they are. A table's or
-    parquet file's image paths must stay inside its folder unless ``allow_absolute_paths``."""
+    (``train-{000000..000009}.tar``) or a list of paths; remote ``.tar`` shards as one URL
+    or ``pipe:COMMAND``, a brace pattern of them (``https://host/d/{00000..00009}.tar``)
+    or a list (see ``remote.py``). ``fields`` says where each sample's image and captions
+    are. Already opened sources are returned as they are. A table's or parquet file's image
+    paths must stay inside its folder unless ``allow_absolute_paths``."""
     if isinstance(source, (PairTable, ShardPairs)):
         return source
     if isinstance(source, (list, tuple)):
-        unknown = [str(s) for s in source if not str(s).endswith(".tar") and not is_parquet(s)]
+        unknown = [str(s) for s in source if not _names_shard(s)]
         if unknown:
             raise ValueError(
                 f"a list source must hold .tar shards or .parquet files; got {unknown[:3]}"
             )
         return _shards(source, fields, allow_absolute_paths)
+    if remote.is_remote(source):
+        urls = wds.shardlists.expand_urls(source) if "{" in source else [source]
+        unknown = [url for url in urls if not remote.names_tar(url)]
+        if unknown:
+            raise ValueError(
+                f"a remote source must name .tar shards: one URL, a quoted brace pattern "
+                f"('https://host/data/{{00000..00009}}.tar') or a list (a remote folder cannot "
+                f"be listed; tables and parquet files are read by seeking: download them "
+                f"first); got {unknown[:3]}"
+            )
+        return _shards(urls, fields, allow_absolute_paths)
     path = Path(source)
     text = str(source)
     if path.is_dir():
@@ -111,6 +127,14 @@ def open_pairs(
         f"unknown pairs format {path.name!r}: expected .csv, .tsv, .jsonl, .tar or .parquet, a "
         "brace pattern of .tar shards or .parquet files, or a directory of them"
     )
+
+
+def _names_shard(shard) -> bool:
+    """Whether a list item names a shard: a local ``.tar`` or ``.parquet`` file, a remote
+    tar (any ``pipe:`` command) or parquet file (refused by ShardPairs with the reason)."""
+    if remote.is_remote(shard):
+        return remote.names_tar(shard) or is_parquet(remote.tar_name(shard))
+    return str(shard).endswith(".tar") or is_parquet(shard)
 
 
 def _shards(paths: Sequence, fields: Fields, allow_absolute_paths: bool) -> ShardPairs:

@@ -8,13 +8,28 @@ only within their size limits (1 MiB of text or metadata, 64 MiB of image: see
 A ``.parquet`` file is a shard too (``parquet_samples``: its rows are its samples): it is
 counted, streamed and decoded here by its suffix, so everything built on shards (the
 loader's plans and resume, the feature caches' units, bad-sample names) serves both. One
-source holds one kind."""
+source holds one kind.
+
+A tar shard may be remote (``remote.py``): a ``str`` that is an ``http(s)://`` or fsspec URL
+or a ``pipe:COMMAND``, kept as spelled (its samples' ids are ``URL/KEY``), streamed rather
+than read from a file. Its count, which the loader plans an epoch on, comes from
+img2dataset's ``_stats.json`` beside it, else from the count cache, else from streaming it
+once (then kept in the cache, ``remote.count_cache_dir``, when the transfer ended well); a
+shard that cannot be read after the transport's retries counts, and streams, as one bad
+sample (``unreachable_shard``). So that a plan and its stream agree even when a server
+changes its mind between them, a remote shard streams exactly the samples it was planned
+with (:func:`shard_samples`): samples missing at the end stream as bad (``truncated_shard``,
+each named), a shard unreachable when counted stays one bad sample without being read
+again, and one that now holds more samples than counted ends at its count (its last
+planned sample bad, naming the sample where the rest begin)."""
 
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -22,13 +37,15 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
-from threetowers.data.sources import parquet_samples
+from threetowers.data.sources import parquet_samples, remote
 from threetowers.data.sources.bad_samples import BadSample
 from threetowers.data.sources.decode import caption_text, clean_captions, is_utf8, load_image
 from threetowers.data.sources.fields import CAPTION_MEMBERS, DEFAULT_FIELDS, Fields
 from threetowers.data.sources.pair import SHARD_STREAM, Pair, check_seed
 from threetowers.data.sources.parquet_samples import is_parquet
-from threetowers.data.sources.tar_samples import count_samples, read_samples
+from threetowers.data.sources.tar_samples import count_samples, count_stream, read_samples
+
+log = logging.getLogger(__name__)
 
 
 def shard_sample_id(sample: dict[str, Any]) -> str:
@@ -37,12 +54,33 @@ def shard_sample_id(sample: dict[str, Any]) -> str:
 
 
 _COUNT_CACHE: dict[tuple[str, int, int], int] = {}
+_REMOTE_COUNTS: dict[str, int] = {}  # a remote shard's identity (JSON) -> its count
 
 
-def count_shard_samples(path: str | Path) -> int:
+@dataclass(frozen=True)
+class _Plan:
+    """What a remote shard was counted as, for :func:`shard_samples` to stream exactly that:
+    ``source`` of the count; ``failure`` when a broken transfer decided it; ``unreachable``
+    when nothing arrived."""
+
+    samples: int
+    source: str
+    failure: str | None = None
+    unreachable: bool = False
+
+
+# The latest count of each remote shard in this process (loader workers fork with it).
+_PLANNED: dict[str, _Plan] = {}
+
+
+def count_shard_samples(path: str | Path, count_cache: str | Path | None = None) -> int:
     """Samples in one tar from its headers alone (see ``tar_samples``), or in one parquet
     file from its footer, cached per (path, size, mtime). Every key is a sample, with or
-    without an image: those without are streamed, then skipped and counted as bad."""
+    without an image: those without are streamed, then skipped and counted as bad. A remote
+    shard (see the module docstring) is counted from its ``_stats.json`` or by streaming it,
+    kept in ``count_cache`` (default: ``remote.count_cache_dir()``)."""
+    if remote.is_remote(path):
+        return _count_remote(str(path), count_cache)
     path = Path(path)
     stat = path.stat()
     cache_key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
@@ -52,15 +90,60 @@ def count_shard_samples(path: str | Path) -> int:
     return _COUNT_CACHE[cache_key]
 
 
-class ShardPairs:
-    """Local webdataset shards, or parquet files, in the order given (shuffled per epoch by
-    the loader). Parquet files are checked for their columns here, from their footers."""
+def _count_remote(url: str, count_cache: str | Path | None) -> int:
+    known = remote.identity(url)
+    key = None if known is None else json.dumps(known, sort_keys=True)
+    plan = None
+    if key is not None and key in _REMOTE_COUNTS:
+        plan = _Plan(_REMOTE_COUNTS[key], "an earlier count of it")
+    elif known is not None and (kept := remote.load_count(known, count_cache)) is not None:
+        plan = _Plan(kept, "the count cache")
+    elif (stats := remote.stats_count(url)) is not None:
+        plan = _Plan(stats, "its _stats.json")
+    if plan is None:
+        counted = count_stream(url)
+        plan = _Plan(counted.samples, "a read of it", counted.failure, counted.unreachable)
+        if counted.failure is None and known is not None:
+            remote.save_count(known, counted.samples, count_cache)
+    if plan.failure is None and key is not None:
+        _REMOTE_COUNTS[key] = plan.samples
+    _PLANNED[url] = plan
+    return plan.samples
 
-    def __init__(self, shards: Sequence[str | Path], fields: Fields = DEFAULT_FIELDS) -> None:
-        shards = [Path(s) for s in shards]
+
+def count_all(shards: Sequence[str | Path], count_cache: str | Path | None = None) -> list[int]:
+    """:func:`count_shard_samples` of each shard, remote ones several at once."""
+    far = [shard for shard in shards if remote.is_remote(shard)]
+    counted = remote.parallel(lambda url: count_shard_samples(url, count_cache), far)
+    counts = dict(zip(far, counted, strict=True))
+    return [counts[s] if remote.is_remote(s) else count_shard_samples(s) for s in shards]
+
+
+class ShardPairs:
+    """Webdataset shards (local files, or remote ones: see the module docstring), or local
+    parquet files, in the order given (shuffled per epoch by the loader). Parquet files are
+    checked for their columns here, from their footers. ``count_cache``: where streamed
+    counts of remote shards are kept (default ``remote.count_cache_dir()``)."""
+
+    def __init__(
+        self,
+        shards: Sequence[str | Path],
+        fields: Fields = DEFAULT_FIELDS,
+        *,
+        count_cache: str | Path | None = None,
+    ) -> None:
+        shards = [s if remote.is_remote(s) else Path(s) for s in shards]
         if not shards:
             raise ValueError("no shards given")
-        missing = [str(s) for s in shards if not s.is_file()]
+        far = [s for s in shards if remote.is_remote(s)]
+        if any(is_parquet(remote.tar_name(s)) for s in far):
+            example = next(s for s in far if is_parquet(remote.tar_name(s)))
+            raise ValueError(
+                f"remote parquet files cannot be streamed (a parquet file is read from its "
+                f"footer, at its end): download them first ({example})"
+            )
+        remote.check_readable(far)
+        missing = [str(s) for s in shards if not remote.is_remote(s) and not s.is_file()]
         if missing:
             raise FileNotFoundError(
                 f"{len(missing)} of {len(shards)} shards not found, e.g. {missing[:3]}"
@@ -78,12 +161,13 @@ class ShardPairs:
             )
         for path in parquet:
             parquet_samples.check_columns(path, fields)
-        self.shards, self.fields = shards, fields
+        self.shards, self.fields, self.count_cache = shards, fields, count_cache
 
     @cached_property
     def sizes(self) -> list[int]:
-        """Samples per shard (reads tar headers, or parquet footers, once)."""
-        return [count_shard_samples(shard) for shard in self.shards]
+        """Samples per shard (reads tar headers, or parquet footers, once; remote shards:
+        see :func:`count_shard_samples`)."""
+        return count_all(self.shards, self.count_cache)
 
     @cached_property
     def first_rows(self) -> list[int]:
@@ -199,9 +283,50 @@ def shard_samples(
         first = next(firsts) if firsts is not None else None
         if is_parquet(shard):
             samples = parquet_samples.read_samples(shard, columns)
+        elif remote.is_remote(shard) and shard in _PLANNED:
+            samples = _as_planned(shard, _PLANNED[shard])
         else:
             samples = read_samples(shard)
         for position, sample in enumerate(samples):
             if first is not None:
                 sample["__row__"] = first + position
             yield sample
+
+
+def _as_planned(url: str, plan: _Plan) -> Iterator[dict[str, Any]]:
+    """A remote shard's samples, exactly ``plan.samples`` of them (see the module docstring)."""
+    if plan.unreachable:  # not asked again: a sample that came now would not fit the plan
+        detail = f"{url} could not be read when its samples were counted: {plan.failure}"
+        yield _bad_sample(remote.shard_name(url), url, "unreachable_shard", detail)
+        return
+    samples = read_samples(url)
+    held, streamed = None, 0
+    for sample in samples:
+        streamed += 1
+        if streamed > plan.samples:
+            samples.close()
+            if held is None:  # planned empty: nothing can stand for the rest
+                log.warning("%s: samples arrived where %s counted none", url, plan.source)
+                return
+            detail = (
+                f"{url} holds more samples than the {plan.samples} counted ({plan.source}) "
+                f"when the epoch was planned: the rest, from {sample['__key__']!r} on, are "
+                "left out of this run (was it changed?)"
+            )
+            yield _bad_sample(held["__key__"], url, "truncated_shard", detail)
+            return
+        if held is not None:
+            yield held
+        held = sample
+    if held is not None:
+        yield held
+    for position in range(streamed, plan.samples):
+        detail = (
+            f"{url} streamed {streamed} samples, {plan.samples} were counted ({plan.source}) "
+            f"when the epoch was planned: sample {position + 1} never arrived"
+        )
+        yield _bad_sample(f"missing-{position + 1}", url, "truncated_shard", detail)
+
+
+def _bad_sample(key: str, url: str, reason: str, detail: str) -> dict[str, Any]:
+    return {"__key__": key, "__url__": url, "__bad__": (reason, detail)}

@@ -34,6 +34,18 @@ headers claim:
   ``.tar.bz2``/``.tbz2``, ``.tar.xz``/``.txz``): a compressed stream named ``.tar`` is not
   unpacked but counts, and streams, as one bad sample named after the shard
   (``compressed_shard``).
+
+Remote shards (``remote.py``: URLs, ``pipe:`` commands) are streams: their bytes come once,
+in order. The same :func:`_scan` reads them, on a file that turns tarfile's seeks into reads
+(:class:`_Forward`: forward seeks read past data in pieces, backward ones reach only the last
+few blocks, where the end-of-archive and compression checks look), and a sample's members
+are read as their headers come (:func:`read_samples` always does so, local files too: the
+same bytes, in file order). So every rule above holds for streams, by the same code: the
+size limits before any read, sparse members refused, a key that comes back later, a stream
+cut mid-shard (a server that closes the connection early) streams its last sample as
+``truncated_shard``, once, named with the URL and why the transfer broke off. A remote
+shard of which nothing arrives, after the transport's retries, is one bad sample
+(``unreachable_shard``), as an unopenable local shard is.
 """
 
 from __future__ import annotations
@@ -52,6 +64,7 @@ from typing import IO, Any
 
 from webdataset.tariterators import base_plus_ext
 
+from threetowers.data.sources import remote
 from threetowers.data.sources.bad_samples import BadSample
 
 # What tarfile and the decompressors raise on damaged archives.
@@ -83,10 +96,15 @@ _META = re.compile(r"__[^/]*__($|/)")
 class _Group:
     key: str
     members: list[tarfile.TarInfo] = field(default_factory=list)
+    sample: dict[str, Any] | None = None  # what read_samples made of its members so far
 
 
-def _scan(archive: tarfile.TarFile) -> Iterator[_Group]:
-    """Samples of an open archive from its headers alone; stops quietly where they break off."""
+def _scan(
+    archive: tarfile.TarFile, take: Callable[[_Group, tarfile.TarInfo], None] | None = None
+) -> Iterator[_Group]:
+    """Samples of an open archive from its headers; stops quietly where they break off.
+    ``take(group, member)`` is called on each member as its header is read, before the next
+    one: the only moment a stream still holds its data."""
     group = None
     while True:
         try:
@@ -107,6 +125,8 @@ def _scan(archive: tarfile.TarFile) -> Iterator[_Group]:
                 yield group
             group = _Group(key)
         group.members.append(member)
+        if take is not None:
+            take(group, member)
     if group is not None:
         yield group
 
@@ -127,21 +147,115 @@ class _Capped:
         return getattr(self.file, name)
 
 
-def _open(path: str | Path) -> tarfile.TarFile:
+class _Forward:
+    """A stream read as tarfile reads a file: read ahead in pieces of :data:`_AHEAD` bytes
+    (tarfile's many small reads then cost no call into the transport), a seek forward reads
+    past the bytes between, a seek back reaches only the last :data:`_KEPT` bytes before
+    where it stands, kept for the two checks that look back (the end-of-archive blocks, a
+    compressed stream's first bytes)."""
+
+    def __init__(self, file: IO[bytes], stream: remote.RemoteStream) -> None:
+        self.file, self.stream = file, stream  # the stream under any decompression
+        self.position = 0  # where tarfile stands
+        self.base = 0  # the offset of buffer[0]
+        self.buffer = b""  # bytes read: up to _KEPT before position, and any read ahead
+
+    @property
+    def failure(self) -> str | None:
+        return self.stream.failure
+
+    def tell(self) -> int:
+        return self.position
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        target = offset + (self.position if whence == 1 else 0)
+        if whence not in (0, 1) or target < self.base:
+            raise OSError(f"a stream cannot seek back to {target} (at {self.position})")
+        self.position = target
+        return target
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0:
+            return b"".join(iter(lambda: self.read(_AHEAD), b""))
+        end = self.base + len(self.buffer)
+        while end < self.position:  # forward past bytes never read
+            skipped = self.file.read(min(self.position - end, _SKIP))
+            if not skipped:
+                return b""
+            end += len(skipped)
+            self.base, self.buffer = end, b""
+        start = self.position - self.base
+        if start + size <= len(self.buffer):  # read ahead already
+            data = self.buffer[start : start + size]
+        elif size > _AHEAD:  # a member's data: straight from the file, one copy at most
+            head = self.buffer[start:]
+            data = head + self._read_fully(size - len(head))
+            behind = (self.buffer[max(0, start - _KEPT) : start] + data[-_KEPT:])[-_KEPT:]
+            self.base, self.buffer = self.position + len(data) - len(behind), behind
+        else:  # the next piece, keeping the last _KEPT bytes before the position
+            kept = self.buffer[max(0, start - _KEPT) :]
+            self.base += len(self.buffer) - len(kept)
+            start -= len(self.buffer) - len(kept)
+            self.buffer = kept + self._read_fully(_AHEAD)
+            data = self.buffer[start : start + size]
+        self.position += len(data)
+        return data
+
+    def _read_fully(self, size: int) -> bytes:
+        """``size`` bytes of the file, fewer only at its end."""
+        parts, got = [], 0
+        while got < size and (data := self.file.read(size - got)):
+            parts.append(data)
+            got += len(data)
+        return b"".join(parts)  # one part (the usual): itself, not a copy
+
+    def close(self) -> None:
+        try:
+            self.file.close()
+        finally:
+            self.stream.close()
+
+
+_AHEAD = 64 << 10
+_KEPT = 8 * tarfile.BLOCKSIZE
+_SKIP = 1 << 20
+
+
+def _open(path: str | Path, stream: remote.RemoteStream | None = None) -> tarfile.TarFile:
     """The shard as a tar archive, decompressed only as its name says; :class:`BadSample`
-    (``truncated_shard``, or ``compressed_shard``) when it cannot be read. Close its
-    ``fileobj`` too: tarfile leaves a file it was given open."""
+    (``truncated_shard``, ``compressed_shard``, or ``unreachable_shard`` for a ``stream``
+    of which nothing came) when it cannot be read. Close its ``fileobj`` too: tarfile
+    leaves a file it was given open."""
     url = str(path)
-    opener = next((o for end, o in _OPENERS.items() if url.endswith(end)), open)
+    name = url if stream is None else remote.tar_name(url)
+    opener = next((o for end, o in _OPENERS.items() if name.endswith(end)), open)
+    if stream is not None:
+        file = _Forward(stream if opener is open else opener(stream, "rb"), stream)
+        return _open_file(url, file, opener, stream)
     try:
         file = opener(path, "rb")
     except _TAR_ERRORS as error:
         raise BadSample("truncated_shard", f"{url} is not a readable tar file ({error})") from None
+    return _open_file(url, file, opener, None)
+
+
+def _open_file(
+    url: str, file: IO[bytes], opener: Callable, stream: remote.RemoteStream | None
+) -> tarfile.TarFile:
     try:
         return tarfile.open(fileobj=_Capped(file), mode="r:")
     except _TAR_ERRORS as error:
         kind = _compression(file) if opener is open else None
         file.close()
+        if stream is not None and stream.failure is not None:
+            if stream.received == 0:
+                detail = f"{url} could not be read: {stream.failure}"
+                raise BadSample("unreachable_shard", detail) from None
+            detail = f"{url} is not a readable tar file ({error}; the transfer broke off: "
+            raise BadSample("truncated_shard", f"{detail}{stream.failure})") from None
         if kind is not None:
             detail = (
                 f"{url} is {kind}-compressed, but a shard is read as plain tar unless its name "
@@ -162,7 +276,10 @@ def _compression(file: IO[bytes]) -> str | None:
 
 
 def count_samples(path: str | Path) -> int:
-    """Samples in one shard from its headers (a shard that cannot be opened counts as 1)."""
+    """Samples in one shard from its headers (a shard that cannot be opened counts as 1);
+    a remote shard is streamed through (:func:`count_stream`)."""
+    if remote.is_remote(path):
+        return count_stream(str(path)).samples
     try:
         archive = _open(path)
     except BadSample:
@@ -171,30 +288,72 @@ def count_samples(path: str | Path) -> int:
         return sum(1 for _ in _scan(archive))
 
 
+@dataclass(frozen=True)
+class StreamCount:
+    """A remote shard's count: ``failure`` says why its transfer broke off where that
+    decided the count (None: the count is the data's own, and can be kept); ``unreachable``:
+    nothing arrived at all."""
+
+    samples: int
+    failure: str | None = None
+    unreachable: bool = False
+
+
+def count_stream(url: str) -> StreamCount:
+    """Samples in a remote shard: its headers, read as they stream past (the data between
+    them read and dropped), by the same scan that :func:`read_samples` streams it with."""
+    stream = remote.open_stream(url)
+    try:
+        archive = _open(url, stream)
+    except BadSample:
+        stream.close()
+        return StreamCount(1, stream.failure, stream.failure is not None and not stream.received)
+    with archive, closing(archive.fileobj):
+        samples = sum(1 for _ in _scan(archive))
+        return StreamCount(samples, None if _ends_whole(archive) else stream.failure)
+
+
 def read_samples(path: str | Path) -> Iterator[dict[str, Any]]:
     """The samples of one shard in file order, as webdataset-style dicts (``__key__``,
     ``__url__``, and the member bytes by suffix); a sample that cannot be read carries
-    ``__bad__`` = (reason, detail) instead of its members."""
+    ``__bad__`` = (reason, detail) instead of its members. A remote shard (a ``str`` URL or
+    ``pipe:`` command, see ``remote.py``) is streamed."""
     url = str(path)
+    stream = remote.open_stream(url) if remote.is_remote(path) else None
     try:
-        archive = _open(path)
+        archive = _open(path, stream)
     except BadSample as bad:
-        yield _bad(Path(path).name, url, bad.reason, bad.detail)
+        key = Path(path).name if stream is None else remote.shard_name(url)
+        yield _bad(key, url, bad.reason, bad.detail)
         return
     with archive, closing(archive.fileobj):
         seen: set[str] = set()
+
+        def take(group: _Group, member: tarfile.TarInfo) -> None:
+            if group.sample is None:  # its first member: a key seen before is malformed
+                fresh = {"__key__": group.key, "__url__": url}
+                group.sample = _malformed(group, url) if group.key in seen else fresh
+                seen.add(group.key)
+            if "__bad__" not in group.sample:
+                group.sample = _add_member(archive, member, group.sample, url)
+
         last = None  # held back one sample: only the end of the scan tells if it is whole
-        for group in _scan(archive):
+        for group in _scan(archive, take):
             if last is not None:
                 yield last
-            last = _malformed(group, url) if group.key in seen else _read(archive, group, url)
-            seen.add(group.key)
+            last = group.sample
         cut = last is not None and not _ends_whole(archive)
         if cut and last.get("__bad__", ("",))[0] != "truncated_shard":  # once per shard
+            failure = None if stream is None else stream.failure
+            why = (
+                "the file was cut short (an interrupted download or copy?)"
+                if failure is None
+                else f"the transfer broke off ({failure})"
+            )
             detail = (
                 f"{url} stops after sample {last['__key__']!r} without the tar end-of-archive "
-                "blocks: the file was cut short (an interrupted download or copy?), so this "
-                "sample may have lost members and later samples are missing"
+                f"blocks: {why}, so this sample may have lost members and later samples are "
+                "missing"
             )
             last = _bad(last["__key__"], url, "truncated_shard", detail)
         if last is not None:
@@ -225,29 +384,33 @@ def _malformed(group: _Group, url: str) -> dict[str, Any]:
     return _bad(group.key, url, "malformed_row", detail)
 
 
-def _read(archive: tarfile.TarFile, group: _Group, url: str) -> dict[str, Any]:
-    sample: dict[str, Any] = {"__key__": group.key, "__url__": url}
-    where = f"sample {group.key!r} of {url}"
-    for member in group.members:
-        suffix = base_plus_ext(member.name)[1].lower()
-        if suffix in sample:
-            detail = f"{where}: two members named {member.name}"
-            return _bad(group.key, url, "malformed_row", detail)
-        if member.issparse():
-            detail = f"{where}: {member.name} is a sparse member (no shard writer makes them)"
-            return _bad(group.key, url, "malformed_row", detail)
-        limit = MEMBER_LIMITS.get(suffix, IMAGE_LIMIT)
-        if member.size > limit:
-            detail = f"{where}: {member.name} is {member.size:,} bytes (limit {limit:,})"
-            return _bad(group.key, url, "member_too_large", detail)
-        try:
-            data = archive.extractfile(member).read()
-        except _TAR_ERRORS as error:
-            data, problem = b"", error
-        else:
-            problem = "short read"
-        if len(data) != member.size:
-            detail = f"{where}: the shard ends inside {member.name} ({problem})"
-            return _bad(group.key, url, "truncated_shard", detail)
-        sample[suffix] = data
+def _add_member(
+    archive: tarfile.TarFile, member: tarfile.TarInfo, sample: dict[str, Any], url: str
+) -> dict[str, Any]:
+    """``sample`` with the data of its next ``member``, or the bad sample it makes: members
+    are checked in order, and the first one that fails decides (later ones are not read)."""
+    key = sample["__key__"]
+    where = f"sample {key!r} of {url}"
+    suffix = base_plus_ext(member.name)[1].lower()
+    if suffix in sample:
+        return _bad(key, url, "malformed_row", f"{where}: two members named {member.name}")
+    if member.issparse():
+        detail = f"{where}: {member.name} is a sparse member (no shard writer makes them)"
+        return _bad(key, url, "malformed_row", detail)
+    limit = MEMBER_LIMITS.get(suffix, IMAGE_LIMIT)
+    if member.size > limit:
+        detail = f"{where}: {member.name} is {member.size:,} bytes (limit {limit:,})"
+        return _bad(key, url, "member_too_large", detail)
+    try:
+        data = archive.extractfile(member).read()
+    except _TAR_ERRORS as error:
+        data, problem = b"", error
+    else:
+        problem = "short read"
+    if len(data) != member.size:
+        broke = getattr(archive.fileobj, "failure", None)  # a stream's (see _Forward)
+        problem = problem if broke is None else f"{problem}; the transfer broke off: {broke}"
+        detail = f"{where}: the shard ends inside {member.name} ({problem})"
+        return _bad(key, url, "truncated_shard", detail)
+    sample[suffix] = data
     return sample

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.data.sources.test_remote import Server
 from tests.training.test_loop import (
     TRAIN_ENV,
     final_weights,
@@ -51,9 +52,34 @@ def last_record(run: Path) -> dict:
     return [json.loads(line) for line in lines if '"loss"' in line][-1]
 
 
-def test_samples_by_source_follow_the_weights(world_dir, tmp_path):
-    config = two_sources(world_dir, tmp_path, "train.steps=40", "data.num_workers=2")
-    subprocess.run(train_command(config, tmp_path / "run"), check=True, env=TRAIN_ENV)
+def test_samples_by_source_follow_the_weights_over_http_and_pipe(world_dir, tmp_path):
+    server = Server(world_dir)  # the big source over loopback HTTP, the small through cat
+    try:
+        pairs = world_dir / "pairs"
+        sources = [
+            {"name": "small", "source": f"pipe:cat {pairs / 'train-000000.tar'}", "weight": 1},
+            {
+                "name": "big",
+                "source": f"{server.url}/pairs/train-{{000001..000003}}.tar",
+                "weight": 3,
+            },
+        ]
+        cfg = tiny_run_config(
+            world_dir,
+            tmp_path / "cache",
+            f"data.train={json.dumps(sources)}",
+            "data.resampled=true",
+            "model.mode=clip",
+            "train.steps=40",
+            "data.num_workers=2",
+        )
+        config = write_config(cfg, tmp_path / "run.yaml")
+        env = TRAIN_ENV | {"THREETOWERS_COUNT_CACHE": str(tmp_path / "counts")}
+        subprocess.run(train_command(config, tmp_path / "run"), check=True, env=env)
+    finally:
+        server.httpd.shutdown()
+        server.httpd.server_close()
+    assert server.gets(".tar") > 0
     record = last_record(tmp_path / "run")
     small, big = record["data/source/small/samples"], record["data/source/big/samples"]
     assert small + big == record["data/samples"] == 40 * 32

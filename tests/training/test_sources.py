@@ -29,12 +29,12 @@ def world_dir(tmp_path_factory) -> Path:
     return world
 
 
-def two_sources(world_dir: Path, tmp_path: Path, *overrides: str):
-    """The tiny world's 4 train shards as two sources, 1 : 3, drawn with replacement."""
-    pairs = world_dir / "pairs"
+def two_sources(world_dir: Path, tmp_path: Path, small: str, big: str, *overrides: str) -> Path:
+    """A config drawing two sources 1 : 3 with replacement (of the tiny world's 4 train
+    shards: ``small`` spells its first, ``big`` the other three)."""
     sources = [
-        {"name": "small", "source": str(pairs / "train-000000.tar"), "weight": 1},
-        {"name": "big", "source": str(pairs / "train-{000001..000003}.tar"), "weight": 3},
+        {"name": "small", "source": small, "weight": 1},
+        {"name": "big", "source": big, "weight": 3},
     ]
     cfg = tiny_run_config(
         world_dir,
@@ -47,6 +47,9 @@ def two_sources(world_dir: Path, tmp_path: Path, *overrides: str):
     return write_config(cfg, tmp_path / "run.yaml")
 
 
+LOCAL = ("pairs/train-000000.tar", "pairs/train-{000001..000003}.tar")
+
+
 def last_record(run: Path) -> dict:
     lines = (run / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines if '"loss"' in line][-1]
@@ -55,25 +58,10 @@ def last_record(run: Path) -> dict:
 def test_samples_by_source_follow_the_weights_over_http_and_pipe(world_dir, tmp_path):
     server = Server(world_dir)  # the big source over loopback HTTP, the small through cat
     try:
-        pairs = world_dir / "pairs"
-        sources = [
-            {"name": "small", "source": f"pipe:cat {pairs / 'train-000000.tar'}", "weight": 1},
-            {
-                "name": "big",
-                "source": f"{server.url}/pairs/train-{{000001..000003}}.tar",
-                "weight": 3,
-            },
-        ]
-        cfg = tiny_run_config(
-            world_dir,
-            tmp_path / "cache",
-            f"data.train={json.dumps(sources)}",
-            "data.resampled=true",
-            "model.mode=clip",
-            "train.steps=40",
-            "data.num_workers=2",
-        )
-        config = write_config(cfg, tmp_path / "run.yaml")
+        small = f"pipe:cat {world_dir / LOCAL[0]}"
+        big = f"{server.url}/{LOCAL[1]}"
+        steps = ("train.steps=40", "data.num_workers=2")
+        config = two_sources(world_dir, tmp_path, small, big, *steps)
         env = TRAIN_ENV | {"THREETOWERS_COUNT_CACHE": str(tmp_path / "counts")}
         subprocess.run(train_command(config, tmp_path / "run"), check=True, env=env)
     finally:
@@ -89,9 +77,9 @@ def test_samples_by_source_follow_the_weights_over_http_and_pipe(world_dir, tmp_
 
 
 def test_a_resampled_run_killed_resumes_to_the_uninterrupted_weights(world_dir, tmp_path):
-    config = two_sources(
-        world_dir, tmp_path, "train.steps=24", "train.checkpoint_every=4", "data.num_workers=2"
-    )
+    local = [str(world_dir / name) for name in LOCAL]
+    steps = ("train.steps=24", "train.checkpoint_every=4", "data.num_workers=2")
+    config = two_sources(world_dir, tmp_path, *local, *steps)
     subprocess.run(train_command(config, tmp_path / "straight"), check=True, env=TRAIN_ENV)
     run = tmp_path / "killed"
     process = subprocess.Popen(train_command(config, run), env=TRAIN_ENV)

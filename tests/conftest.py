@@ -90,6 +90,12 @@ def tiny_text_encoder(tmp_path_factory):
     return load_text_encoder(folder)
 
 
+@pytest.fixture(scope="module")
+def world_dir(tmp_path_factory) -> Path:
+    """A folder for a tiny world, one per test module (the first run there writes it)."""
+    return tmp_path_factory.mktemp("world")
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """``small_disk(kib)``: a folder on a tmpfs of that size, a real full disk (ENOSPC, and

@@ -12,7 +12,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.data.sources.test_bad_samples import write_mixed_shards
+from tests.helpers.bad_data import write_mixed_shards
 from threetowers.cli import main
 from threetowers.config import Config, Section, load_config
 

@@ -10,7 +10,7 @@ import yaml
 from PIL import Image
 from safetensors import safe_open
 
-from tests.training.test_loop import TINY_WORLD, tiny_run_config
+from tests.helpers.runs import TINY_WORLD, tiny_run_config
 from threetowers.backbones.classifier import load_classifier
 from threetowers.cli import main
 

@@ -10,7 +10,7 @@ import json
 import pytest
 
 import threetowers as tt
-from tests.training.test_loop import TINY_WORLD
+from tests.helpers.runs import TINY_WORLD
 from threetowers.training.loop import train
 
 RECORDED_LOSSES = {

@@ -46,7 +46,7 @@ def test_a_pickle_posing_as_a_classifier_checkpoint_is_refused(tmp_path, capsys)
 
 def test_hugging_face_weights_with_code_are_refused(tmp_path):
     pytest.importorskip("transformers")
-    from tests.backbones.test_hf import _save_vit
+    from tests.helpers.hf_models import _save_vit
     from threetowers.backbones.hf import load_hf_backbone
 
     marker = tmp_path / "code_ran"

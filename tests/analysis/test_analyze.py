@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.training.test_loop import tiny_run_config
+from tests.helpers.runs import tiny_run_config
 from threetowers.analysis.analyze import analyze, embeddings, labels, probe_accuracy
 from threetowers.analysis.attributes import ATTRIBUTES, world_samples
 from threetowers.analysis.cka import linear_cka

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -14,29 +13,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 transformers = pytest.importorskip("transformers")
 
+from tests.helpers.hf_models import (  # noqa: E402
+    SIZE,
+    TINY_VIT,
+    _cls,
+    _save_vit,
+    _write_preprocessor,
+)
 from threetowers.backbones.frozen import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from threetowers.backbones.hf import load_hf_backbone, load_preprocessing  # noqa: E402
-
-SIZE = 32
-TINY_VIT = dict(
-    image_size=SIZE,
-    patch_size=8,
-    hidden_size=16,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    intermediate_size=32,
-)
-
-
-def _cls(name: str):
-    cls = getattr(transformers, name, None)
-    if cls is None:
-        pytest.skip(f"transformers {transformers.__version__} has no {name}")
-    return cls
-
-
-def _write_preprocessor(directory, **cfg) -> None:
-    (directory / "preprocessor_config.json").write_text(json.dumps(cfg))
 
 
 def _images(batch: int = 3, seed: int = 1) -> torch.Tensor:
@@ -49,23 +34,6 @@ def _check_features(backbone, reference: torch.Tensor, images: torch.Tensor) -> 
     assert features.shape == reference.shape == (images.shape[0], backbone.feature_dim)
     assert features.dtype == torch.float32
     torch.testing.assert_close(features, reference, rtol=1e-5, atol=1e-5)
-
-
-def _save_vit(directory, preprocessor: bool = True):
-    torch.manual_seed(0)
-    model = _cls("ViTForImageClassification")(transformers.ViTConfig(num_labels=5, **TINY_VIT))
-    model.eval().save_pretrained(directory)
-    if preprocessor:
-        _write_preprocessor(
-            directory,
-            image_processor_type="ViTImageProcessor",
-            do_normalize=True,
-            image_mean=[0.5, 0.4, 0.3],
-            image_std=[0.2, 0.25, 0.3],
-            resample=2,
-            size={"height": SIZE, "width": SIZE},
-        )
-    return model
 
 
 def _save_resnet(directory):

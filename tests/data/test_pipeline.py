@@ -46,7 +46,7 @@ def test_pixel_transforms_then_normalise_equal_the_float_transforms():
 
 
 def test_ranks_over_unequal_shards_stop_each_epoch_at_the_same_batch(tmp_path, monkeypatch):
-    from tests.training.test_fault_injection import picture
+    from tests.helpers.images import picture
     from threetowers import build_model, distributed, load_config
     from threetowers.data import pipeline
     from threetowers.data.sources.loader import num_batches

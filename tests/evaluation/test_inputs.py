@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from tests.conftest import tiny_model
-from tests.data.caches.test_decoded import image_folder, noise
-from tests.data.sources.test_bad_samples import encoded
-from tests.data.world.test_world import TINY
+from tests.helpers.bad_data import encoded
+from tests.helpers.images import image_folder, noise
+from tests.helpers.world import TINY
 from threetowers.config import EvalConfig
 from threetowers.data.sources.bad_samples import BadSampleLog
 from threetowers.data.tokenizer import CaptionTokenizer

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tests.conftest import tiny_model
-from tests.data.world.test_world import TINY
+from tests.helpers.world import TINY
 from threetowers.config import EvalConfig
 from threetowers.data.tokenizer import CaptionTokenizer
 from threetowers.data.world.generate import write_world

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from tests.training.test_loop import clip_run_config, world_dir  # noqa: F401 (a fixture)
+from tests.helpers.runs import clip_run_config
 from threetowers.cli import main
 from threetowers.data.sources.pairs import iter_pairs
 from threetowers.data.transforms import eval_transform

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.experiments.test_reproduce import tiny_experiment
+from tests.helpers.experiments import tiny_experiment
 from threetowers.cli import main
 from threetowers.experiments.open_vocab import (
     HELDOUT,

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 import threetowers as tt
-from tests.data.caches.test_decoded import noise
+from tests.helpers.images import noise
 from threetowers.experiments.pretrain import pretrain
 from threetowers.towers.cnn import SmallResNet
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.training.test_loop import TINY_WORLD
+from tests.helpers.experiments import tiny_experiment
 from threetowers.cli import main
 from threetowers.experiments.report import METRICS, compare, findings, mean_sweeps, summarise
 from threetowers.experiments.reproduce import plan
@@ -21,29 +21,6 @@ def record(setting, method, seed, value, sweep=None):
             {"alpha": a, "zeroshot_top1": v, "i2t_R@1": v, "t2i_R@1": v} for a, v in sweep
         ]
     return out
-
-
-def tiny_experiment(tmp_path) -> list[str]:
-    """Overrides for a --quick experiment in seconds: tiny towers on a tiny world."""
-    return [
-        "model.embed_dim=16",
-        "model.image.image_size=32",
-        "model.image.patch_size=16",
-        "model.image.width=32",
-        "model.image.depth=1",
-        "model.image.heads=2",
-        "model.text.vocab_size=300",
-        "model.text.context_length=32",
-        "model.text.width=32",
-        "model.text.depth=1",
-        "model.text.heads=2",
-        f"data.world.dir={tmp_path / 'world'}",
-        f"data.cache_dir={tmp_path / 'cache'}",
-        "data.batch_size=32",
-        "data.num_workers=0",
-        "reproduce.quick_steps=2",
-        "eval.fewshot_shots=1",
-    ] + [f"data.world.{k}={v}" for k, v in TINY_WORLD.items()]
 
 
 def test_plan_trains_clip_once_per_seed_and_lit_3t_per_setting():

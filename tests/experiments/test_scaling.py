@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.experiments.test_reproduce import tiny_experiment
+from tests.helpers.experiments import tiny_experiment
 from threetowers.cli import main
 from threetowers.config import load_config
 from threetowers.experiments.report import HEADLINE

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import tiny_config
-from tests.training.test_loop import tiny_run_config
+from tests.helpers.runs import tiny_run_config
 from threetowers.cli import main
 from threetowers.data.tokenizer import CaptionTokenizer
 from threetowers.data.world.generate import WorldSpec, render

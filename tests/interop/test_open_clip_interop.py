@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.training.test_loop import tiny_run_config
+from tests.helpers.runs import tiny_run_config
 from threetowers.cli import main
 from threetowers.data.pipeline import ensure_world
 from threetowers.evaluation import metrics

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import terms_of, tiny_batch, tiny_model
+from tests.helpers.reference_losses import reference_softmax
 from threetowers.model.losses import ThreeTowersLoss
 
 TERM_PAIRS = {
@@ -16,15 +17,6 @@ TERM_PAIRS = {
     "lit": {"h_g": ("z_h", "z_g")},
     "3t": {"f_g": ("z_f", "z_g"), "fh_h": ("z_fh", "z_h"), "gh_h": ("z_gh", "z_h")},
 }
-
-
-def reference_softmax(a, b, s):
-    """½[mean_i(−s aᵢ·bᵢ + log Σⱼ exp s aᵢ·bⱼ) + the same with a and b swapped]."""
-    sim = s * a @ b.T
-    positives = torch.diagonal(sim)
-    rows = (torch.logsumexp(sim, dim=1) - positives).mean()
-    cols = (torch.logsumexp(sim, dim=0) - positives).mean()
-    return (rows + cols) / 2
 
 
 def reference_sigmoid(a, b, s, beta):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import threetowers as tt
 from tests.conftest import tiny_backbone, tiny_batch, tiny_config, tiny_model
-from tests.model.test_losses import reference_softmax
+from tests.helpers.reference_losses import reference_softmax
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:

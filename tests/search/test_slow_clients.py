@@ -14,7 +14,7 @@ from contextlib import ExitStack
 import httpx
 import pytest
 
-from tests.search.conftest import running
+from tests.helpers.search_server import running
 from threetowers.search.connections import ACCEPT_ERROR, OnceEvery
 from threetowers.search.engine import QueryEncoder, SearchIndex
 from threetowers.search.server import Limits, create_app

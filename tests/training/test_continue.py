@@ -8,7 +8,7 @@ import shutil
 import torch
 import yaml
 
-from tests.training.test_loop import final_weights, tiny_run_config, world_dir  # noqa: F401
+from tests.helpers.runs import final_weights, tiny_run_config
 from threetowers.training.loop import train
 from threetowers.training.optim import warmup_cosine
 

@@ -15,18 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.training.test_loop import tiny_run_config, write_config
+from tests.helpers.runs import tiny_run_config, write_config
 from threetowers.training.loop import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 # The bundled EfficientNet-Lite0 as live h: its convolutions run on the GPU too.
 LIVE_H = ("model.mode=3t", "model.third.backbone=efficientnet_lite0", "data.cache=false")
-
-
-@pytest.fixture(scope="module")
-def world_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("world")
 
 
 def losses(run: Path) -> list[float]:

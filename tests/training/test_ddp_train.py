@@ -17,7 +17,7 @@ import webdataset as wds
 import yaml
 from safetensors.torch import load_file
 
-from tests.training.test_fault_injection import COLOURS, SHAPES, picture
+from tests.helpers.images import COLOURS, SHAPES, picture
 from threetowers.config import load_config
 from threetowers.data.sources.loader import pair_batches
 from threetowers.data.sources.pairs import open_pairs

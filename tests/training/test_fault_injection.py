@@ -10,7 +10,6 @@ temporary or partial file behind.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
@@ -24,10 +23,10 @@ from pathlib import Path
 import torch
 import webdataset as wds
 import yaml
-from PIL import Image
 from safetensors.torch import load_file
 
-from tests.data.sources.test_bad_samples import BAD, JPEG, bomb_png
+from tests.helpers.bad_data import BAD, JPEG, bomb_png
+from tests.helpers.images import COLOURS, SHAPES, picture
 from threetowers.runs.checkpoint import load_checkpoint
 
 SHARDS, PER_SHARD, BATCH, WORKERS = 4, 80, 8, 2
@@ -57,18 +56,6 @@ INJECTED = Counter(reason for _, reason in CORRUPTIONS.values() for _copy in ran
 # Every worker reads whole batches of its 2 shards (160 samples), so one epoch is exactly
 # 40 steps and every sample, bad ones included, is visited exactly once.
 STEPS = SAMPLES // BATCH
-COLOURS = ("red", "green", "blue", "yellow")
-SHAPES = ("square", "circle", "stripe", "dot")
-
-
-def picture(index: int) -> bytes:
-    colour, shape = index % 4, index // 4 % 4
-    image = Image.new("RGB", (20, 20), (40, 40, 40))
-    fill = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (220, 220, 30)][colour]
-    image.paste(fill, (2 + 3 * shape, 2, 10 + 3 * shape, 18))
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def write_corrupt_shards(folder: Path) -> None:

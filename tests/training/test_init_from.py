@@ -10,12 +10,7 @@ import pytest
 import torch
 
 import threetowers as tt
-from tests.training.test_loop import (  # noqa: F401
-    clip_run_config,
-    final_weights,
-    tiny_run_config,
-    world_dir,
-)
+from tests.helpers.runs import clip_run_config, final_weights, tiny_run_config
 from threetowers.cli import main
 from threetowers.runs.checkpoint import load_matching, trainable_state
 from threetowers.training import loop

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.data.sources.test_remote import Server
-from tests.training.test_loop import (
+from tests.helpers.http_server import Server
+from tests.helpers.runs import (
     TRAIN_ENV,
     final_weights,
     tiny_run_config,

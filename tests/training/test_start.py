@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from tests.training.test_loop import clip_run_config, tiny_run_config, world_dir  # noqa: F401
+from tests.helpers.runs import clip_run_config, tiny_run_config
 from threetowers.cli import main
 from threetowers.data import pipeline
 from threetowers.training.loop import train

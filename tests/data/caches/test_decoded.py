@@ -9,9 +9,9 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from tests.data.sources.test_bad_samples import BAD, ODD_BUT_VALID, encoded
+from tests.helpers.bad_data import ODD_BUT_VALID, encoded
+from tests.helpers.images import image_folder, noise
 from threetowers.backbones.frozen import Preprocessing
 from threetowers.data.benchmarks import ImageFiles
 from threetowers.data.caches.decoded import DecodedImages, WholeImage, image_rows
@@ -20,23 +20,6 @@ from threetowers.data.sources.decode import load_image
 from threetowers.data.transforms import PixelEvalTransform, eval_transform, train_transform
 
 PRE = Preprocessing(10, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), resize="bicubic", crop_fraction=0.875)
-
-
-def noise(width: int, height: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def image_folder(folder):
-    """Odd but valid images of several sizes, bad files and a missing one, in a fixed order."""
-    folder.mkdir()
-    files = {f"{name}.img": data for name, data in ODD_BUT_VALID.items()}
-    files |= {f"noise{i}.png": encoded(noise(13 + 5 * i, 17 - 3 * i, i)) for i in range(3)}
-    files["transparent_rgb.png"] = encoded(noise(11, 11, 7), transparency=(0, 0, 0))
-    files |= {f"{name}.img": data for name, (data, _, reason) in BAD.items() if "image" in reason}
-    for name, data in files.items():
-        (folder / name).write_bytes(data)
-    return [folder / name for name in sorted(files)] + [folder / "missing.png"]
 
 
 def rows(dataset) -> list:

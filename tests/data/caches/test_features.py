@@ -21,35 +21,14 @@ import webdataset as wds
 from PIL import Image
 
 from tests.conftest import tiny_backbone
+from tests.helpers.feature_caches import build, colliding_shards, live
 from threetowers.data.caches import units as cached
-from threetowers.data.caches.features import (
-    CacheSpec,
-    UnitMismatch,
-    build_caches,
-)
-from threetowers.data.caches.units import dataset_units
+from threetowers.data.caches.features import UnitMismatch
 from threetowers.data.pipeline import TrainingExample
 from threetowers.data.sources.bad_samples import Skipped
 from threetowers.data.sources.loader import pair_batches
 from threetowers.data.sources.pairs import iter_pairs, open_pairs
 from threetowers.data.sources.table import PairTable
-from threetowers.data.transforms import eval_transform
-
-
-def colliding_shards(folder: Path, samples: int = 10) -> Path:
-    """Two img2dataset outputs side by side: both number their samples from 000000000, with
-    other images and captions."""
-    folder.mkdir()
-    noise = np.random.default_rng(7)
-    for dataset in ("cc3m", "cc12m"):
-        with wds.TarWriter(str(folder / f"{dataset}-000000.tar")) as sink:
-            for i in range(samples):
-                pixels = noise.integers(0, 256, (40, 40, 3), dtype=np.uint8)
-                buffer = io.BytesIO()
-                Image.fromarray(pixels).save(buffer, "PNG")
-                caption = f"{dataset} picture number {i}".encode()
-                sink.write({"__key__": f"{i:09d}", "png": buffer.getvalue(), "txt": caption})
-    return folder
 
 
 def numbered_shards(folder: Path, shards: int, per_shard: int) -> list[Path]:
@@ -67,19 +46,6 @@ def numbered_shards(folder: Path, shards: int, per_shard: int) -> list[Path]:
                 key = f"{shard:03d}{i:04d}"
                 sink.write({"__key__": key, "png": buffer.getvalue(), "txt": b"a picture"})
     return paths
-
-
-def live(tower, image) -> torch.Tensor:
-    with torch.no_grad():
-        return tower(eval_transform(tower.preprocessing)(image)[None])[0]
-
-
-def build(tower, source, directory, dtype="float32", **options):
-    towers = tower if isinstance(tower, dict) else {"h": tower}
-    spec = CacheSpec(directory, dtype)
-    return build_caches(
-        towers, dataset_units(source), spec, batch_size=7, progress=False, **options
-    )
 
 
 def test_samples_of_shards_that_share_keys_keep_their_own_features(tmp_path):
@@ -215,7 +181,7 @@ def test_a_second_writer_waits_for_the_first_and_computes_nothing_twice(tmp_path
 SLOW_WRITER = """
 import sys, time
 from tests.conftest import tiny_backbone
-from tests.data.caches.test_features import build
+from tests.helpers.feature_caches import build
 from threetowers.data.caches import features
 
 compute = features._compute

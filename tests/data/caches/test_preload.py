@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.data.world.test_world import TINY
-from tests.training.test_loop import tiny_run_config
+from tests.helpers.runs import tiny_run_config
+from tests.helpers.world import TINY
 from threetowers.backbones.frozen import Preprocessing
 from threetowers.config import ConfigError
 from threetowers.data.caches.preload import preload_pairs

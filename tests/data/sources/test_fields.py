@@ -10,7 +10,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from tests.data.sources.test_pairs import png
+from tests.helpers.shards import png
 from threetowers.data.caches.identity import SAMPLE_IDS, dataset_digest, files_digest
 from threetowers.data.caches.units import dataset_units
 from threetowers.data.sources.bad_samples import BadSample

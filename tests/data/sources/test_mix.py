@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import threetowers as tt
-from tests.data.sources.test_pairs import assert_same, check_consistent, run, write_shards
+from tests.helpers.shards import assert_same, check_consistent, run, write_shards
 from threetowers.config import ConfigError
 from threetowers.data.sources.loader import Resampled, num_batches
 from threetowers.data.sources.mix import open_sources

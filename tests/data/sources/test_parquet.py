@@ -16,14 +16,8 @@ import torch
 from PIL import Image
 
 from tests.conftest import tiny_backbone
-from tests.data.caches.test_features import build, live
-from tests.data.sources.test_pairs import (
-    assert_same,
-    check_consistent,
-    png,
-    run,
-    skipped_of,
-)
+from tests.helpers.feature_caches import build, live
+from tests.helpers.shards import assert_same, check_consistent, png, run, skipped_of
 from threetowers.data.caches.identity import dataset_digest
 from threetowers.data.caches.units import ShardUnit, dataset_units
 from threetowers.data.sources import parquet_samples

@@ -13,6 +13,7 @@ import pytest
 import webdataset as wds
 from PIL import Image, ImageDraw
 
+from tests.helpers.world import TINY
 from threetowers.atomic import ForeignFolderError
 from threetowers.data.world import captions as wc
 from threetowers.data.world import render as wr
@@ -31,18 +32,6 @@ from threetowers.data.world.generate import (
     write_world,
 )
 
-TINY = WorldSpec(
-    train_pairs=40,
-    val_pairs=8,
-    retrieval_test=6,
-    retrieval_val=4,
-    zeroshot_per_class=2,
-    zeroshot_val_per_class=1,
-    pretrain_objects_per_class=2,
-    pretrain_scenes_per_class=2,
-    pretrain_val_fraction=0.5,
-    shard_size=16,
-)
 FOLDER_SETS = {  # dataset/part -> (split name, class names, images per class)
     "zeroshot_objects/test": ("zeroshot_objects_test", OBJECT_CLASSES, 2),
     "zeroshot_objects/val": ("zeroshot_objects_val", OBJECT_CLASSES, 1),

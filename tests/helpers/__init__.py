@@ -1,0 +1,1 @@
+"""Helpers shared by several test modules; shared fixtures live in conftest.py."""

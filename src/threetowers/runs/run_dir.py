@@ -4,9 +4,9 @@ A run directory holds one run, made by one config. Once the run has a checkpoint
 with another config is refused (its exact resume needs the config it was made with), but
 for a continuation: the same config with a larger ``train.steps``, which config.yaml then
 records with the previous steps in ``train.continued_from`` (the learning-rate schedule of
-the added steps is the loop's: ``training/loop.py``). Before its first checkpoint a run holds
-nothing trained, so a start with another config replaces the old one, and what was made for
-the old config (its tokenizer, its evaluation) is made again.
+the added steps: ``training.optim.continued_schedule``). Before its first checkpoint a run
+holds nothing trained, so a start with another config replaces the old one, and what was
+made for the old config (its tokenizer, its evaluation) is made again.
 
 config.yaml is written by :func:`record_config` only once a start has opened its data and
 every path it names: a start that fails on a wrong path leaves no config behind.

@@ -15,6 +15,7 @@ from threetowers.runs.run_dir import (
     MetricsLog,
     config_to_train,
     drop_metrics_after,
+    prepare_run_dir,
     record_config,
     same_config,
 )
@@ -121,3 +122,11 @@ def test_continued_from_must_lie_before_the_steps():
         tiny("train.steps=8", "train.continued_from=[4, 4]")
     with pytest.raises(ConfigError, match=r"got \[8\]; leave it out"):
         tiny("train.steps=8", "train.continued_from=[8]")
+
+
+def test_files_of_a_run_without_its_config_are_neither_deleted_nor_used(tmp_path):
+    cfg = tt.load_config("tiny")
+    (tmp_path / "tokenizer.json").write_text("the user's own")
+    with pytest.raises(ConfigError, match="holds tokenizer.json but no config.yaml"):
+        prepare_run_dir(cfg, tmp_path, None)
+    assert (tmp_path / "tokenizer.json").read_text() == "the user's own"

@@ -3,7 +3,7 @@ towers' feature caches."""
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import itertools
 import os
 from pathlib import Path
@@ -21,18 +21,14 @@ from threetowers.data.caches.features import (
 )
 from threetowers.data.caches.preload import preload_pairs
 from threetowers.data.caches.units import dataset_units
-from threetowers.data.sources.bad_samples import BadDataError, BadSample, refuse_known_bad
-from threetowers.data.sources.decode import clean_captions
+from threetowers.data.sources.bad_samples import BadDataError, refuse_known_bad
 from threetowers.data.sources.fields import Fields
 from threetowers.data.sources.loader import num_batches, pair_batches
 from threetowers.data.sources.mix import SourceMix, open_sources
 from threetowers.data.sources.pair import Pair
-from threetowers.data.sources.pairs import iter_captions, open_pairs
+from threetowers.data.sources.pairs import iter_captions, iter_sample_captions, open_pairs
 from threetowers.data.sources.shards import (
     ShardPairs,
-    sample_captions,
-    shard_sample_id,
-    shard_samples,
 )
 from threetowers.data.sources.table import PairTable
 from threetowers.data.tokenizer import CaptionTokenizer, MemoisedEncoder
@@ -102,21 +98,6 @@ def open_val_pairs(cfg: Config) -> PairTable | ShardPairs | None:
         )
     except FileNotFoundError as error:
         raise FileNotFoundError(f"eval.val_data: {error}") from None
-
-
-def captions_by_id(pairs: PairTable | ShardPairs) -> dict[str, list[str]]:
-    """Every usable caption of each usable sample of ``pairs``, by sample id (images unread)."""
-    found: dict[str, list[str]] = {}
-    if isinstance(pairs, PairTable):
-        for row, sample_id in enumerate(pairs.ids):
-            with contextlib.suppress(BadSample):
-                if row not in pairs.bad:
-                    found[sample_id] = clean_captions(pairs.captions[row], pairs.name)
-        return found
-    for sample in shard_samples(pairs.shards, fields=pairs.fields, images=False):
-        with contextlib.suppress(BadSample):
-            found[shard_sample_id(sample)] = sample_captions(sample, pairs.fields)
-    return found
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -344,9 +325,11 @@ class TrainingData:
         for batch in batches:
             yield self._prepared(batch, self.tokenizer.encode, normalise, self.val_frozen_normalise)
 
+    @functools.cached_property
     def val_captions(self) -> dict[str, list[str]]:
-        """Every usable caption of each sample of ``eval.val_data``, by sample id."""
-        return captions_by_id(self.val_pairs)
+        """Every usable caption of each sample of ``eval.val_data``, by sample id (read once
+        for all evaluations)."""
+        return dict(iter_sample_captions(self.val_pairs))
 
     def _prepared(self, batch: dict, encode, normalise, frozen_normalise: dict) -> dict:
         """A loader batch as a step reads it: tokens, normalised pixels, per-tower dicts."""

@@ -55,11 +55,19 @@ def prepare_run_dir(cfg: Config, run_dir: Path, checkpoint_step: int | None) -> 
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_temporaries(run_dir)  # one run per directory: whatever a killed run left is stale
     admitted = config_to_train(cfg, run_dir, checkpoint_step)
+    made = [name for name in MADE_FOR_CONFIG if (run_dir / name).exists()]
     if checkpoint_step is None and not same_config(admitted, run_dir):
-        if (run_dir / "config.yaml").exists():
+        if not (run_dir / "config.yaml").exists() and made:
+            # not ours to delete, nor to use: a resume would read them as the run's own
+            raise ConfigError(
+                f"{run_dir} holds {', '.join(made)} but no config.yaml, so they were not "
+                "written by a run of threetowers (or by one killed before it began); move them "
+                "away, or train in another run directory (data.tokenizer= uses a tokenizer)"
+            )
+        if made:
             log.info("%s has no checkpoint: its config is replaced by this one", run_dir)
-        for name in MADE_FOR_CONFIG:
-            (run_dir / name).unlink(missing_ok=True)
+        for name in made:
+            (run_dir / name).unlink()
     return admitted
 
 

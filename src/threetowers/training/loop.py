@@ -379,7 +379,7 @@ def _evaluate(model, data, benchmarks, cfg: Config, run_dir: Path, step: int, me
         device = next(model.parameters()).device
         batches = data.validation_batches()
         on_device = functools.partial(to_device, device=device)
-        validation = validate(model, data.tokenizer, batches, data.val_captions(), on_device)
+        validation = validate(model, data.tokenizer, batches, data.val_captions, on_device)
     scores = evaluate_model(
         model,
         data.tokenizer,

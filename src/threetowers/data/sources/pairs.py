@@ -63,16 +63,22 @@ def iter_pairs(source: PairSource) -> Iterator[Pair | Skipped]:
 def iter_captions(source: PairSource) -> Iterator[str]:
     """Every usable caption of a dataset, without decoding an image (to train a tokenizer).
     Bad samples are passed over silently here: the passes that use them count them."""
+    for _, captions in iter_sample_captions(source):
+        yield from captions
+
+
+def iter_sample_captions(source: PairSource) -> Iterator[tuple[str, list[str]]]:
+    """(sample id, its usable captions) of each usable sample, images unread."""
     pairs = open_pairs(source)
     if isinstance(pairs, PairTable):
         for index, captions in enumerate(pairs.captions):
             if index not in pairs.bad:
                 with contextlib.suppress(BadSample):
-                    yield from clean_captions(captions, pairs.name)
+                    yield pairs.ids[index], clean_captions(captions, pairs.name)
         return
     for sample in shard_samples(pairs.shards, fields=pairs.fields, images=False):
         with contextlib.suppress(BadSample):
-            yield from sample_captions(sample, pairs.fields)
+            yield shard_sample_id(sample), sample_captions(sample, pairs.fields)
 
 
 def open_pairs(

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import matmul  # noqa: E402
 
 import threetowers as tt  # noqa: E402
-from threetowers.training.optim import make_optimizer  # noqa: E402
+from threetowers.trainer.optim import make_optimizer  # noqa: E402
 
 WIDTH, DEPTH, HEADS, EMBED = 256, 6, 4, 256
 IMAGE, PATCH, CONTEXT, VOCAB, BATCH = 64, 8, 32, 8192, 256

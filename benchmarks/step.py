@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import threetowers as tt
 from threetowers.config import Config
-from threetowers.training.optim import make_optimizer
+from threetowers.trainer.optim import make_optimizer
 
 # name -> (mode, h's features precomputed)
 VARIANTS = {

@@ -11,7 +11,7 @@ import pytest
 
 import threetowers as tt
 from tests.helpers.runs import TINY_WORLD
-from threetowers.training.loop import train
+from threetowers.trainer.loop import train
 
 RECORDED_LOSSES = {
     "clip": [

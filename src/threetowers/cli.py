@@ -17,8 +17,8 @@ import yaml
 from threetowers.config import ConfigError, load_config, preset_names, refuse_repeated_keys
 from threetowers.distributed import launched_rank
 from threetowers.evaluation.suite import results_table
+from threetowers.files.readback import read_json
 from threetowers.model.build import build_model
-from threetowers.readback import read_json
 
 
 def _config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +55,7 @@ def _summary(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from threetowers.training.loop import Stopped, train
+    from threetowers.trainer.loop import Stopped, train
 
     cfg = load_config(args.config, args.overrides)
     try:
@@ -85,7 +85,7 @@ EVAL_DATA_KEYS = (
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from threetowers.runs.trained import evaluate_trained, load_trained
+    from threetowers.trainer.trained import evaluate_trained, load_trained
 
     run = load_trained(args.run)
     foreign = [
@@ -106,8 +106,8 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _embed(args: argparse.Namespace) -> None:
-    from threetowers.embed import embed, parse_alpha, save_embeddings
-    from threetowers.runs.trained import load_trained
+    from threetowers.apps.embed import embed, parse_alpha, save_embeddings
+    from threetowers.trainer.trained import load_trained
 
     run = load_trained(args.run)
     vectors, keys = embed(
@@ -123,10 +123,10 @@ def _embed(args: argparse.Namespace) -> None:
 
 
 def _index(args: argparse.Namespace) -> None:
+    from threetowers.apps.search.build import build_index
+    from threetowers.apps.search.items import index_source
     from threetowers.data.sources.fields import Fields
-    from threetowers.runs.trained import load_trained
-    from threetowers.search.build import build_index
-    from threetowers.search.items import index_source
+    from threetowers.trainer.trained import load_trained
 
     run = load_trained(args.run)
     data = run.cfg.data
@@ -153,20 +153,20 @@ def _index(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from threetowers.search.server import serve
+    from threetowers.apps.search.server import serve
 
     serve(args.index, args.host, args.port, args.run)
 
 
 def _analyze(args: argparse.Namespace) -> None:
-    from threetowers.analysis.analyze import analyze, report
+    from threetowers.apps.analysis.analyze import analyze, report
 
     results = analyze(args.run, args.out)
     print(report(results), end="")
 
 
 def _export(args: argparse.Namespace) -> None:
-    from threetowers.export.open_clip import export_open_clip
+    from threetowers.apps.export.open_clip import export_open_clip
 
     config = export_open_clip(args.run, args.out, args.alpha)
     exported = config["threetowers"]
@@ -216,7 +216,7 @@ def _report_cache(name: str, cache, what: str, units: int, cache_dir: str) -> No
 
 
 def _pretrain(args: argparse.Namespace) -> None:
-    from threetowers.experiments.pretrain import pretrain
+    from threetowers.project.experiments.pretrain import pretrain
 
     out = pretrain(load_config(args.config, args.overrides), progress=not args.quiet)
     report = read_json(out.with_suffix(".json"))
@@ -227,9 +227,9 @@ def _pretrain(args: argparse.Namespace) -> None:
 
 
 def _reproduce(args: argparse.Namespace) -> None:
-    from threetowers.experiments.open_vocab import open_vocab
-    from threetowers.experiments.reproduce import quick, reproduce
-    from threetowers.experiments.scaling import scaling
+    from threetowers.project.experiments.open_vocab import open_vocab
+    from threetowers.project.experiments.reproduce import quick, reproduce
+    from threetowers.project.experiments.scaling import scaling
 
     experiments = {"paper": reproduce, "open-vocab": open_vocab, "scaling": scaling}
     cfg = load_config(args.config, args.overrides)

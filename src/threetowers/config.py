@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from threetowers.backbones.registry import BACKBONES, BACKBONES_NEEDING_PATH, TEXT_BACKBONES
+from threetowers.errors import UserError
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
@@ -34,7 +35,7 @@ _SHORT = reprlib.Repr()
 _SHORT.maxstring = _SHORT.maxother = 120
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config the user wrote (or overrode) is invalid; the message says where and how to fix."""
 
 
@@ -217,7 +218,7 @@ class LossConfig(Section):
 
 
 class WorldConfig(Section):
-    """The embedded image-caption world, generated on first use (data/world/generate.py)."""
+    """The embedded image-caption world, generated on first use (project/world/generate.py)."""
 
     dir: str = "worlds/default"
     seed: int = 0

@@ -15,9 +15,9 @@ from tests.helpers.world import TINY
 from threetowers.config import EvalConfig
 from threetowers.data.sources.bad_samples import BadSampleLog
 from threetowers.data.tokenizer import CaptionTokenizer
-from threetowers.data.world.generate import write_world
 from threetowers.evaluation.inputs import EvalCache
 from threetowers.evaluation.suite import embed_images, evaluate_model, resolve_benchmarks
+from threetowers.project.world.generate import write_world
 
 CACHES = {  # what is cached: data.preload (pixels), data.cache (h's features)
     "pixels+features": (True, True),

@@ -10,9 +10,9 @@ from tests.conftest import tiny_model
 from tests.helpers.world import TINY
 from threetowers.config import EvalConfig
 from threetowers.data.tokenizer import CaptionTokenizer
-from threetowers.data.world.generate import write_world
 from threetowers.evaluation import suite
 from threetowers.evaluation.suite import chance_levels, evaluate_model, resolve_benchmarks
+from threetowers.project.world.generate import write_world
 
 
 @pytest.fixture(scope="module")

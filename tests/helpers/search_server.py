@@ -10,8 +10,8 @@ from contextlib import contextmanager
 
 import uvicorn
 
-from threetowers.search.connections import server_config
-from threetowers.search.server import SECURITY_HEADERS, Limits
+from threetowers.apps.search.connections import server_config
+from threetowers.apps.search.server import SECURITY_HEADERS, Limits
 
 
 @contextmanager

@@ -31,8 +31,8 @@ from threetowers.evaluation.suite import (
     resolve_benchmarks,
 )
 from threetowers.model.objective import MAIN_TERM
-from threetowers.runs.trained import evaluate_trained, load_trained
-from threetowers.training.loop import train
+from threetowers.trainer.loop import train
+from threetowers.trainer.trained import evaluate_trained, load_trained
 
 pytestmark = pytest.mark.interop
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from threetowers.training.loop import evaluated_step
+from threetowers.trainer.loop import evaluated_step
 
 runs, ledger = Path(sys.argv[1]), Path(sys.argv[2])
 recorded = 0

@@ -21,8 +21,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from threetowers.atomic import save_tensors
 from threetowers.backbones.frozen import FrozenBackbone, Preprocessing
+from threetowers.errors import UserError
+from threetowers.files.atomic import save_tensors
 from threetowers.towers.cnn import SmallResNet
 from threetowers.towers.vit import VisionTransformer
 
@@ -37,7 +38,7 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-class ClassifierCheckpointError(ValueError):
+class ClassifierCheckpointError(UserError, ValueError):
     """A file is not a usable classifier checkpoint; the message says which and why."""
 
 

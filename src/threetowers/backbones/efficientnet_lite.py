@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from threetowers.backbones.frozen import FrozenBackbone, Preprocessing
-from threetowers.safe_load import load_tensors
+from threetowers.files.safe_load import load_tensors
 
 BN_EPS = 1e-3  # TensorFlow's batch_norm_epsilon; PyTorch's default 1e-5 is not what was trained.
 STEM_CHANNELS = 32

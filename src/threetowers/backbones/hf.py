@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from threetowers.backbones.frozen import IMAGENET_MEAN, IMAGENET_STD, FrozenBackbone, Preprocessing
-from threetowers.safe_load import refusal
+from threetowers.files.safe_load import refusal
 
 POOL_MODES = ("auto", "cls", "pooler", "mean")
 

@@ -33,9 +33,9 @@ from threetowers.data.sources.shards import (
 from threetowers.data.sources.table import PairTable
 from threetowers.data.tokenizer import CaptionTokenizer, MemoisedEncoder
 from threetowers.data.transforms import PixelEvalTransform, PixelTrainTransform
-from threetowers.data.world.generate import WorldSpec, write_world
+from threetowers.files.readback import read_json
 from threetowers.model.three_towers import ThreeTowers
-from threetowers.readback import read_json
+from threetowers.project.world.generate import WorldSpec, write_world
 
 # Tokenizers' own thread pool does not survive DataLoader worker forks; captions are short.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -23,7 +23,7 @@ from tokenizers import (
     trainers,
 )
 
-from threetowers.atomic import write_atomic
+from threetowers.files.atomic import write_atomic
 
 PAD, BOS, EOS, UNK = "[PAD]", "[BOS]", "[EOS]", "[UNK]"
 WORD_END = "</w>"  # marks a word's last piece, so decoding restores the spaces

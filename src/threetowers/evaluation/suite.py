@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from threetowers.atomic import write_atomic
 from threetowers.config import EvalConfig
 from threetowers.data.benchmarks import (
     ClassificationSet,
@@ -29,11 +28,12 @@ from threetowers.data.benchmarks import (
 )
 from threetowers.data.sources.bad_samples import BadDataError, BadSampleLog
 from threetowers.data.tokenizer import CaptionTokenizer
-from threetowers.data.world.generate import RETRIEVAL_FILES
 from threetowers.evaluation import metrics
 from threetowers.evaluation.inputs import EvalCache, ImageInput, image_inputs
+from threetowers.files.atomic import write_atomic
 from threetowers.model.objective import Z_F, Z_G, Objective
 from threetowers.model.three_towers import ThreeTowers
+from threetowers.project.world.generate import RETRIEVAL_FILES
 
 SWEEP_METRICS = ("zeroshot_top1", "i2t_R@1", "t2i_R@1")
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def resolve_benchmarks(
 ) -> Benchmarks:
     """The configured benchmarks; with the embedded world and nothing configured, its own:
     retrieval and zero-shot in its training words, and again in held-out words
-    (``data/world/heldout.py``)."""
+    (``project/world/heldout.py``)."""
     retrieval = cfg.retrieval if isinstance(cfg.retrieval, dict) else {}
     if isinstance(cfg.retrieval, str):
         retrieval = {"retrieval": cfg.retrieval}

@@ -17,8 +17,8 @@ from threetowers.data.caches.preload import preload_pairs
 from threetowers.data.pipeline import TrainingData
 from threetowers.data.sources.pairs import iter_pairs
 from threetowers.data.transforms import PixelEvalTransform
-from threetowers.data.world.generate import write_world
 from threetowers.model.build import build_model
+from threetowers.project.world.generate import write_world
 
 VIEW = Preprocessing(24, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), resize="bicubic", crop_fraction=1.0)
 
@@ -102,7 +102,7 @@ def test_a_full_disk_is_one_message_before_the_preload_not_a_sigbus(shards, smal
 
 PRELOAD = """
 import sys
-from threetowers.atomic import NoSpaceError
+from threetowers.files.atomic import NoSpaceError
 from threetowers.backbones.frozen import Preprocessing
 from threetowers.data.caches.preload import preload_pairs
 from threetowers.data.transforms import PixelEvalTransform

@@ -367,7 +367,7 @@ def test_feature_cache_units_are_one_per_file(folder, tmp_path):
 def test_index_reads_parquet_by_the_runs_fields_and_path_rule(tmp_path):
     """``index`` streams shards by path alone and decodes with the source's fields: the
     columns and the path rule still hold (search/items.py is unchanged)."""
-    from threetowers.search.items import index_source
+    from threetowers.apps.search.items import index_source
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

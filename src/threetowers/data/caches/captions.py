@@ -23,8 +23,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from threetowers import locks
-from threetowers.atomic import remove_temporaries, save_npy, write_atomic
 from threetowers.backbones.text_encoder import FrozenTextEncoder
 from threetowers.data.caches.features import (
     DTYPES,
@@ -40,6 +38,8 @@ from threetowers.data.caches.features import (
 from threetowers.data.caches.features import (
     FORMAT as INDEX_FORMAT,
 )
+from threetowers.files import locks
+from threetowers.files.atomic import remove_temporaries, save_npy, write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -24,11 +24,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from threetowers.atomic import publish, remove_temporaries, temporary_path, write_atomic
 from threetowers.data.benchmarks import ImageFiles
 from threetowers.data.caches.identity import cache_base, files_digest
 from threetowers.data.sources.bad_samples import Skipped
-from threetowers.readback import read_json
+from threetowers.files.atomic import publish, remove_temporaries, temporary_path, write_atomic
+from threetowers.files.readback import read_json
 
 
 class WholeImage:

@@ -40,8 +40,6 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from threetowers import locks
-from threetowers.atomic import remove_temporaries, save_npy, write_atomic
 from threetowers.backbones.frozen import FrozenBackbone
 from threetowers.data.caches.identity import (
     spec_digest,
@@ -49,7 +47,9 @@ from threetowers.data.caches.identity import (
 from threetowers.data.caches.units import Unit
 from threetowers.data.sources.bad_samples import BadDataError, BadSampleLog, Skipped
 from threetowers.data.transforms import PixelEvalTransform
-from threetowers.readback import read_json
+from threetowers.files import locks
+from threetowers.files.atomic import remove_temporaries, save_npy, write_atomic
+from threetowers.files.readback import read_json
 
 log = logging.getLogger(__name__)
 T = TypeVar("T", bound="StreamedFeatures")

@@ -19,7 +19,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from threetowers.atomic import (
+from threetowers.data.caches.identity import cache_base, dataset_digest
+from threetowers.data.sources.bad_samples import BadDataError, BadSample, Skipped
+from threetowers.data.sources.pair import Pair
+from threetowers.data.sources.pairs import PairSource, epoch_size, iter_pairs
+from threetowers.data.sources.table import PairTable
+from threetowers.files.atomic import (
     fsync,
     publish,
     remove_temporaries,
@@ -27,12 +32,7 @@ from threetowers.atomic import (
     temporary_path,
     write_atomic,
 )
-from threetowers.data.caches.identity import cache_base, dataset_digest
-from threetowers.data.sources.bad_samples import BadDataError, BadSample, Skipped
-from threetowers.data.sources.pair import Pair
-from threetowers.data.sources.pairs import PairSource, epoch_size, iter_pairs
-from threetowers.data.sources.table import PairTable
-from threetowers.readback import read_json
+from threetowers.files.readback import read_json
 
 
 class PreloadedPairs(PairTable):

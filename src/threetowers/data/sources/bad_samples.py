@@ -17,6 +17,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from threetowers.errors import UserError
+
 log = logging.getLogger(__name__)
 
 # Why a sample was skipped; the names are stable (they are metric keys).
@@ -81,7 +83,7 @@ class Skipped:
     detail: str
 
 
-class BadDataError(ValueError):
+class BadDataError(UserError, ValueError):
     """More of the data was bad than ``data.max_bad_fraction`` allows."""
 
 

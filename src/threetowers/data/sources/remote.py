@@ -62,7 +62,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from webdataset.gopen import Pipe, gopen, set_options
 
-from threetowers.atomic import write_atomic
+from threetowers.files.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 

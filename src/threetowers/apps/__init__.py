@@ -1,0 +1,1 @@
+"""What is built on a trained run: search and its server, export, analysis, embeddings."""

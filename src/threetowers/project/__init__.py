@@ -1,0 +1,1 @@
+"""The paper's project: the embedded procedural world and the experiments run on it."""

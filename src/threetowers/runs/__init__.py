@@ -1,1 +1,0 @@
-"""Run directories, checkpoints and loading a finished run."""

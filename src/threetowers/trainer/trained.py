@@ -1,0 +1,98 @@
+"""Load what a training run produced: its config, model weights and tokenizer."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from threetowers.config import Config, load_config
+from threetowers.data.tokenizer import CaptionTokenizer
+from threetowers.model.build import build_model
+from threetowers.model.three_towers import ThreeTowers
+from threetowers.trainer.checkpoint import (
+    Checkpoint,
+    check_tokenizer,
+    load_checkpoint,
+    load_latest,
+    restore_model,
+)
+
+
+@dataclass
+class TrainedRun:
+    run_dir: Path
+    cfg: Config
+    model: ThreeTowers
+    tokenizer: CaptionTokenizer
+    step: int
+    # Names these exact weights: what an index built from the run and the queries against it
+    # must agree on (the trained weights' checksum and the model config, which fixes the
+    # frozen towers).
+    fingerprint: str
+
+
+def find_checkpoint(path: str | Path) -> tuple[Path, Checkpoint]:
+    """``path``: a run directory (its latest valid checkpoint) or one checkpoint directory of
+    a run; returns the run directory and the checkpoint."""
+    path = Path(path)
+    if (path / "meta.json").is_file() and path.parent.name == "checkpoints":
+        run_dir, checkpoint = path.parent.parent, load_checkpoint(path)
+    else:
+        run_dir, checkpoint = path, load_latest(path / "checkpoints")
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(
+            f"{path} is neither a run directory nor a checkpoint of one (no config.yaml in "
+            f"{run_dir}); pass the directory that `threetowers train` wrote"
+        )
+    if checkpoint is None:
+        raise FileNotFoundError(f"{run_dir} has no readable checkpoint yet; train it first")
+    return run_dir, checkpoint
+
+
+def trained_tokenizer(run_dir: Path, cfg: Config, checkpoint: Checkpoint) -> CaptionTokenizer:
+    """The run's tokenizer.json, refused unless it is the one ``checkpoint`` was trained with."""
+    path = run_dir / "tokenizer.json"
+    tokenizer = CaptionTokenizer.load(path, cfg.model.text.context_length)
+    check_tokenizer(checkpoint, tokenizer.digest(), str(path))
+    return tokenizer
+
+
+def load_trained(path: str | Path, device: str = "cpu") -> TrainedRun:
+    """``path``: a run directory (its latest valid checkpoint) or one checkpoint directory."""
+    run_dir, checkpoint = find_checkpoint(path)
+    cfg = load_config(run_dir / "config.yaml")
+    model = build_model(cfg, device=device)
+    restore_model(model, checkpoint)
+    tokenizer = trained_tokenizer(run_dir, cfg, checkpoint)
+    identity = {
+        "weights": checkpoint.meta["sha256"]["model.safetensors"],
+        "model": cfg.model.model_dump(mode="json"),
+        "tokenizer": hashlib.sha256((run_dir / "tokenizer.json").read_bytes()).hexdigest(),
+    }
+    fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return TrainedRun(run_dir, cfg, model.eval(), tokenizer, checkpoint.step, fingerprint)
+
+
+def evaluate_trained(run: TrainedRun, cfg: Config, out_dir: Path | None) -> tuple[dict, dict]:
+    """``run``'s model on the benchmarks of ``cfg`` (the run's config, perhaps with other
+    eval.* settings): its metrics (eval.json in ``out_dir`` when given) and the chance levels."""
+    from threetowers.data.pipeline import ensure_world
+    from threetowers.evaluation.inputs import EvalCache
+    from threetowers.evaluation.suite import chance_levels, evaluate_model, resolve_benchmarks
+
+    world = ensure_world(cfg.data.world) if cfg.data.train is None else None
+    benchmarks = resolve_benchmarks(cfg.eval, world, cfg.data.allow_absolute_paths)
+    results = evaluate_model(
+        run.model,
+        run.tokenizer,
+        benchmarks,
+        cfg.eval,
+        out_dir,
+        step=run.step,
+        max_bad_fraction=cfg.data.max_bad_fraction,
+        cache=EvalCache.of(cfg.data),
+        num_workers=cfg.data.num_workers,
+    )
+    return results, chance_levels(benchmarks)

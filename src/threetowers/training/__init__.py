@@ -1,1 +1,0 @@
-"""The training loop, its optimizer and its torchrun collectives."""

@@ -1,0 +1,132 @@
+"""Run-directory helpers: metrics log (with TensorBoard when present), resume trimming, and
+which config a start of a run trains."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pytest
+
+import threetowers as tt
+from threetowers.config import ConfigError
+from threetowers.trainer.run_dir import (
+    MetricsLog,
+    config_to_train,
+    drop_metrics_after,
+    prepare_run_dir,
+    record_config,
+    same_config,
+)
+
+
+def test_metrics_go_to_jsonl_and_tensorboard_when_installed(tmp_path, monkeypatch):
+    scalars = []
+
+    class FakeWriter:
+        def __init__(self, logdir):
+            self.logdir = logdir
+
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, value, step))
+
+        def close(self):
+            scalars.append("closed")
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = FakeWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    log = MetricsLog(tmp_path)
+    log.log({"step": 3, "loss": 1.5, "lr": 0.1})
+    log.log({"step": 3, "eval": {"zeroshot_top1": 40.0, "mode": "3t"}})
+    log.close()
+    assert scalars == [
+        ("train/loss", 1.5, 3),
+        ("train/lr", 0.1, 3),
+        ("eval/zeroshot_top1", 40.0, 3),
+        "closed",
+    ]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [3, 3]
+
+
+def test_resume_forgets_what_a_killed_run_logged_after_the_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 9)))
+    drop_metrics_after(path, 5)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4, 5]
+
+
+def test_a_line_torn_by_a_kill_is_dropped_on_resume(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    whole = "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 4))
+    path.write_text(whole + '{"step": 4, "lo')  # killed in the middle of a write
+    drop_metrics_after(path, 3)
+    assert path.read_text() == whole
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]  # no temporary left
+
+
+def tiny(*overrides: str) -> tt.Config:
+    return tt.load_config("tiny", list(overrides))
+
+
+def test_a_config_yaml_written_before_a_setting_existed_is_the_same_config(tmp_path):
+    cfg = tiny()
+    record_config(cfg, tmp_path)
+    written = (tmp_path / "config.yaml").read_text()
+    # as a version without train.max_bad_steps wrote it: the default stands for it
+    (tmp_path / "config.yaml").write_text(written.replace("  max_bad_steps: 10\n", ""))
+    assert same_config(cfg, tmp_path)
+    assert not same_config(tiny("train.max_bad_steps=3"), tmp_path)
+
+
+def test_a_run_without_a_checkpoint_trains_the_config_it_is_given(tmp_path):
+    record_config(tiny(), tmp_path)
+    other = tiny("train.lr=0.01")
+    assert config_to_train(other, tmp_path, None) is other
+
+
+def test_the_recorded_history_of_a_continued_run_is_kept_on_resume(tmp_path):
+    record_config(tiny("train.steps=8", "train.continued_from=[4]"), tmp_path)
+    admitted = config_to_train(tiny("train.steps=8"), tmp_path, 6)
+    assert admitted.train.continued_from == [4]
+    assert same_config(admitted, tmp_path)
+
+
+def test_a_larger_train_steps_continues_the_run_and_records_the_steps_before(tmp_path):
+    record_config(tiny("train.steps=8", "train.continued_from=[4]"), tmp_path)
+    admitted = config_to_train(tiny("train.steps=20"), tmp_path, 8)
+    assert (admitted.train.steps, admitted.train.continued_from) == (20, [4, 8])
+
+
+def test_another_config_is_refused_once_the_run_has_a_checkpoint(tmp_path):
+    record_config(tiny("train.steps=8"), tmp_path)
+    for overrides, differ in (
+        (["train.steps=8", "train.lr=0.01", "model.embed_dim=16"], "model.embed_dim, train.lr"),
+        (["train.steps=6"], "train.steps"),  # fewer steps: not a continuation
+        (["train.steps=12", "train.lr=0.01"], "train.steps, train.lr"),
+    ):
+        with pytest.raises(ConfigError) as refused:
+            config_to_train(tiny(*overrides), tmp_path, 8)
+        assert str(refused.value) == (
+            f"{tmp_path} holds a run with a different config ({tmp_path}/config.yaml: {differ} "
+            "differ) and a checkpoint of step 8; resuming it with this one would mix two runs. "
+            "Use the same config to resume, only a larger train.steps to continue it, or a new "
+            f"run directory (train.init_from={tmp_path} starts from its weights)"
+        )
+
+
+def test_continued_from_must_lie_before_the_steps():
+    with pytest.raises(ConfigError, match=r"continued_from must be increasing steps below steps=8"):
+        tiny("train.steps=8", "train.continued_from=[4, 4]")
+    with pytest.raises(ConfigError, match=r"got \[8\]; leave it out"):
+        tiny("train.steps=8", "train.continued_from=[8]")
+
+
+def test_files_of_a_run_without_its_config_are_neither_deleted_nor_used(tmp_path):
+    cfg = tt.load_config("tiny")
+    (tmp_path / "tokenizer.json").write_text("the user's own")
+    with pytest.raises(ConfigError, match="holds tokenizer.json but no config.yaml"):
+        prepare_run_dir(cfg, tmp_path, None)
+    assert (tmp_path / "tokenizer.json").read_text() == "the user's own"

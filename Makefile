@@ -4,19 +4,20 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 
-.PHONY: test test-interop demo lint clean
+.PHONY: test test-interop test-plain-install demo lint clean
 
-# The package alone for the demo; its test and Hugging Face extras on top for the tests.
+# The demo needs the package and its search extra (it indexes what it trained); the tests
+# need every extra and the test tools.
 $(BIN)/threetowers: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first and pinned, so that no dependency can pull an unpinned (CUDA) build.
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e . $(TORCH)
+	$(BIN)/pip install --quiet -e ".[search]" $(TORCH)
 	touch $@
 
 $(VENV)/.extras: $(BIN)/threetowers
-	$(BIN)/pip install --quiet -e ".[hf,test]" $(TORCH)
+	$(BIN)/pip install --quiet -e ".[all,test]" $(TORCH)
 	touch $@
 
 test: $(VENV)/.extras
@@ -33,6 +34,11 @@ $(INTEROP)/.built: tests/interop/build_env.sh
 test-interop: $(VENV)/.extras $(INTEROP)/.built
 	HF_HUB_OFFLINE=1 THREETOWERS_INTEROP_PYTHON=$(INTEROP)/bin/python $(BIN)/pytest -q -m interop
 
+# A fresh environment with no extras: trains the tiny preset, pulls no extra's package, and
+# `serve` names the extra it needs.
+test-plain-install:
+	bash tests/install/plain_install.sh .venv-plain
+
 # Trains (or resumes, or reprints) the demo, then indexes the world's test images for
 # `threetowers serve runs/demo/index`.
 demo: $(BIN)/threetowers
@@ -45,4 +51,4 @@ lint: $(VENV)/.extras
 	$(BIN)/ruff format --check src tests
 
 clean:
-	rm -rf $(VENV) $(INTEROP) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(INTEROP) .venv-plain build *.egg-info src/*.egg-info

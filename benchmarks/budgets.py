@@ -16,7 +16,7 @@ Every part is the real command on temporary run directories and an empty feature
   a model of the schedule, which assumes the workers are never idle (``reproduce`` keeps
   them busy but for the last job's tail) and leaves out the classifiers' own feature caches,
   so it is a lower bound: 1591 s against the 1698 s the full command took in the same hour.
-  The world is ``worlds/default``, generated already. README: "Time budgets".
+  The world is ``worlds/default``, generated already. benchmarks/README.md: "Time budgets".
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def _with_steps(command: list[str], steps: int, out: Path) -> list[str]:
 def reproduce(scratch: Path) -> dict:
     """Each job kind's fixed and per-step seconds (two side by side, one core each), the
     shared data's seconds, and the grid's seconds from them."""
-    cfg = tt.load_config("reproduce")
+    cfg = tt.config.load_experiment_config("reproduce")
     jobs = reproduce_jobs(cfg)
     cache = f"data.cache_dir={scratch / 'cache'}"
     # The shared data, as the grid's first jobs build it: a one-step job of each kind from an

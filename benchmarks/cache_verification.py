@@ -33,8 +33,9 @@ import matmul  # noqa: E402
 from feature_cache import config, write_shards  # noqa: E402
 
 from threetowers.config import load_config  # noqa: E402
-from threetowers.data.caches import features  # noqa: E402
-from threetowers.data.caches.features import CacheSpec, build_caches  # noqa: E402
+from threetowers.data.caches import layout  # noqa: E402
+from threetowers.data.caches.features import build_caches  # noqa: E402
+from threetowers.data.caches.layout import CacheSpec  # noqa: E402
 from threetowers.data.caches.units import dataset_units  # noqa: E402
 from threetowers.data.sources.pairs import open_pairs  # noqa: E402
 from threetowers.model.build import build_frozen_towers  # noqa: E402
@@ -78,7 +79,7 @@ def measure(samples: int, root: Path) -> dict:
 
     for unit in spec.folder(tower)[0].glob("*.json"):
         recorded[str(unit.with_suffix(".npy"))] = json.loads(unit.read_text())["sha256"]
-    with mock.patch.object(features, "file_sha256", stored_digest):
+    with mock.patch.object(layout, "file_sha256", stored_digest):
         unchecked = _timed(build, 5)
     cache_bytes = sum(p.stat().st_size for p in spec.folder(tower)[0].glob("*.npy"))
     return {

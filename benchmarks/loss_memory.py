@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from threetowers.model.losses import ThreeTowersLoss
-from threetowers.model.objective import objective
+from threetowers.model.objective import structure
 
 KEYS = ("z_f", "z_g", "z_fh", "z_gh", "z_h")  # the embeddings of 3T's three terms
 # B x B float32 matrices the naive 3T loss holds at its peak: each of the six directions
@@ -53,7 +53,7 @@ def measure(method: str, batch: int, args: argparse.Namespace) -> dict:
         for k in KEYS
     }
     block_size = args.block if method == "blocked" else 0
-    loss_fn = ThreeTowersLoss(objective("3t", ["h"]).terms, block_size=block_size).to(device)
+    loss_fn = ThreeTowersLoss(structure("3t", ["h"]).terms, block_size=block_size).to(device)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

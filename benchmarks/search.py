@@ -35,11 +35,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import matmul  # noqa: E402
 
-from threetowers.trainer.trained import load_trained  # noqa: E402
 from threetowers.apps.search import ann  # noqa: E402
-from threetowers.apps.search.build import Contents, Layout, build_index, write_index  # noqa: E402
+from threetowers.apps.search.build import build_index  # noqa: E402
+from threetowers.apps.search.index_files import Contents, Layout, write_index  # noqa: E402
 from threetowers.apps.search.items import index_source  # noqa: E402
 from threetowers.apps.search.parts import Parts  # noqa: E402
+from threetowers.trainer.trained import load_trained  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 QUERIES = [

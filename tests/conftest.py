@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import threetowers as tt
-from threetowers.model.objective import objective
+from threetowers.model.objective import structure
 
 
 class TinyCNN(nn.Module):
@@ -57,7 +57,7 @@ def tiny_model(mode: str = "3t", *overrides: str, seed: int = 0) -> tt.ThreeTowe
 
 def terms_of(mode: str):
     """The loss terms of ``mode`` with one frozen tower named h."""
-    return objective(mode, () if mode == "clip" else ("h",)).terms
+    return structure(mode, () if mode == "clip" else ("h",)).terms
 
 
 def tiny_batch(batch: int = 8, seed: int = 1, image_size: int = 32, context: int = 16):

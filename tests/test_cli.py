@@ -19,17 +19,12 @@ from threetowers.cli import main
 def trained(tmp_path_factory):
     """A tiny 3T run trained through the CLI, and its config file."""
     root = tmp_path_factory.mktemp("cli")
-    cfg = tiny_run_config(
-        root / "world",
-        root / "cache",
-        "train.steps=3",
-        "pretrain.steps=3",
-        "pretrain.batch_size=16",
-        "pretrain.num_workers=0",
-        f"pretrain.out={root / 'objects.safetensors'}",
-    )
+    cfg = tiny_run_config(root / "world", root / "cache", "train.steps=3")
+    # train ignores the pretrain section, `threetowers pretrain` reads it
+    pretrain = {"steps": 3, "batch_size": 16, "num_workers": 0}
+    pretrain["out"] = str(root / "objects.safetensors")
     config = root / "run.yaml"
-    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json") | {"pretrain": pretrain}))
     assert main(["train", str(config), "--run-dir", str(root / "run"), "--quiet"]) == 0
     return root, config
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import threetowers as tt
-from threetowers.config import preset_names
+from threetowers.config import load_experiment_config, preset_names
 
 
 def test_presets_and_overrides_load_typed_values(tmp_path):
@@ -18,11 +18,11 @@ def test_presets_and_overrides_load_typed_values(tmp_path):
             "loss.kind=sigmoid",
             "model.text.causal=true",
             "model.text.pool=eot",
-            "loss.weights.fh_h=0.5",
+            "model.frozen.0.f_weight=0.5",
         ],
     )
     assert cfg.model.mode == "lit" and cfg.loss.kind == "sigmoid"
-    assert cfg.model.text.causal is True and cfg.loss.weights.fh_h == 0.5
+    assert cfg.model.text.causal is True and cfg.model.frozen[0].f_weight == 0.5
     path = tmp_path / "run.yaml"
     path.write_text("model:\n  mode: clip\n  image: {width: 96, heads: 4}\n")
     cfg = tt.load_config(path, ["model.embed_dim=48"])
@@ -30,9 +30,16 @@ def test_presets_and_overrides_load_typed_values(tmp_path):
     assert tt.load_config().model.mode == "3t"  # defaults
 
 
-def test_override_can_create_a_section_left_null():
-    cfg = tt.load_config("tiny", ["model.mode=clip", "model.third=null", "model.third.head=mlp"])
-    assert cfg.model.third.head == "mlp" and cfg.model.third.backbone == "efficientnet_lite0"
+def test_override_can_create_a_section_left_null_and_a_list_item():
+    cfg = tt.load_config(
+        "tiny", ["model.mode=clip", "model.frozen=null", "model.frozen.0.head=mlp"]
+    )
+    (tower,) = cfg.model.frozen
+    assert tower.head == "mlp" and tower.backbone == "efficientnet_lite0" and tower.name == "h"
+    cfg = tt.load_config("tiny", ["model.frozen.1={name: b}", "model.frozen.1.path=x"])
+    assert [(t.name, t.path) for t in cfg.model.frozen] == [("h", None), ("b", "x")]
+    with pytest.raises(tt.ConfigError, match=r"model.frozen is a list of 1; give a position"):
+        tt.load_config("tiny", ["model.frozen.3.path=x"])
 
 
 @pytest.mark.parametrize(
@@ -42,8 +49,8 @@ def test_override_can_create_a_section_left_null():
         (["loss.kinds=softmax"], r"loss.kinds: unknown key; did you mean 'kind'\?"),
         (["model.image.width=wide"], r"model.image.width: .*integer.*\(got 'wide'\)"),
         (["model.mode=siglip"], r"model.mode: Input should be 'clip', 'lit' or '3t'"),
-        (["model.mode=3t", "model.third=null"], r"mode '3t' needs a frozen tower"),
-        (["model.mode=lit", "model.third=null"], r"mode 'lit' needs a frozen tower"),
+        (["model.mode=3t", "model.frozen=[]"], r"mode '3t' needs a frozen tower"),
+        (["model.mode=lit", "model.frozen=[]"], r"mode 'lit' needs a frozen tower"),
         (
             ["model.frozen=[{name: a}, {name: b}]", "model.mode=lit"],
             r"mode 'lit' locks one frozen tower .*\['a', 'b'\]",
@@ -51,31 +58,45 @@ def test_override_can_create_a_section_left_null():
         (["model.frozen=[{name: h}, {name: fh}]"], r"clash: \['fh'\]"),
         (["model.frozen=[{name: g}]"], r"clash: \['g'\]"),
         (["model.frozen=[{name: Big}]"], r"model.frozen.0.name: String should match pattern"),
-        (["model.frozen=[{name: a, weigth: 2}]"], r"weigth: unknown key; did you mean 'weight'"),
-        (["model.third.backbone=resnet50"], r"unknown backbone 'resnet50'; choose one of"),
-        (["model.third.backbone=hf"], r"backbone 'hf' needs a path"),
+        (["model.frozen=[{name: a, f_wieght: 2}]"], r"f_wieght: unknown key; did you mean 'f_w"),
+        (["model.frozen.0.backbone=resnet50"], r"unknown backbone 'resnet50'; choose one of"),
+        (["model.frozen.0.backbone=hf"], r"backbone 'hf' needs a path"),
+        (["model.frozen.0.backbone=minilm", "model.frozen.0.image_size=64"], r"reads captions"),
+        (["model.image.pool=map", "model.image.class_token=true"], r"does not go with pool"),
+        (["model.text.pad_id=512"], r"pad_id 512 is outside the vocabulary \(size 512\)"),
         (["model.image.patch_size=5"], r"image_size 32 is not divisible by patch_size 5"),
         (["model.text.heads=3"], r"width 64 is not divisible by heads 3"),
         (["model.text.causal=true", "model.text.pool=first"], r"pool 'first' with causal"),
         (
-            ["loss.weights.f_g=0", "loss.weights.fh_h=0", "loss.weights.gh_h=0"],
-            r"all term weights are 0",
+            ["loss.weights.f_g=0", "model.frozen.0.f_weight=0", "model.frozen.0.g_weight=0"],
+            r"every loss term \(f_g, fh_h, gh_h\) has weight 0",
         ),
         (["loss.init_scale=200"], r"init_scale 200.0 exceeds max_scale 100.0"),
         (["model.embed_dim=-4"], r"model.embed_dim: Input should be greater than 0"),
         (["model.image.width"], r"not of the form key=value"),
         (["model.mode.x=1"], r"model.mode is a value, not a section"),
-        (
-            ["reproduce.scaling_axes=[towers, towers]"],
-            r"scaling_axes must be distinct and not empty, got \['towers', 'towers'\]",
-        ),
-        (["reproduce.scaling_axes=[tower]"], r"reproduce.scaling_axes.0: Input should be 'pairs'"),
     ],
 )
 def test_mistakes_give_one_clear_message(overrides, message):
     with pytest.raises(tt.ConfigError, match=message) as error:
         tt.load_config("tiny", overrides)
     assert "Traceback" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["reproduce.scaling_axes=[towers, towers]"],
+            r"scaling_axes must be distinct and not empty, got \['towers', 'towers'\]",
+        ),
+        (["reproduce.scaling_axes=[tower]"], r"reproduce.scaling_axes.0: Input should be 'pairs'"),
+        (["reproduce.seed=2"], r"reproduce.seed: unknown key; did you mean 'seeds'\?"),
+    ],
+)
+def test_experiment_mistakes_give_one_clear_message(overrides, message):
+    with pytest.raises(tt.ConfigError, match=message):
+        load_experiment_config("reproduce", overrides)
 
 
 def test_missing_file_and_bad_yaml_are_named(tmp_path):
@@ -94,9 +115,9 @@ def test_identity_head_checked_against_a_loaded_backbone(backbone):
     cfg = tt.load_config(
         "tiny",
         [
-            "model.third.backbone=checkpoint",
-            "model.third.path=x",
-            "model.third.head=identity",
+            "model.frozen.0.backbone=checkpoint",
+            "model.frozen.0.path=x",
+            "model.frozen.0.head=identity",
             "model.embed_dim=16",
         ],
     )
@@ -105,9 +126,9 @@ def test_identity_head_checked_against_a_loaded_backbone(backbone):
     ok = tt.load_config(
         "tiny",
         [
-            "model.third.backbone=checkpoint",
-            "model.third.path=x",
-            "model.third.head=identity",
+            "model.frozen.0.backbone=checkpoint",
+            "model.frozen.0.path=x",
+            "model.frozen.0.head=identity",
             "model.embed_dim=24",
         ],
     )

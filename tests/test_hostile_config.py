@@ -8,6 +8,7 @@ import pytest
 
 import threetowers as tt
 from threetowers.cli import main
+from threetowers.config import load_experiment_config
 
 DEEP = 20_000  # Python's recursion limit is 1000
 
@@ -51,7 +52,7 @@ def test_modest_anchors_and_merge_keys_still_load(tmp_path):
         "    <<: *vit\n"
         "    depth: 3\n",
     )
-    cfg = tt.load_config(path)
+    cfg = load_experiment_config(path)
     assert (cfg.model.image.width, cfg.model.image.heads, cfg.model.image.depth) == (96, 4, 3)
     assert cfg.data.crop_scale == cfg.pretrain.crop_scale == (0.5, 1.0)
 

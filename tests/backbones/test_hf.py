@@ -22,6 +22,8 @@ from tests.helpers.hf_models import (  # noqa: E402
 )
 from threetowers.backbones.frozen import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from threetowers.backbones.hf import load_hf_backbone, load_preprocessing  # noqa: E402
+from threetowers.cli import main  # noqa: E402
+from threetowers.errors import UserError  # noqa: E402
 
 
 def _images(batch: int = 3, seed: int = 1) -> torch.Tensor:
@@ -371,3 +373,23 @@ def test_missing_transformers_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(ImportError, match=r"threetowers\[hf\]"):
         load_hf_backbone(tmp_path)
+
+
+def test_a_folder_that_is_no_hf_model_ends_in_one_line(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")
+    argv = ["summary", "tiny", "model.frozen.0.backbone=hf", f"model.frozen.0.path={tmp_path}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "has no 'model_type'; is it an HF config?" in err and "Traceback" not in err
+
+
+def test_preprocessing_a_model_folder_declares_that_cannot_be_applied_is_a_user_error(tmp_path):
+    _write_preprocessor(tmp_path, size=0)
+    with pytest.raises(UserError, match="image_size must be positive"):
+        load_preprocessing(tmp_path)
+    _write_preprocessor(tmp_path, image_std=[0.5, 0, 0.5])
+    with pytest.raises(UserError, match="three positive stds"):
+        load_preprocessing(tmp_path)
+    _write_preprocessor(tmp_path, size={"height": 32, "width": 48})
+    with pytest.raises(UserError, match="only square inputs"):
+        load_preprocessing(tmp_path)

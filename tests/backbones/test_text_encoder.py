@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from threetowers.backbones.text_encoder import load_text_encoder, minilm_path
+from threetowers.errors import UserError
 
 SENTENCES = [
     "A man is eating food.",
@@ -81,4 +82,21 @@ def test_a_folder_without_model_or_tokenizer_is_refused_with_the_fix(tmp_path):
         load_text_encoder(tmp_path)
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        load_text_encoder(tmp_path)
+
+
+def test_a_pooling_other_than_mean_or_cls_is_refused(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+    )
+    transformers.BertModel(config).save_pretrained(tmp_path)
+    shutil.copy(minilm_path() / "tokenizer.json", tmp_path / "tokenizer.json")
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text('{"pooling_mode_max_tokens": true}')
+    with pytest.raises(UserError, match="only mean or cls pooling are supported"):
         load_text_encoder(tmp_path)

@@ -20,7 +20,8 @@ from threetowers.data.benchmarks import (
     load_karpathy,
 )
 from threetowers.data.transforms import eval_transform
-from threetowers.evaluation.suite import resolve_benchmarks
+from threetowers.errors import UserError
+from threetowers.evaluation.benchmark_sets import resolve_benchmarks
 
 KARPATHY = [  # (filepath, filename, split, number of sentences)
     ("val2014", "a.jpg", "test", 2),
@@ -139,6 +140,10 @@ def test_karpathy_errors(tmp_path):
         load_karpathy(path, split="val")
     with pytest.raises(FileNotFoundError, match="Karpathy split file not found"):
         load_karpathy(tmp_path / "nope.json")
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"images": [')
+    with pytest.raises(UserError, match=r"broken.json is not a Karpathy split file: not JSON"):
+        load_karpathy(broken)
 
 
 def make_folders(root, folders, per_class=2):
@@ -200,3 +205,13 @@ def test_image_files_in_batches(tmp_path):
     assert bad.id == str(data.image_paths[4]) and bad.reason == "undecodable_image"
     red = images[:, 0, 0, 0] * pre.std[0] + pre.mean[0]
     torch.testing.assert_close(red, data.labels[indices].float() * 40 / 255, rtol=0, atol=1e-5)
+
+
+def test_benchmark_files_that_cannot_serve_are_user_errors(tmp_path):
+    path = tmp_path / "dataset.json"
+    path.write_text(json.dumps({"images": "none"}))
+    with pytest.raises(UserError, match="is not a Karpathy split file"):
+        load_karpathy(path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no class folders in"):
+        load_class_folder(tmp_path / "empty")

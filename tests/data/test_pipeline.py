@@ -50,6 +50,7 @@ def test_ranks_over_unequal_shards_stop_each_epoch_at_the_same_batch(tmp_path, m
     from threetowers import build_model, distributed, load_config
     from threetowers.data import pipeline
     from threetowers.data.sources.loader import num_batches
+    from threetowers.trainer.start import towers_of
 
     shards = tmp_path / "shards"
     shards.mkdir()
@@ -68,8 +69,8 @@ def test_ranks_over_unequal_shards_stop_each_epoch_at_the_same_batch(tmp_path, m
             "model.text.vocab_size=100",
         ],
     )
-    data = pipeline.TrainingData(cfg, tmp_path)
-    data.attach(build_model(cfg), progress=False)
+    opened = pipeline.open_data(cfg, tmp_path)
+    data = pipeline.TrainingData(cfg, opened, towers_of(build_model(cfg)), progress=False)
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     for epoch in range(3):
         planned = [

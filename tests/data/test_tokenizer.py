@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from threetowers.data.tokenizer import CaptionTokenizer, MemoisedEncoder
+from threetowers.errors import UserError
 
 CAPTIONS = [
     "a red cube to the left of a blue sphere.",
@@ -122,3 +123,12 @@ def test_memoised_encoder_gives_the_tokenizers_ids(tokenizer):
         assert got.dtype == torch.long
         assert torch.equal(got, tokenizer.encode(batch))
     assert len(memo.rows) == len(set(CAPTIONS)) + 1  # each distinct caption tokenised once
+
+
+def test_a_tokenizer_the_user_gave_or_asked_for_fails_as_a_user_error(tmp_path):
+    bogus = tmp_path / "tokenizer.json"
+    bogus.write_text("{}")
+    with pytest.raises(UserError, match="not a Hugging Face tokenizers JSON file"):
+        CaptionTokenizer.load(bogus, context_length=8)  # data.tokenizer
+    with pytest.raises(UserError, match="vocab_size=4 is too small"):
+        CaptionTokenizer.train(CAPTIONS, vocab_size=4, context_length=8)  # model.text.vocab_size

@@ -12,6 +12,7 @@ from PIL import Image
 
 from threetowers.backbones.frozen import Preprocessing
 from threetowers.data.transforms import eval_transform, to_rgb, train_transform
+from threetowers.errors import UserError
 
 
 def gradient(width: int, height: int) -> Image.Image:
@@ -145,3 +146,8 @@ def test_fallback_is_a_centre_crop_with_clamped_ratio():
     transform = train_transform(Preprocessing(8), scale=(0.9, 1.0))
     # A 100 x 10 strip: no crop with aspect <= 4/3 can cover 90% of it.
     assert transform.crop_box(100, 10, np.random.default_rng(0)) == (43, 0, 56, 10)
+
+
+def test_a_crop_scale_out_of_range_is_a_user_error():
+    with pytest.raises(UserError, match="scale must satisfy 0 < lo <= hi <= 1"):
+        train_transform(Preprocessing(8), scale=(0.9, 0.1))  # pretrain.crop_scale

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
@@ -15,9 +14,11 @@ from tests.helpers.world import TINY
 from threetowers.config import EvalConfig
 from threetowers.data.sources.bad_samples import BadSampleLog
 from threetowers.data.tokenizer import CaptionTokenizer
+from threetowers.evaluation.benchmark_sets import resolve_benchmarks
+from threetowers.evaluation.embedding import embed_images
 from threetowers.evaluation.inputs import EvalCache
-from threetowers.evaluation.suite import embed_images, evaluate_model, resolve_benchmarks
-from threetowers.project.world.generate import write_world
+from threetowers.evaluation.suite import evaluate_model
+from threetowers.project.world.generate import benchmark_files, write_world
 
 CACHES = {  # what is cached: data.preload (pixels), data.cache (h's features)
     "pixels+features": (True, True),
@@ -85,8 +86,7 @@ def test_evaluation_with_the_cache_scores_exactly_as_without(tmp_path):
     shutil.copytree(write_world(tmp_path / "generated", TINY).parent, world_dir)
     broken = sorted((world_dir / "zeroshot_objects" / "test").rglob("*.png"))[3]
     broken.write_bytes(b"\x89PNG\r\n\x1a\n damaged")
-    world = json.loads((world_dir / "manifest.json").read_text()) | {"root": str(world_dir)}
-    benchmarks = resolve_benchmarks(EvalConfig(), world)
+    benchmarks = resolve_benchmarks(EvalConfig(), benchmark_files(world_dir))
     captions = benchmarks.retrieval["world"].captions
     tokenizer = CaptionTokenizer.train(captions, vocab_size=512, context_length=16)
     model = tiny_model("3t")

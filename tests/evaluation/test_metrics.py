@@ -10,19 +10,19 @@ import torch
 import torch.nn.functional as F
 
 from threetowers.data.benchmarks import RetrievalSet
+from threetowers.evaluation.benchmark_sets import Benchmarks
+from threetowers.evaluation.chance import chance_levels, image_to_text_chance
 from threetowers.evaluation.metrics import (
     alpha_sweep,
     class_embeddings,
     fit_probe,
     linear_probe,
     mix,
-    plot_alpha_sweep,
     retrieval,
     sample_shots,
     simplex_grid,
     zeroshot,
 )
-from threetowers.evaluation.suite import Benchmarks, chance_levels, image_to_text_chance
 
 
 def unit(*shape, seed=0, dtype=torch.float64):
@@ -305,22 +305,6 @@ def test_alpha_sweep_zeroshot_with_per_head_class_embeddings():
     assert rows[0] == {"alpha": 0.0, **zeroshot(z_h, c_gh, labels)}
     assert rows[-1] == {"alpha": 1.0, **zeroshot(z_f, c_g, labels)}
     assert set(rows[1]) == {"alpha", "zeroshot_top1", "zeroshot_top5"}
-
-
-def test_plot_alpha_sweep_writes_png(tmp_path):
-    import matplotlib
-
-    backend = matplotlib.get_backend()
-    sweeps = {
-        "3t": [{"alpha": i / 10, "zeroshot_top1": 40 + i, "i2t_R@1": 30 + i} for i in range(11)],
-        "small": [{"alpha": i / 10, "zeroshot_top1": 20 + i} for i in range(11)],
-    }
-    path = tmp_path / "plots" / "alpha.png"
-    plot_alpha_sweep(sweeps, ["zeroshot_top1", "i2t_R@1"], path)
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(data) > 10_000
-    assert matplotlib.get_backend() == backend
 
 
 def test_image_to_text_chance_is_what_random_embeddings_score():

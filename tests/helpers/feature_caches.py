@@ -10,7 +10,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from threetowers.data.caches.features import CacheSpec, build_caches
+from threetowers.data.caches.features import build_caches
+from threetowers.data.caches.layout import CacheSpec
 from threetowers.data.caches.units import dataset_units
 from threetowers.data.transforms import eval_transform
 

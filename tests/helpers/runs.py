@@ -38,7 +38,7 @@ def tiny_run_config(world_dir: Path, cache_dir: Path, *overrides: str) -> tt.Con
         "model.text.width=64",
         "model.text.depth=2",
         "model.text.heads=2",
-        "model.third.image_size=64",
+        "model.frozen.0.image_size=64",
         f"data.world.dir={world_dir}",
         f"data.cache_dir={cache_dir}",
         "data.batch_size=32",

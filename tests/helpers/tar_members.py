@@ -8,7 +8,8 @@ import tracemalloc
 
 from PIL import Image
 
-from threetowers.data.sources.tar_samples import IMAGE_LIMIT, TEXT_LIMIT, read_samples
+from threetowers.data.sources.tar_archive import IMAGE_LIMIT, TEXT_LIMIT
+from threetowers.data.sources.tar_samples import read_samples
 
 GIB = 1 << 30
 MIB = 1 << 20

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from threetowers.project.world.generate import WorldSpec
+from threetowers.project.world.spec import WorldSpec
 
 TINY = WorldSpec(
     train_pairs=40,

@@ -24,12 +24,8 @@ from tests.helpers.runs import tiny_run_config
 from threetowers.cli import main
 from threetowers.data.pipeline import ensure_world
 from threetowers.evaluation import metrics
-from threetowers.evaluation.suite import (
-    embed_images,
-    embed_texts,
-    metric_names,
-    resolve_benchmarks,
-)
+from threetowers.evaluation.benchmark_sets import metric_names, resolve_benchmarks
+from threetowers.evaluation.embedding import embed_images, embed_texts
 from threetowers.model.objective import MAIN_TERM
 from threetowers.trainer.loop import train
 from threetowers.trainer.trained import evaluate_trained, load_trained
@@ -107,7 +103,7 @@ def test_an_export_loads_in_open_clip_and_gives_our_embeddings_and_numbers(
     assert main(["export", str(run_dir), "--format", "open_clip", "--out", str(export)]) == 0
     run = load_trained(run_dir)
     results, _ = evaluate_trained(run, run.cfg, None)
-    benchmarks = resolve_benchmarks(run.cfg.eval, ensure_world(run.cfg.data.world))
+    benchmarks = resolve_benchmarks(run.cfg.eval, ensure_world(run.cfg.data.world)["benchmarks"])
     assert benchmarks.retrieval and benchmarks.zeroshot
 
     sets = [*benchmarks.retrieval.values(), *benchmarks.zeroshot.values()]
@@ -137,10 +133,10 @@ def test_an_export_loads_in_open_clip_and_gives_our_embeddings_and_numbers(
     ours_texts = embed_texts(run.model, run.tokenizer, texts)
     np.testing.assert_allclose(theirs["images"], ours_images["z_f"].numpy(), rtol=0, atol=1e-5)
     np.testing.assert_allclose(theirs["texts"], ours_texts["z_g"].numpy(), rtol=0, atol=1e-5)
-    scale = run.model.objective.scale(MAIN_TERM).item()
+    scale = run.model.loss_fn.scale(MAIN_TERM).item()
     assert float(theirs["logit_scale"]) == pytest.approx(scale, rel=1e-6)
     if run.cfg.loss.kind == "sigmoid":
-        bias = run.model.objective.bias[run.model.objective.temperature_of[MAIN_TERM]].item()
+        bias = run.model.loss_fn.bias[run.model.loss_fn.temperature_of[MAIN_TERM]].item()
         assert float(theirs["logit_bias"]) == pytest.approx(bias, rel=1e-6)
     else:
         assert np.isnan(theirs["logit_bias"])

@@ -223,7 +223,7 @@ def test_block_size_is_validated_and_reaches_the_loss():
     with pytest.raises(tt.ConfigError, match="loss.block_size: Input should be greater than or"):
         tt.load_config("tiny", ["loss.block_size=-1"])
     model = tiny_model("3t", "loss.block_size=3")
-    assert model.objective.block_size == 3
+    assert model.loss_fn.block_size == 3
     images, tokens = tiny_batch()
     total, _ = model.loss(model(images, tokens))
     reference = tiny_model("3t")

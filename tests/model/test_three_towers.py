@@ -61,7 +61,7 @@ def test_clip_mode_never_builds_or_runs_a_frozen_tower(monkeypatch):
     calls = []
     monkeypatch.setitem(tt.BACKBONES, "efficientnet_lite0", lambda *a: calls.append(a))
     cfg = tiny_config("clip")
-    assert cfg.model.third is not None  # configured, yet unused in clip mode
+    assert cfg.model.frozen  # configured, yet unused in clip mode
     model = tt.build_model(cfg)
     spy = tiny_backbone()
     spy.module.register_forward_hook(lambda *a: calls.append("forward"))
@@ -188,7 +188,7 @@ def test_convolutional_frozen_tower_runs_in_cpu_micro_batches_with_the_same_feat
     assert seen == [4, 4, 2]
 
 
-TWO = "model.frozen=[{name: a}, {name: b, weight: 0.5}]"
+TWO = "model.frozen=[{name: a}, {name: b, f_weight: 0.5, g_weight: 0.5}]"
 
 
 def two_tower_model(*overrides: str) -> tt.ThreeTowers:
@@ -242,7 +242,7 @@ def test_weights_over_f_and_both_towers_give_the_mixed_score():
         model.encode_text(tokens, {"f": 0.5, "c": 0.5})
 
 
-def test_one_tower_written_as_a_list_is_the_model_third_shorthand():
+def test_the_default_tower_written_as_a_list_is_the_same_model():
     shorthand = tiny_model("3t")
     torch.manual_seed(0)
     listed = tt.build_model(tiny_config("3t", "model.frozen=[{name: h}]"), frozen=tiny_backbone())

@@ -7,7 +7,7 @@ import os
 import sys
 
 from threetowers.cli import main
-from threetowers.data.caches.features import StreamedFeatures
+from threetowers.data.caches.streamed_features import StreamedFeatures
 
 _open_unit = StreamedFeatures._unit
 

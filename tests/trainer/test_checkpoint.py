@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_model
+from threetowers.errors import UserError
 from threetowers.files.atomic import NoSpaceError
 from threetowers.trainer.checkpoint import (
     META_DIGEST,
@@ -25,6 +26,7 @@ from threetowers.trainer.checkpoint import (
     load_checkpoint,
     load_latest,
     remove_stale_temporaries,
+    restore_model,
     save_checkpoint,
 )
 
@@ -239,3 +241,9 @@ def test_kill_at_random_moments_of_writing_never_leaves_a_readable_partial(tmp_p
         remove_stale_temporaries(directory)
         assert not [p.name for p in directory.iterdir() if not p.name.startswith("step_")]
     assert last >= 5
+
+
+def test_a_checkpoint_of_another_model_config_is_refused_as_a_user_error(tmp_path):
+    path = save_checkpoint(tmp_path, 5, tiny_model("clip"), state(5), {})
+    with pytest.raises(UserError, match="checkpoint step 5 does not fit this model"):
+        restore_model(tiny_model("3t"), load_checkpoint(path))

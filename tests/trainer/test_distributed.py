@@ -13,6 +13,8 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from tests.conftest import tiny_batch, tiny_model
+from threetowers import distributed
+from threetowers.config import ConfigError
 from threetowers.distributed import local_batch_size
 
 WORLD = 2
@@ -92,3 +94,9 @@ def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused(two_rank_r
             "use a multiple of 2"
         )
     assert local_batch_size(9) == 9  # one process takes the whole batch
+
+
+def test_a_global_batch_that_does_not_split_is_a_config_error(monkeypatch):
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    with pytest.raises(ConfigError, match="data.batch_size=9 is the global batch"):
+        local_batch_size(9)

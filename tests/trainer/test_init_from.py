@@ -12,7 +12,7 @@ import torch
 import threetowers as tt
 from tests.helpers.runs import clip_run_config, final_weights, tiny_run_config
 from threetowers.cli import main
-from threetowers.trainer import loop
+from threetowers.trainer import loop, start
 from threetowers.trainer.checkpoint import load_matching, trainable_state
 from threetowers.trainer.loop import train
 
@@ -133,7 +133,7 @@ def test_a_source_without_its_tokenizer_is_refused_before_any_work(
     def no_data_work(*args, **kwargs):
         raise AssertionError("the training data was opened")
 
-    monkeypatch.setattr(loop, "TrainingData", no_data_work)
+    monkeypatch.setattr(start, "open_data", no_data_work)
     _, config = clip_run_config(world_dir, tmp_path, f"train.init_from={copy}")
     assert main(["train", str(config), "--run-dir", str(tmp_path / "run"), "--quiet"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [

@@ -28,7 +28,7 @@ from tests.helpers.runs import (
 )
 from threetowers.cli import main
 from threetowers.data.sources.bad_samples import BadDataError
-from threetowers.trainer import loop
+from threetowers.trainer import start
 from threetowers.trainer.checkpoint import load_latest
 from threetowers.trainer.loop import train
 
@@ -281,7 +281,7 @@ def test_every_checkpoint_corrupt_stops_before_any_work_and_loses_nothing(
     def no_data_work(*args, **kwargs):
         raise AssertionError("the training data was opened")
 
-    monkeypatch.setattr(loop, "TrainingData", no_data_work)
+    monkeypatch.setattr(start, "open_data", no_data_work)
     capsys.readouterr()
     assert main(["train", str(config), "--run-dir", str(run), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

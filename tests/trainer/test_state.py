@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from threetowers.data.sources.bad_samples import BadSampleLog
+from threetowers.data.stream import Position
 from threetowers.trainer.optim import make_optimizer
 from threetowers.trainer.state import StepHealth, TrainingState, due
 
@@ -40,7 +41,7 @@ def state(seed: int) -> TrainingState:
 
 def test_a_state_restores_everything_it_saved():
     saved = state(0)
-    saved.epoch, saved.batch_in_epoch = 2, 7
+    saved.position.epoch, saved.position.batch_in_epoch = 2, 7
     saved.health.update(False, 5, {"loss": float("nan")}, None)
     saved.sources.samples.update({"cc3m": 30, "laion": 90})
     saved.sources.bad.update({"laion": 2})
@@ -50,7 +51,7 @@ def test_a_state_restores_everything_it_saved():
     torch.manual_seed(99)
     restored = state(1)
     restored.load_state_dict(snapshot, step=12)
-    assert (restored.step, restored.epoch, restored.batch_in_epoch) == (12, 2, 7)
+    assert (restored.step, restored.position) == (12, Position(epoch=2, batch_in_epoch=7))
     assert restored.health.state_dict() == {"in_a_row": 1, "skipped": 1}
     assert restored.sources.state_dict() == {
         "samples": {"cc3m": 30, "laion": 90},
@@ -68,3 +69,11 @@ def test_a_checkpoint_without_counts_starts_them_from_zero():
     restored = state(1)
     restored.load_state_dict(old, step=3)
     assert restored.health.skipped == 0 and restored.step == 3
+
+
+def test_a_checkpoints_data_position_is_restored_where_the_stream_reads_it():
+    run = state(0)
+    position = run.position  # a BatchStream built before the resume holds this object
+    saved = state(1).state_dict() | {"epoch": 3, "batch_in_epoch": 5}  # every checkpoint's keys
+    run.load_state_dict(saved, step=40)
+    assert run.position is position and position == Position(epoch=3, batch_in_epoch=5)

@@ -3,7 +3,7 @@
 # .venv): the whole experiment, then its report copied here.
 #
 # The experiment takes longer than one session on the 2-core machines (74 runs of 6500 or
-# 9750 steps: about 8 h at a 316 GFLOP/s peak, 12.5 h at 134; see the README), and a
+# 9750 steps: about 8 h at a 316 GFLOP/s peak, 12.5 h at 134; see docs/results/scaling/README.md), and a
 # session's machine keeps nothing but the repository. So every finished run is recorded in runs/ here (record.sh: its config,
 # eval.json and environment) and each start seeds OUT with those records: the experiment
 # skips a run whose config.yaml matches its own and whose eval.json is at its last step, so

@@ -18,14 +18,20 @@ import torch
 from threetowers.data.sources.bad_samples import BadDataError, BadSample, BadSampleLog
 from threetowers.data.sources.decode import caption_text, clean_captions
 from threetowers.data.tokenizer import CaptionTokenizer
+from threetowers.errors import UserError
+from threetowers.evaluation.embedding import embed_images, embed_texts
 from threetowers.evaluation.metrics import mix
-from threetowers.evaluation.suite import embed_images, embed_texts
 from threetowers.files.atomic import save_tensors, write_atomic
 from threetowers.model.objective import Z_F, Z_G
 from threetowers.model.three_towers import ThreeTowers
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+class EmbedError(UserError, ValueError):
+    """What was asked of ``embed`` cannot be done: --images/--texts, --alpha, --out, or a
+    caption file with no line in it."""
 
 
 def image_files(root: str | Path) -> list[Path]:
@@ -50,7 +56,7 @@ def embed(
     with their keys (relative paths or the lines). ``alpha`` < 1, or weights by part (``f``
     and frozen tower names), gives 3T's convex-combination vectors (``model.mixture``)."""
     if (images is None) == (texts is None):
-        raise ValueError("give exactly one of --images DIR or --texts FILE")
+        raise EmbedError("give exactly one of --images DIR or --texts FILE")
     weights = model.mixture(alpha)
     aligned = model.structure.aligned
     if images is not None:
@@ -83,7 +89,7 @@ def parse_alpha(text: str) -> float | dict[str, float]:
         pairs = [item.split("=", 1) for item in text.split(",")]
         return {name.strip(): float(value) for name, value in pairs}
     except ValueError:
-        raise ValueError(
+        raise EmbedError(
             f"--alpha {text!r}: give a number in [0, 1] or weights by part summing to 1, "
             "e.g. --alpha 0.7 or --alpha f=0.5,inet=0.3,scene=0.2"
         ) from None
@@ -100,7 +106,7 @@ def caption_lines(texts: str | Path, max_bad_fraction: float) -> tuple[list[str]
         if line.strip()
     ]
     if not lines:
-        raise ValueError(f"{path} holds no captions (one per line)")
+        raise EmbedError(f"{path} holds no captions (one per line)")
     bad = BadSampleLog(max_bad_fraction, f"captions of {path}", size=len(lines))
     keys = []
     for number, line in lines:
@@ -126,4 +132,4 @@ def save_embeddings(path: str | Path, vectors: torch.Tensor, keys: list[str]) ->
     elif path.suffix == ".safetensors":
         save_tensors(path, {"embeddings": vectors}, {"keys": json.dumps(keys)})
     else:
-        raise ValueError(f"output {path} must end in .safetensors or .npy")
+        raise EmbedError(f"output {path} must end in .safetensors or .npy")

@@ -85,7 +85,7 @@ def load_classifier(path: str | Path | None) -> Classifier:
     if path is None or not Path(path).is_file():
         raise ClassifierCheckpointError(
             f"classifier checkpoint {path} not found; make one with `threetowers pretrain` and "
-            "set model.third.path to the .safetensors file it writes"
+            "set model.frozen.0.path to the .safetensors file it writes"
         )
     try:
         with safe_open(str(path), framework="pt") as handle:

@@ -31,13 +31,18 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from threetowers.backbones.frozen import FrozenBackbone, Preprocessing
-from threetowers.errors import require
+from threetowers.errors import UserError, require
 from threetowers.files.safe_load import load_tensors
 
 BN_EPS = 1e-3  # TensorFlow's batch_norm_epsilon; PyTorch's default 1e-5 is not what was trained.
 STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
 NUM_CLASSES = 1000
+
+
+class LiteWeightsError(UserError, ValueError):
+    """A weights file given for an EfficientNet-Lite tower that is not its state dict."""
+
 
 # EfficientNet-B0 stages, which Lite0 uses as they are:
 # (expand ratio, kernel size, stride of the first block, output channels, number of blocks).
@@ -319,7 +324,7 @@ def efficientnet_lite_imagenet(variant: str, weights_path: str | None = None) ->
             raise TypeError(f"expected a state dict, got {type(sd).__name__}")
         model.load_state_dict(convert_lukemelas_state_dict(sd), strict=True)
     except (KeyError, RuntimeError, TypeError) as err:
-        raise ValueError(
+        raise LiteWeightsError(
             f"{path!r} is not an {spec.title} state dict in lukemelas EfficientNet-PyTorch "
             f"format ({len(model.state_dict())} keys: _conv_stem, _bn0, "
             f"_blocks.0-{len(model.blocks) - 1}, _conv_head, _bn1, _fc); "

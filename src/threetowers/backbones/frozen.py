@@ -15,9 +15,16 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from threetowers.errors import UserError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RESIZE_MODES = ("bicubic", "bilinear", "nearest")
+
+
+class PreprocessingError(UserError, ValueError):
+    """Preprocessing a backbone declares (e.g. in a model folder's preprocessor_config.json)
+    that cannot be applied."""
 
 
 @dataclass(frozen=True)
@@ -37,18 +44,20 @@ class Preprocessing:
 
     def __post_init__(self) -> None:
         if self.image_size <= 0:
-            raise ValueError(f"Preprocessing.image_size must be positive, got {self.image_size}")
+            raise PreprocessingError(
+                f"Preprocessing.image_size must be positive, got {self.image_size}"
+            )
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError(
+            raise PreprocessingError(
                 f"Preprocessing needs three means and three positive stds, got "
                 f"mean={self.mean} std={self.std}"
             )
         if self.resize not in RESIZE_MODES:
-            raise ValueError(
+            raise PreprocessingError(
                 f"Preprocessing.resize must be one of {RESIZE_MODES}, got {self.resize!r}"
             )
         if not 0 < self.crop_fraction <= 1:
-            raise ValueError(
+            raise PreprocessingError(
                 f"Preprocessing.crop_fraction must be in (0, 1], got {self.crop_fraction}"
             )
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))

@@ -26,10 +26,11 @@ import torch
 from torch import nn
 
 from threetowers.backbones.frozen import IMAGENET_MEAN, IMAGENET_STD, FrozenBackbone, Preprocessing
-from threetowers.errors import require
+from threetowers.backbones.registry import FROZEN_POOLS
+from threetowers.errors import UserError, require
 from threetowers.files.safe_load import refusal
 
-POOL_MODES = ("auto", "cls", "pooler", "mean")
+POOL_MODES = FROZEN_POOLS
 
 # pool="auto" by model_type. Unknown types use "pooler" when the model returns a
 # pooler_output and "mean" over tokens / spatial positions otherwise.
@@ -84,6 +85,11 @@ PIL_RESAMPLE: dict[int, str] = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 PREPROCESSOR_FILE = "preprocessor_config.json"
 
 
+class HFTowerError(UserError, ValueError):
+    """A Hugging Face model folder (or the pool mode asked of it) that cannot serve as a
+    frozen tower."""
+
+
 class HFVisionFeatures(nn.Module):
     """Normalised ``pixel_values`` (B, 3, S, S) -> pooled (B, C) features of an HF model."""
 
@@ -106,16 +112,16 @@ def pool_outputs(outputs: Any, pool: str, name: str = "hf") -> torch.Tensor:
     pooled = getattr(outputs, "pooler_output", None)
     if pool == "pooler":
         if pooled is None:
-            raise ValueError(
+            raise HFTowerError(
                 f"HF tower {name!r} returns no pooler_output; load it with pool='cls' or 'mean'"
             )
         # CNN poolers return (B, C, 1, 1).
         return pooled.flatten(1)
     if hidden is None:
-        raise ValueError(f"HF tower {name!r} returns no last_hidden_state to pool with {pool!r}")
+        raise HFTowerError(f"HF tower {name!r} returns no last_hidden_state to pool with {pool!r}")
     if pool == "cls":
         if hidden.ndim != 3:
-            raise ValueError(
+            raise HFTowerError(
                 f"HF tower {name!r}: pool='cls' needs token outputs (B, N, C), got "
                 f"last_hidden_state of shape {tuple(hidden.shape)} (a CNN feature map?); "
                 "use pool='pooler' or 'mean'"
@@ -126,7 +132,7 @@ def pool_outputs(outputs: Any, pool: str, name: str = "hf") -> torch.Tensor:
             return hidden.mean(dim=1)
         if hidden.ndim == 4:  # feature map (B, C, H, W)
             return hidden.mean(dim=(2, 3))
-        raise ValueError(
+        raise HFTowerError(
             f"HF tower {name!r}: cannot mean-pool last_hidden_state of shape "
             f"{tuple(hidden.shape)}; expected (B, N, C) or (B, C, H, W)"
         )
@@ -140,7 +146,7 @@ def load_hf_backbone(path: str | os.PathLike, pool: str = "auto") -> FrozenBackb
     ``"pooler"`` (``pooler_output`` flattened) or ``"mean"`` (over tokens / positions).
     """
     if pool not in POOL_MODES:
-        raise ValueError(f"pool must be one of {POOL_MODES}, got {pool!r}")
+        raise HFTowerError(f"pool must be one of {POOL_MODES}, got {pool!r}")
     transformers = require("transformers", "a transformers vision tower (backbone hf)")
 
     directory = Path(path)
@@ -152,9 +158,9 @@ def load_hf_backbone(path: str | os.PathLike, pool: str = "auto") -> FrozenBackb
     raw_config = _read_json(directory / "config.json", what="model config")
     model_type = raw_config.get("model_type")
     if not model_type:
-        raise ValueError(f"{directory / 'config.json'} has no 'model_type'; is it an HF config?")
+        raise HFTowerError(f"{directory / 'config.json'} has no 'model_type'; is it an HF config?")
     if model_type in UNSUPPORTED:
-        raise ValueError(f"unsupported model in {directory}: {UNSUPPORTED[model_type]}")
+        raise HFTowerError(f"unsupported model in {directory}: {UNSUPPORTED[model_type]}")
 
     loader, base_class = _model_classes(transformers, directory, model_type)
     # Resolve the pool mode we can know before loading, to avoid building a pooler we would
@@ -181,21 +187,21 @@ def load_hf_backbone(path: str | os.PathLike, pool: str = "auto") -> FrozenBackb
     except pickle.UnpicklingError as err:
         raise refusal(directory, err) from None
     except (OSError, ValueError) as err:
-        raise ValueError(f"could not load the Hugging Face model in {directory}: {err}") from err
+        raise HFTowerError(f"could not load the Hugging Face model in {directory}: {err}") from err
     finally:
         transformers.logging.set_verbosity(verbosity)
 
     missing = sorted(info.get("missing_keys", ()))
     pooler_missing = bool(missing) and all("pooler" in key.split(".") for key in missing)
     if missing and not pooler_missing:
-        raise ValueError(
+        raise HFTowerError(
             f"the checkpoint in {directory} lacks weights for {type(model).__name__} (they would "
             f"be randomly initialised): {missing[:8]}{' ...' if len(missing) > 8 else ''}; "
             "save the model with save_pretrained from the matching architecture"
         )
     if pooler_missing:
         if planned_pool == "pooler":
-            raise ValueError(
+            raise HFTowerError(
                 f"the pooler of {type(model).__name__} is not in the checkpoint in {directory} "
                 f"(it would be randomly initialised): {missing}; use pool='cls' or 'mean'"
             )
@@ -249,7 +255,7 @@ def load_preprocessing(
     elif isinstance(size, dict) and "shortest_edge" in size:
         resized = (int(size["shortest_edge"]),)
     else:
-        raise ValueError(f"{file}: cannot read 'size' = {size!r}")
+        raise HFTowerError(f"{file}: cannot read 'size' = {size!r}")
 
     processor_type = str(cfg.get("image_processor_type") or cfg.get("feature_extractor_type", ""))
     if processor_type.startswith("ConvNext") and "crop_pct" in cfg:
@@ -263,13 +269,13 @@ def load_preprocessing(
         crop = cfg["crop_size"]
         if isinstance(crop, dict):
             if crop.get("height") != crop.get("width"):
-                raise ValueError(f"{file}: only square crops are supported, got {crop}")
+                raise HFTowerError(f"{file}: only square crops are supported, got {crop}")
             crop = crop["height"]
         crop = int(crop)
         return Preprocessing(crop, mean, std, resize, min(1.0, crop / min(resized)))
 
     if len(resized) == 2 and resized[0] != resized[1]:
-        raise ValueError(f"{file}: only square inputs are supported, got size {size}")
+        raise HFTowerError(f"{file}: only square inputs are supported, got size {size}")
     return Preprocessing(resized[0], mean, std, resize, 1.0)
 
 
@@ -284,12 +290,12 @@ def _model_classes(transformers: Any, directory: Path, model_type: str) -> tuple
     try:
         config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
     except (KeyError, ValueError) as err:
-        raise ValueError(
+        raise HFTowerError(
             f"transformers {transformers.__version__} does not know model type {model_type!r} "
             f"in {directory}; upgrade transformers or convert the checkpoint"
         ) from err
     if hasattr(config, "vision_config"):
-        raise ValueError(
+        raise HFTowerError(
             f"unsupported model in {directory}: {model_type!r} is a multimodal model; only the "
             f"vision towers of {sorted(VISION_TOWER_CLASSES)} are extracted automatically. "
             "Save the vision tower alone with its *VisionModel.save_pretrained"
@@ -301,7 +307,7 @@ def _model_classes(transformers: Any, directory: Path, model_type: str) -> tuple
     if isinstance(base, (tuple, list)):
         base = base[0]
     if base is None or "pixel_values" not in _params(base.forward):
-        raise ValueError(
+        raise HFTowerError(
             f"unsupported model in {directory}: {model_type!r} is not an image model (its "
             "base model takes no pixel_values); a third tower needs a vision backbone"
         )
@@ -318,7 +324,7 @@ def _probe(features: HFVisionFeatures, preprocessing: Preprocessing, directory: 
         with torch.inference_mode():
             outputs = features.model(pixel_values=probe, return_dict=True)
     except Exception as err:  # any failure here means the model cannot serve as a tower
-        raise ValueError(
+        raise HFTowerError(
             f"the Hugging Face model in {directory} failed on a {size}x{size} image "
             f"(size from {PREPROCESSOR_FILE} or config.image_size): {err}. Check that "
             f"{PREPROCESSOR_FILE} matches the model's image size"
@@ -328,7 +334,7 @@ def _probe(features: HFVisionFeatures, preprocessing: Preprocessing, directory: 
         features.pool = "pooler" if has_pooler else "mean"
     pooled = pool_outputs(outputs, features.pool, features.name)
     if pooled.ndim != 2:
-        raise ValueError(
+        raise HFTowerError(
             f"HF tower {features.name!r}: pooled features have shape {tuple(pooled.shape)}, "
             "not (batch, dim); force another pool mode"
         )
@@ -351,9 +357,9 @@ def _read_json(file: Path, what: str) -> dict:
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{file} is not valid JSON: {err}") from err
+        raise HFTowerError(f"{file} is not valid JSON: {err}") from err
     if not isinstance(data, dict):
-        raise ValueError(f"{file} must hold a JSON object, got {type(data).__name__}")
+        raise HFTowerError(f"{file} must hold a JSON object, got {type(data).__name__}")
     return data
 
 
@@ -361,7 +367,7 @@ def _triple(value: Any, key: str, file: Path) -> tuple[float, float, float]:
     if isinstance(value, (int, float)):
         value = [value] * 3
     if not isinstance(value, (list, tuple)) or len(value) != 3:
-        raise ValueError(f"{file}: {key!r} must be three numbers (RGB), got {value!r}")
+        raise HFTowerError(f"{file}: {key!r} must be three numbers (RGB), got {value!r}")
     return (float(value[0]), float(value[1]), float(value[2]))
 
 

@@ -3,18 +3,23 @@
 A plain dict from name to loader, so that a grep finds every backbone. Each loader returns
 a ``FrozenBackbone`` that declares its feature dim and its preprocessing. Any other module
 mapping images to vectors can be used from Python: wrap it as
-``FrozenBackbone(module, Preprocessing(...))`` and pass it to ``build_model(third_tower=...)``.
+``FrozenBackbone(module, Preprocessing(...))`` and pass it to ``build_model(frozen=...)``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args
 
 from threetowers.backbones.frozen import FrozenBackbone
 
 if TYPE_CHECKING:  # transformers stays a lazy import
     from threetowers.backbones.text_encoder import FrozenTextEncoder
+
+# How a frozen tower pools its features: auto (each backbone's own way), or for the hf
+# backbone the class token, the pooler output or the mean over tokens / positions.
+FrozenPool = Literal["auto", "cls", "pooler", "mean"]
+FROZEN_POOLS: tuple[str, ...] = get_args(FrozenPool)
 
 
 def _efficientnet_lite(variant: str) -> Callable[[str | None, str], FrozenBackbone]:
@@ -65,11 +70,19 @@ BACKBONES_NEEDING_PATH = ("checkpoint", "hf", "hf_text")
 TEXT_BACKBONES = ("minilm", "hf_text")  # the backbones that read captions
 
 
+def check_backbone(name: str, path: str | None, image_size: int | None = None) -> None:
+    """The one check of a frozen tower's backbone settings, called by ``load_backbone`` and by
+    the config's validator (so a Python user and a config user read the same message)."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+    if name in BACKBONES_NEEDING_PATH and not path:
+        raise ValueError(f"backbone {name!r} needs a path (e.g. model.frozen.0.path=...)")
+    if name in TEXT_BACKBONES and image_size is not None:
+        raise ValueError(f"backbone {name!r} reads captions: image_size does not apply (unset it)")
+
+
 def load_backbone(
     name: str, path: str | None = None, pool: str = "auto"
 ) -> FrozenBackbone | FrozenTextEncoder:
-    if name not in BACKBONES:
-        raise ValueError(
-            f"unknown third-tower backbone {name!r}; choose one of {sorted(BACKBONES)}"
-        )
+    check_backbone(name, path)
     return BACKBONES[name](path, pool)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import nn
 
-from threetowers.errors import require
+from threetowers.errors import UserError, require
 
 POOLINGS = ("mean", "first")
 CHUNK = 32  # captions per encoder call: sorted by length, so each pads little
@@ -146,7 +146,7 @@ def load_text_encoder(path: str | Path | None = None) -> FrozenTextEncoder:
         settings = json.loads(pooling_config.read_text())
         pooling = "first" if settings.get("pooling_mode_cls_token") else "mean"
         if not (settings.get("pooling_mode_cls_token") or settings.get("pooling_mode_mean_tokens")):
-            raise ValueError(f"{pooling_config}: only mean or cls pooling are supported")
+            raise UserError(f"{pooling_config}: only mean or cls pooling are supported")
     modules = folder / "modules.json"
     if modules.is_file():
         kinds = [module.get("type", "") for module in json.loads(modules.read_text())]

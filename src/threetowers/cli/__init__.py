@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
+from pathlib import Path
 
 from threetowers.cli.arguments import parser
 from threetowers.cli.commands import HANDLERS
@@ -39,13 +41,27 @@ class _Stderr(logging.StreamHandler):
 
 
 def _log_to_stderr() -> None:
-    """Warnings (bad samples, skipped steps) and summaries as ``threetowers: ...`` lines."""
+    """Warnings (bad samples, skipped steps, migrated config keys) and summaries as
+    ``threetowers: ...`` lines."""
     logger = logging.getLogger("threetowers")
     if not any(isinstance(handler, _Stderr) for handler in logger.handlers):
         handler = _Stderr()
         handler.setFormatter(logging.Formatter("threetowers: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+    warnings.formatwarning = _format_warning  # what is shown; a caller may still record them
+
+
+_PACKAGE = str(Path(__file__).parents[1])
+_format_other_warning = warnings.formatwarning
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """Our own warnings say everything in their message: one line, without the source line
+    that Python shows; other libraries' keep their file and line."""
+    if str(filename).startswith(_PACKAGE):
+        return f"threetowers: warning: {message}\n"
+    return _format_other_warning(message, category, filename, lineno, line)
 
 
 def main(argv: list[str] | None = None) -> int:

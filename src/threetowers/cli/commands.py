@@ -9,9 +9,9 @@ from pathlib import Path
 
 import yaml
 
-from threetowers.config import ConfigError, load_config
+from threetowers.config import ConfigError, load_config, load_experiment_config
 from threetowers.distributed import launched_rank
-from threetowers.evaluation.suite import results_table
+from threetowers.evaluation.chance import results_table
 from threetowers.files.readback import read_json
 from threetowers.model.build import build_model
 
@@ -27,7 +27,7 @@ def _summary(args: argparse.Namespace) -> None:
     print(f"mode {model.mode}, embedding dim {model.embed_dim}, loss {cfg.loss.kind}")
     parts = {"image tower f": model.image_tower, "text tower g": model.text_tower}
     parts |= {f"head W_{name}": head for name, head in model.heads.items()}
-    parts["temperatures"] = model.objective
+    parts["temperatures"] = model.loss_fn
     for name, part in parts.items():
         if part is not None:
             print(f"  {name:<16} {sum(p.numel() for p in part.parameters()):>14,} trainable")
@@ -167,7 +167,8 @@ def _export(args: argparse.Namespace) -> None:
 
 def _cache(args: argparse.Namespace) -> None:
     from threetowers.data.caches.captions import build_caption_caches
-    from threetowers.data.caches.features import CacheSpec, build_caches
+    from threetowers.data.caches.features import build_caches
+    from threetowers.data.caches.layout import CacheSpec
     from threetowers.data.caches.units import dataset_units
     from threetowers.data.pipeline import open_training_pairs
     from threetowers.model.build import build_frozen_towers, structure_of
@@ -206,11 +207,11 @@ def _report_cache(name: str, cache, what: str, units: int, cache_dir: str) -> No
 def _pretrain(args: argparse.Namespace) -> None:
     from threetowers.project.experiments.pretrain import pretrain
 
-    out = pretrain(load_config(args.config, args.overrides), progress=not args.quiet)
+    out = pretrain(load_experiment_config(args.config, args.overrides), progress=not args.quiet)
     report = read_json(out.with_suffix(".json"))
     print(
         f"classifier ({report['classes']} classes, val top-1 {report['val_top1']:.1f}%) -> "
-        f"{out}; use it with model.third.backbone=checkpoint model.third.path={out}"
+        f"{out}; use it with model.frozen.0.backbone=checkpoint model.frozen.0.path={out}"
     )
 
 
@@ -220,7 +221,7 @@ def _reproduce(args: argparse.Namespace) -> None:
     from threetowers.project.experiments.scaling import scaling
 
     experiments = {"paper": reproduce, "open-vocab": open_vocab, "scaling": scaling}
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_experiment_config(args.config, args.overrides)
     if args.quick:
         cfg = quick(cfg)
     if args.seeds is not None:

@@ -19,8 +19,15 @@ from torch.utils.data import Dataset
 
 from threetowers.data.sources.bad_samples import BadSample, Skipped
 from threetowers.data.sources.decode import load_image
+from threetowers.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
+
+
+class BenchmarkError(UserError, ValueError):
+    """A benchmark's files (a Karpathy split file, a class folder) that cannot be read as one."""
+
+
 DEFAULT_TEMPLATES = (
     "a photo of a {}.",
     "a photo of the {}.",
@@ -82,17 +89,23 @@ def load_karpathy(
     json_path = Path(json_path)
     if not json_path.is_file():
         raise FileNotFoundError(f"Karpathy split file not found: {json_path}")
-    with open(json_path, encoding="utf-8") as handle:
-        data = json.load(handle)
+    try:
+        with open(json_path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BenchmarkError(
+            f"{json_path} is not a Karpathy split file: not JSON ({error}); give the "
+            "dataset_*.json of a Karpathy split"
+        ) from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise ValueError(f"{json_path} is not a Karpathy split file (no 'images' list)")
+        raise BenchmarkError(f"{json_path} is not a Karpathy split file (no 'images' list)")
     if not all(isinstance(image, dict) for image in data["images"]):
-        raise ValueError(f"{json_path}: every entry of 'images' must be an object")
+        raise BenchmarkError(f"{json_path}: every entry of 'images' must be an object")
     wanted = {split} if isinstance(split, str) else set(split)
     present = sorted({str(image.get("split")) for image in data["images"]})
     unknown = sorted(wanted - set(present))
     if unknown:
-        raise ValueError(f"{json_path} has no split {unknown}; it has splits {present}")
+        raise BenchmarkError(f"{json_path} has no split {unknown}; it has splits {present}")
     candidates = [Path(image_root)] if image_root is not None else _default_roots(json_path)
     relatives: list[Path] = []
     captions: list[str] = []
@@ -104,13 +117,13 @@ def load_karpathy(
             relative = Path(image.get("filepath", "")) / image["filename"]
             raw = [sentence["raw"].strip() for sentence in image.get("sentences", [])]
         except (KeyError, TypeError, AttributeError) as error:
-            raise ValueError(
+            raise BenchmarkError(
                 f"{json_path}: image entry {number} needs a 'filename' and sentences with a "
                 f"'raw' caption ({error!r})"
             ) from None
         normal = Path(os.path.normpath(relative))
         if not allow_absolute_paths and (normal.is_absolute() or normal.parts[:1] == ("..",)):
-            raise ValueError(
+            raise BenchmarkError(
                 f"{json_path}: image {str(relative)!r} leads out of the image root "
                 f"{candidates[0]}; set data.allow_absolute_paths=true if that is intended"
             )
@@ -163,7 +176,7 @@ def load_class_folder(root: str | Path, split: str | None = None) -> Classificat
         raise FileNotFoundError(f"class folder root not found: {images_root}")
     folders = sorted(p.name for p in images_root.iterdir() if p.is_dir() and p.name[0] != ".")
     if not folders:
-        raise ValueError(f"no class folders in {images_root}")
+        raise BenchmarkError(f"no class folders in {images_root}")
     image_paths: list[Path] = []
     labels: list[int] = []
     for label, folder in enumerate(folders):
@@ -173,7 +186,7 @@ def load_class_folder(root: str | Path, split: str | None = None) -> Classificat
             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and p.name[0] != "."
         )
         if not files:
-            raise ValueError(f"class folder {images_root / folder} holds no images")
+            raise BenchmarkError(f"class folder {images_root / folder} holds no images")
         image_paths += files
         labels += [label] * len(files)
 
@@ -181,7 +194,7 @@ def load_class_folder(root: str | Path, split: str | None = None) -> Classificat
     if names_file.is_file():
         class_names = _read_lines(names_file)
         if len(class_names) != len(folders):
-            raise ValueError(
+            raise BenchmarkError(
                 f"{names_file} has {len(class_names)} names but {images_root} has "
                 f"{len(folders)} class folders; give one name per folder, in sorted folder order"
             )
@@ -192,10 +205,10 @@ def load_class_folder(root: str | Path, split: str | None = None) -> Classificat
     if templates_file.is_file():
         templates = _read_lines(templates_file)
         if not templates:
-            raise ValueError(f"{templates_file} holds no templates")
+            raise BenchmarkError(f"{templates_file} holds no templates")
         for number, template in enumerate(templates, start=1):
             if "{}" not in template:
-                raise ValueError(
+                raise BenchmarkError(
                     f"{templates_file}: template {number} ({template!r}) has no '{{}}' for "
                     "the class name"
                 )

@@ -1,11 +1,17 @@
 """What a training run reads: its pairs, its tokenizer, each tower's view, the frozen
-towers' feature caches."""
+towers' feature caches.
+
+In two steps, as a start needs them: :func:`open_data` before the model exists (every path
+opened, the tokenizer loaded or trained, so a wrong path fails before any long work), then
+:class:`TrainingData`, built in one go for the model (the data layer knows the model only
+as :class:`~threetowers.data.views.Towers`)."""
 
 from __future__ import annotations
 
 import functools
 import itertools
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +20,10 @@ import torch
 from threetowers import distributed
 from threetowers.config import Config, ConfigError, WorldConfig
 from threetowers.data.caches.captions import CaptionFeatures, build_caption_caches
-from threetowers.data.caches.features import (
-    CacheSpec,
-    StreamedFeatures,
-    build_caches,
-)
+from threetowers.data.caches.features import build_caches
+from threetowers.data.caches.layout import CacheSpec
 from threetowers.data.caches.preload import preload_pairs
+from threetowers.data.caches.streamed_features import StreamedFeatures
 from threetowers.data.caches.units import dataset_units
 from threetowers.data.sources.bad_samples import BadDataError, refuse_known_bad
 from threetowers.data.sources.fields import Fields
@@ -32,19 +36,21 @@ from threetowers.data.sources.shards import (
 )
 from threetowers.data.sources.table import PairTable
 from threetowers.data.tokenizer import CaptionTokenizer, MemoisedEncoder
-from threetowers.data.transforms import PixelEvalTransform, PixelTrainTransform
+from threetowers.data.views import Towers, Views, training_views, validation_views
 from threetowers.files.readback import read_json
-from threetowers.model.three_towers import ThreeTowers
-from threetowers.project.world.generate import WorldSpec, write_world
+from threetowers.project.world.generate import benchmark_files, write_world
+from threetowers.project.world.spec import WorldSpec
 
 # Tokenizers' own thread pool does not survive DataLoader worker forks; captions are short.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def ensure_world(world: WorldConfig) -> dict:
-    """Generate the embedded world on first use; return its manifest (with its root)."""
+    """Generate the embedded world on first use; return its manifest (with its root and its
+    own benchmark sets, which evaluation uses where eval.retrieval and eval.zeroshot are unset)."""
     manifest_path = write_world(world.dir, WorldSpec(**world.model_dump(exclude={"dir"})))
-    return read_json(manifest_path) | {"root": str(manifest_path.parent)}
+    root = manifest_path.parent
+    return read_json(manifest_path) | {"root": str(root), "benchmarks": benchmark_files(root)}
 
 
 def training_source(cfg: Config) -> tuple[list[tuple[str, object, float]], dict | None]:
@@ -138,7 +144,7 @@ def load_or_train_tokenizer(cfg: Config, run_dir: Path, source) -> CaptionTokeni
             )
         tokenizer = CaptionTokenizer.train(captions, cfg.model.text.vocab_size, context)
     if tokenizer.vocab_size > cfg.model.text.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"the tokenizer has {tokenizer.vocab_size} tokens but model.text.vocab_size is "
             f"{cfg.model.text.vocab_size}; raise model.text.vocab_size"
         )
@@ -201,77 +207,74 @@ def _regroup(batch: dict, prefix: str, prepare: dict | None = None) -> None:
         batch[prefix] = {n: prepare[n](t) for n, t in fields.items()} if prepare else fields
 
 
-class TrainingData:
-    def __init__(self, cfg: Config, run_dir: Path) -> None:
-        self.cfg = cfg
-        self.pairs, self.world, self.mix = open_training_pairs(cfg)
-        self.val_pairs = open_val_pairs(cfg)  # opened now: a wrong path fails before any work
-        self.source = self.pairs  # as opened (``pairs`` becomes the preloaded table)
-        self.tokenizer = load_or_train_tokenizer(cfg, run_dir, self.pairs)
-        self.caches: dict[str, StreamedFeatures] = {}  # image tower -> its feature cache
-        self.text_caches: dict[str, CaptionFeatures] = {}  # text tower -> its caption cache
-        self.example: TrainingExample | None = None
-        self.normalise = None  # the image view's normalisation (uint8 batch -> float32)
-        self.frozen_normalise: dict = {}  # live frozen tower -> its own
-        self.encode = self.tokenizer.encode  # captions -> token ids (memoised when preloaded)
+@dataclass(frozen=True)
+class OpenedData:
+    """A run's data as far as it goes before the model exists: every path opened, the
+    tokenizer loaded or trained."""
 
-    def attach(self, model: ThreeTowers, progress: bool = True) -> None:
-        """Choose each tower's view for this model; build or load the frozen towers' caches."""
-        data = self.cfg.data
-        image_towers = {name: model.frozen[name] for name in model.structure.image_towers}
-        text_towers = {name: model.frozen[name] for name in model.structure.text}
+    pairs: PairTable | ShardPairs  # the training pairs, as opened (several sources joined)
+    world: dict | None  # the embedded world's manifest, when it is the data
+    mix: SourceMix | None  # the sources joined (None for a table)
+    val_pairs: PairTable | ShardPairs | None  # eval.val_data's
+    tokenizer: CaptionTokenizer
+
+
+def open_data(cfg: Config, run_dir: Path) -> OpenedData:
+    """Open the training pairs and ``eval.val_data`` (a wrong path fails before any work),
+    then load or train the tokenizer."""
+    pairs, world, mix = open_training_pairs(cfg)
+    val_pairs = open_val_pairs(cfg)
+    return OpenedData(pairs, world, mix, val_pairs, load_or_train_tokenizer(cfg, run_dir, pairs))
+
+
+class TrainingData:
+    """What a run trains on, built for one model: the frozen towers' caches (built or
+    loaded), each tower's view, the pairs (preloaded when ``data.preload``); an epoch's
+    prepared batches, and the validation pairs'."""
+
+    def __init__(
+        self, cfg: Config, opened: OpenedData, towers: Towers, progress: bool = True
+    ) -> None:
+        data = cfg.data
+        self.cfg, self.tokenizer = cfg, opened.tokenizer
+        self.source, self.world, self.mix = opened.pairs, opened.world, opened.mix
+        self.val_pairs = opened.val_pairs
         spec = CacheSpec(data.cache_dir, data.cache_dtype)
-        if data.cache and text_towers:  # every caption of the data, once
+        self.text_caches: dict[str, CaptionFeatures] = {}  # text tower -> its caption cache
+        if data.cache and towers.frozen_text:  # every caption of the data, once
             self.text_caches = build_caption_caches(
-                text_towers, dataset_units(self.pairs), spec, data.batch_size, progress
+                towers.frozen_text, dataset_units(self.source), spec, data.batch_size, progress
             )
-        if data.cache and image_towers:
+        self.caches: dict[str, StreamedFeatures] = {}  # image tower -> its feature cache
+        if data.cache and towers.frozen_images:
             self.caches = build_caches(
-                image_towers,
-                dataset_units(self.pairs),
+                towers.frozen_images,
+                dataset_units(self.source),
                 spec,
                 data.batch_size,
                 data.num_workers,
                 progress,
                 data.max_bad_fraction,
             )
-        trains_f = model.image_tower is not None
-        # lit's image view is the locked tower's input, needed only when it runs live
-        needs_images = trains_f or any(name not in self.caches for name in image_towers)
-        pre = model.image_preprocessing
-        view = PixelEvalTransform(pre) if needs_images else None
-        augment = None
-        if trains_f and data.augment:
-            augment = PixelTrainTransform(pre, scale=tuple(data.crop_scale))
-        self.normalise = pre.normalize_pixels if needs_images else None
-        live = [
-            name
-            for name in model.structure.aligned
-            if name in image_towers and name not in self.caches
-        ]
-        frozen_views = {name: PixelEvalTransform(model.frozen[name].preprocessing) for name in live}
-        self.frozen_normalise = {
-            name: model.frozen[name].preprocessing.normalize_pixels for name in live
-        }
+        self.views = training_views(towers, set(self.caches), data.augment, tuple(data.crop_scale))
+        self.pairs, self.encode = self.source, self.tokenizer.encode
         if data.preload:
-            if augment is not None or frozen_views:
+            if self.views.augment is not None or self.views.frozen:
                 raise ConfigError(
                     "data.preload decodes each image once, so every view must be fixed: set "
                     "data.augment=false, and keep data.cache=true in 3t (the frozen towers' "
                     "views are not preloaded), or set data.preload=false"
                 )
-            self.pairs = preload_pairs(self.pairs, view, data.cache_dir, progress)
-            self.encode = MemoisedEncoder(self.tokenizer)
-            view = _already_decoded if view is not None else None
-        self.example = TrainingExample(view, augment, frozen_views, self.caches, self.text_caches)
-        # validation: fixed views, every frozen tower live (no caches of the held-out pairs)
-        aligned = [name for name in model.structure.aligned if name in image_towers]
-        towers = {name: model.frozen[name].preprocessing for name in aligned}
-        val_view = PixelEvalTransform(pre) if pre is not None else None
-        val_views = {name: PixelEvalTransform(tower) for name, tower in towers.items()}
-        self.val_example = TrainingExample(val_view, None, val_views)
-        self.val_normalise = pre.normalize_pixels if pre is not None else None
-        self.val_frozen_normalise = {name: tower.normalize_pixels for name, tower in towers.items()}
+            self.pairs = preload_pairs(self.pairs, self.views.image, data.cache_dir, progress)
+            self.encode = MemoisedEncoder(self.tokenizer)  # captions -> token ids, once each
+            if self.views.image is not None:
+                self.views = replace(self.views, image=_already_decoded)
+        views = self.views
+        self.example = TrainingExample(
+            views.image, views.augment, views.frozen, self.caches, self.text_caches
+        )
+        self.val_views = validation_views(towers)
+        self.val_example = TrainingExample(self.val_views.image, None, self.val_views.frozen)
 
     def batches(self, epoch: int, start_batch: int):
         """This rank's batches of ``epoch`` from ``start_batch`` on: ``data.batch_size`` is the
@@ -299,7 +302,7 @@ class TrainingData:
             least = min(num_batches(self.pairs, rank=r, **split) for r in range(world))
             batches = itertools.islice(batches, max(0, least - start_batch))
         for batch in batches:
-            yield self._prepared(batch, self.encode, self.normalise, self.frozen_normalise)
+            yield self._prepared(batch, self.encode, self.views)
 
     def validation_batches(self):
         """``eval.val_data``'s batches (one process), prepared like training's; with
@@ -320,10 +323,8 @@ class TrainingData:
             shuffle_buffer=1,
             drop_last=False,
         )
-        view = self.val_example.image_view
-        normalise = None if view is None else self.val_normalise
         for batch in batches:
-            yield self._prepared(batch, self.tokenizer.encode, normalise, self.val_frozen_normalise)
+            yield self._prepared(batch, self.tokenizer.encode, self.val_views)
 
     @functools.cached_property
     def val_captions(self) -> dict[str, list[str]]:
@@ -331,15 +332,15 @@ class TrainingData:
         for all evaluations)."""
         return dict(iter_sample_captions(self.val_pairs))
 
-    def _prepared(self, batch: dict, encode, normalise, frozen_normalise: dict) -> dict:
+    def _prepared(self, batch: dict, encode, views: Views) -> dict:
         """A loader batch as a step reads it: tokens, normalised pixels, per-tower dicts."""
         if not batch["ids"]:  # only bad samples: nothing to prepare
             return batch
         # the captions stay: a frozen text tower reads them
         batch["tokens"] = encode(batch["captions"])
-        if normalise is not None:
-            batch["images"] = normalise(batch["images"])
-        _regroup(batch, FROZEN_IMAGES, frozen_normalise)
+        if views.normalise is not None:
+            batch["images"] = views.normalise(batch["images"])
+        _regroup(batch, FROZEN_IMAGES, views.frozen_normalise)
         _regroup(batch, FROZEN_FEATURES)
         # Padding never changes a caption's embedding, so drop the all-padding columns:
         # the text tower's cost follows the longest caption, not the context length.

@@ -23,11 +23,19 @@ from tokenizers import (
     trainers,
 )
 
+from threetowers.errors import UserError
 from threetowers.files.atomic import write_atomic
 
 PAD, BOS, EOS, UNK = "[PAD]", "[BOS]", "[EOS]", "[UNK]"
 WORD_END = "</w>"  # marks a word's last piece, so decoding restores the spaces
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)  # their ids are their positions: 0, 1, 2, 3
+
+
+class TokenizerError(UserError, ValueError):
+    """A caption tokenizer that cannot be trained or loaded as asked (its file, vocab_size,
+    context_length or captions)."""
+
+
 FILENAME = "tokenizer.json"
 
 
@@ -63,14 +71,14 @@ class CaptionTokenizer:
 
     def __init__(self, tokenizer: Tokenizer, context_length: int) -> None:
         if context_length < 2:
-            raise ValueError(
+            raise TokenizerError(
                 f"context_length must be at least 2 (room for [BOS] and [EOS]), got "
                 f"{context_length}"
             )
         for expected, token in enumerate(SPECIAL_TOKENS):
             found = tokenizer.token_to_id(token)
             if found != expected:
-                raise ValueError(
+                raise TokenizerError(
                     f"tokenizer has {token} at id {found}, expected {expected}; caption "
                     f"tokenizers need {', '.join(SPECIAL_TOKENS)} at ids 0..3 (train one with "
                     "CaptionTokenizer.train)"
@@ -102,13 +110,13 @@ class CaptionTokenizer:
         process, so a resumed run (or a colleague) would get other token ids.
         """
         if vocab_size <= len(SPECIAL_TOKENS):
-            raise ValueError(
+            raise TokenizerError(
                 f"vocab_size={vocab_size} is too small: {len(SPECIAL_TOKENS)} ids are taken by "
                 f"{', '.join(SPECIAL_TOKENS)}"
             )
         captions = [str(caption) for caption in captions]
         if not any(caption.strip() for caption in captions):
-            raise ValueError("cannot train a tokenizer on no captions (all were empty)")
+            raise TokenizerError("cannot train a tokenizer on no captions (all were empty)")
         tokenizer = Tokenizer(models.BPE(unk_token=UNK, end_of_word_suffix=WORD_END))
         tokenizer.decoder = decoders.BPEDecoder(suffix=WORD_END)
         tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
@@ -125,7 +133,7 @@ class CaptionTokenizer:
         if learned > vocab_size:
             # The trainer keeps every character it saw, even past vocab_size; a text tower
             # sized to vocab_size would then index out of range.
-            raise ValueError(
+            raise TokenizerError(
                 f"vocab_size={vocab_size} is too small for these captions: their characters "
                 f"alone need {learned} entries; use vocab_size >= {learned}"
             )
@@ -140,7 +148,7 @@ class CaptionTokenizer:
         try:
             tokenizer = Tokenizer.from_file(str(file))
         except Exception as error:
-            raise ValueError(
+            raise TokenizerError(
                 f"{file} is not a Hugging Face tokenizers JSON file: {error}"
             ) from error
         return cls(tokenizer, context_length)

@@ -13,6 +13,7 @@ import torch
 from PIL import Image, ImageOps
 
 from threetowers.backbones.frozen import Preprocessing
+from threetowers.errors import UserError
 
 _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -109,7 +110,7 @@ class TrainTransform(_Normalised):
     ) -> None:
         super().__init__(pre)
         if not 0 < scale[0] <= scale[1] <= 1:
-            raise ValueError(f"train_transform scale must satisfy 0 < lo <= hi <= 1, got {scale}")
+            raise UserError(f"train_transform scale must satisfy 0 < lo <= hi <= 1, got {scale}")
         if not 0 < ratio[0] <= ratio[1]:
             raise ValueError(f"train_transform ratio must satisfy 0 < lo <= hi, got {ratio}")
         self.scale = (float(scale[0]), float(scale[1]))

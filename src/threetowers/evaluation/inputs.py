@@ -23,11 +23,9 @@ from torch.utils.data import Dataset
 from threetowers.backbones.frozen import FrozenBackbone, Preprocessing
 from threetowers.config import DataConfig
 from threetowers.data.caches.decoded import image_rows
-from threetowers.data.caches.features import (
-    CacheSpec,
-    StreamedFeatures,
-    build_caches,
-)
+from threetowers.data.caches.features import build_caches
+from threetowers.data.caches.layout import CacheSpec
+from threetowers.data.caches.streamed_features import StreamedFeatures
 from threetowers.data.caches.units import FilesUnit
 from threetowers.data.sources.bad_samples import Skipped
 from threetowers.data.transforms import PixelEvalTransform

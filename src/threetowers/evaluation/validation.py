@@ -16,7 +16,7 @@ import torch
 
 from threetowers.data.tokenizer import CaptionTokenizer
 from threetowers.evaluation import metrics
-from threetowers.evaluation.suite import embed_texts
+from threetowers.evaluation.embedding import embed_texts
 from threetowers.model.three_towers import ThreeTowers, batch_embeddings
 
 

@@ -7,6 +7,7 @@ that is a list; the user then needs the file's path and what to do, not a parser
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -32,3 +33,12 @@ def read_json(path: str | Path, fix: str = "delete it to have it written again")
             f"{path} is damaged (a JSON {type(data).__name__}, not an object); {fix}"
         )
     return data
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, read a MiB at a time (what checksums in manifests record)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()

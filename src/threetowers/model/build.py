@@ -9,11 +9,18 @@ from dataclasses import replace
 import torch
 
 from threetowers.backbones.frozen import FrozenBackbone, Preprocessing
-from threetowers.backbones.registry import TEXT_BACKBONES, load_backbone
+from threetowers.backbones.registry import load_backbone
 from threetowers.backbones.text_encoder import FrozenTextEncoder
-from threetowers.config import Config, ConfigError, FrozenTowerConfig, LossConfig, ModelConfig
+from threetowers.config import (
+    Config,
+    ConfigError,
+    FrozenTowerConfig,
+    LossConfig,
+    ModelConfig,
+    model_term_weights,
+)
 from threetowers.model.losses import ThreeTowersLoss
-from threetowers.model.objective import MAIN_TERM, Objective, alignment_names, objective
+from threetowers.model.objective import Structure
 from threetowers.model.three_towers import ThreeTowers
 from threetowers.towers.text import TextTransformer
 from threetowers.towers.vit import VisionTransformer
@@ -22,33 +29,16 @@ from threetowers.towers.vit import VisionTransformer
 SCRATCH_MEAN = SCRATCH_STD = (0.5, 0.5, 0.5)
 
 
-def structure_of(model_cfg: ModelConfig) -> Objective:
+def structure_of(model_cfg: ModelConfig) -> Structure:
     """The towers, heads and terms of a model config."""
-    towers = model_cfg.frozen_towers
-    text = [tower.name for tower in towers if tower.backbone in TEXT_BACKBONES]
-    return objective(model_cfg.mode, [tower.name for tower in towers], text)
-
-
-def term_weights(model_cfg: ModelConfig, cfg: LossConfig) -> dict[str, float]:
-    """Each term's weight: loss.weights.f_g for the main pair; for frozen tower k its own
-    ``weight``, else loss.weights.fh_h (f with k) and gh_h (g with k). Without aligned towers
-    (clip, lit) the one term has weight 1."""
-    structure = structure_of(model_cfg)
-    if not structure.aligned:
-        return {}
-    weights = {MAIN_TERM: cfg.weights.f_g}
-    for tower in model_cfg.frozen_towers:
-        on_f, on_g = alignment_names(tower.name)
-        weights[f"{on_f}_{tower.name}"] = cfg.weights.fh_h if tower.weight is None else tower.weight
-        weights[f"{on_g}_{tower.name}"] = cfg.weights.gh_h if tower.weight is None else tower.weight
-    return weights
+    return model_cfg.structure()
 
 
 def build_loss(model_cfg: ModelConfig, cfg: LossConfig) -> ThreeTowersLoss:
     return ThreeTowersLoss(
         structure_of(model_cfg).terms,
         kind=cfg.kind,
-        weights=term_weights(model_cfg, cfg),
+        weights=model_term_weights(model_cfg, cfg),
         shared_temperature=cfg.shared_temperature,
         init_scale=cfg.init_scale if cfg.init_scale is not None else 10.0,
         max_scale=cfg.max_scale,
@@ -91,12 +81,14 @@ def build_frozen_towers(
             )
             raise ConfigError(f"frozen tower {name!r} must be {fix}")
     towers = {}
-    for position, tower in enumerate(model_cfg.frozen_towers):
+    for position, tower in enumerate(model_cfg.frozen):
         if tower.name not in structure.frozen:
             continue  # clip never builds, loads or runs a frozen tower
         built = given.get(tower.name) or build_frozen_tower(tower)
+        # Checked here rather than by make_head, to name the config key: only a built
+        # backbone knows its feature dim.
         if tower.head == "identity" and built.feature_dim != model_cfg.embed_dim:
-            key = "model.third" if model_cfg.frozen is None else f"model.frozen[{position}]"
+            key = f"model.frozen.{position}"
             raise ConfigError(
                 f"{key}.head 'identity' needs embed_dim == frozen tower {tower.name!r}'s "
                 f"feature dim ({built.feature_dim}), got embed_dim {model_cfg.embed_dim}; use "
@@ -142,12 +134,12 @@ def build_model(
                 else None
             ),
             embed_dim=model_cfg.embed_dim,
-            objective=build_loss(model_cfg, loss_cfg),
+            loss_fn=build_loss(model_cfg, loss_cfg),
             image_tower=image_tower,
             image_preprocessing=image_preprocessing,
             frozen=towers,
             head=model_cfg.head,
-            frozen_heads={tower.name: tower.head for tower in model_cfg.frozen_towers},
+            frozen_heads={tower.name: tower.head for tower in model_cfg.frozen},
             share_alignment_heads=model_cfg.share_alignment_heads,
         )
     if device is not None and not meta:

@@ -17,8 +17,9 @@ gradients in O(B·block) memory instead of O(B²).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +29,24 @@ from threetowers.distributed import gather_with_grad, row_counts, world_size
 from threetowers.model.blocked_losses import blocked_sigmoid_term, blocked_softmax_term
 from threetowers.model.objective import Term
 
-LOSS_KINDS = ("softmax", "sigmoid")
-ALIGNMENTS = ("contrastive", "l2")
+LossKind = Literal["softmax", "sigmoid"]
+Alignment = Literal["contrastive", "l2"]  # how f and g align with a frozen tower
+LOSS_KINDS: tuple[str, ...] = get_args(LossKind)
+ALIGNMENTS: tuple[str, ...] = get_args(Alignment)
+
+
+def check_term_weights(terms: Sequence[Term], weights: Mapping[str, float]) -> None:
+    """The one check of term weights (the loss and the config both call it): each names a
+    term, and not all are 0 (a term without a weight has weight 1)."""
+    unknown = set(weights) - {t.name for t in terms}
+    if unknown:
+        known = ", ".join(t.name for t in terms)
+        raise ValueError(f"unknown loss terms {sorted(unknown)}; this objective has {known}")
+    if all(weights.get(t.name, 1.0) == 0 for t in terms):
+        raise ValueError(
+            f"every loss term ({', '.join(t.name for t in terms)}) has weight 0; give at "
+            "least one a positive weight"
+        )
 
 
 def softmax_term(
@@ -74,7 +91,7 @@ def l2_term(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class ThreeTowersLoss(nn.Module):
     """The weighted mean of an objective's terms, each with its own learned scale (and bias).
 
-    ``terms`` come from :func:`~threetowers.model.objective.objective`; ``weights`` maps term
+    ``terms`` come from :func:`~threetowers.model.objective.structure`; ``weights`` maps term
     names to weights (1 when absent); a term of weight 0 is not computed and gets no
     parameters. ``shared_temperature`` uses one scale (and one bias) for all terms. The scale
     is exp(log_scale) clamped to ``max_scale``. ``block_size`` > 0 computes the contrastive
@@ -104,10 +121,7 @@ class ThreeTowersLoss(nn.Module):
                 f"block_size must be an integer >= 0 (0: unblocked), got {block_size!r}"
             )
         weights = dict(weights or {})
-        unknown = set(weights) - {t.name for t in terms}
-        if unknown:
-            known = ", ".join(t.name for t in terms)
-            raise ValueError(f"unknown loss terms {sorted(unknown)}; this objective has {known}")
+        check_term_weights(terms, weights)
         self.kind = kind
         self.alignment = alignment
         self.block_size = block_size
@@ -119,8 +133,6 @@ class ThreeTowersLoss(nn.Module):
         )
         self.max_scale = max_scale
         self.terms = tuple(t for t in terms if weights.get(t.name, 1.0) > 0)
-        if not self.terms:
-            raise ValueError("every loss term has weight 0; give at least one a positive weight")
         self.weights = {t.name: float(weights.get(t.name, 1.0)) for t in self.terms}
         learned = [t.name for t in self.terms if self._is_contrastive(t)]
         names = ["shared"] if shared_temperature and learned else learned

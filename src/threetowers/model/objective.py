@@ -3,22 +3,25 @@
 This is the one place that reads a mode string. clip trains f and g and aligns no frozen
 tower; lit locks one frozen tower in f's place (an image tower) or in g's (a text tower);
 3t trains f and g and aligns both with every frozen tower k through their own heads W_f->k
-and W_g->k (METHOD.md). Everything else asks the :class:`Objective` instead of comparing
-modes.
+and W_g->k (METHOD.md). Everything else asks the :class:`Structure` instead of comparing
+modes. (The module keeps its name: it holds the objective's terms and their weights.)
 
 Names: a frozen tower k has the embedding ``z_k`` (head ``k``); f's and g's heads towards it
 are ``fk`` and ``gk`` (embeddings ``z_fk``, ``z_gk``), its terms ``fk_k`` and ``gk_k``. A
-single tower named ``h`` (``model.third``) thus keeps every name it had when there was one
-third tower: z_h, z_fh, z_gh, fh_h, gh_h, h_g.
+single tower named ``h`` (the default ``model.frozen``) thus keeps every name it had when
+there was one third tower: z_h, z_fh, z_gh, fh_h, gh_h, h_g.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
-MODES = ("clip", "lit", "3t")
+Mode = Literal["clip", "lit", "3t"]
+MODES: tuple[str, ...] = get_args(Mode)
 MAIN_TERM = "f_g"
+TRAINED_TOWERS = ("f", "g")
 
 
 def embedding(head: str) -> str:
@@ -38,7 +41,7 @@ class Term:
 
 
 @dataclass(frozen=True)
-class Objective:
+class Structure:
     """The structure of a model: its towers, heads and loss terms."""
 
     mode: str
@@ -79,37 +82,76 @@ def alignment_names(name: str) -> tuple[str, str]:
     return f"f{name}", f"g{name}"
 
 
-def objective(mode: str, frozen: Sequence[str], text: Sequence[str] = ()) -> Objective:
-    """The objective of ``mode`` with the frozen towers named ``frozen`` (config order), of
+def alignment_terms(name: str) -> tuple[str, str]:
+    """The names of the terms aligning f and g with frozen tower ``name`` (3t): ``fk_k``,
+    ``gk_k``; a tower's ``f_weight`` and ``g_weight`` weigh them."""
+    on_f, on_g = alignment_names(name)
+    return f"{on_f}_{name}", f"{on_g}_{name}"
+
+
+def term_weights(
+    structure: Structure, main: float, sides: Mapping[str, tuple[float, float]]
+) -> dict[str, float]:
+    """Each term's weight: ``main`` for f_g, ``sides[k]`` (f's, g's) for aligned tower k's two
+    terms; none without aligned towers (clip, lit: one term, of weight 1)."""
+    if not structure.aligned:
+        return {}
+    weights = {MAIN_TERM: main}
+    for name in structure.aligned:
+        weights |= dict(zip(alignment_terms(name), sides[name], strict=True))
+    return weights
+
+
+def check_frozen_towers(mode: str, names: Sequence[str]) -> None:
+    """The one check of a mode's frozen towers, shared by :func:`structure` and the config (so
+    a Python user and a config user read the same message): names that would name two heads,
+    and the number of towers each mode takes (clip ignores any that are configured)."""
+    names = list(names)
+    derived = [n for name in names for n in (name, *alignment_names(name))]
+    clashes = {n for n in derived if derived.count(n) > 1} | (set(TRAINED_TOWERS) & set(names))
+    if clashes:
+        raise ValueError(
+            f"frozen tower names {names} clash: {sorted(clashes)} would name two things (tower "
+            "k's heads are k, fk and gk, and f, g are the trained towers); rename them"
+        )
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+    if mode in ("lit", "3t") and not names:
+        raise ValueError(
+            f"mode {mode!r} needs a frozen tower; list one under model.frozen (e.g. backbone "
+            "efficientnet_lite0), or use mode 'clip'"
+        )
+    if mode == "lit" and len(names) > 1:
+        raise ValueError(
+            f"mode 'lit' locks one frozen tower as the image tower; model.frozen lists "
+            f"{len(names)} ({names}): keep one, or use mode '3t'"
+        )
+
+
+def structure(mode: str, frozen: Sequence[str], text: Sequence[str] = ()) -> Structure:
+    """The structure of ``mode`` with the frozen towers named ``frozen`` (config order), of
     which ``text`` read captions. A text tower t has the same heads and terms as an image
     tower (z_t from the caption, W_f->t and W_g->t aligned with it)."""
     frozen, text = tuple(frozen), tuple(text)
+    check_frozen_towers(mode, frozen)
     if not set(text) <= set(frozen):
         raise ValueError(f"text towers {list(text)} must be among the frozen towers {list(frozen)}")
     if mode == "clip":  # a clip model never builds, loads or runs a frozen tower
-        return Objective(mode, True, (), (), (Term(MAIN_TERM, Z_F, Z_G, False),))
+        return Structure(mode, True, (), (), (Term(MAIN_TERM, Z_F, Z_G, False),))
     if mode == "lit":
-        if len(frozen) != 1:
-            raise ValueError(
-                f"lit locks one frozen tower in the image tower's place, got {len(frozen)}: "
-                f"{list(frozen)}; list exactly one"
-            )
         (locked,) = frozen
         if text:  # a locked text tower takes g's place (OpenCLIP's --lock-text)
             term = Term(f"f_{locked}", Z_F, embedding(locked), False)
-            return Objective(mode, True, frozen, (), (term,), text, trains_text_tower=False)
-        return Objective(
+            return Structure(mode, True, frozen, (), (term,), text, trains_text_tower=False)
+        return Structure(
             mode, False, frozen, (), (Term(f"{locked}_g", embedding(locked), Z_G, False),)
         )
-    if mode == "3t":
-        if not frozen:
-            raise ValueError("3t needs at least one frozen tower to align f and g with")
-        terms = [Term(MAIN_TERM, Z_F, Z_G, False)]
-        for name in frozen:
-            on_f, on_g = alignment_names(name)
-            terms += [
-                Term(f"{on_f}_{name}", embedding(on_f), embedding(name), True),
-                Term(f"{on_g}_{name}", embedding(on_g), embedding(name), True),
-            ]
-        return Objective(mode, True, frozen, frozen, tuple(terms), text)
-    raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+    terms = [Term(MAIN_TERM, Z_F, Z_G, False)]
+    for name in frozen:
+        on_f, on_g = alignment_names(name)
+        f_side, g_side = alignment_terms(name)
+        terms += [
+            Term(f_side, embedding(on_f), embedding(name), True),
+            Term(g_side, embedding(on_g), embedding(name), True),
+        ]
+    return Structure(mode, True, frozen, frozen, tuple(terms), text)

@@ -1,5 +1,5 @@
 """ThreeTowers: the trained towers f and g, a list of frozen towers, their heads and the
-objective (see ``model/objective.py`` for what each mode builds).
+loss (see ``model/objective.py`` for the structure each mode builds).
 
 Images passed to the model follow ``model.image_preprocessing``: f's in clip and 3t, the
 locked frozen tower's in lit. A frozen tower k reads, in order of preference: precomputed
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -18,10 +19,13 @@ from torch import nn
 
 from threetowers.backbones.frozen import FrozenBackbone, Preprocessing
 from threetowers.backbones.text_encoder import FrozenTextEncoder
+from threetowers.model.legacy_keys import rename_legacy_keys
 from threetowers.model.losses import ThreeTowersLoss
-from threetowers.model.objective import Z_F, Z_G, Objective, alignment_names, embedding
+from threetowers.model.objective import Z_F, Z_G, Structure, alignment_names, embedding
 
-HEAD_KINDS = ("linear", "mlp", "identity")
+HeadKind = Literal["linear", "mlp"]  # the trained towers' heads (and those aligned with k)
+FrozenHeadKind = Literal[HeadKind, "identity"]  # W_k may pass matching features through
+HEAD_KINDS: tuple[str, ...] = get_args(FrozenHeadKind)
 Tensors = Mapping[str, torch.Tensor]
 
 
@@ -50,15 +54,16 @@ def _feature_dim(tower: nn.Module, which: str) -> int:
 
 class ThreeTowers(nn.Module):
     """f (image, trained), g (text, trained) and frozen towers k with heads W_f, W_g, W_k,
-    W_f->k, W_g->k, and the loss of ``structure``'s terms. A clip model has no frozen
-    tower; a lit model has no f (its one frozen tower is the image tower)."""
+    W_f->k, W_g->k, and ``loss_fn``, the loss of ``structure``'s terms (a module: it holds
+    the learned scales and biases). A clip model has no frozen tower; a lit model has no f
+    (its one frozen tower is the image tower)."""
 
     def __init__(
         self,
-        structure: Objective,
+        structure: Structure,
         text_tower: nn.Module | None,
         embed_dim: int,
-        objective: ThreeTowersLoss,
+        loss_fn: ThreeTowersLoss,
         image_tower: nn.Module | None = None,
         image_preprocessing: Preprocessing | None = None,
         frozen: Mapping[str, FrozenBackbone] | None = None,
@@ -87,7 +92,7 @@ class ThreeTowers(nn.Module):
                 )
         self.structure = structure
         self.embed_dim = embed_dim
-        # Registration order (f, g, frozen, objective, heads) fixes the parameter order, which
+        # Registration order (f, g, frozen, loss_fn, heads) fixes the parameter order, which
         # optimizer states in checkpoints are indexed by: it is the order of the one-tower model.
         self.image_tower = image_tower if structure.trains_image_tower else None
         self.text_tower = text_tower if structure.trains_text_tower else None
@@ -96,7 +101,7 @@ class ThreeTowers(nn.Module):
             self.image_preprocessing = image_preprocessing
         else:
             self.image_preprocessing = self.frozen[structure.frozen[0]].preprocessing
-        self.objective = objective
+        self.loss_fn = loss_fn
         self.share_alignment_heads = share_alignment_heads
 
         kinds = dict(frozen_heads or {})
@@ -113,6 +118,7 @@ class ThreeTowers(nn.Module):
                 heads[on_f] = make_head(head, _feature_dim(image_tower, "image"), embed_dim)
                 heads[on_g] = make_head(head, _feature_dim(text_tower, "text"), embed_dim)
         self.heads = nn.ModuleDict(heads)
+        self._register_load_state_dict_pre_hook(rename_legacy_keys)
 
     @property
     def mode(self) -> str:
@@ -254,9 +260,9 @@ class ThreeTowers(nn.Module):
     def loss(
         self, out: dict[str, torch.Tensor], counts: list[int] | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(total, logs) of the objective; see ``ThreeTowersLoss`` (and its ``counts``,
-        every rank's batch size under torch.distributed)."""
-        return self.objective(out, counts)
+        """(total, logs) of ``loss_fn``; see ``ThreeTowersLoss`` (and its ``counts``, every
+        rank's batch size under torch.distributed)."""
+        return self.loss_fn(out, counts)
 
     def mixture(self, alpha: float | Mapping[str, float]) -> dict[str, float]:
         """The weights of the convex combination a_f⟨z_f, z_g⟩ + Σ_k a_k⟨z_k, z_gk⟩, by part

@@ -9,13 +9,33 @@ padding (world captions run from 10 to 40 tokens, mean 18).
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 from torch import nn
 
-from threetowers.towers.transformer import Encoder
+from threetowers.towers.transformer import Encoder, check_heads
 
-TEXT_POOLS = ("eot", "first", "mean")
+TextPool = Literal["eot", "first", "mean"]
+TEXT_POOLS: tuple[str, ...] = get_args(TextPool)
 MIN_BUCKET = 32  # captions; smaller buckets cost more in per-call overhead than they save
+
+
+def check_text_shape(
+    vocab_size: int, width: int, heads: int, causal: bool, pool: str, pad_id: int
+) -> None:
+    """The one check of a text tower's settings, called by the tower and by the config's
+    validator (so a Python user and a config user read the same message)."""
+    check_heads(width, heads)
+    if not 0 <= pad_id < vocab_size:
+        raise ValueError(f"pad_id {pad_id} is outside the vocabulary (size {vocab_size})")
+    if pool not in TEXT_POOLS:
+        raise ValueError(f"text pool must be one of {TEXT_POOLS}, got {pool!r}")
+    if causal and pool == "first":
+        raise ValueError(
+            "pool 'first' with causal attention sees only the first token; use pool 'eot' or "
+            "'mean', or set causal false"
+        )
 
 
 class TextTransformer(nn.Module):
@@ -39,13 +59,7 @@ class TextTransformer(nn.Module):
         length_buckets: int = 1,
     ) -> None:
         super().__init__()
-        if pool not in TEXT_POOLS:
-            raise ValueError(f"text pool must be one of {TEXT_POOLS}, got {pool!r}")
-        if causal and pool == "first":
-            raise ValueError(
-                "text pool 'first' with causal attention would see only the first token; "
-                "use pool 'eot' or 'mean', or causal false"
-            )
+        check_text_shape(vocab_size, width, heads, causal, pool, pad_id)
         self.context_length = context_length
         self.causal = causal
         self.pool = pool

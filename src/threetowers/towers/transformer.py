@@ -7,11 +7,16 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def check_heads(width: int, heads: int) -> None:
+    """Attention splits the width evenly over the heads (both towers' checks call this)."""
+    if width % heads:
+        raise ValueError(f"width {width} is not divisible by heads {heads}")
+
+
 class SelfAttention(nn.Module):
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
-        if width % heads:
-            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        check_heads(width, heads)
         self.heads = heads
         self.qkv = nn.Linear(width, 3 * width)
         self.out = nn.Linear(width, width)

@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from threetowers.towers.transformer import Encoder
+from threetowers.towers.transformer import Encoder, check_heads
 
-IMAGE_POOLS = ("cls", "gap", "map")
+ImagePool = Literal["cls", "gap", "map"]
+IMAGE_POOLS: tuple[str, ...] = get_args(ImagePool)
+
+
+def check_vit_shape(
+    image_size: int, patch_size: int, width: int, heads: int, pool: str, class_token: bool | None
+) -> None:
+    """The one check of a ViT's settings, called by the tower and by the config's validator
+    (so a Python user and a config user read the same message)."""
+    if image_size % patch_size:
+        raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
+    check_heads(width, heads)
+    if pool not in IMAGE_POOLS:
+        raise ValueError(f"image pool must be one of {IMAGE_POOLS}, got {pool!r}")
+    if class_token is not None and class_token != (pool == "cls") and pool != "gap":
+        raise ValueError(
+            f"class_token {class_token} does not go with pool {pool!r}: cls pooling needs the "
+            "class token, map pooling has none; only gap takes either"
+        )
 
 
 class AttentionPool(nn.Module):
@@ -58,16 +78,8 @@ class VisionTransformer(nn.Module):
         class_token: bool | None = None,
     ) -> None:
         super().__init__()
-        if image_size % patch_size:
-            raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
-        if pool not in IMAGE_POOLS:
-            raise ValueError(f"image pool must be one of {IMAGE_POOLS}, got {pool!r}")
+        check_vit_shape(image_size, patch_size, width, heads, pool, class_token)
         class_token = pool == "cls" if class_token is None else class_token
-        if class_token != (pool == "cls") and pool != "gap":
-            raise ValueError(
-                f"image pool {pool!r} with class_token {class_token}: cls pooling reads the "
-                "class token, map pooling the patches; only gap pools either way"
-            )
         self.pool = pool
         self.feature_dim = width
         num_patches = (image_size // patch_size) ** 2

@@ -32,7 +32,9 @@ from safetensors.torch import load_file, save_file
 
 from threetowers.errors import UserError
 from threetowers.files.atomic import fsync, remove_temporaries, temporary_path, whole_or_nothing
+from threetowers.files.readback import file_sha256
 from threetowers.files.safe_load import UnsafeFileError, load_tensors
+from threetowers.model.legacy_keys import renamed_legacy_keys
 
 PREFIX = "step_"
 _STEP = re.compile(rf"{PREFIX}\d{{8,}}")  # checkpoint_path's names
@@ -85,7 +87,7 @@ def save_checkpoint(
         torch.save(state, tmp / "state.pt")
         record = dict(meta or {}, step=step)
         files = ("model.safetensors", "state.pt")
-        record["sha256"] = {name: _sha256(tmp / name) for name in files}
+        record["sha256"] = {name: file_sha256(tmp / name) for name in files}
         record[META_DIGEST] = _meta_digest(record)
         (tmp / "meta.json").write_text(json.dumps(record, indent=1))
         for name in ("model.safetensors", "state.pt", "meta.json"):
@@ -136,7 +138,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             raise CheckpointError("meta.json does not match its checksum (corrupted or edited)")
         digests = meta["sha256"]
         for name in ("model.safetensors", "state.pt"):
-            if _sha256(path / name) != digests[name]:
+            if file_sha256(path / name) != digests[name]:
                 raise CheckpointError(
                     f"{name} does not match its checksum (corrupted or partly written)"
                 )
@@ -156,7 +158,7 @@ def restore_model(model: torch.nn.Module, checkpoint: Checkpoint) -> None:
     missing, unexpected = model.load_state_dict(checkpoint.model, strict=False)
     missing = [k for k in missing if not k.startswith(FROZEN_PREFIX)]
     if missing or unexpected:
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint step {checkpoint.step} does not fit this model (missing {missing[:3]}, "
             f"unexpected {unexpected[:3]}); the config changed since it was written"
         )
@@ -168,6 +170,7 @@ def load_matching(
     """Load the tensors of ``weights`` (another run's) whose name and shape the model's
     trainable state has; returns the model's names left as they were and the names of
     ``weights`` not used, sorted."""
+    weights = renamed_legacy_keys(weights)  # a run written before the loss was loss_fn
     own = {k: v for k, v in model.state_dict().items() if not k.startswith(FROZEN_PREFIX)}
     fitting = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(fitting, strict=False)
@@ -226,11 +229,3 @@ def _meta_digest(meta: dict[str, Any]) -> str:
     """sha256 of meta.json's record without this digest (its step, fingerprints, checksums)."""
     record = {key: value for key, value in meta.items() if key != META_DIGEST}
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -11,10 +11,10 @@ weight and no optimizer state, and ``train.max_bad_steps`` of them in a row stop
 One process writes a run directory (its lock); SIGTERM, how clusters stop a job, saves a
 checkpoint at the next step boundary and stops the run cleanly (:class:`Stopped`).
 
-A start checks what a user can get wrong before any long work (training the tokenizer,
-building the frozen towers' caches): the run directory's checkpoints and config, every
-benchmark path, ``train.init_from`` and the data. config.yaml is written only then, so the
-corrected command of a start that failed runs in the same directory (``trainer/run_dir.py``).
+The loop is one ``for`` over the steps left and the data's endless stream of global
+batches (``data/stream.py``, which owns the epochs and the data position); the step is built
+once (``trainer/step.py``); logging, checkpoints and evaluation run when :func:`due`. A
+start checks what a user can get wrong before any long work (``trainer/start.py``).
 
 Fine-tuning: ``train.init_from`` starts a new run from another run's trained weights, those
 whose names and shapes fit (the rest stay new; one log line names both sides). Optimizer,
@@ -38,8 +38,6 @@ schedule and numbers.
 from __future__ import annotations
 
 import functools
-import itertools
-import json
 import logging
 import signal
 import threading
@@ -49,43 +47,25 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from threetowers import distributed
-from threetowers.config import Config, ConfigError, load_config
-from threetowers.data.pipeline import TrainingData, to_device, training_source
-from threetowers.data.sources.bad_samples import BadDataError, BadSampleLog
+from threetowers.config import Config, ConfigError
+from threetowers.data.pipeline import to_device
+from threetowers.data.sources.bad_samples import BadSampleLog
 from threetowers.data.sources.mix import SourceCounts
+from threetowers.data.stream import BatchStream
 from threetowers.evaluation.inputs import EvalCache
-from threetowers.evaluation.suite import chance_levels, evaluate_model, resolve_benchmarks
+from threetowers.evaluation.suite import evaluate_model
 from threetowers.evaluation.validation import validate
 from threetowers.files import locks
-from threetowers.files.atomic import write_atomic
 from threetowers.files.readback import DamagedFileError, read_json
-from threetowers.model.build import build_model
-from threetowers.model.three_towers import ThreeTowers, batch_embeddings
-from threetowers.trainer.checkpoint import (
-    Checkpoint,
-    check_tokenizer,
-    checkpoint_path,
-    load_latest,
-    load_matching,
-    remove_stale_temporaries,
-    restore_model,
-    save_checkpoint,
-)
+from threetowers.trainer.checkpoint import checkpoint_path, save_checkpoint
 from threetowers.trainer.optim import continued_schedule, follow, make_optimizer
-from threetowers.trainer.run_dir import (
-    MetricsLog,
-    config_to_train,
-    drop_metrics_after,
-    prepare_run_dir,
-    record_config,
-    run_dir_of,
-)
+from threetowers.trainer.run_dir import MetricsLog, drop_metrics_after, run_dir_of
+from threetowers.trainer.start import resume, start
 from threetowers.trainer.state import StepHealth, TrainingState, due
-from threetowers.trainer.trained import find_checkpoint, trained_tokenizer
+from threetowers.trainer.step import TrainStep
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +74,8 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but no CUDA device is visible; use train.device=auto")
+        raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=auto")
     return torch.device(name)
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def train(cfg: Config, run_dir: str | Path | None = None, progress: bool = True) -> Path:
@@ -155,29 +129,13 @@ def _sigterm_stops():
 def _train(
     cfg: Config, run_dir: Path, progress: bool, device: torch.device, stop: threading.Event
 ) -> Path:
-    world, main = distributed.world_size(), distributed.is_main()
+    main = distributed.is_main()
     distributed.local_batch_size(cfg.data.batch_size)  # fail before any work
     if not main:  # the ranks log the same (global) counts: rank 0 speaks for all
         logging.getLogger("threetowers").setLevel(logging.ERROR)
     torch.manual_seed(cfg.train.seed)
-    checkpoints = run_dir / "checkpoints"
-    with distributed.main_first():  # rank 0 writes the run directory, tokenizer and caches
-        # every path a user gives is checked before any long work (tokenizer, caches)
-        cfg, resumed = _admit(cfg, run_dir, main)
-        init = _init_from(cfg, run_dir, main) if resumed is None and cfg.train.init_from else None
-        benchmarks = _benchmarks(cfg) if main else None
-        data = TrainingData(cfg, run_dir)  # opens the data, then trains or loads the tokenizer
-        if main:  # the data and every path opened: this start is the run's
-            record_config(cfg, run_dir)
-            _say_if_blind(cfg, benchmarks)
-        tokenizer = cfg.data.tokenizer or run_dir / "tokenizer.json"
-        check_tokenizer(resumed, data.tokenizer.digest(), str(tokenizer))
-        model = build_model(cfg, device=device)
-        if init is not None:
-            _initialise(model, init, cfg.train.init_from)
-        data.attach(model, progress and main)
-    if main:
-        write_atomic(run_dir / "chance.json", json.dumps(chance_levels(benchmarks), indent=1))
+    begun = start(cfg, run_dir, device, progress and main)
+    cfg, model, data, benchmarks = begun.cfg, begun.model, begun.data, begun.benchmarks
     optimizer, schedule = make_optimizer(
         model, cfg.train.lr, cfg.train.weight_decay, cfg.train.warmup_steps, cfg.train.steps
     )
@@ -185,93 +143,56 @@ def _train(
     sources = SourceCounts(data.mix)
     health = StepHealth(cfg.train.max_bad_steps)
     run = TrainingState(optimizer, schedule, bad_data, health, sources)
-    last_checkpoint = _resume(resumed, checkpoints, model, run)
+    last_checkpoint = resume(begun.resumed, run_dir, model, run)
     follow(
         schedule,
         continued_schedule(cfg.train.warmup_steps, cfg.train.steps, cfg.train.continued_from),
     )
-    forward = _distributed_data_parallel(model, device) if world > 1 else model
+    train_step = TrainStep(model, optimizer, schedule, device, cfg.train)
+    stream = BatchStream(data, run.position, bad_data, sources, stop.is_set)
     if main:
         drop_metrics_after(run_dir / "metrics.jsonl", run.step)
         metrics = MetricsLog(run_dir)
     total = cfg.train.steps
     bar = tqdm(total=total, initial=run.step, disable=not (progress and main), unit="step")
     model.train()
-    seen, started = 0, time.perf_counter()
-    while run.step < total:
-        steps_before, whole_epoch = run.step, run.batch_in_epoch == 0
-        for batch in data.batches(run.epoch, run.batch_in_epoch):
-            counts, skipped, stopping, drawn = _across_ranks(
-                batch["ids"], batch.pop("skipped"), stop.is_set(), sources
+    seen, since = 0, time.perf_counter()
+    # range first: zip stops before reading a batch past the last step
+    for step, batch in zip(range(run.step + 1, total + 1), stream, strict=False):
+        logs, finite = train_step(batch)
+        run.step, seen = step, seen + sum(batch.counts)
+        run.health.update(finite, step, logs, last_checkpoint)
+        if due(step, cfg.train.log_every, total):
+            record = _record(run, logs, seen, since)
+            if main:
+                metrics.log(record)
+            bar.set_postfix(
+                loss=f"{record['loss']:.3f}",
+                lr=f"{record['lr']:.1e}",
+                pairs_s=f"{record['pairs_per_s']:.0f}",
             )
-            bad_data.record(sum(counts), skipped)
-            sources.record(drawn, skipped)
-            run.batch_in_epoch += 1
-            if min(counts) == 0:  # some rank has nothing left: no step (the ranks move together)
-                if sum(counts):
-                    log.warning(
-                        "batch %d of epoch %d: a rank's share held only bad samples, so the "
-                        "other ranks' %d samples were not trained on",
-                        run.batch_in_epoch - 1,
-                        run.epoch,
-                        sum(counts),
-                    )
-                continue
-            logs, finite = _step(forward, model, batch, counts, optimizer, schedule, cfg, device)
-            run.step, seen = run.step + 1, seen + sum(counts)
-            run.health.update(finite, run.step, logs, last_checkpoint)
-            if due(run.step, cfg.train.log_every, total):
-                logs = distributed.mean_over_ranks(logs)  # the shares' mean: the global loss
-                rate = seen / (time.perf_counter() - started)
-                record = (
-                    {
-                        "step": run.step,
-                        "epoch": run.epoch,
-                        "lr": schedule.get_last_lr()[0],
-                        "pairs_per_s": rate,
-                    }
-                    | {k: v.item() for k, v in logs.items()}
-                    | {"skipped_steps": run.health.skipped}
-                    | bad_data.metrics()
-                    | sources.metrics()
+        bar.update(1)
+        if due(step, cfg.train.checkpoint_every, total) or batch.stop:
+            # Every rank holds the same weights, optimizer state, position and counts, so
+            # rank 0's checkpoint restores them all.
+            last_checkpoint = checkpoint_path(run_dir / "checkpoints", step)
+            if main:
+                last_checkpoint = save_checkpoint(
+                    run_dir / "checkpoints",
+                    step,
+                    model,
+                    run.state_dict(),
+                    data.fingerprints(),
+                    keep=cfg.train.keep_checkpoints,
                 )
-                if main:
-                    metrics.log(record)
-                bar.set_postfix(
-                    loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}", pairs_s=f"{rate:.0f}"
-                )
-            bar.update(1)
-            if due(run.step, cfg.train.checkpoint_every, total) or stopping:
-                # Every rank holds the same weights, optimizer state, position and counts, so
-                # rank 0's checkpoint restores them all.
-                last_checkpoint = checkpoint_path(checkpoints, run.step)
-                if main:
-                    last_checkpoint = save_checkpoint(
-                        checkpoints,
-                        run.step,
-                        model,
-                        run.state_dict(),
-                        data.fingerprints(),
-                        keep=cfg.train.keep_checkpoints,
-                    )
-            if stopping:  # every rank saw the same flag: all stop here, after rank 0 saved
-                bar.close()
-                if main:
-                    metrics.close()
-                distributed.barrier()
-                raise Stopped(run.step, last_checkpoint)
-            if main and run.step < total and due(run.step, cfg.eval.every):
-                _evaluate(model, data, benchmarks, cfg, run_dir, run.step, metrics)
-            if run.step >= total:
-                break
-        else:
-            if whole_epoch and run.step == steps_before:  # else: empty epochs for ever
-                raise BadDataError(
-                    f"epoch {run.epoch} of the training data gave no batch to train on "
-                    f"({len(data.pairs)} samples, data.batch_size={cfg.data.batch_size}; "
-                    f"{bad_data.summary()}); lower data.batch_size or add data"
-                )
-            run.epoch, run.batch_in_epoch = run.epoch + 1, 0
+        if batch.stop:  # every rank saw the same flag: all stop here, after rank 0 saved
+            bar.close()
+            if main:
+                metrics.close()
+            distributed.barrier()
+            raise Stopped(step, last_checkpoint)
+        if main and step < total and due(step, cfg.eval.every):
+            _evaluate(model, data, benchmarks, cfg, run_dir, step, metrics)
     bar.close()
     bad_data.check()  # a run shorter than the bad-fraction grace is judged at its end
     log.info(bad_data.summary())
@@ -285,93 +206,23 @@ def _train(
     return run_dir
 
 
-def _admit(cfg: Config, run_dir: Path, main: bool) -> tuple[Config, Checkpoint | None]:
-    """The config this start of the run trains (a continuation's records its history) and
-    the checkpoint it resumes (None: none)."""
-    checkpoints = run_dir / "checkpoints"
-    if main:
-        remove_stale_temporaries(checkpoints)
-    resumed = load_latest(checkpoints)  # no usable checkpoint stops here
-    step = None if resumed is None else resumed.step
-    if main:
-        return prepare_run_dir(cfg, run_dir, step), resumed
-    return config_to_train(cfg, run_dir, step), resumed  # as rank 0 admitted and recorded it
-
-
-def _benchmarks(cfg: Config):
-    """The benchmarks, their paths checked (the embedded world's manifest names its own)."""
-    _, world = training_source(cfg)
-    return resolve_benchmarks(cfg.eval, world, cfg.data.allow_absolute_paths)
-
-
-def _say_if_blind(cfg: Config, benchmarks) -> None:
-    """A run with nothing to evaluate on says so, once, when its start has succeeded."""
-    if not (benchmarks.retrieval or benchmarks.zeroshot or cfg.eval.val_data):
-        log.warning(
-            "no evaluation set: eval.retrieval, eval.zeroshot and eval.val_data are unset, so "
-            "this run reports its training loss only; set eval.val_data to held-out pairs of "
-            "your data to see its validation loss and retrieval"
-        )
-
-
-def _init_from(cfg: Config, run_dir: Path, main: bool) -> Checkpoint:
-    """The checkpoint ``train.init_from`` names, checked with its tokenizer before any work;
-    unless ``data.tokenizer`` is set, rank 0 copies that tokenizer.json into the run, byte
-    for byte (a new tokenizer would give the trained token embeddings other words)."""
-    try:
-        source, checkpoint = find_checkpoint(cfg.train.init_from)
-        tokenizer = source / "tokenizer.json"
-        if cfg.data.tokenizer is None:
-            if not tokenizer.is_file():
-                raise FileNotFoundError(
-                    f"{tokenizer} is missing, and the text tower's token ids mean its "
-                    "words; restore it, or set data.tokenizer to the tokenizer "
-                    f"{source} was trained with"
-                )
-            trained_tokenizer(source, load_config(source / "config.yaml"), checkpoint)
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"train.init_from: {error}") from None
-    if main and cfg.data.tokenizer is None:
-        write_atomic(run_dir / "tokenizer.json", tokenizer.read_bytes())
-    return checkpoint
-
-
-def _initialise(model: ThreeTowers, checkpoint: Checkpoint, source: str) -> None:
-    """Start ``model`` from the weights of ``checkpoint`` that fit it."""
-    new, unused = load_matching(model, checkpoint.model)
-    log.info(
-        "train.init_from: %d tensors from step %d of %s; left new: %s; not used: %s",
-        len(checkpoint.model) - len(unused),
-        checkpoint.step,
-        source,
-        ", ".join(new) or "none",
-        ", ".join(unused) or "none",
+def _record(run: TrainingState, logs: dict, seen: int, since: float) -> dict:
+    """A line of metrics.jsonl: the step's logs (the mean of the ranks' shares: the global
+    loss) and the run's counts."""
+    logs = distributed.mean_over_ranks(logs)
+    rate = seen / (time.perf_counter() - since)
+    return (
+        {
+            "step": run.step,
+            "epoch": run.position.epoch,
+            "lr": run.schedule.get_last_lr()[0],
+            "pairs_per_s": rate,
+        }
+        | {k: v.item() for k, v in logs.items()}
+        | {"skipped_steps": run.health.skipped}
+        | run.bad_data.metrics()
+        | run.sources.metrics()
     )
-
-
-def _distributed_data_parallel(model: ThreeTowers, device: torch.device):
-    """DDP over the trainable parts. The frozen towers stay outside: DDP neither broadcasts
-    nor synchronises their weights and buffers, and ``_step`` runs them before the wrapped
-    forward."""
-    towers = model.frozen
-    frozen = [
-        f"frozen.{name}"
-        for name, _ in itertools.chain(towers.named_parameters(), towers.named_buffers())
-    ]
-    if frozen:
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
-    device_ids = [device] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
-
-
-def _across_ranks(ids: list[str], skipped: list, stop: bool, sources: SourceCounts):
-    """Every rank's batch size, all ranks' bad samples, whether any rank was asked to stop,
-    and every rank's samples by source: the counts every rank keeps (and rank 0 checkpoints)
-    are those of the global batch, and the ranks stop at the same step."""
-    shares = distributed.all_gather_objects((len(ids), skipped, stop, sources.of(ids)))
-    counts = [count for count, *_ in shares]
-    bad = [sample for _, share, *_ in shares for sample in share]
-    return counts, bad, any(stopped for *_, stopped, _ in shares), [s for *_, s in shares]
 
 
 def _evaluate(model, data, benchmarks, cfg: Config, run_dir: Path, step: int, metrics) -> None:
@@ -406,43 +257,3 @@ def evaluated_step(run_dir: Path) -> int | None:
     except DamagedFileError as error:  # the evaluation can always be made again
         log.warning("%s", error)
         return None
-
-
-def _step(
-    forward, model: ThreeTowers, batch: dict, counts: list[int], optimizer, schedule, cfg, device
-):
-    """One optimizer step; returns its logs and whether it was finite (else nothing moved).
-
-    ``forward`` is the model or its DDP wrapper; ``counts`` every rank's batch size.
-    """
-    batch = to_device(batch, device)
-    with autocast(device, cfg.train.precision):
-        out = batch_embeddings(model, batch, forward)  # frozen towers outside the DDP wrapper
-        loss, logs = model.loss(out, counts)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    parameters = model.trainable_parameters()
-    if cfg.train.grad_clip > 0:
-        norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.train.grad_clip)
-    else:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
-    logs["grad_norm"] = norm.detach()
-    # One host sync per step (as AMP's GradScaler makes): a non-finite loss or gradient must
-    # reach neither the weights nor Adam's moments, so the step is decided here, on all ranks.
-    finite = distributed.all_ranks(torch.isfinite(loss.detach() + norm.detach()))
-    if finite:
-        optimizer.step()
-        model.objective.clamp_temperatures_()
-    # The schedule moves on either way: steps, not updates, index the learning rate.
-    schedule.step()
-    return logs, finite
-
-
-def _resume(checkpoint, checkpoints: Path, model, run: TrainingState) -> Path | None:
-    """Restore ``checkpoint`` (the latest valid one, or None) into ``model`` and ``run``;
-    returns its path."""
-    if checkpoint is None:
-        return None
-    restore_model(model, checkpoint)
-    run.load_state_dict(checkpoint.state, checkpoint.step)
-    return checkpoint_path(checkpoints, checkpoint.step)

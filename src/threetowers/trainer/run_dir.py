@@ -4,7 +4,7 @@ A run directory holds one run, made by one config. Once the run has a checkpoint
 with another config is refused (its exact resume needs the config it was made with), but
 for a continuation: the same config with a larger ``train.steps``, which config.yaml then
 records with the previous steps in ``train.continued_from`` (the learning-rate schedule of
-the added steps: ``training.optim.continued_schedule``). Before its first checkpoint a run
+the added steps: ``trainer.optim.continued_schedule``). Before its first checkpoint a run
 holds nothing trained, so a start with another config replaces the old one, and what was
 made for the old config (its tokenizer, its evaluation) is made again.
 
@@ -103,8 +103,11 @@ def config_to_train(cfg: Config, run_dir: Path, checkpoint_step: int | None) -> 
 
 
 def record_config(cfg: Config, run_dir: Path) -> None:
-    """Write the config this start trains and the environment it runs in."""
-    write_atomic(run_dir / "config.yaml", _resolved(cfg))
+    """Write the config this start trains and the environment it runs in. A config.yaml that
+    reads as this config stays as written (perhaps in an earlier form of the keys): the run's
+    fingerprint, which its search indexes hold, is taken from it."""
+    if not same_config(cfg, run_dir):
+        write_atomic(run_dir / "config.yaml", _resolved(cfg))
     write_atomic(run_dir / "environment.json", json.dumps(environment(), indent=1))
 
 

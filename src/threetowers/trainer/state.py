@@ -2,8 +2,9 @@
 
 :class:`TrainingState` holds the optimizer, the schedule, the data position, the torch RNG
 and the counts of bad samples, skipped steps and samples by source; its ``state_dict`` is a
-checkpoint's ``state.pt`` (the keys every earlier checkpoint has) and ``load_state_dict``
-puts all of it back. :func:`due` is the one rule for "is it time" (log, checkpoint, evaluate).
+checkpoint's ``state.pt`` (the keys every earlier checkpoint has; the data position as the
+flat ``epoch`` and ``batch_in_epoch``) and ``load_state_dict`` puts all of it back.
+:func:`due` is the one rule for "is it time" (log, checkpoint, evaluate).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from threetowers.data.sources.bad_samples import BadSampleLog
 from threetowers.data.sources.mix import SourceCounts
+from threetowers.data.stream import Position
 from threetowers.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -81,15 +83,16 @@ class TrainingState:
         self.optimizer, self.schedule = optimizer, schedule
         self.bad_data, self.health = bad_data, health
         self.sources = sources or SourceCounts(None)
-        self.step = self.epoch = self.batch_in_epoch = 0
+        self.step = 0
+        self.position = Position()  # the data's, which the run's BatchStream advances
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "rng": torch.get_rng_state(),
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
+            "epoch": self.position.epoch,
+            "batch_in_epoch": self.position.batch_in_epoch,
             "bad_samples": self.bad_data.state_dict(),
             "health": self.health.state_dict(),
             "sources": self.sources.state_dict(),
@@ -105,5 +108,6 @@ class TrainingState:
             self.health.load_state_dict(state["health"])
         if "sources" in state:  # likewise the counts by source
             self.sources.load_state_dict(state["sources"])
-        self.step, self.epoch = step, state["epoch"]
-        self.batch_in_epoch = state["batch_in_epoch"]
+        self.step = step
+        self.position.epoch = state["epoch"]  # in place: the stream reads this position
+        self.position.batch_in_epoch = state["batch_in_epoch"]

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from threetowers.config import Config, load_config
+from threetowers.config import Config, load_config, read_mapping
 from threetowers.data.tokenizer import CaptionTokenizer
 from threetowers.model.build import build_model
 from threetowers.model.three_towers import ThreeTowers
@@ -68,7 +68,9 @@ def load_trained(path: str | Path, device: str = "cpu") -> TrainedRun:
     tokenizer = trained_tokenizer(run_dir, cfg, checkpoint)
     identity = {
         "weights": checkpoint.meta["sha256"]["model.safetensors"],
-        "model": cfg.model.model_dump(mode="json"),
+        # as recorded, so that a run recorded in an earlier form of the config keeps the
+        # fingerprint its search indexes hold
+        "model": read_mapping(run_dir / "config.yaml").get("model"),
         "tokenizer": hashlib.sha256((run_dir / "tokenizer.json").read_bytes()).hexdigest(),
     }
     fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
@@ -79,11 +81,13 @@ def evaluate_trained(run: TrainedRun, cfg: Config, out_dir: Path | None) -> tupl
     """``run``'s model on the benchmarks of ``cfg`` (the run's config, perhaps with other
     eval.* settings): its metrics (eval.json in ``out_dir`` when given) and the chance levels."""
     from threetowers.data.pipeline import ensure_world
+    from threetowers.evaluation.benchmark_sets import resolve_benchmarks
+    from threetowers.evaluation.chance import chance_levels
     from threetowers.evaluation.inputs import EvalCache
-    from threetowers.evaluation.suite import chance_levels, evaluate_model, resolve_benchmarks
+    from threetowers.evaluation.suite import evaluate_model
 
-    world = ensure_world(cfg.data.world) if cfg.data.train is None else None
-    benchmarks = resolve_benchmarks(cfg.eval, world, cfg.data.allow_absolute_paths)
+    defaults = ensure_world(cfg.data.world)["benchmarks"] if cfg.data.train is None else None
+    benchmarks = resolve_benchmarks(cfg.eval, defaults, cfg.data.allow_absolute_paths)
     results = evaluate_model(
         run.model,
         run.tokenizer,

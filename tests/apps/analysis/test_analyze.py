@@ -1,10 +1,9 @@
-"""``threetowers analyze``: linear CKA against its definition, the world's attributes
-against its files, the probes, and the command on a tiny trained 3T run."""
+"""``threetowers analyze``: the world's attributes against its files, the probes, and the
+command on a tiny trained 3T run (linear CKA itself: test_cka.py)."""
 
 from __future__ import annotations
 
 import json
-import math
 import tarfile
 
 import numpy as np
@@ -12,43 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.helpers.cka import cka_by_definition
 from tests.helpers.runs import tiny_run_config
 from threetowers.apps.analysis.analyze import analyze, embeddings, labels, probe_accuracy
 from threetowers.apps.analysis.attributes import ATTRIBUTES, world_samples
-from threetowers.apps.analysis.cka import linear_cka
 from threetowers.cli import main
 from threetowers.data.benchmarks import load_karpathy
-from threetowers.evaluation.suite import embed_images
+from threetowers.evaluation.embedding import embed_images
 from threetowers.trainer.loop import train
 from threetowers.trainer.trained import load_trained
-
-
-def cka_by_definition(x: np.ndarray, y: np.ndarray) -> float:
-    """HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)) with linear kernels and H = I - 11ᵀ/n."""
-    n = x.shape[0]
-    h = np.eye(n) - np.ones((n, n)) / n
-    k, l_ = x @ x.T, y @ y.T
-
-    def hsic(a, b):
-        return np.trace(a @ h @ b @ h)
-
-    return hsic(k, l_) / math.sqrt(hsic(k, k) * hsic(l_, l_))
-
-
-def test_linear_cka_equals_its_definition_and_invariances():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(60, 7))
-    y = x[:, :5] @ rng.normal(size=(5, 4)) + 0.5 * rng.normal(size=(60, 4))
-    got = linear_cka(torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32))
-    assert got == pytest.approx(cka_by_definition(x, y), rel=1e-5)
-    xt = torch.tensor(x)
-    rotation, _ = np.linalg.qr(rng.normal(size=(7, 7)))
-    assert linear_cka(xt, xt) == pytest.approx(1.0)
-    assert linear_cka(xt, 3.0 * xt @ torch.tensor(rotation) + 2.0) == pytest.approx(1.0)
-    unrelated = linear_cka(xt, torch.tensor(rng.normal(size=(60, 7))))
-    assert unrelated < 0.3
-    with pytest.raises(ValueError, match="same samples"):
-        linear_cka(xt, xt[:10])
 
 
 def test_probe_ignores_undefined_labels_and_counts_unseen_ones_as_errors():

@@ -1,5 +1,5 @@
 """``threetowers export --format open_clip`` in the project's own environment: its refusals,
-the bias fold, the tokenizer folder read by ``transformers``, and what the folder holds.
+the bias fold and what the folder holds (its tokenizer folder: test_tokenizer_folder.py).
 That OpenCLIP itself computes our embeddings from it is tests/interop's job."""
 
 from __future__ import annotations
@@ -19,10 +19,7 @@ from threetowers.apps.export.open_clip import (
     _folded_bias,
     refusals,
 )
-from threetowers.apps.export.tokenizer_folder import write_tokenizer_folder
 from threetowers.cli import main
-from threetowers.data.tokenizer import CaptionTokenizer
-from threetowers.project.world.generate import WorldSpec, render
 from threetowers.trainer.loop import train
 
 EXPORTABLE = ["model.image.pool=cls", "model.text.causal=true", "model.text.pool=eot"]
@@ -86,22 +83,6 @@ def test_a_bias_outside_the_heads_span_is_refused():
         _folded_bias(head)
 
 
-def test_the_tokenizer_folder_gives_our_ids_through_transformers(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    captions = [c for i in range(60) for c in render(WorldSpec(), "val", i)[1]["captions"]]
-    tokenizer = CaptionTokenizer.train(captions, 300, 24)
-    write_tokenizer_folder(tokenizer, tmp_path)
-    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
-    texts = captions + [
-        "A RED Star beside a blue ring.",
-        "ﬁve small crosses, left of centre",
-        "a " + "very " * 40 + "long caption",
-    ]
-    ids = theirs(texts, padding="max_length", max_length=24, truncation=True).input_ids
-    assert torch.equal(torch.tensor(ids), tokenizer.encode(texts))
-    assert ids[-1][-1] == tokenizer.eos_id  # truncated, and still ends with end-of-text
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
@@ -140,7 +121,7 @@ def test_the_folder_holds_f_g_their_heads_and_the_learned_scale(trained, tmp_pat
     run = load_trained(run_dir)
     assert not any("efficientnet" in key or "frozen" in key for key in weights)
     assert weights["logit_scale"].item() == pytest.approx(
-        run.model.objective.scale("f_g").log().item()
+        run.model.loss_fn.scale("f_g").log().item()
     )
     torch.testing.assert_close(weights["text_projection.weight"], run.model.heads["g"].weight)
     torch.testing.assert_close(weights["visual.proj"], run.model.heads["f"].weight.T)

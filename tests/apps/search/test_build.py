@@ -18,12 +18,13 @@ import pytest
 import torch
 from PIL import Image
 
-from threetowers.apps.search import ann, build
-from threetowers.apps.search.build import IndexMismatch, build_index
+from threetowers.apps.search import ann, build, index_files
+from threetowers.apps.search.build import build_index
 from threetowers.apps.search.engine import Query, QueryEncoder, SearchIndex
+from threetowers.apps.search.index_files import IndexMismatch
 from threetowers.apps.search.items import index_source
 from threetowers.data.benchmarks import load_karpathy
-from threetowers.evaluation.suite import embed_images, embed_texts
+from threetowers.evaluation.embedding import embed_images, embed_texts
 from threetowers.files.atomic import TMP_MARK, ForeignFolderError, NoSpaceError, temporary_path
 from threetowers.files.locks import LockedError
 from threetowers.model.objective import Z_F, Z_G
@@ -235,7 +236,7 @@ def test_the_fingerprint_keeps_runs_and_indexes_apart(indexed, tmp_path):
         build_index(indexed.run, index_source(data=indexed.retrieval), tmp_path / "copy")
     from threetowers.apps.search.server import create_app
 
-    with pytest.raises(ValueError, match="trained further or replaced"):
+    with pytest.raises(IndexMismatch, match="trained further or replaced"):
         create_app(SearchIndex(tmp_path / "copy"), QueryEncoder(indexed.run))
 
 
@@ -387,7 +388,7 @@ def test_a_full_disk_stops_the_build_in_one_message_and_a_rerun_finishes(
     indexed, tmp_path, monkeypatch, failing
 ):
     out, source = tmp_path / "i", index_source(data=indexed.retrieval)
-    real_write_atomic = build.write_atomic
+    real_write_atomic = index_files.write_atomic
 
     def thumbnails_fail(path, data):
         if path.name != "thumbnails.bin":
@@ -404,8 +405,8 @@ def test_a_full_disk_stops_the_build_in_one_message_and_a_rerun_finishes(
     target = {
         "faiss": (ann.faiss, "write_index"),
         "npy": (np, "save"),
-        "parquet": (build.pq, "write_table"),
-        "thumbnails": (build, "write_atomic"),
+        "parquet": (index_files.pq, "write_table"),
+        "thumbnails": (index_files, "write_atomic"),
         "chunk": (np, "savez"),
     }[failing]
     monkeypatch.setattr(*target, fault)

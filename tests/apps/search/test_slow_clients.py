@@ -15,9 +15,10 @@ import httpx
 import pytest
 
 from tests.helpers.search_server import running
-from threetowers.apps.search.connections import ACCEPT_ERROR, OnceEvery
+from threetowers.apps.search.connections import ACCEPT_ERROR, Bounds, OnceEvery
 from threetowers.apps.search.engine import QueryEncoder, SearchIndex
 from threetowers.apps.search.server import Limits, create_app
+from threetowers.errors import UserError
 
 SHORT = Limits(request_timeout=1.0, idle_timeout=1.0, max_connections=4)
 
@@ -178,3 +179,9 @@ def test_accept_errors_are_logged_once_a_minute():
     assert len(passed) == 3  # at 0, 60 and 120 s
     assert passed[0] == accept_error
     assert passed[1].endswith("(59999 more since the last one, not logged)")
+
+
+def test_too_few_open_files_for_a_server_is_a_user_error(monkeypatch):
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (64, 1024))
+    with pytest.raises(UserError, match="ulimit -n is 64: too few open files for a server"):
+        Bounds.for_open_files(Limits(), {})

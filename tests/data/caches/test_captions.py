@@ -14,7 +14,8 @@ import webdataset as wds
 from PIL import Image
 
 from threetowers.data.caches.captions import build_caption_caches
-from threetowers.data.caches.features import CacheSpec, UnitMismatch
+from threetowers.data.caches.layout import CacheSpec
+from threetowers.data.caches.streamed_features import UnitMismatch
 from threetowers.data.caches.units import dataset_units
 from threetowers.data.sources.pairs import iter_pairs
 

@@ -23,7 +23,7 @@ from PIL import Image
 from tests.conftest import tiny_backbone
 from tests.helpers.feature_caches import build, colliding_shards, live
 from threetowers.data.caches import units as cached
-from threetowers.data.caches.features import UnitMismatch
+from threetowers.data.caches.streamed_features import UnitMismatch
 from threetowers.data.pipeline import TrainingExample
 from threetowers.data.sources.bad_samples import Skipped
 from threetowers.data.sources.loader import pair_batches
@@ -249,15 +249,17 @@ def test_a_rank_reads_only_the_caches_of_its_own_shards(tmp_path, num_workers):
 def test_random_reads_over_more_units_than_open_files_read_each_index_once(tmp_path, monkeypatch):
     """A table's rows come in random order over all its units: more units than a reader keeps
     open must still cost one index read per unit, with every row its own sample's."""
-    from threetowers.data.caches import features
+    from threetowers.data.caches import streamed_features
 
     shards = numbered_shards(tmp_path / "data", shards=4, per_shard=3)
     h = tiny_backbone()
     cache = build(h, shards, tmp_path / "cache")["h"]
-    monkeypatch.setattr(features, "OPEN_UNITS", 2)
+    monkeypatch.setattr(streamed_features, "OPEN_UNITS", 2)
     reads = []
     real_loads = json.loads
-    monkeypatch.setattr(features.json, "loads", lambda text: reads.append(1) or real_loads(text))
+    monkeypatch.setattr(
+        streamed_features.json, "loads", lambda text: reads.append(1) or real_loads(text)
+    )
     pairs = list(iter_pairs(shards))
     order = np.random.default_rng(3).permutation(np.tile(np.arange(len(pairs)), 3))
     for row in order:

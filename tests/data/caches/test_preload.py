@@ -14,11 +14,12 @@ from tests.helpers.world import TINY
 from threetowers.backbones.frozen import Preprocessing
 from threetowers.config import ConfigError
 from threetowers.data.caches.preload import preload_pairs
-from threetowers.data.pipeline import TrainingData
+from threetowers.data.pipeline import TrainingData, open_data
 from threetowers.data.sources.pairs import iter_pairs
 from threetowers.data.transforms import PixelEvalTransform
 from threetowers.model.build import build_model
 from threetowers.project.world.generate import write_world
+from threetowers.trainer.start import towers_of
 
 VIEW = Preprocessing(24, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), resize="bicubic", crop_fraction=1.0)
 
@@ -63,9 +64,8 @@ def test_training_batches_from_preloaded_pairs_equal_the_decoded_views(tmp_path)
     cfg = tiny_run_config(
         tmp_path / "world", tmp_path / "cache", "data.augment=false", "data.preload=true"
     )
-    data = TrainingData(cfg, tmp_path / "run")
     model = build_model(cfg)
-    data.attach(model, progress=False)
+    data = TrainingData(cfg, open_data(cfg, tmp_path / "run"), towers_of(model), progress=False)
     batch = next(data.batches(epoch=0, start_batch=0))
     pre = model.image_preprocessing
     decoded = {pair.id: pair.image for pair in iter_pairs(data.source)}
@@ -76,9 +76,9 @@ def test_training_batches_from_preloaded_pairs_equal_the_decoded_views(tmp_path)
 
 def test_preload_with_augmentation_is_refused(tmp_path):
     cfg = tiny_run_config(tmp_path / "world", tmp_path / "cache", "data.preload=true")
-    data = TrainingData(cfg, tmp_path / "run")
+    opened = open_data(cfg, tmp_path / "run")
     with pytest.raises(ConfigError, match="data.augment=false"):
-        data.attach(build_model(cfg), progress=False)
+        TrainingData(cfg, opened, towers_of(build_model(cfg)), progress=False)
 
 
 def test_a_full_disk_is_one_message_before_the_preload_not_a_sigbus(shards, small_disk):

@@ -10,6 +10,7 @@ from threetowers.config import ConfigError
 from threetowers.data.sources.loader import Resampled, num_batches
 from threetowers.data.sources.mix import open_sources
 from threetowers.data.sources.pairs import open_pairs
+from threetowers.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +97,12 @@ def test_the_config_forms_of_several_sources(tmp_path):
         tt.load_config("tiny", ["data.train=a.tar::b.tar", "data.train_weights=1"])
     with pytest.raises(ConfigError, match="source names must differ"):
         tt.load_config("tiny", ["data.train=[{source: a, name: x}, {source: b, name: x}]"])
+
+
+def test_a_table_among_several_sources_is_a_user_error(two_sources, tmp_path):
+    table = tmp_path / "pairs.csv"
+    table.write_text("image,caption\na.png,one\n")
+    with pytest.raises(UserError, match="several sources must each be .tar or .parquet shards"):
+        open_sources([("a", two_sources[0], 1.0), ("b", str(table), 1.0)], open_pairs)
+    with pytest.raises(UserError, match="listed more than once"):
+        open_sources([("a", two_sources[0], 1.0), ("b", two_sources[0], 1.0)], open_pairs)

@@ -40,11 +40,12 @@ from threetowers.config import load_config
 from threetowers.data.caches.identity import dataset_digest, files_digest
 from threetowers.data.caches.units import ShardUnit, dataset_units
 from threetowers.data.pipeline import open_training_pairs
-from threetowers.data.sources import remote, shards
+from threetowers.data.sources import remote_identity, remote_stream, shards
 from threetowers.data.sources.loader import pair_batches
 from threetowers.data.sources.pairs import iter_pairs, open_pairs
 from threetowers.data.sources.shards import ShardPairs
-from threetowers.data.sources.tar_samples import IMAGE_LIMIT, count_samples, read_samples
+from threetowers.data.sources.tar_archive import IMAGE_LIMIT
+from threetowers.data.sources.tar_samples import count_samples, read_samples
 
 SIZES = SHARD_SIZES[:1] + [SHARD_SIZES[1] + 1] + SHARD_SIZES[2:]  # shard 1 holds an orphan
 NAMES = [f"train-{number:06d}.tar" for number in range(len(SIZES))]
@@ -77,7 +78,7 @@ def fresh_counts(tmp_path, monkeypatch):
     monkeypatch.setattr(shards, "_REMOTE_COUNTS", {})
     monkeypatch.setattr(shards, "_PLANNED", {})
     monkeypatch.setenv("THREETOWERS_COUNT_CACHE", str(tmp_path / "counts"))
-    monkeypatch.setattr(remote, "FIRST_DELAY", 0.01)
+    monkeypatch.setattr(remote_stream, "FIRST_DELAY", 0.01)
 
 
 def urls(server) -> list[str]:
@@ -199,7 +200,7 @@ def test_streamed_counts_are_kept_by_identity(server, folder, tmp_path):
 
 def test_a_pipe_command_is_counted_once_and_kept_by_its_command(folder, tmp_path):
     command = f"pipe:cat {folder / NAMES[3]}"
-    assert remote.identity(command) == {"url": command}
+    assert remote_identity.identity(command) == {"url": command}
     assert open_pairs(command).sizes == SIZES[3:4]
     (kept,) = (tmp_path / "counts").glob("*.json")
     assert json.loads(kept.read_text()) == {"identity": {"url": command}, "samples": SIZES[3]}
@@ -258,18 +259,18 @@ def test_a_shard_that_always_fails_is_one_bad_sample_named(server):
     bad = urls(server)[4]
     source = open_pairs(pattern(server))
     assert source.sizes == SIZES[:4] + [1] + SIZES[5:]
-    assert server.gets(NAMES[4]) == remote.TRIES  # tried, not forever
+    assert server.gets(NAMES[4]) == remote_stream.TRIES  # tried, not forever
     batches = run(source, num_workers=2, drop_last=False)
     unreachable = [s for b in batches for s in b["skipped"] if s.reason == "unreachable_shard"]
     assert [s.id for s in unreachable] == [f"{bad}/{NAMES[4]}"]
     assert bad in unreachable[0].detail and "503" in unreachable[0].detail
     used = sum(len(b["ids"]) for b in batches)
     assert used == sum(SIZES) - SIZES[4] - 1  # every other good sample; the orphan is bad
-    assert server.gets(NAMES[4]) == remote.TRIES  # the stream did not ask again
+    assert server.gets(NAMES[4]) == remote_stream.TRIES  # the stream did not ask again
     (only,) = read_samples(bad)  # read alone: the same one bad sample, after its tries
     assert (
         only["__bad__"][0] == "unreachable_shard"
-        and f"({remote.TRIES} tries)" in only["__bad__"][1]
+        and f"({remote_stream.TRIES} tries)" in only["__bad__"][1]
     )
 
 
@@ -317,7 +318,7 @@ def test_a_stream_is_fitted_to_its_planned_count(server, folder):
 
 
 def test_a_shard_unreachable_when_counted_stays_one_bad_sample(server, folder):
-    server.fail[f"/shards/{NAMES[0]}"] = 3 * remote.TRIES  # down while the epoch is planned
+    server.fail[f"/shards/{NAMES[0]}"] = 3 * remote_stream.TRIES  # down while the epoch is planned
     pairs = open_pairs(urls(server)[0])
     assert pairs.sizes == [1]
     server.reset()  # back up: reading it now would not fit the plan
@@ -398,7 +399,7 @@ def test_fsspec_urls_stream_and_need_the_extra(folder, monkeypatch):
         memory.pipe(f"/remote-test/{name}", (folder / name).read_bytes())
     url = f"memory://remote-test/{NAMES[0]}"
     assert members(read_samples(url)) == members(read_samples(folder / NAMES[0]))
-    assert remote.identity(url)["size"] == (folder / NAMES[0]).stat().st_size
+    assert remote_identity.identity(url)["size"] == (folder / NAMES[0]).stat().st_size
     assert open_pairs("memory://remote-test/train-{000000..000001}.tar").sizes == SIZES[:2]
     (only,) = read_samples("memory://remote-test/absent.tar")
     assert only["__bad__"][0] == "unreachable_shard"
@@ -411,7 +412,7 @@ def test_a_remote_shard_is_known_by_url_and_etag_size_or_time(server, folder):
     served = folder.parent / "identity"
     shutil.copytree(folder, served, dirs_exist_ok=True)
     url = f"{server.url}/identity/{NAMES[0]}"
-    known = remote.identity(url)
+    known = remote_identity.identity(url)
     assert known["url"] == url and known["size"] == str((served / NAMES[0]).stat().st_size)
     unit = ShardUnit(url, 0, SIZES[0])
     before, digest = unit.identity(), files_digest([url])
@@ -422,7 +423,7 @@ def test_a_remote_shard_is_known_by_url_and_etag_size_or_time(server, folder):
     command = f"pipe:cat {served / NAMES[0]}"
     assert files_digest([command]) == files_digest([command])  # the command alone
     down = "http://127.0.0.1:1/x.tar"
-    assert remote.identity(down) is None and files_digest([down]) != files_digest([url])
+    assert remote_identity.identity(down) is None and files_digest([down]) != files_digest([url])
     samples = list(ShardUnit(urls(server)[1], 0, SIZES[1]).samples())
     local = list(ShardUnit(str(folder / NAMES[1]), 0, SIZES[1]).samples())
     assert [key for key, _ in samples] == [key for key, _ in local]

@@ -9,10 +9,9 @@ import sys
 import torch
 from safetensors import safe_open
 
-import threetowers as tt
 from tests.helpers.images import noise
+from threetowers.config import load_experiment_config
 from threetowers.project.experiments.pretrain import pretrain
-from threetowers.towers.cnn import SmallResNet
 
 CLASSES, PER_CLASS = 3, 12
 
@@ -53,7 +52,8 @@ def test_pretraining_from_decoded_images_gives_the_same_classifier(tmp_path):
             "pretrain.warmup_steps=1",
             "data.max_bad_fraction=0.1",
         ]
-        return classifier(pretrain(tt.load_config("tiny", settings + list(overrides)), False))
+        cfg = load_experiment_config("tiny", settings + list(overrides))
+        return classifier(pretrain(cfg, False))
 
     live = run("live", "data.preload=false", "pretrain.num_workers=0")
     assert live[2]["skipped_images"]["val"] == 1 and live[2]["skipped_images"]["train"] > 0
@@ -66,13 +66,6 @@ def test_pretraining_from_decoded_images_gives_the_same_classifier(tmp_path):
         assert all(torch.equal(tensors[key], live[0][key]) for key in tensors)
         assert metadata == live[1] and report == live[2]
     assert len(list((tmp_path / "cache").glob("images-*.u8"))) == 2  # train and val
-
-
-def test_channels_last_training_only_where_torch_survives_it():
-    # Strided 1x1 shortcuts read widths[:-1]; the last width never enters one.
-    assert SmallResNet([8, 16, 4]).trains_channels_last
-    assert SmallResNet([4]).trains_channels_last
-    assert not SmallResNet([8, 4, 16]).trains_channels_last
 
 
 # The gradient of pretraining's backbone against float64, in a subprocess because a wrong

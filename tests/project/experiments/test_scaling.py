@@ -1,20 +1,20 @@
 """``threetowers reproduce --experiment scaling``: the plan, the runs' configs, the slopes of
-3T - LiT, the step check, and a --quick smoke run on a tiny world."""
+3T - LiT through the command, the step check, and a --quick smoke run on a tiny world (the
+report's functions: test_scaling_report.py)."""
 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from tests.helpers.experiments import tiny_experiment
 from threetowers.cli import main
-from threetowers.config import load_config
+from threetowers.config import load_config, load_experiment_config
+from threetowers.errors import UserError
 from threetowers.project.experiments.report import HEADLINE
 from threetowers.project.experiments.scaling import (
     STEP_CHECK_FACTOR,
@@ -25,7 +25,6 @@ from threetowers.project.experiments.scaling import (
     run_config,
     step_check_points,
 )
-from threetowers.project.experiments.scaling_report import curves, gain_slopes, slope, verdicts
 
 
 def test_plan_has_each_run_once_and_whole_seeds_first():
@@ -65,7 +64,7 @@ def test_plan_of_one_axis_has_only_its_runs():
 
 
 def test_run_configs_change_only_their_axis(tmp_path):
-    cfg = load_config("reproduce")
+    cfg = load_experiment_config("reproduce")
     base = run_config(cfg, Point(20000), tmp_path)
     small = run_config(cfg, Point(2500), tmp_path)
     assert base.data.world.dir == cfg.data.world.dir
@@ -82,11 +81,11 @@ def test_run_configs_change_only_their_axis(tmp_path):
     assert big.embed_dim == base.model.embed_dim and big.text.pool == base.model.text.pool
     s = run_config(cfg, Point(20000, "S"), tmp_path).model
     assert (s.image.width, s.image.depth, s.text.width, s.text.depth) == (64, 1, 64, 1)
-    assert base.model == cfg.model.model_copy(update={"mode": "3t", "third": base.model.third}), (
+    assert base.model == cfg.model.model_copy(update={"mode": "3t", "frozen": base.model.frozen}), (
         "M is the config's own towers"
     )
     lite2 = run_config(cfg, Point(20000, third="efficientnet_lite2", method="lit"), tmp_path)
-    assert lite2.model.third.backbone == "efficientnet_lite2" and lite2.model.mode == "lit"
+    assert lite2.model.frozen[0].backbone == "efficientnet_lite2" and lite2.model.mode == "lit"
     assert base.train.steps == small.train.steps == round(STEPS * cfg.train.steps) == 6500
     towers_l = run_config(cfg, Point(20000, "L"), tmp_path)
     longer = run_config(cfg, step_check_points(20000, "3t", ("towers",))["towers"], tmp_path)
@@ -96,56 +95,10 @@ def test_run_configs_change_only_their_axis(tmp_path):
 
 
 def test_too_small_a_training_set_is_refused():
-    cfg = load_config("reproduce", ["data.world.train_pairs=1000"])
-    with pytest.raises(ValueError, match="125 pairs, fewer than one batch"):
+    cfg = load_experiment_config("reproduce", ["data.world.train_pairs=1000"])
+    with pytest.raises(ValueError, match="125 pairs, fewer than one batch") as error:
         check_sizes(cfg)
-
-
-def test_slope_is_least_squares():
-    xs, ys = [1.0, 2.0, 3.0, 4.0], [2.0, 2.5, 4.5, 5.0]
-    assert slope(xs, ys) == pytest.approx(np.polyfit(xs, ys, 1)[0])
-
-
-def records(gaps_by_seed: dict[int, list[float]], sizes=(2500, 5000, 10000, 20000)) -> list:
-    """3T at LiT + gap, LiT at 50 + seed; every metric alike."""
-    out = []
-    for seed, gaps in gaps_by_seed.items():
-        for size, gap in zip(sizes, gaps, strict=True):
-            for method, value in (("lit", 50.0 + seed), ("3t", 50.0 + seed + gap)):
-                out.append(
-                    {"size_axis": "pairs", "size": size, "size_label": str(size)}
-                    | {"method": method, "seed": seed}
-                    | {k: value for k in HEADLINE}
-                )
-    return out
-
-
-def test_gain_slopes_pair_each_seed_and_verdicts_follow_the_spread():
-    grows = records({0: [1.0, 2.0, 3.0, 4.0], 1: [0.0, 2.0, 4.0, 6.0], 2: [2.0, 2.5, 3.0, 3.5]})
-    slopes = gain_slopes(grows, "3t", "lit")["pairs"]["i2t_R@1"]
-    assert slopes["per_seed"] == pytest.approx([1.0, 2.0, 0.5])  # per doubling: log2 steps of 1
-    assert slopes["mean"] == pytest.approx(3.5 / 3)
-    assert slopes["std"] == pytest.approx(np.std([1.0, 2.0, 0.5], ddof=1))
-    (check,) = [v for v in verdicts({"pairs": {"i2t_R@1": slopes}})]
-    assert check["status"] == "holds" and check["slope_per_doubling"] == slopes["mean"]
-    noisy = records({0: [0.0, 2.0, 4.0, 6.0], 1: [6.0, 4.0, 2.0, 0.0]})
-    (tie,) = verdicts(
-        {"pairs": {"zeroshot_top1": gain_slopes(noisy, "3t", "lit")["pairs"]["zeroshot_top1"]}}
-    )
-    assert tie["status"] == "tie"
-    shrinks = records({0: [4.0, 3.0, 2.0, 1.0], 1: [4.0, 2.9, 2.0, 1.1]})
-    (fails,) = verdicts(
-        {"pairs": {"t2i_R@1": gain_slopes(shrinks, "3t", "lit")["pairs"]["t2i_R@1"]}}
-    )
-    assert fails["status"] == "fails"
-
-
-def test_curves_are_mean_and_std_per_size_in_method_order():
-    curve = curves(records({0: [1.0, 2.0, 3.0, 4.0], 1: [3.0, 2.0, 1.0, 0.0]}))
-    assert list(curve) == ["pairs"] and list(curve["pairs"]) == ["lit", "3t"]
-    first = curve["pairs"]["3t"][0]
-    assert first["size"] == 2500 and first["seeds"] == 2
-    assert first["zeroshot_top1"] == pytest.approx((52.5, 3 / math.sqrt(2)))  # 51, 54
+    assert isinstance(error.value, UserError)  # one line from the command line, exit 2
 
 
 def _samples(shard: Path) -> dict[str, bytes]:

@@ -6,7 +6,7 @@ import os
 import re
 
 from threetowers.data.benchmarks import load_class_folder, load_karpathy
-from threetowers.project.world.generate import WorldSpec, render, write_world
+from threetowers.project.world.generate import write_world
 from threetowers.project.world.heldout import (
     HELDOUT_CLASS_WORDS,
     HELDOUT_CLASSNAMES,
@@ -16,6 +16,7 @@ from threetowers.project.world.heldout import (
 )
 from threetowers.project.world.render import COLOURS, OBJECT_CLASSES, PLACES, SCENES
 from threetowers.project.world.shapes import LANDMARKS
+from threetowers.project.world.spec import WorldSpec, render
 
 # Articles join held-out nouns to any sentence; every other word of the held-out sets is new.
 ARTICLES = {"a", "an", "the"}

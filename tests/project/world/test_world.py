@@ -17,20 +17,10 @@ from tests.helpers.world import TINY
 from threetowers.files.atomic import ForeignFolderError
 from threetowers.project.world import captions as wc
 from threetowers.project.world import render as wr
-from threetowers.project.world.generate import (
-    COLOURS,
-    OBJECT_CLASSES,
-    OBJECT_TEMPLATES,
-    PLACE_TEMPLATES,
-    PLACES,
-    SCENES,
-    STARTED,
-    WorldSpec,
-    WorldSpecMismatch,
-    captions,
-    render,
-    write_world,
-)
+from threetowers.project.world.captions import captions
+from threetowers.project.world.generate import STARTED, WorldSpecMismatch, write_world
+from threetowers.project.world.render import COLOURS, OBJECT_CLASSES, PLACES, SCENES
+from threetowers.project.world.spec import OBJECT_TEMPLATES, PLACE_TEMPLATES, WorldSpec, render
 
 FOLDER_SETS = {  # dataset/part -> (split name, class names, images per class)
     "zeroshot_objects/test": ("zeroshot_objects_test", OBJECT_CLASSES, 2),

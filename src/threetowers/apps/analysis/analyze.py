@@ -22,9 +22,9 @@ import torch
 
 from threetowers.apps.analysis.attributes import ATTRIBUTES, Samples, world_samples
 from threetowers.apps.analysis.cka import linear_cka
+from threetowers.evaluation.embedding import embed_inputs, embed_texts
 from threetowers.evaluation.inputs import decoded_inputs
 from threetowers.evaluation.metrics import fit_probe
-from threetowers.evaluation.suite import embed_inputs, embed_texts
 from threetowers.files.atomic import write_atomic
 from threetowers.model.objective import Z_F, Z_G, alignment_names, embedding
 from threetowers.trainer.trained import TrainedRun, load_trained

@@ -1,5 +1,5 @@
 """The embedded world's images with what they show: each sample is a function of the world's
-seed, its split and its index (``project/world/generate.py``), so rendering it again gives the
+seed, its split and its index (``project/world/spec.py``), so rendering it again gives the
 stored image and its metadata, which the files do not all carry (the retrieval sets keep
 only captions)."""
 
@@ -11,7 +11,7 @@ from PIL import Image
 
 from threetowers.config import WorldConfig
 from threetowers.data.pipeline import ensure_world
-from threetowers.project.world.generate import WorldSpec, render
+from threetowers.project.world.spec import WorldSpec, render
 
 # Attributes of the one object of a single-object image; count and place hold for every image.
 OBJECT_ATTRIBUTES = ("class", "colour", "size", "position")

@@ -165,10 +165,10 @@ def state_dict(model: ThreeTowers) -> dict[str, torch.Tensor]:
         "ln_final.bias": g.norm.bias,
         "text_projection.weight": head_g.weight,
         "text_projection.bias": head_g.bias,
-        "logit_scale": model.objective.scale(MAIN_TERM).log(),
+        "logit_scale": model.loss_fn.scale(MAIN_TERM).log(),
     }
-    if model.objective.kind == "sigmoid":
-        state["logit_bias"] = model.objective.bias[model.objective.temperature_of[MAIN_TERM]]
+    if model.loss_fn.kind == "sigmoid":
+        state["logit_bias"] = model.loss_fn.bias[model.loss_fn.temperature_of[MAIN_TERM]]
     return {key: value.detach().float().contiguous() for key, value in state.items()}
 
 
@@ -212,7 +212,7 @@ def open_clip_config(run: TrainedRun) -> dict:
     }
     if cfg.loss.kind == "sigmoid":
         model_cfg["init_logit_bias"] = cfg.loss.init_bias
-    frozen = [tower.backbone for tower in cfg.model.frozen_towers] if model.frozen else []
+    frozen = [tower.backbone for tower in cfg.model.frozen] if model.frozen else []
     return {
         "model_cfg": model_cfg,
         "preprocess_cfg": {

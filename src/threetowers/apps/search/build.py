@@ -1,58 +1,46 @@
 """``threetowers index``: a trained run's embeddings of a set of images, ready to search.
 
-An index directory holds
-
-    manifest.json      the run's fingerprint, the parts, counts, dtype, the FAISS choice and
-                       the recall it measured, the bad samples, each file's sha256; written
-                       last (its presence means the index is complete)
-    images.npy         one row per image: its parts' embeddings concatenated (parts.py),
-                       float16 by default (the effect on recall@10 measured and recorded)
-    images.faiss       the FAISS index over those rows (ann.py)
-    images.parquet     row, id, location (file, or SHARD/KEY), source, first caption
-    thumbnails.bin     each image as a small JPEG, back to back; thumbnails.npy its offsets
-    captions.*         when the data has captions: their rows, index and table (caption,
-                       image row), for image->text search
-
-Images are embedded in chunks of ``chunk_size`` written to ``partial/`` as they finish, so an
-interrupted build resumes at its last chunk. Bad images are skipped, counted and named, as
-everywhere else; an id met twice is skipped the second time, so a result names one image.
-One build at a time writes a directory (a second is refused: ``locks.exclusive``). Every
-file is written whole or not at all; a full disk stops the build with one message naming the
-folder and the space the files need, and the same command run again finishes it.
+The index's files and their writing: ``index_files.py``. Images are embedded in chunks of
+``chunk_size`` written to ``partial/`` as they finish, so an interrupted build resumes at its
+last chunk. Bad images are skipped, counted and named, as everywhere else; an id met twice is
+skipped the second time, so a result names one image. One build at a time writes a
+directory (a second is refused: ``locks.exclusive``). A full disk stops the build with one
+message naming the folder and the space the files need, and the same command run again
+finishes it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import itertools
 import json
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
-import faiss
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
 from threetowers.apps.search import ann
+from threetowers.apps.search.index_files import (
+    DTYPES,
+    INDEX_VERSION,
+    Contents,
+    IndexMismatch,
+    Layout,
+    space_for,
+    write_index,
+)
 from threetowers.apps.search.items import IndexSource, Item
 from threetowers.apps.search.parts import Parts
 from threetowers.data.sources.bad_samples import BadDataError, BadSample, BadSampleLog, Skipped
 from threetowers.errors import UserError
+from threetowers.evaluation.embedding import embed_inputs, embed_texts
 from threetowers.evaluation.inputs import decoded_inputs
-from threetowers.evaluation.suite import embed_inputs, embed_texts
 from threetowers.files.atomic import (
     publish,
-    raise_if_disk_full,
     refuse_foreign,
     remove_temporaries,
-    save_npy,
     temporary_path,
     write_atomic,
 )
@@ -61,33 +49,8 @@ from threetowers.files.readback import read_json
 from threetowers.trainer.trained import TrainedRun
 
 log = logging.getLogger(__name__)
-INDEX_VERSION = 1
 CHUNK = 2048
 THUMBNAIL_SIDE = 256  # the longest side of a stored thumbnail, in pixels
-SAMPLE_QUERIES = 256  # queries per weight setting for the measured recalls
-DTYPES = ("float16", "float32")
-
-
-class IndexMismatch(UserError, ValueError):
-    """An index and a run (or a query, or a source) that do not belong together."""
-
-
-class Layout:
-    """The files of an index directory."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.manifest = root / "manifest.json"
-        self.vectors, self.ann, self.table = (
-            root / f"images.{suffix}" for suffix in ("npy", "faiss", "parquet")
-        )
-        self.caption_vectors, self.caption_ann, self.caption_table = (
-            root / f"captions.{suffix}" for suffix in ("npy", "faiss", "parquet")
-        )
-        self.thumbnails = root / "thumbnails.bin"
-        self.thumbnail_offsets = root / "thumbnails.npy"
-        self.partial = root / "partial"
-        self.plan = self.partial / "plan.json"  # written first: partial/ is ours to clear
 
 
 def build_index(
@@ -107,7 +70,7 @@ def build_index(
     size (``exact_below``). More bad images than ``max_bad_fraction`` (default: the run's
     ``data.max_bad_fraction``) stop the build."""
     if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
+        raise UserError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
     layout = Layout(Path(out))
     refuse_foreign(layout.root, [layout.manifest, layout.plan], "index", "--out")
     with exclusive(layout.root, "index", "wait for it to finish or pass another --out"):
@@ -146,7 +109,7 @@ def build_index(
         manifest["bad_samples"] = bad.metrics()
         manifest["skipped_examples"] = [[s.id, s.reason, s.detail] for s in bad.examples]
         text = json.dumps(manifest, indent=1)
-        with _space_for(layout.root, "manifest.json", lambda: len(text)):
+        with space_for(layout.root, "manifest.json", lambda: len(text)):
             write_atomic(layout.manifest, text)  # last: the index is complete
         _clear_partial(layout)
         return manifest
@@ -201,24 +164,12 @@ def _embed_chunks(
 def _save_chunk(record_file: Path, arrays_file: Path, record: dict, arrays: dict) -> None:
     what = f"the embeddings of {arrays_file.stem}"
     needed = sum(array.nbytes for array in arrays.values())
-    with _space_for(arrays_file.parent, what, lambda: needed):
+    with space_for(arrays_file.parent, what, lambda: needed):
         tmp = temporary_path(arrays_file)
         with open(tmp, "wb") as handle:
             np.savez(handle, **arrays)
         publish(tmp, arrays_file)
         write_atomic(record_file, json.dumps(record))  # last: the chunk is complete
-
-
-@contextmanager
-def _space_for(folder: Path, what: str, needed: Callable[[], int]) -> Iterator[None]:
-    """One message for a full disk while writing ``what`` (``needed()`` bytes) into
-    ``folder``; the temporaries go, files already published are whole."""
-    try:
-        yield
-    except Exception as error:
-        remove_temporaries(folder)  # ours: the lock keeps other writers out
-        raise_if_disk_full(error, folder, what, needed)
-        raise
 
 
 def _clear_partial(layout: Layout) -> None:
@@ -273,19 +224,6 @@ def thumbnail(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-@dataclass
-class Contents:
-    """What an index holds, before it is written."""
-
-    vectors: np.ndarray  # float32, one row per image: its parts concatenated
-    ids: list[str]
-    locations: list[str]
-    captions: list[list[str]]  # each image's captions (may be none)
-    caption_vectors: np.ndarray  # float32, one row per caption, in the images' order
-    thumbnail_sizes: np.ndarray
-    thumbnails: bytes
-
-
 def _contents(chunks: list[tuple[dict, dict[str, np.ndarray]]], width: int) -> Contents:
     records = [record for record, _ in chunks]
     return Contents(
@@ -299,114 +237,5 @@ def _contents(chunks: list[tuple[dict, dict[str, np.ndarray]]], width: int) -> C
     )
 
 
-def write_index(
-    layout: Layout,
-    contents: Contents,
-    parts: Parts,
-    header: dict,
-    dtype: str = "float16",
-    kind: str | None = None,
-    exact_below: int = ann.EXACT_BELOW,
-) -> dict:
-    """Write ``contents`` as an index (all but the manifest) and return its manifest:
-    ``header`` (the run and source) with the counts, dtype and the FAISS indexes' records."""
-    vectors, ids = contents.vectors, contents.ids
-    stored = vectors.astype(dtype)
-    searchable = stored.astype(np.float32)
-    # Queries for the measured recalls: captions where there are some (text->image), else
-    # the images themselves (image->image), at each sample weighting of the parts.
-    probe = contents.caption_vectors if len(contents.caption_vectors) else vectors
-    queries = _queries(probe, parts)
-    k = min(ann.RECALL_K, len(ids))
-    float16_recall = ann.recall(
-        ann.exact_top(searchable, queries, k), ann.exact_top(vectors, queries, k)
-    )
-    index, record = ann.build_ann(
-        searchable, queries, kind or ann.choose_kind(len(ids), exact_below)
-    )
-    log.info("%s: %s index, recall@10 %.3f", layout.root, record.kind, record.recall_at_10)
-    first = [texts[0] if texts else None for texts in contents.captions]
-    offsets = np.concatenate([[0], np.cumsum(contents.thumbnail_sizes)]).astype(np.int64)
-    files = {
-        layout.vectors: stored,
-        layout.ann: index,
-        layout.table: pa.table(
-            {
-                "row": list(range(len(ids))),
-                "id": ids,
-                "location": contents.locations,
-                "caption": first,
-            }
-        ),
-        layout.thumbnail_offsets: offsets,
-        layout.thumbnails: contents.thumbnails,
-    }
-    manifest = header | {
-        "version": INDEX_VERSION,
-        "parts": list(parts.names),
-        "part_dim": parts.dim,
-        "images": len(ids),
-        "captions": len(contents.caption_vectors),
-        "dtype": dtype,
-        "float16_recall_at_10": float16_recall if dtype == "float16" else None,
-        "ann": record.to_json(),
-    }
-    if len(contents.caption_vectors):
-        stored_captions = contents.caption_vectors.astype(dtype)
-        caption_kind = kind or ann.choose_kind(len(stored_captions), exact_below)
-        caption_index, caption_record = ann.build_ann(
-            stored_captions.astype(np.float32), _queries(vectors, parts), caption_kind
-        )
-        texts = [caption for group in contents.captions for caption in group]
-        owners = np.repeat(np.arange(len(ids)), [len(group) for group in contents.captions])
-        files |= {
-            layout.caption_vectors: stored_captions,
-            layout.caption_ann: caption_index,
-            layout.caption_table: pa.table({"caption": texts, "image_row": owners.tolist()}),
-        }
-        manifest["captions_ann"] = caption_record.to_json()
-    layout.root.mkdir(parents=True, exist_ok=True)
-    with _space_for(layout.root, "the index files", lambda: sum(map(_size, files.values()))):
-        for path, data in files.items():
-            _write(path, data)
-    # What serve checks before it answers: a file changed since is refused, not searched.
-    manifest["sha256"] = {path.name: file_sha256(path) for path in files}
-    return manifest
-
-
-def _queries(rows: np.ndarray, parts: Parts) -> np.ndarray:
-    """Up to SAMPLE_QUERIES of ``rows`` (a fixed draw) at each of ``parts``' sample weights."""
-    picked = rows[np.sort(np.random.default_rng(0).permutation(len(rows))[:SAMPLE_QUERIES])]
-    return np.concatenate([parts.weighted(picked, weights) for weights in parts.sample_weights()])
-
-
 def _stack(arrays: list[np.ndarray], width: int) -> np.ndarray:
     return np.concatenate(arrays) if arrays else np.zeros((0, width), np.float32)
-
-
-def _write(path: Path, data: np.ndarray | faiss.Index | pa.Table | bytes) -> None:
-    if isinstance(data, np.ndarray):
-        save_npy(path, data)
-    elif isinstance(data, faiss.Index):
-        ann.write_ann(data, path)
-    elif isinstance(data, pa.Table):
-        tmp = temporary_path(path)
-        pq.write_table(data, tmp)
-        publish(tmp, path)
-    else:
-        write_atomic(path, data)
-
-
-def _size(data: np.ndarray | faiss.Index | pa.Table | bytes) -> int:
-    """About the bytes ``_write`` puts on disk for ``data`` (parquet: before compression)."""
-    if isinstance(data, faiss.Index):
-        return ann.serialized_size(data)
-    return data.nbytes if isinstance(data, (np.ndarray, pa.Table)) else len(data)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(2**20):
-            digest.update(block)
-    return digest.hexdigest()

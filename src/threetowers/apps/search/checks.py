@@ -18,8 +18,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from threetowers.apps.search import ann
-from threetowers.apps.search.build import DTYPES, INDEX_VERSION, IndexMismatch, Layout, file_sha256
-from threetowers.files.readback import DamagedFileError, read_json
+from threetowers.apps.search.index_files import (
+    DTYPES,
+    INDEX_VERSION,
+    IndexMismatch,
+    Layout,
+)
+from threetowers.files.readback import DamagedFileError, file_sha256, read_json
 
 MANIFEST_FIELDS = {  # what the engine reads from a manifest, and its type
     "fingerprint": str,

@@ -30,6 +30,8 @@ import uvicorn
 from fastapi.responses import JSONResponse
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from threetowers.errors import UserError
+
 log = logging.getLogger(__name__)
 BACKLOG = 16  # connections the kernel queues; also the most asyncio accepts in one loop turn
 FD_RESERVE = 32  # descriptors for what the server opens while it serves (files, threads)
@@ -82,7 +84,7 @@ class Bounds:
         # frees its descriptor a few turns later: room for four turns of them stays free.
         ceiling = soft - len(os.listdir("/dev/fd")) - FD_RESERVE - 4 * BACKLOG
         if ceiling < 1:
-            raise ValueError(
+            raise UserError(
                 f"ulimit -n is {soft}: too few open files for a server; raise it (ulimit -n 1024)"
             )
         return cls(limits, headers, min(limits.max_connections, ceiling), ceiling)

@@ -21,7 +21,6 @@ import torch
 from PIL import Image
 
 from threetowers.apps.search import ann
-from threetowers.apps.search.build import IndexMismatch, Layout
 from threetowers.apps.search.checks import (
     check_vectors,
     expect,
@@ -31,9 +30,10 @@ from threetowers.apps.search.checks import (
     reading,
     thumbnail_offsets,
 )
+from threetowers.apps.search.index_files import IndexMismatch, Layout
 from threetowers.apps.search.parts import Parts, weighted
+from threetowers.evaluation.embedding import embed_inputs, embed_texts
 from threetowers.evaluation.inputs import decoded_inputs
-from threetowers.evaluation.suite import embed_inputs, embed_texts
 from threetowers.trainer.trained import TrainedRun
 
 TARGETS = ("images", "captions")

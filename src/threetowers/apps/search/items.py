@@ -22,6 +22,7 @@ from threetowers.data.sources.fields import DEFAULT_FIELDS, Fields
 from threetowers.data.sources.pairs import open_pairs
 from threetowers.data.sources.shards import decode_sample, shard_sample_id, shard_samples
 from threetowers.data.sources.table import PairTable
+from threetowers.errors import UserError
 
 Loaded = tuple[Image.Image, list[str]]  # the decoded image and its captions
 
@@ -52,7 +53,7 @@ def index_source(
     """``--images DIR`` or ``--data SOURCE`` (a Karpathy ``.json``, of which ``split``, or a
     training source, read as ``fields`` say: the run's data.image_key and caption_key)."""
     if (images is None) == (data is None):
-        raise ValueError("give exactly one of --images DIR or --data SOURCE")
+        raise UserError("give exactly one of --images DIR or --data SOURCE")
     if images is not None:
         return _image_folder(Path(images))
     if str(data).endswith(".json"):

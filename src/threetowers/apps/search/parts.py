@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from threetowers.evaluation.suite import Mixture
+from threetowers.evaluation.mixture import Mixture
 from threetowers.model.three_towers import ThreeTowers
 
 

@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException
 from threetowers.apps.embed import parse_alpha
 from threetowers.apps.search.connections import quiet_accept_errors, server_config
 from threetowers.apps.search.engine import TARGETS, QueryEncoder, SearchIndex
+from threetowers.apps.search.index_files import IndexMismatch
 from threetowers.data.sources.bad_samples import BadSample
 from threetowers.data.sources.decode import load_image
 
@@ -78,7 +79,7 @@ def create_app(index: SearchIndex, encoder: QueryEncoder, limits: Limits = Limit
     """The FastAPI app serving ``index`` (queries embedded by ``encoder``); ``hosts``: the
     Host names it answers to (default: loopback names; ``["*"]``: any)."""
     if encoder.fingerprint != index.fingerprint:
-        raise ValueError(
+        raise IndexMismatch(
             f"the run {encoder.run.run_dir} (fingerprint {encoder.fingerprint}) is not the one "
             f"that built {index.layout.root} ({index.fingerprint}, {index.manifest['run']} at "
             f"step {index.manifest['step']}); it was trained further or replaced: build the "

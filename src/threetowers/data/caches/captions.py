@@ -5,9 +5,9 @@ per unit (shard or table chunk, as ``features.py`` cuts the data) a ``.npy`` wit
 distinct caption of the unit's samples and a ``.json`` index listing each row's caption
 digest. A loader worker finds the unit from the sample's row, then the caption's row from its
 digest: only the captions of the units it reads are held, at most
-``features.INDEXED_UNITS`` units at a time. Built in one pass of batched captions, unit by unit
-(no image is decoded), resumable like the image caches; the files are written the same way
-(``.npy`` first, the index last).
+``streamed_features.INDEXED_UNITS`` units at a time. Built in one pass of batched captions,
+unit by unit (no image is decoded), resumable like the image caches; the files are written
+the same way (``.npy`` first, the index last).
 """
 
 from __future__ import annotations
@@ -24,22 +24,20 @@ import torch
 from tqdm import tqdm
 
 from threetowers.backbones.text_encoder import FrozenTextEncoder
-from threetowers.data.caches.features import (
+from threetowers.data.caches.layout import (
     DTYPES,
     CacheSpec,
-    StreamedFeatures,
-    Unit,
-    UnitMismatch,
-    file_sha256,
-    reader,
     unit_complete,
     unit_files,
 )
-from threetowers.data.caches.features import (
+from threetowers.data.caches.layout import (
     FORMAT as INDEX_FORMAT,
 )
+from threetowers.data.caches.streamed_features import StreamedFeatures, UnitMismatch, reader
+from threetowers.data.caches.units import Unit
 from threetowers.files import locks
 from threetowers.files.atomic import remove_temporaries, save_npy, write_atomic
+from threetowers.files.readback import file_sha256
 
 log = logging.getLogger(__name__)
 

@@ -18,22 +18,16 @@ not be used. So:
 images: each image is decoded once, each tower gets its own view. The ``.npy`` is written
 first and the ``.json`` last, both atomically: an index means a complete unit. numpy's
 ``.npy`` rather than safetensors because a row's offset in it is known, so a worker reads a
-row without mapping the file (mapped pages would count towards its memory).
+row without mapping the file (mapped pages would count towards its memory). The files'
+names and their check: ``layout.py``; their rows read back: ``streamed_features.py``.
 """
 
 from __future__ import annotations
 
-import bisect
 import contextlib
-import hashlib
 import json
 import logging
-import os
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import torch
@@ -41,203 +35,23 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from threetowers.backbones.frozen import FrozenBackbone
-from threetowers.data.caches.identity import (
-    spec_digest,
+from threetowers.data.caches.layout import (
+    DTYPES,
+    FORMAT,
+    CacheSpec,
+    unit_complete,
+    unit_files,
 )
+from threetowers.data.caches.streamed_features import StreamedFeatures, reader
 from threetowers.data.caches.units import Unit
 from threetowers.data.sources.bad_samples import BadDataError, BadSampleLog, Skipped
 from threetowers.data.transforms import PixelEvalTransform
+from threetowers.errors import UserError
 from threetowers.files import locks
 from threetowers.files.atomic import remove_temporaries, save_npy, write_atomic
-from threetowers.files.readback import read_json
+from threetowers.files.readback import file_sha256
 
 log = logging.getLogger(__name__)
-T = TypeVar("T", bound="StreamedFeatures")
-
-DTYPES = {"float16": np.float16, "float32": np.float32}
-FORMAT = 1  # of a unit's index: any other is computed again
-OPEN_UNITS = 8  # units a reader keeps open per process (a shuffle buffer spans a few shards)
-# Units whose index (keys, bad samples) a reader keeps: a table is read in random order over
-# all its units, and re-reading an index on every miss cost a sixth of a small model's step
-# (reproduce preset, 3t) when only OPEN_UNITS of them were kept.
-INDEXED_UNITS = 256
-
-
-# --------------------------------------------------------------------------- reading
-
-
-@dataclass(frozen=True)
-class _UnitFile:
-    start: int
-    size: int
-    npy: str
-    index: str
-
-
-class UnitMismatch(RuntimeError):
-    """A cache unit does not hold what its dataset now holds."""
-
-
-class StreamedFeatures:
-    """One frozen tower's features of a dataset, read row by row from its units' files.
-
-    Picklable with no open file: each process opens the units it reads, at most
-    :data:`OPEN_UNITS` at a time."""
-
-    def __init__(self, name: str, fingerprint: str, units: list[_UnitFile], dim: int, dtype):
-        self.name, self.fingerprint, self.units, self.dim = name, fingerprint, units, dim
-        self.dtype = np.dtype(dtype)
-        self.starts = [unit.start for unit in units]
-        self._open: OrderedDict[int, int] = OrderedDict()  # unit -> its file descriptor
-        self._indexes: OrderedDict[int, tuple[int, list[str], dict]] = OrderedDict()
-
-    def __len__(self) -> int:
-        return sum(unit.size for unit in self.units)
-
-    def __getstate__(self) -> dict:
-        # file descriptors stay in their process
-        return self.__dict__ | {"_open": OrderedDict(), "_indexes": OrderedDict()}
-
-    def __del__(self) -> None:
-        for fd in self._open.values():
-            with contextlib.suppress(OSError, TypeError):  # TypeError: at interpreter exit
-                os.close(fd)
-
-    @property
-    def opened(self) -> list[str]:
-        """The units' ``.npy`` files this process has open (the last :data:`OPEN_UNITS`)."""
-        return [self.units[unit].npy for unit in self._open]
-
-    def lookup(self, row: int, key: str) -> torch.Tensor | Skipped:
-        """float32 features of dataset row ``row``, whose sample is ``key``; the
-        :class:`Skipped` record of a sample that was unusable when the unit was built."""
-        unit = bisect.bisect_right(self.starts, row) - 1
-        position = row - self.starts[unit] if unit >= 0 else -1
-        if not 0 <= position < self.units[unit].size:
-            raise UnitMismatch(f"{self.name} cache: row {row} is outside the dataset")
-        fd, offset, keys, bad = self._unit(unit)
-        if keys[position] != key:
-            raise UnitMismatch(
-                f"{self.name} cache {self.units[unit].index}: row {position} holds sample "
-                f"{keys[position]!r}, not {key!r}; the data changed since it was cached - "
-                "run `threetowers cache` again (or delete the folder) to rebuild it"
-            )
-        if str(position) in bad:
-            return Skipped(key, *bad[str(position)])
-        return self._read(fd, offset, position)
-
-    def _read(self, fd: int, offset: int, position: int) -> torch.Tensor:
-        """Row ``position`` of an open unit, as float32."""
-        width = self.dim * self.dtype.itemsize
-        data = os.pread(fd, width, offset + position * width)
-        return torch.from_numpy(np.frombuffer(data, self.dtype).astype(np.float32))
-
-    def features(self, row: int, key: str) -> torch.Tensor:
-        """Like :meth:`lookup`, for a sample the data still has as usable (training's)."""
-        found = self.lookup(row, key)
-        if isinstance(found, Skipped):
-            raise UnitMismatch(
-                f"{self.name} cache: sample {key!r} was unusable when cached ({found.reason}: "
-                f"{found.detail}) but decodes now; the data changed - rebuild the cache"
-            )
-        return found
-
-    def _unit(self, unit: int) -> tuple[int, int, list[str], dict]:
-        """The unit's open file, its rows' offset, its keys and its bad samples."""
-        files = self.units[unit]
-        if unit in self._indexes:
-            self._indexes.move_to_end(unit)
-        else:
-            meta = read_json(files.index)
-            with open(files.npy, "rb") as handle:
-                *_, offset = npy_header(handle)
-            self._indexes[unit] = (offset, meta["keys"], meta["bad"])
-            if len(self._indexes) > INDEXED_UNITS:
-                self._indexes.popitem(last=False)
-        if unit in self._open:
-            self._open.move_to_end(unit)
-        else:
-            self._open[unit] = os.open(files.npy, os.O_RDONLY)
-            if len(self._open) > OPEN_UNITS:
-                os.close(self._open.popitem(last=False)[1])
-        return self._open[unit], *self._indexes[unit]
-
-
-# --------------------------------------------------------------------------- building
-
-
-@dataclass(frozen=True)
-class CacheSpec:
-    """Where and how the towers' caches are stored. ``context`` adds what else features
-    depend on (evaluation: the batch size and device h ran with) and ``kind`` marks the
-    folders (``-eval``)."""
-
-    directory: str | Path
-    dtype: str = "float16"
-    context: Mapping = field(default_factory=dict)
-    kind: str = ""
-
-    def folder(self, tower: FrozenBackbone) -> tuple[Path, str]:
-        """The tower's folder (by its backbone's name, so runs naming it apart share it) and
-        its digest: weights, preprocessing, dtype, context."""
-        spec = {"tower": tower.digest(), "dtype": self.dtype, **self.context}
-        digest = spec_digest(spec)
-        return Path(self.directory).expanduser() / f"{tower.name}{self.kind}-{digest[:16]}", digest
-
-
-def unit_files(folder: Path, unit: Unit) -> tuple[Path, Path, dict]:
-    identity = unit.identity()
-    stem = spec_digest(identity)[:24]
-    return folder / f"{stem}.npy", folder / f"{stem}.json", identity
-
-
-def unit_complete(npy: Path, index: Path, identity: dict, tower: str, rows, dim, dtype) -> bool:
-    """Whether a unit's files hold what they should: ``rows`` rows (None: one per key, as a
-    caption unit has) of ``dim`` in ``dtype``, with the bytes its checksum records (a flipped
-    byte would train on wrong features; the check costs 0.35% of building the unit,
-    benchmarks/cache_verification.py)."""
-    try:
-        meta = read_json(index)
-        with open(npy, "rb") as handle:
-            shape, stored, _ = npy_header(handle)
-        keys = len(meta.get("keys", ()))
-        good = (
-            meta.get("format") == FORMAT
-            and meta.get("tower") == tower
-            and meta.get("identity") == identity
-            and shape == (keys if rows is None else rows, dim)
-            and keys == shape[0]
-            and stored == np.dtype(dtype)
-        )
-        if good and meta.get("sha256") != file_sha256(npy):
-            log.warning(
-                "feature cache %s: its bytes changed since it was written; computing it again",
-                npy,
-            )
-            good = False
-        return good
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
-def npy_header(handle) -> tuple[tuple[int, ...], np.dtype, int]:
-    """(shape, dtype, offset of the data) of an open ``.npy`` file; ValueError if it is none."""
-    version = np.lib.format.read_magic(handle)
-    read = np.lib.format.read_array_header_1_0
-    if version != (1, 0):
-        read = np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = read(handle)
-    if fortran:
-        raise ValueError("a cache .npy is C-ordered")
-    return shape, dtype, handle.tell()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class _UnitViews(IterableDataset):
@@ -337,18 +151,6 @@ def build_caches(
     }
 
 
-def reader(kind: type[T], name: str, folder: Path, digest: str, units, dim: int, dtype: str) -> T:
-    """A reader of a tower's complete cache in ``folder``; its fingerprint names the tower
-    (``digest``) and every unit's file."""
-    files = []
-    for unit in units:
-        npy, index, _ = unit_files(folder, unit)
-        files.append(_UnitFile(unit.start, unit.size, str(npy), str(index)))
-    stems = [Path(f.index).stem for f in files]
-    fingerprint = hashlib.sha256(json.dumps([digest, stems]).encode()).hexdigest()
-    return kind(name, fingerprint, files, dim, dtype)
-
-
 @torch.no_grad()
 def _compute(towers, units, todo, layout, spec, batch_size, num_workers, progress, max_bad):
     numbers = sorted(todo)
@@ -388,7 +190,7 @@ def _compute(towers, units, todo, layout, spec, batch_size, num_workers, progres
     if bad_data.total:
         log.warning(bad_data.summary())
     if filling:
-        raise RuntimeError(
+        raise UserError(
             f"{what}: {len(filling)} unit(s) read fewer samples than their headers promised; "
             "were the shards changed while caching?"
         )

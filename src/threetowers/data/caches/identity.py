@@ -1,7 +1,7 @@
 """What names a cached file: digests of the files and datasets its contents depend on, so
 that a changed input never reads a stale cache (a frozen tower's own: its ``digest()``).
 
-A remote shard (``sources/remote.py``) has no stat: it is known by its URL with the ETag,
+A remote shard (``sources/remote_identity.py``) has no stat: it is known by its URL with the ETag,
 size and modification time its server gives (a HEAD request, asked each time as a local
 file is stat'ed each time), a ``pipe:`` command by the command alone (the cache cannot see
 its data change), and one whose server cannot be asked by its URL marked unknown."""
@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from stat import S_ISLNK
 
-from threetowers.data.sources import remote
+from threetowers.data.sources import remote, remote_identity
 from threetowers.data.sources.pairs import open_pairs
 from threetowers.data.sources.shards import ShardPairs
 
@@ -37,15 +37,15 @@ def dataset_digest(source) -> str:
 def files_digest(paths) -> str:
     """Identity of files, in order: resolved paths, sizes and modification times; a file that
     cannot be found counts as missing (it is a bad sample), so its arrival changes it. A
-    remote shard counts by its identity (``remote.identity``: URL, ETag, size, time)."""
+    remote shard counts by its identity (``remote_identity.identity``: URL, ETag, size, time)."""
     digest = hashlib.sha256()
     folders: dict[str, str] = {}  # resolved once each: thousands of images share a few
     paths = list(paths)
     far = [path for path in paths if remote.is_remote(path)]
-    known = dict(zip(far, remote.identities(far), strict=True))
+    known = dict(zip(far, remote_identity.identities(far), strict=True))
     for path in paths:
         if remote.is_remote(path):
-            digest.update(f"{remote.identity_line(path, known[path])}\n".encode())
+            digest.update(f"{remote_identity.identity_line(path, known[path])}\n".encode())
             continue
         folder, name = os.path.split(os.fspath(Path(path)))
         try:

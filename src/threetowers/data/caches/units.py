@@ -46,7 +46,7 @@ class Unit(Protocol):
 class ShardUnit:
     """A tar shard or a parquet file (``shards.shard_samples`` reads either); a remote tar
     shard is known by its URL with the ETag, size and time its server gives, a ``pipe:``
-    command by the command (``identity.files_digest``, ``sources/remote.py``)."""
+    command by the command (``identity.files_digest``, ``sources/remote_identity.py``)."""
 
     path: str  # as the source spells it (a URL or command too): part of the samples' ids
     start: int

@@ -87,6 +87,10 @@ class BadDataError(UserError, ValueError):
     """More of the data was bad than ``data.max_bad_fraction`` allows."""
 
 
+class SourceError(UserError, ValueError):
+    """A data source that cannot be read as given: its format, its files or their columns."""
+
+
 class BadSampleLog:
     """Counts of bad samples among the samples visited by one pass (training, caching, ...)."""
 

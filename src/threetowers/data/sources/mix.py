@@ -1,6 +1,6 @@
 """Several training sources read as one: their shards side by side, each shard's source
 known, so that samples can be drawn in proportion to the sources' weights (resampling, see
-``loader.Resampled``) and counted per source (``data/source/NAME/samples``)."""
+``plan.Resampled``) and counted per source (``data/source/NAME/samples``)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from threetowers.data.sources.bad_samples import Skipped
-from threetowers.data.sources.loader import Resampled, source_weights
+from threetowers.data.sources.bad_samples import Skipped, SourceError
+from threetowers.data.sources.plan import Resampled, source_weights
 from threetowers.data.sources.shards import ShardPairs
 from threetowers.data.sources.table import PairTable
 
@@ -85,7 +85,7 @@ def open_sources(
         name for (name, _, _), pairs in zip(sources, opened, strict=True) if not _shards(pairs)
     ]
     if len(opened) > 1 and tables:
-        raise ValueError(
+        raise SourceError(
             f"data.train: several sources must each be .tar or .parquet shards; {tables[0]!r} "
             "is a table (write it as shards, or train on it alone)"
         )

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from threetowers.errors import UserError
+
 # Distinct streams for the separate uses of (seed, epoch): the sample order, the shard
 # order, shuffle buffers and per-sample draws must not share random numbers.
 ORDER_STREAM, SHARD_STREAM, BUFFER_STREAM, SAMPLE_STREAM = 101, 102, 103, 104
@@ -50,7 +52,7 @@ def _key_hash(key: str) -> int:
 
 def check_seed(seed: int, epoch: int) -> None:
     if seed < 0 or epoch < 0:
-        raise ValueError(f"seed and epoch must be non-negative, got seed={seed} epoch={epoch}")
+        raise UserError(f"seed and epoch must be non-negative, got seed={seed} epoch={epoch}")
 
 
 def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:

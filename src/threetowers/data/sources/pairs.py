@@ -23,7 +23,7 @@ from pathlib import Path
 import webdataset as wds
 
 from threetowers.data.sources import remote
-from threetowers.data.sources.bad_samples import BadSample, Skipped
+from threetowers.data.sources.bad_samples import BadSample, Skipped, SourceError
 from threetowers.data.sources.decode import clean_captions
 from threetowers.data.sources.fields import DEFAULT_FIELDS, Fields
 from threetowers.data.sources.pair import Pair
@@ -99,7 +99,7 @@ def open_pairs(
     if isinstance(source, (list, tuple)):
         unknown = [str(s) for s in source if not _names_shard(s)]
         if unknown:
-            raise ValueError(
+            raise SourceError(
                 f"a list source must hold .tar shards or .parquet files; got {unknown[:3]}"
             )
         return _shards(source, fields, allow_absolute_paths)
@@ -107,7 +107,7 @@ def open_pairs(
         urls = wds.shardlists.expand_urls(source) if "{" in source else [source]
         unknown = [url for url in urls if not remote.names_tar(url)]
         if unknown:
-            raise ValueError(
+            raise SourceError(
                 f"a remote source must name .tar shards: one URL, a quoted brace pattern "
                 f"('https://host/data/{{00000..00009}}.tar') or a list (a remote folder cannot "
                 f"be listed; tables and parquet files are read by seeking: download them "
@@ -129,7 +129,7 @@ def open_pairs(
         return PairTable.from_jsonl(path, fields, allow_absolute_paths=allow_absolute_paths)
     if not path.exists():
         raise FileNotFoundError(f"pairs source not found: {path}")
-    raise ValueError(
+    raise SourceError(
         f"unknown pairs format {path.name!r}: expected .csv, .tsv, .jsonl, .tar or .parquet, a "
         "brace pattern of .tar shards or .parquet files, or a directory of them"
     )
@@ -161,7 +161,7 @@ def _folder(path: Path) -> list[Path]:
     one would leak into the other)."""
     tars, parquets = sorted(path.glob("*.tar")), sorted(path.glob("*.parquet"))
     if tars and parquets:
-        raise ValueError(
+        raise SourceError(
             f"directory {path} holds both .tar shards and .parquet files, and a source is "
             "one kind: name the files of one with a quoted brace pattern"
         )
@@ -178,7 +178,7 @@ def _folder(path: Path) -> list[Path]:
         numbers = sorted(match.group(2) for match in splits[name])
         total = splits[name][0].group(3)
         pattern = path / f"{name}-{{{numbers[0]}..{numbers[-1]}}}-of-{total}.parquet"
-        raise ValueError(
+        raise SourceError(
             f"directory {path} holds the parquet files of several splits "
             f"({', '.join(sorted(splits))}); name one split's files with a quoted brace "
             f"pattern, e.g. '{pattern}'"

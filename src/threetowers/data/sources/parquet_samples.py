@@ -53,7 +53,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from threetowers.data.sources.bad_samples import BadSample
+from threetowers.data.sources.bad_samples import BadSample, SourceError
 from threetowers.data.sources.decode import image_path
 from threetowers.data.sources.fields import Fields
 
@@ -161,7 +161,7 @@ def check_columns(path: str | Path, fields: Fields) -> None:
                 f"the {role} column {column!r} (data.{role}_key) holds {kind}, not {forms}"
             )
     if problems:
-        raise ValueError(
+        raise SourceError(
             f"{path}: {'; '.join(problems)}. Its columns are {schema.names}: name the image "
             "column with data.image_key=COLUMN and the caption column with "
             "data.caption_key=COLUMN"

@@ -14,7 +14,7 @@ A tar shard may be remote (``remote.py``): a ``str`` that is an ``http(s)://`` o
 or a ``pipe:COMMAND``, kept as spelled (its samples' ids are ``URL/KEY``), streamed rather
 than read from a file. Its count, which the loader plans an epoch on, comes from
 img2dataset's ``_stats.json`` beside it, else from the count cache, else from streaming it
-once (then kept in the cache, ``remote.count_cache_dir``, when the transfer ended well); a
+once (then kept in the cache, ``remote_counts.count_cache_dir``, when the transfer ended well); a
 shard that cannot be read after the transport's retries counts, and streams, as one bad
 sample (``unreachable_shard``). So that a plan and its stream agree even when a server
 changes its mind between them, a remote shard streams exactly the samples it was planned
@@ -37,8 +37,8 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
-from threetowers.data.sources import parquet_samples, remote
-from threetowers.data.sources.bad_samples import BadSample
+from threetowers.data.sources import parquet_samples, remote, remote_counts, remote_identity
+from threetowers.data.sources.bad_samples import BadSample, SourceError
 from threetowers.data.sources.decode import caption_text, clean_captions, is_utf8, load_image
 from threetowers.data.sources.fields import CAPTION_MEMBERS, DEFAULT_FIELDS, Fields
 from threetowers.data.sources.pair import SHARD_STREAM, Pair, check_seed
@@ -78,7 +78,7 @@ def count_shard_samples(path: str | Path, count_cache: str | Path | None = None)
     file from its footer, cached per (path, size, mtime). Every key is a sample, with or
     without an image: those without are streamed, then skipped and counted as bad. A remote
     shard (see the module docstring) is counted from its ``_stats.json`` or by streaming it,
-    kept in ``count_cache`` (default: ``remote.count_cache_dir()``)."""
+    kept in ``count_cache`` (default: ``remote_counts.count_cache_dir()``)."""
     if remote.is_remote(path):
         return _count_remote(str(path), count_cache)
     path = Path(path)
@@ -91,20 +91,20 @@ def count_shard_samples(path: str | Path, count_cache: str | Path | None = None)
 
 
 def _count_remote(url: str, count_cache: str | Path | None) -> int:
-    known = remote.identity(url)
+    known = remote_identity.identity(url)
     key = None if known is None else json.dumps(known, sort_keys=True)
     plan = None
     if key is not None and key in _REMOTE_COUNTS:
         plan = _Plan(_REMOTE_COUNTS[key], "an earlier count of it")
-    elif known is not None and (kept := remote.load_count(known, count_cache)) is not None:
+    elif known is not None and (kept := remote_counts.load_count(known, count_cache)) is not None:
         plan = _Plan(kept, "the count cache")
-    elif (stats := remote.stats_count(url)) is not None:
+    elif (stats := remote_counts.stats_count(url)) is not None:
         plan = _Plan(stats, "its _stats.json")
     if plan is None:
         counted = count_stream(url)
         plan = _Plan(counted.samples, "a read of it", counted.failure, counted.unreachable)
         if counted.failure is None and known is not None:
-            remote.save_count(known, counted.samples, count_cache)
+            remote_counts.save_count(known, counted.samples, count_cache)
     if plan.failure is None and key is not None:
         _REMOTE_COUNTS[key] = plan.samples
     _PLANNED[url] = plan
@@ -123,7 +123,7 @@ class ShardPairs:
     """Webdataset shards (local files, or remote ones: see the module docstring), or local
     parquet files, in the order given (shuffled per epoch by the loader). Parquet files are
     checked for their columns here, from their footers. ``count_cache``: where streamed
-    counts of remote shards are kept (default ``remote.count_cache_dir()``)."""
+    counts of remote shards are kept (default ``remote_counts.count_cache_dir()``)."""
 
     def __init__(
         self,
@@ -134,11 +134,11 @@ class ShardPairs:
     ) -> None:
         shards = [s if remote.is_remote(s) else Path(s) for s in shards]
         if not shards:
-            raise ValueError("no shards given")
+            raise SourceError("no shards given")
         far = [s for s in shards if remote.is_remote(s)]
         if any(is_parquet(remote.tar_name(s)) for s in far):
             example = next(s for s in far if is_parquet(remote.tar_name(s)))
-            raise ValueError(
+            raise SourceError(
                 f"remote parquet files cannot be streamed (a parquet file is read from its "
                 f"footer, at its end): download them first ({example})"
             )
@@ -150,11 +150,11 @@ class ShardPairs:
             )
         repeated = [str(s) for s, n in Counter(shards).items() if n > 1]
         if repeated:  # its samples would be two samples of one id (see Pair)
-            raise ValueError(f"shards listed more than once: {repeated[:3]}; list each once")
+            raise SourceError(f"shards listed more than once: {repeated[:3]}; list each once")
         parquet = [s for s in shards if is_parquet(s)]
         if parquet and len(parquet) < len(shards):
             other = next(s for s in shards if not is_parquet(s))
-            raise ValueError(
+            raise SourceError(
                 f"a source is either webdataset shards or parquet files, not both: "
                 f"{len(parquet)} of {len(shards)} are .parquet files (e.g. {parquet[0]}) and the "
                 f"others not (e.g. {other}); train on one kind"

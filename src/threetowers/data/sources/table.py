@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from threetowers.data.sources.bad_samples import BadSample
+from threetowers.data.sources.bad_samples import BadSample, SourceError
 from threetowers.data.sources.decode import clean_captions, image_path, is_utf8, load_image
 from threetowers.data.sources.fields import DEFAULT_FIELDS, Fields
 from threetowers.data.sources.pair import ORDER_STREAM, Pair, check_seed
@@ -43,7 +43,7 @@ class PairTable:
         good_keys = [key for i, key in enumerate(keys) if i not in self.bad]
         duplicates = [key for key, n in Counter(good_keys).items() if n > 1]
         if duplicates:
-            raise ValueError(f"{name}: duplicate keys, e.g. {duplicates[:3]}")
+            raise SourceError(f"{name}: duplicate keys, e.g. {duplicates[:3]}")
         self.images = [Path(p) for p in images]
         self.captions = [list(c) for c in captions]
         self.keys = [str(k) for k in keys]
@@ -73,7 +73,7 @@ class PairTable:
             columns = reader.fieldnames or []
             for column, setting in ((image_column, "image"), (caption_column, "caption")):
                 if column not in columns:
-                    raise ValueError(
+                    raise SourceError(
                         f"{path}: no column {column!r}; the header has {columns} (name the "
                         f"{setting} column with data.{setting}_key=COLUMN)"
                     )

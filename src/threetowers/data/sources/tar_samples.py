@@ -20,74 +20,46 @@ into the next shard's first. Here both use :func:`_scan`:
   samples are never mistaken for one.
 
 Hostile or odd shards cost no more memory than their largest allowed member, whatever their
-headers claim:
+headers claim (``tar_archive``: reads capped, compression only as the name declares it):
 
-* a member is read only when its header's size is within its limit (:data:`MEMBER_LIMITS`:
+* a member is read only when its header's size is within its limit (``MEMBER_LIMITS``:
   1 MiB for ``.txt``, ``.caption`` and ``.json``, 64 MiB for an image or any other member);
   a larger one makes its sample bad (``member_too_large``) and is skipped unread. A sparse
   member (GNU sparse: little data that expands to its stated size) is refused unread too
-  (``malformed_row``): no writer of image-text shards makes them;
-* no single read from a shard is larger than the largest limit, so tar's own extended
-  headers (pax records, GNU long names), which :mod:`tarfile` reads whole, are bounded too;
-  a larger one ends the shard where it stands, as a damaged header does;
-* a shard is read as plain tar unless its name declares compression (``.tar.gz``/``.tgz``,
-  ``.tar.bz2``/``.tbz2``, ``.tar.xz``/``.txz``): a compressed stream named ``.tar`` is not
-  unpacked but counts, and streams, as one bad sample named after the shard
-  (``compressed_shard``).
+  (``malformed_row``): no writer of image-text shards makes them.
 
 Remote shards (``remote.py``: URLs, ``pipe:`` commands) are streams: their bytes come once,
-in order. The same :func:`_scan` reads them, on a file that turns tarfile's seeks into reads
-(:class:`_Forward`: forward seeks read past data in pieces, backward ones reach only the last
-few blocks, where the end-of-archive and compression checks look), and a sample's members
-are read as their headers come (:func:`read_samples` always does so, local files too: the
-same bytes, in file order). So every rule above holds for streams, by the same code: the
-size limits before any read, sparse members refused, a key that comes back later, a stream
-cut mid-shard (a server that closes the connection early) streams its last sample as
-``truncated_shard``, once, named with the URL and why the transfer broke off. A remote
-shard of which nothing arrives, after the transport's retries, is one bad sample
-(``unreachable_shard``), as an unopenable local shard is.
+in order. The same :func:`_scan` reads them (``tar_archive`` opens them as forward-only
+files), and a sample's members are read as their headers come (:func:`read_samples` always
+does so, local files too: the same bytes, in file order). So every rule above holds for
+streams, by the same code: the size limits before any read, sparse members refused, a key
+that comes back later, a stream cut mid-shard (a server that closes the connection early)
+streams its last sample as ``truncated_shard``, once, named with the URL and why the
+transfer broke off.
 """
 
 from __future__ import annotations
 
-import bz2
-import gzip
-import lzma
 import re
 import tarfile
-import zlib
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from webdataset.tariterators import base_plus_ext
 
-from threetowers.data.sources import remote
+from threetowers.data.sources import remote, remote_stream
 from threetowers.data.sources.bad_samples import BadSample
+from threetowers.data.sources.tar_archive import (
+    IMAGE_LIMIT,
+    MEMBER_LIMITS,
+    TAR_ERRORS,
+    ends_whole,
+    open_archive,
+)
 
-# What tarfile and the decompressors raise on damaged archives.
-_TAR_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError)
-# Most bytes read for one member, by suffix; images and any other member get IMAGE_LIMIT.
-# Captions and metadata: decode keeps at most 4096 characters of a caption, and
-# img2dataset's metadata is a few KB; a megabyte of either is junk.
-TEXT_LIMIT = 1 << 20
-# Web images are well under a megabyte; a camera JPEG even at Pillow's decompression-bomb
-# limit (~89 megapixels, which decode.load_image enforces) is a few tens of megabytes.
-IMAGE_LIMIT = 64 << 20
-MEMBER_LIMITS = {"txt": TEXT_LIMIT, "caption": TEXT_LIMIT, "json": TEXT_LIMIT}
-# Compression is taken from the name only: sniffing it would unpack any stream named .tar.
-_OPENERS: dict[str, Callable[..., IO[bytes]]] = {
-    ".tar.gz": gzip.open,
-    ".tgz": gzip.open,
-    ".tar.bz2": bz2.open,
-    ".tbz2": bz2.open,
-    ".tar.xz": lzma.open,
-    ".txz": lzma.open,
-}
-# Leading bytes of compressed streams, to say why a shard named .tar is unreadable.
-_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
 # Metadata members, skipped: the same rule as webdataset's tar reader.
 _META = re.compile(r"__[^/]*__($|/)")
 
@@ -109,7 +81,7 @@ def _scan(
     while True:
         try:
             member = archive.next()
-        except _TAR_ERRORS:
+        except TAR_ERRORS:
             member = None  # a damaged header ends the shard; data checks flag what it cut
         if member is None:
             break
@@ -131,157 +103,13 @@ def _scan(
         yield group
 
 
-class _Capped:
-    """A shard's file that refuses any one read over the largest member limit: tarfile reads
-    an extended header whole, at whatever size its own header states."""
-
-    def __init__(self, file: IO[bytes]) -> None:
-        self.file = file
-
-    def read(self, size: int = -1) -> bytes:
-        if not 0 <= size <= IMAGE_LIMIT:
-            raise tarfile.ReadError(f"a read of {size} bytes, over the {IMAGE_LIMIT}-byte limit")
-        return self.file.read(size)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.file, name)
-
-
-class _Forward:
-    """A stream read as tarfile reads a file: read ahead in pieces of :data:`_AHEAD` bytes
-    (tarfile's many small reads then cost no call into the transport), a seek forward reads
-    past the bytes between, a seek back reaches only the last :data:`_KEPT` bytes before
-    where it stands, kept for the two checks that look back (the end-of-archive blocks, a
-    compressed stream's first bytes)."""
-
-    def __init__(self, file: IO[bytes], stream: remote.RemoteStream) -> None:
-        self.file, self.stream = file, stream  # the stream under any decompression
-        self.position = 0  # where tarfile stands
-        self.base = 0  # the offset of buffer[0]
-        self.buffer = b""  # bytes read: up to _KEPT before position, and any read ahead
-
-    @property
-    def failure(self) -> str | None:
-        return self.stream.failure
-
-    def tell(self) -> int:
-        return self.position
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        target = offset + (self.position if whence == 1 else 0)
-        if whence not in (0, 1) or target < self.base:
-            raise OSError(f"a stream cannot seek back to {target} (at {self.position})")
-        self.position = target
-        return target
-
-    def read(self, size: int = -1) -> bytes:
-        if size < 0:
-            return b"".join(iter(lambda: self.read(_AHEAD), b""))
-        end = self.base + len(self.buffer)
-        while end < self.position:  # forward past bytes never read
-            skipped = self.file.read(min(self.position - end, _SKIP))
-            if not skipped:
-                return b""
-            end += len(skipped)
-            self.base, self.buffer = end, b""
-        start = self.position - self.base
-        if start + size <= len(self.buffer):  # read ahead already
-            data = self.buffer[start : start + size]
-        elif size > _AHEAD:  # a member's data: straight from the file, one copy at most
-            head = self.buffer[start:]
-            data = head + self._read_fully(size - len(head))
-            behind = (self.buffer[max(0, start - _KEPT) : start] + data[-_KEPT:])[-_KEPT:]
-            self.base, self.buffer = self.position + len(data) - len(behind), behind
-        else:  # the next piece, keeping the last _KEPT bytes before the position
-            kept = self.buffer[max(0, start - _KEPT) :]
-            self.base += len(self.buffer) - len(kept)
-            start -= len(self.buffer) - len(kept)
-            self.buffer = kept + self._read_fully(_AHEAD)
-            data = self.buffer[start : start + size]
-        self.position += len(data)
-        return data
-
-    def _read_fully(self, size: int) -> bytes:
-        """``size`` bytes of the file, fewer only at its end."""
-        parts, got = [], 0
-        while got < size and (data := self.file.read(size - got)):
-            parts.append(data)
-            got += len(data)
-        return b"".join(parts)  # one part (the usual): itself, not a copy
-
-    def close(self) -> None:
-        try:
-            self.file.close()
-        finally:
-            self.stream.close()
-
-
-_AHEAD = 64 << 10
-_KEPT = 8 * tarfile.BLOCKSIZE
-_SKIP = 1 << 20
-
-
-def _open(path: str | Path, stream: remote.RemoteStream | None = None) -> tarfile.TarFile:
-    """The shard as a tar archive, decompressed only as its name says; :class:`BadSample`
-    (``truncated_shard``, ``compressed_shard``, or ``unreachable_shard`` for a ``stream``
-    of which nothing came) when it cannot be read. Close its ``fileobj`` too: tarfile
-    leaves a file it was given open."""
-    url = str(path)
-    name = url if stream is None else remote.tar_name(url)
-    opener = next((o for end, o in _OPENERS.items() if name.endswith(end)), open)
-    if stream is not None:
-        file = _Forward(stream if opener is open else opener(stream, "rb"), stream)
-        return _open_file(url, file, opener, stream)
-    try:
-        file = opener(path, "rb")
-    except _TAR_ERRORS as error:
-        raise BadSample("truncated_shard", f"{url} is not a readable tar file ({error})") from None
-    return _open_file(url, file, opener, None)
-
-
-def _open_file(
-    url: str, file: IO[bytes], opener: Callable, stream: remote.RemoteStream | None
-) -> tarfile.TarFile:
-    try:
-        return tarfile.open(fileobj=_Capped(file), mode="r:")
-    except _TAR_ERRORS as error:
-        kind = _compression(file) if opener is open else None
-        file.close()
-        if stream is not None and stream.failure is not None:
-            if stream.received == 0:
-                detail = f"{url} could not be read: {stream.failure}"
-                raise BadSample("unreachable_shard", detail) from None
-            detail = f"{url} is not a readable tar file ({error}; the transfer broke off: "
-            raise BadSample("truncated_shard", f"{detail}{stream.failure})") from None
-        if kind is not None:
-            detail = (
-                f"{url} is {kind}-compressed, but a shard is read as plain tar unless its name "
-                "says otherwise (.tar.gz, .tar.bz2, .tar.xz): decompress it to a plain .tar"
-            )
-            raise BadSample("compressed_shard", detail) from None
-        raise BadSample("truncated_shard", f"{url} is not a readable tar file ({error})") from None
-
-
-def _compression(file: IO[bytes]) -> str | None:
-    """The compression that a file's first bytes show, if any."""
-    try:
-        file.seek(0)
-        start = file.read(6)
-    except OSError:
-        return None
-    return next((kind for magic, kind in _MAGIC.items() if start.startswith(magic)), None)
-
-
 def count_samples(path: str | Path) -> int:
     """Samples in one shard from its headers (a shard that cannot be opened counts as 1);
     a remote shard is streamed through (:func:`count_stream`)."""
     if remote.is_remote(path):
         return count_stream(str(path)).samples
     try:
-        archive = _open(path)
+        archive = open_archive(path)
     except BadSample:
         return 1
     with archive, closing(archive.fileobj):
@@ -302,15 +130,15 @@ class StreamCount:
 def count_stream(url: str) -> StreamCount:
     """Samples in a remote shard: its headers, read as they stream past (the data between
     them read and dropped), by the same scan that :func:`read_samples` streams it with."""
-    stream = remote.open_stream(url)
+    stream = remote_stream.open_stream(url)
     try:
-        archive = _open(url, stream)
+        archive = open_archive(url, stream)
     except BadSample:
         stream.close()
         return StreamCount(1, stream.failure, stream.failure is not None and not stream.received)
     with archive, closing(archive.fileobj):
         samples = sum(1 for _ in _scan(archive))
-        return StreamCount(samples, None if _ends_whole(archive) else stream.failure)
+        return StreamCount(samples, None if ends_whole(archive) else stream.failure)
 
 
 def read_samples(path: str | Path) -> Iterator[dict[str, Any]]:
@@ -319,9 +147,9 @@ def read_samples(path: str | Path) -> Iterator[dict[str, Any]]:
     ``__bad__`` = (reason, detail) instead of its members. A remote shard (a ``str`` URL or
     ``pipe:`` command, see ``remote.py``) is streamed."""
     url = str(path)
-    stream = remote.open_stream(url) if remote.is_remote(path) else None
+    stream = remote_stream.open_stream(url) if remote.is_remote(path) else None
     try:
-        archive = _open(path, stream)
+        archive = open_archive(path, stream)
     except BadSample as bad:
         key = Path(path).name if stream is None else remote.shard_name(url)
         yield _bad(key, url, bad.reason, bad.detail)
@@ -342,7 +170,7 @@ def read_samples(path: str | Path) -> Iterator[dict[str, Any]]:
             if last is not None:
                 yield last
             last = group.sample
-        cut = last is not None and not _ends_whole(archive)
+        cut = last is not None and not ends_whole(archive)
         if cut and last.get("__bad__", ("",))[0] != "truncated_shard":  # once per shard
             failure = None if stream is None else stream.failure
             why = (
@@ -358,18 +186,6 @@ def read_samples(path: str | Path) -> Iterator[dict[str, Any]]:
             last = _bad(last["__key__"], url, "truncated_shard", detail)
         if last is not None:
             yield last
-
-
-def _ends_whole(archive: tarfile.TarFile) -> bool:
-    """Whether two zero blocks, the end-of-archive marker, follow the last member read.
-    ``archive.offset`` is where tarfile stopped reading headers: the end of the last member
-    (tarfile itself stops at the first zero block, or quietly at a cut)."""
-    marker = 2 * tarfile.BLOCKSIZE
-    try:
-        archive.fileobj.seek(archive.offset)
-        return archive.fileobj.read(marker) == bytes(marker)
-    except _TAR_ERRORS:
-        return False
 
 
 def _bad(key: str, url: str, reason: str, detail: str) -> dict[str, Any]:
@@ -403,7 +219,7 @@ def _add_member(
         return _bad(key, url, "member_too_large", detail)
     try:
         data = archive.extractfile(member).read()
-    except _TAR_ERRORS as error:
+    except TAR_ERRORS as error:
         data, problem = b"", error
     else:
         problem = "short read"

@@ -66,8 +66,11 @@ def plan(seeds: int) -> list[RunSpec]:
 
 
 def run_config(cfg: Config, spec: RunSpec, out: Path) -> Config:
-    frozen = SETTINGS.get(spec.setting)
-    model = cfg.model.model_copy(update={"mode": spec.method, "frozen": frozen, "third": None})
+    # Each tower's terms weigh what the config's frozen tower's do (the preset's h)
+    base = next(iter(cfg.model.frozen), FrozenTowerConfig())
+    weights = {"f_weight": base.f_weight, "g_weight": base.g_weight}
+    frozen = [tower.model_copy(update=weights) for tower in SETTINGS.get(spec.setting, [])]
+    model = cfg.model.model_copy(update={"mode": spec.method, "frozen": frozen})
     return with_run(cfg, model, spec, out)
 
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from threetowers.backbones.classifier import ARCHITECTURES, Classifier, save_classifier
 from threetowers.backbones.frozen import Preprocessing
-from threetowers.config import Config, PretrainConfig
+from threetowers.config import ExperimentConfig, PretrainConfig
 from threetowers.data.benchmarks import ClassificationSet, load_class_folder
 from threetowers.data.caches.decoded import WholeImage, image_rows
 from threetowers.data.pipeline import ensure_world
@@ -71,7 +71,7 @@ class LabelledImages(Dataset):
         return images, torch.tensor([label for _, label in used], dtype=torch.long), skipped
 
 
-def pretraining_data(cfg: Config) -> tuple[ClassificationSet, ClassificationSet]:
+def pretraining_data(cfg: ExperimentConfig) -> tuple[ClassificationSet, ClassificationSet]:
     root = cfg.pretrain.data
     if root is None:
         world = ensure_world(cfg.data.world)
@@ -106,7 +106,7 @@ def untrained_backbone(p: PretrainConfig) -> tuple[nn.Module, dict]:
     return backbone, arch_config
 
 
-def pretrain(cfg: Config, progress: bool = True) -> Path:
+def pretrain(cfg: ExperimentConfig, progress: bool = True) -> Path:
     """Train the classifier of ``cfg.pretrain``; returns the checkpoint path."""
     p = cfg.pretrain
     train_set, val_set = pretraining_data(cfg)

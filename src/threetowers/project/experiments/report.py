@@ -11,7 +11,8 @@ import statistics
 from pathlib import Path
 
 from threetowers.config import Config
-from threetowers.evaluation.metrics import plot_alpha_sweep
+from threetowers.errors import UserError
+from threetowers.evaluation.sweep_plots import plot_alpha_sweep
 from threetowers.files.readback import read_json
 
 METRICS = ("zeroshot_top1", "i2t_R@1", "t2i_R@1", "i2t_R@5", "t2i_R@5", "fewshot_top1")
@@ -33,7 +34,7 @@ def run_record(setting: str, method: str, seed: int, run_dir: Path) -> dict:
     scores = read_json(run_dir / "eval.json")
     missing = [k for k in METRICS if k not in scores]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"{run_dir}/eval.json lacks {missing}; reproduce needs the world's retrieval, "
             "zero-shot and few-shot benchmarks (leave eval.retrieval and eval.zeroshot unset)"
         )

@@ -26,17 +26,18 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from threetowers.config import Config, ModelConfig, PretrainConfig, ReproduceConfig
-from threetowers.data.pipeline import TrainingData
+from threetowers.config import Config, ExperimentConfig, ModelConfig
+from threetowers.data.pipeline import TrainingData, open_data
 from threetowers.files.readback import read_json
 from threetowers.model.build import build_model
 from threetowers.project.experiments.driver import run_experiment
 from threetowers.project.experiments.jobs import Job
 from threetowers.project.experiments.pretrain import pretrain
 from threetowers.project.experiments.report import HEADLINE, run_record, write_report
-from threetowers.project.world.generate import VERSION as WORLD_VERSION
+from threetowers.project.world.spec import VERSION as WORLD_VERSION
 from threetowers.trainer.loop import evaluated_step, train
 from threetowers.trainer.run_dir import same_config
+from threetowers.trainer.start import towers_of
 
 # setting -> the world's labelled set its classifier is pretrained on (None: bundled ImageNet)
 PRETRAINING_SETS = {"matched": "objects", "mismatched": "scenes", "imagenet": None}
@@ -62,7 +63,7 @@ def plan(settings: list[str], seeds: int) -> list[RunSpec]:
     return runs
 
 
-def quick(cfg: Config) -> Config:
+def quick(cfg: ExperimentConfig) -> ExperimentConfig:
     """The --quick variant: one seed, ``quick_steps`` of training, shorter pretraining."""
     r = cfg.reproduce
     return cfg.model_copy(
@@ -84,7 +85,7 @@ def quick(cfg: Config) -> Config:
     )
 
 
-def classifier_inputs(cfg: Config, world_set: str) -> dict:
+def classifier_inputs(cfg: ExperimentConfig, world_set: str) -> dict:
     """What a classifier depends on: its pretraining settings, the seed and the world,
     including the world's content version (not where the classifier is written)."""
     settings = cfg.pretrain.model_dump(mode="json", exclude={"out"}) | {"world_set": world_set}
@@ -94,7 +95,7 @@ def classifier_inputs(cfg: Config, world_set: str) -> dict:
     }
 
 
-def classifier_path(cfg: Config, out: Path, setting: str) -> Path:
+def classifier_path(cfg: ExperimentConfig, out: Path, setting: str) -> Path:
     """Named after a hash of the classifier's inputs, so that the runs reading it (whose
     configs hold the path) no longer match once those inputs change."""
     world_set = PRETRAINING_SETS[setting]
@@ -103,7 +104,7 @@ def classifier_path(cfg: Config, out: Path, setting: str) -> Path:
     return out / "classifiers" / f"{world_set}-{digest}.safetensors"
 
 
-def classifier(cfg: Config, world_set: str, path: Path) -> dict:
+def classifier(cfg: ExperimentConfig, world_set: str, path: Path) -> dict:
     """Pretrain the classifier on ``world_set`` to ``path`` unless it is there (its name
     says what it was made from); returns its report."""
     report_path = path.with_suffix(".json")
@@ -120,8 +121,8 @@ def prepare_data(configs: list[Config], tokenizer_out: Path | None = None) -> No
     parallel would each build it; with ``tokenizer_out``, save the tokenizer there."""
     for cfg in configs:
         with tempfile.TemporaryDirectory() as scratch:  # the run directory it asks for
-            data = TrainingData(cfg, Path(scratch))
-            data.attach(build_model(cfg), progress=False)
+            opened = open_data(cfg, Path(scratch))
+            data = TrainingData(cfg, opened, towers_of(build_model(cfg)), progress=False)
             if tokenizer_out is not None:
                 data.tokenizer.save(tokenizer_out)
 
@@ -137,36 +138,33 @@ def train_run(cfg: Config) -> None:
         train(cfg, progress=False)
 
 
-def run_config(cfg: Config, spec: RunSpec, out: Path) -> Config:
+def run_config(cfg: ExperimentConfig, spec: RunSpec, out: Path) -> Config:
     """``cfg`` for one run: its mode, third tower, seed and run directory."""
     model = cfg.model.model_copy(update={"mode": spec.method})
     if PRETRAINING_SETS.get(spec.setting) is not None:  # a classifier pretrained here
         path = classifier_path(cfg, out, spec.setting).resolve()
-        third = model.third.model_copy(update={"backbone": "checkpoint", "path": str(path)})
-        model = model.model_copy(update={"third": third})
+        model = with_third(model, {"backbone": "checkpoint", "path": str(path)})
     elif spec.setting == "imagenet":
-        third = model.third.model_copy(update={"backbone": "efficientnet_lite0", "path": None})
-        model = model.model_copy(update={"third": third})
+        model = with_third(model, {"backbone": "efficientnet_lite0", "path": None})
     return with_run(cfg, model, spec, out)
 
 
-def with_run(cfg: Config, model: ModelConfig, spec: RunSpec, out: Path) -> Config:
-    """``cfg`` with ``model``, the run's seed and its directory ``OUT/runs/NAME``."""
+def with_third(model: ModelConfig, update: dict) -> ModelConfig:
+    """``model`` with its one frozen tower (the third, h) updated."""
+    (third,) = model.frozen
+    return model.model_copy(update={"frozen": [third.model_copy(update=update)]})
+
+
+def with_run(cfg: ExperimentConfig, model: ModelConfig, spec: RunSpec, out: Path) -> Config:
+    """The training config of ``cfg`` with ``model``, the run's seed and its directory
+    ``OUT/runs/NAME``: the grid's own sections do not change a run (its classifier's path
+    does), so more seeds or another classifier redo only what they must."""
     run_dir = out / "runs" / spec.name
     train_cfg = cfg.train.model_copy(update={"seed": spec.seed, "run_dir": str(run_dir)})
-    # The pretrain and reproduce sections do not change a run (its classifier's path does):
-    # left at their defaults, so that more seeds or another classifier redo only what they must.
-    return cfg.model_copy(
-        update={
-            "model": model,
-            "train": train_cfg,
-            "pretrain": PretrainConfig(),
-            "reproduce": ReproduceConfig(),
-        }
-    )
+    return cfg.training_config().model_copy(update={"model": model, "train": train_cfg})
 
 
-def shared_tokenizer(cfg: Config, out: Path) -> tuple[Config, Path | None]:
+def shared_tokenizer(cfg: ExperimentConfig, out: Path) -> tuple[ExperimentConfig, Path | None]:
     """One tokenizer for every run (the same captions would train the same one each time):
     ``cfg`` reading ``OUT/tokenizer.json``, which the first data job writes, and that path;
     a tokenizer the config names is used as it is (None)."""
@@ -177,7 +175,7 @@ def shared_tokenizer(cfg: Config, out: Path) -> tuple[Config, Path | None]:
     return cfg.model_copy(update={"data": shared}), tokenizer
 
 
-def jobs(cfg: Config, out: Path) -> list[Job]:
+def jobs(cfg: ExperimentConfig, out: Path) -> list[Job]:
     """The shared tokenizer and data, the classifiers, then the runs seed by seed (the list
     order is the priority: seed 0 completes first, so a stopped command has whole seeds to
     report)."""
@@ -202,7 +200,7 @@ def jobs(cfg: Config, out: Path) -> list[Job]:
     return out_jobs
 
 
-def reproduce(cfg: Config, out: str | Path, progress: bool = True) -> dict:
+def reproduce(cfg: ExperimentConfig, out: str | Path, progress: bool = True) -> dict:
     """Pretrain, train and evaluate every run of ``cfg.reproduce``; write the report to ``out``."""
     specs = {spec.name: spec for spec in plan(cfg.reproduce.settings, cfg.reproduce.seeds)}
     reports, records = {}, {}

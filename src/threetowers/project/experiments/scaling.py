@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from threetowers.config import Config, ImageTowerConfig, TextTowerConfig
+from threetowers.config import Config, ConfigError, ImageTowerConfig, TextTowerConfig
 from threetowers.data.pipeline import ensure_world
 from threetowers.files.readback import read_json
 from threetowers.model.build import build_model
@@ -40,6 +40,7 @@ from threetowers.project.experiments.reproduce import (
     shared_tokenizer,
     train_run,
     with_run,
+    with_third,
 )
 from threetowers.project.experiments.scaling_report import AXES, spread, write_report
 
@@ -154,8 +155,7 @@ def run_config(cfg: Config, point: Point, out: Path) -> Config:
     model = cfg.model.model_copy(update={"mode": point.method})
     image, text = (resized(tower, *TOWERS[point.towers]) for tower in (model.image, model.text))
     model = model.model_copy(update={"image": image, "text": text})
-    third = model.third.model_copy(update={"backbone": point.third, "path": None})
-    model = model.model_copy(update={"third": third})
+    model = with_third(model, {"backbone": point.third, "path": None})
     train = cfg.train.model_copy(update={"steps": scaled_steps(cfg, point.steps)})
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"world": world})})
     return with_run(cfg.model_copy(update={"train": train}), model, point, out)
@@ -168,7 +168,7 @@ def scaled_steps(cfg: Config, factor: float) -> int:
 def check_sizes(cfg: Config) -> None:
     smallest = min(pair_counts(cfg.data.world.train_pairs))
     if smallest < cfg.data.batch_size:
-        raise ValueError(
+        raise ConfigError(
             f"the scaling experiment's smallest training set, 1/{max(PAIR_FRACTIONS)} of "
             f"data.world.train_pairs={cfg.data.world.train_pairs}, is {smallest} pairs, fewer "
             f"than one batch (data.batch_size={cfg.data.batch_size}); raise "

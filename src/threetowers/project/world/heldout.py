@@ -67,7 +67,7 @@ _WORDS = {name: [word] for name, word in HELDOUT_CLASS_WORDS.items()}
 
 
 def heldout_captions(meta: dict, seed: int, n: int) -> list[str]:
-    """``n`` held-out captions of a rendered sample's ``meta`` (from ``generate.render``),
+    """``n`` held-out captions of a rendered sample's ``meta`` (from ``spec.render``),
     drawn from their own random stream ``seed`` so the ordinary captions stay as they are.
     As with those, one caption at a random index names every object with size, colour and
     position, and the place; the others mention each at the training captions' rates."""

@@ -1,0 +1,164 @@
+"""A run's start: the config it trains, the checkpoint it resumes or the weights it starts
+from, its benchmarks, its model and its data, in that order.
+
+What a user can get wrong is checked before any long work (training the tokenizer, building
+the frozen towers' caches): the run directory's checkpoints and config, every benchmark
+path, ``train.init_from`` and the data. config.yaml is written only then, so the corrected
+command of a start that failed runs in the same directory (``trainer/run_dir.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from threetowers import distributed
+from threetowers.config import Config, ConfigError, load_config
+from threetowers.data.pipeline import TrainingData, open_data, training_source
+from threetowers.data.views import Towers
+from threetowers.evaluation.benchmark_sets import Benchmarks, resolve_benchmarks
+from threetowers.evaluation.chance import chance_levels
+from threetowers.files.atomic import write_atomic
+from threetowers.model.build import build_model
+from threetowers.model.three_towers import ThreeTowers
+from threetowers.trainer.checkpoint import (
+    Checkpoint,
+    check_tokenizer,
+    checkpoint_path,
+    load_latest,
+    load_matching,
+    remove_stale_temporaries,
+    restore_model,
+)
+from threetowers.trainer.run_dir import config_to_train, prepare_run_dir, record_config
+from threetowers.trainer.state import TrainingState
+from threetowers.trainer.trained import find_checkpoint, trained_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Start:
+    """What a start hands the loop."""
+
+    cfg: Config  # the config this start trains (a continuation's records its history)
+    resumed: Checkpoint | None  # the checkpoint it resumes; None: it starts at step 0
+    benchmarks: Benchmarks | None  # rank 0's (the only rank that evaluates)
+    model: ThreeTowers
+    data: TrainingData
+
+
+def start(cfg: Config, run_dir: Path, device: torch.device, progress: bool) -> Start:
+    """Everything a run needs before its first step but the optimizer; rank 0 first, as it
+    writes the run directory, the tokenizer and the caches the other ranks then read."""
+    main = distributed.is_main()
+    with distributed.main_first():
+        cfg, resumed = _admit(cfg, run_dir, main)
+        init = _init_from(cfg, run_dir, main) if resumed is None and cfg.train.init_from else None
+        benchmarks = _benchmarks(cfg) if main else None
+        opened = open_data(cfg, run_dir)  # opens the data, then trains or loads the tokenizer
+        if main:  # the data and every path opened: this start is the run's
+            record_config(cfg, run_dir)
+            _say_if_blind(cfg, benchmarks)
+        tokenizer = cfg.data.tokenizer or run_dir / "tokenizer.json"
+        check_tokenizer(resumed, opened.tokenizer.digest(), str(tokenizer))
+        model = build_model(cfg, device=device)
+        if init is not None:
+            _initialise(model, init, cfg.train.init_from)
+        data = TrainingData(cfg, opened, towers_of(model), progress)
+    if main:
+        write_atomic(run_dir / "chance.json", json.dumps(chance_levels(benchmarks), indent=1))
+    return Start(cfg, resumed, benchmarks, model, data)
+
+
+def towers_of(model: ThreeTowers) -> Towers:
+    """What the training data must know of ``model``: its views and frozen towers."""
+    structure = model.structure
+    return Towers(
+        image=model.image_preprocessing,
+        trains_image=model.image_tower is not None,
+        frozen_images={name: model.frozen[name] for name in structure.image_towers},
+        frozen_text={name: model.frozen[name] for name in structure.text},
+        aligned=tuple(structure.aligned),
+    )
+
+
+def resume(
+    checkpoint: Checkpoint | None, run_dir: Path, model: ThreeTowers, run: TrainingState
+) -> Path | None:
+    """Restore ``checkpoint`` (the latest valid one, or None) into ``model`` and ``run``;
+    returns its path."""
+    if checkpoint is None:
+        return None
+    restore_model(model, checkpoint)
+    run.load_state_dict(checkpoint.state, checkpoint.step)
+    return checkpoint_path(run_dir / "checkpoints", checkpoint.step)
+
+
+def _admit(cfg: Config, run_dir: Path, main: bool) -> tuple[Config, Checkpoint | None]:
+    """The config this start of the run trains (a continuation's records its history) and
+    the checkpoint it resumes (None: none)."""
+    checkpoints = run_dir / "checkpoints"
+    if main:
+        remove_stale_temporaries(checkpoints)
+    resumed = load_latest(checkpoints)  # no usable checkpoint stops here
+    step = None if resumed is None else resumed.step
+    if main:
+        return prepare_run_dir(cfg, run_dir, step), resumed
+    return config_to_train(cfg, run_dir, step), resumed  # as rank 0 admitted and recorded it
+
+
+def _benchmarks(cfg: Config) -> Benchmarks:
+    """The benchmarks, their paths checked (the embedded world's manifest names its own)."""
+    _, world = training_source(cfg)
+    defaults = None if world is None else world["benchmarks"]
+    return resolve_benchmarks(cfg.eval, defaults, cfg.data.allow_absolute_paths)
+
+
+def _say_if_blind(cfg: Config, benchmarks: Benchmarks) -> None:
+    """A run with nothing to evaluate on says so, once, when its start has succeeded."""
+    if not (benchmarks.retrieval or benchmarks.zeroshot or cfg.eval.val_data):
+        log.warning(
+            "no evaluation set: eval.retrieval, eval.zeroshot and eval.val_data are unset, so "
+            "this run reports its training loss only; set eval.val_data to held-out pairs of "
+            "your data to see its validation loss and retrieval"
+        )
+
+
+def _init_from(cfg: Config, run_dir: Path, main: bool) -> Checkpoint:
+    """The checkpoint ``train.init_from`` names, checked with its tokenizer before any work;
+    unless ``data.tokenizer`` is set, rank 0 copies that tokenizer.json into the run, byte
+    for byte (a new tokenizer would give the trained token embeddings other words)."""
+    try:
+        source, checkpoint = find_checkpoint(cfg.train.init_from)
+        tokenizer = source / "tokenizer.json"
+        if cfg.data.tokenizer is None:
+            if not tokenizer.is_file():
+                raise FileNotFoundError(
+                    f"{tokenizer} is missing, and the text tower's token ids mean its "
+                    "words; restore it, or set data.tokenizer to the tokenizer "
+                    f"{source} was trained with"
+                )
+            trained_tokenizer(source, load_config(source / "config.yaml"), checkpoint)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"train.init_from: {error}") from None
+    if main and cfg.data.tokenizer is None:
+        write_atomic(run_dir / "tokenizer.json", tokenizer.read_bytes())
+    return checkpoint
+
+
+def _initialise(model: ThreeTowers, checkpoint: Checkpoint, source: str) -> None:
+    """Start ``model`` from the weights of ``checkpoint`` that fit it."""
+    new, unused = load_matching(model, checkpoint.model)
+    log.info(
+        "train.init_from: %d tensors from step %d of %s; left new: %s; not used: %s",
+        len(checkpoint.model) - len(unused),
+        checkpoint.step,
+        source,
+        ", ".join(new) or "none",
+        ", ".join(unused) or "none",
+    )

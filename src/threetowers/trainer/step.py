@@ -1,0 +1,77 @@
+"""One optimizer step, built once for a run and called with each global batch.
+
+A step whose loss or gradient is not finite moves neither the weights nor Adam's moments;
+the schedule moves on either way (steps, not updates, index the learning rate). Under DDP
+the frozen towers run outside the wrapper, before its forward.
+"""
+
+from __future__ import annotations
+
+import itertools
+from contextlib import nullcontext
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from threetowers import distributed
+from threetowers.config import TrainConfig
+from threetowers.data.pipeline import to_device
+from threetowers.data.stream import GlobalBatch
+from threetowers.model.three_towers import ThreeTowers, batch_embeddings
+
+
+class TrainStep:
+    """``step(batch)``: one optimizer step of ``model`` on a :class:`GlobalBatch`; returns
+    its logs and whether it was finite (else nothing moved)."""
+
+    def __init__(
+        self, model: ThreeTowers, optimizer, schedule, device: torch.device, train: TrainConfig
+    ) -> None:
+        self.model, self.optimizer, self.schedule, self.device = model, optimizer, schedule, device
+        self.precision, self.grad_clip = train.precision, train.grad_clip
+        self.parameters = model.trainable_parameters()
+        multi = distributed.world_size() > 1
+        self.forward = _distributed_data_parallel(model, device) if multi else model
+
+    def __call__(self, batch: GlobalBatch) -> tuple[dict[str, torch.Tensor], bool]:
+        tensors = to_device(batch.tensors, self.device)
+        with _autocast(self.device, self.precision):
+            out = batch_embeddings(self.model, tensors, self.forward)
+            loss, logs = self.model.loss(out, batch.counts)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.grad_clip)
+        else:
+            grads = [p.grad for p in self.parameters if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads)
+        logs["grad_norm"] = norm.detach()
+        # One host sync per step (as AMP's GradScaler makes): a non-finite loss or gradient
+        # must reach neither the weights nor Adam's moments, so it is decided on all ranks.
+        finite = distributed.all_ranks(torch.isfinite(loss.detach() + norm.detach()))
+        if finite:
+            self.optimizer.step()
+            self.model.loss_fn.clamp_temperatures_()
+        self.schedule.step()
+        return logs, finite
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _distributed_data_parallel(model: ThreeTowers, device: torch.device):
+    """DDP over the trainable parts. The frozen towers stay outside: DDP neither broadcasts
+    nor synchronises their weights and buffers, and the step runs them before the wrapped
+    forward."""
+    towers = model.frozen
+    frozen = [
+        f"frozen.{name}"
+        for name, _ in itertools.chain(towers.named_parameters(), towers.named_buffers())
+    ]
+    if frozen:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
+    device_ids = [device] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)

@@ -22,11 +22,11 @@ from PIL import Image
 
 from tests.helpers.runs import tiny_run_config
 from threetowers.cli import main
-from threetowers.data.pipeline import ensure_world
 from threetowers.evaluation import metrics
 from threetowers.evaluation.benchmark_sets import metric_names, resolve_benchmarks
 from threetowers.evaluation.embedding import embed_images, embed_texts
 from threetowers.model.objective import MAIN_TERM
+from threetowers.project.world.default import ensure_world
 from threetowers.trainer.loop import train
 from threetowers.trainer.trained import evaluate_trained, load_trained
 

@@ -19,7 +19,7 @@ from tests.helpers.runs import (
     train_command,
     write_config,
 )
-from threetowers.data.pipeline import ensure_world
+from threetowers.project.world.default import ensure_world
 
 
 @pytest.fixture(scope="module")

@@ -172,13 +172,14 @@ def _cache(args: argparse.Namespace) -> None:
     from threetowers.data.caches.units import dataset_units
     from threetowers.data.pipeline import open_training_pairs
     from threetowers.model.build import build_frozen_towers, structure_of
+    from threetowers.project.world.default import default_world
 
     cfg = load_config(args.config, args.overrides)
     towers = build_frozen_towers(cfg.model)
     if not towers:
         raise ConfigError("mode 'clip' has no frozen tower to cache; use model.mode=3t or lit")
     text = structure_of(cfg.model).text
-    pairs, *_ = open_training_pairs(cfg)
+    pairs, _ = open_training_pairs(cfg, default_world(cfg))
     units = dataset_units(pairs)
     spec = CacheSpec(cfg.data.cache_dir, cfg.data.cache_dtype)
     caches = build_caches(

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from threetowers import distributed
-from threetowers.config import Config, ConfigError, WorldConfig
+from threetowers.config import Config, ConfigError
 from threetowers.data.caches.captions import CaptionFeatures, build_caption_caches
 from threetowers.data.caches.features import build_caches
 from threetowers.data.caches.layout import CacheSpec
@@ -37,39 +37,29 @@ from threetowers.data.sources.shards import (
 from threetowers.data.sources.table import PairTable
 from threetowers.data.tokenizer import CaptionTokenizer, MemoisedEncoder
 from threetowers.data.views import Towers, Views, training_views, validation_views
-from threetowers.files.readback import read_json
-from threetowers.project.world.generate import benchmark_files, write_world
-from threetowers.project.world.spec import WorldSpec
 
 # Tokenizers' own thread pool does not survive DataLoader worker forks; captions are short.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def ensure_world(world: WorldConfig) -> dict:
-    """Generate the embedded world on first use; return its manifest (with its root and its
-    own benchmark sets, which evaluation uses where eval.retrieval and eval.zeroshot are unset)."""
-    manifest_path = write_world(world.dir, WorldSpec(**world.model_dump(exclude={"dir"})))
-    root = manifest_path.parent
-    return read_json(manifest_path) | {"root": str(root), "benchmarks": benchmark_files(root)}
-
-
-def training_source(cfg: Config) -> tuple[list[tuple[str, object, float]], dict | None]:
-    """The training sources as (name, source, weight) - the user's, or the world's train
-    shards - and the world manifest."""
+def training_sources(cfg: Config, world: dict | None) -> list[tuple[str, object, float]]:
+    """The training sources as (name, source, weight): the user's (``data.train``), else the
+    embedded world's training shards, from its manifest ``world`` (project.world.default)."""
     sources = cfg.data.train_sources()
     if sources is not None:
-        return [(item.name, item.source, item.weight) for item in sources], None
-    manifest = ensure_world(cfg.data.world)
-    root = Path(manifest["root"])
-    return [("0", [str(root / name) for name in manifest["files"]["pairs/train"]], 1.0)], manifest
+        return [(item.name, item.source, item.weight) for item in sources]
+    if world is None:
+        raise ValueError("data.train is unset: pass the embedded world's manifest (world=)")
+    root = Path(world["root"])
+    return [("0", [str(root / name) for name in world["files"]["pairs/train"]], 1.0)]
 
 
 def open_training_pairs(
-    cfg: Config,
-) -> tuple[PairTable | ShardPairs, dict | None, SourceMix | None]:
-    """The opened training pairs (several sources joined), under the config's path policy;
-    the world manifest; the mix of sources (None for a table)."""
-    sources, world = training_source(cfg)
+    cfg: Config, world: dict | None = None
+) -> tuple[PairTable | ShardPairs, SourceMix | None]:
+    """The opened training pairs (several sources joined), under the config's path policy,
+    and the mix of sources (None for a table); ``world``: see :func:`training_sources`."""
+    sources = training_sources(cfg, world)
     fields = Fields(cfg.data.image_key, cfg.data.caption_key)
     allow = cfg.data.allow_absolute_paths
     try:
@@ -90,7 +80,7 @@ def open_training_pairs(
                 f"data.resampled draws shards with replacement; {pairs.name} is a table, read "
                 "row by row: write it as shards, or leave data.resampled unset"
             )
-    return pairs, world, mix
+    return pairs, mix
 
 
 def open_val_pairs(cfg: Config) -> PairTable | ShardPairs | None:
@@ -213,18 +203,18 @@ class OpenedData:
     tokenizer loaded or trained."""
 
     pairs: PairTable | ShardPairs  # the training pairs, as opened (several sources joined)
-    world: dict | None  # the embedded world's manifest, when it is the data
     mix: SourceMix | None  # the sources joined (None for a table)
     val_pairs: PairTable | ShardPairs | None  # eval.val_data's
     tokenizer: CaptionTokenizer
 
 
-def open_data(cfg: Config, run_dir: Path) -> OpenedData:
+def open_data(cfg: Config, run_dir: Path, world: dict | None = None) -> OpenedData:
     """Open the training pairs and ``eval.val_data`` (a wrong path fails before any work),
-    then load or train the tokenizer."""
-    pairs, world, mix = open_training_pairs(cfg)
+    then load or train the tokenizer; ``world``: the embedded world's manifest when
+    ``data.train`` is unset (project.world.default.default_world)."""
+    pairs, mix = open_training_pairs(cfg, world)
     val_pairs = open_val_pairs(cfg)
-    return OpenedData(pairs, world, mix, val_pairs, load_or_train_tokenizer(cfg, run_dir, pairs))
+    return OpenedData(pairs, mix, val_pairs, load_or_train_tokenizer(cfg, run_dir, pairs))
 
 
 class TrainingData:
@@ -237,7 +227,7 @@ class TrainingData:
     ) -> None:
         data = cfg.data
         self.cfg, self.tokenizer = cfg, opened.tokenizer
-        self.source, self.world, self.mix = opened.pairs, opened.world, opened.mix
+        self.source, self.mix = opened.pairs, opened.mix
         self.val_pairs = opened.val_pairs
         spec = CacheSpec(data.cache_dir, data.cache_dtype)
         self.text_caches: dict[str, CaptionFeatures] = {}  # text tower -> its caption cache

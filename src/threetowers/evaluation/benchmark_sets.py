@@ -34,7 +34,7 @@ def resolve_benchmarks(
 ) -> Benchmarks:
     """The configured benchmarks; where ``eval.retrieval`` or ``eval.zeroshot`` is left empty,
     the ``defaults`` of that kind (``{"retrieval": {name: Karpathy JSON}, "zeroshot": {name:
-    class folders}}``: the embedded world's own sets, which ``data.pipeline.ensure_world``
+    class folders}}``: the embedded world's own sets, which ``project.world.default.ensure_world``
     names, so that evaluation knows nothing of the world)."""
     retrieval = cfg.retrieval if isinstance(cfg.retrieval, dict) else {}
     if isinstance(cfg.retrieval, str):

@@ -18,13 +18,14 @@ import torch
 
 from threetowers import distributed
 from threetowers.config import Config, ConfigError, load_config
-from threetowers.data.pipeline import TrainingData, open_data, training_source
+from threetowers.data.pipeline import TrainingData, open_data
 from threetowers.data.views import Towers
 from threetowers.evaluation.benchmark_sets import Benchmarks, resolve_benchmarks
 from threetowers.evaluation.chance import chance_levels
 from threetowers.files.atomic import write_atomic
 from threetowers.model.build import build_model
 from threetowers.model.three_towers import ThreeTowers
+from threetowers.project.world.default import default_world
 from threetowers.trainer.checkpoint import (
     Checkpoint,
     check_tokenizer,
@@ -59,8 +60,9 @@ def start(cfg: Config, run_dir: Path, device: torch.device, progress: bool) -> S
     with distributed.main_first():
         cfg, resumed = _admit(cfg, run_dir, main)
         init = _init_from(cfg, run_dir, main) if resumed is None and cfg.train.init_from else None
-        benchmarks = _benchmarks(cfg) if main else None
-        opened = open_data(cfg, run_dir)  # opens the data, then trains or loads the tokenizer
+        world = default_world(cfg)  # the embedded world, when it is the data
+        benchmarks = _benchmarks(cfg, world) if main else None
+        opened = open_data(cfg, run_dir, world)  # the data opened, the tokenizer trained
         if main:  # the data and every path opened: this start is the run's
             record_config(cfg, run_dir)
             _say_if_blind(cfg, benchmarks)
@@ -112,9 +114,8 @@ def _admit(cfg: Config, run_dir: Path, main: bool) -> tuple[Config, Checkpoint |
     return config_to_train(cfg, run_dir, step), resumed  # as rank 0 admitted and recorded it
 
 
-def _benchmarks(cfg: Config) -> Benchmarks:
+def _benchmarks(cfg: Config, world: dict | None) -> Benchmarks:
     """The benchmarks, their paths checked (the embedded world's manifest names its own)."""
-    _, world = training_source(cfg)
     defaults = None if world is None else world["benchmarks"]
     return resolve_benchmarks(cfg.eval, defaults, cfg.data.allow_absolute_paths)
 

@@ -80,13 +80,14 @@ def load_trained(path: str | Path, device: str = "cpu") -> TrainedRun:
 def evaluate_trained(run: TrainedRun, cfg: Config, out_dir: Path | None) -> tuple[dict, dict]:
     """``run``'s model on the benchmarks of ``cfg`` (the run's config, perhaps with other
     eval.* settings): its metrics (eval.json in ``out_dir`` when given) and the chance levels."""
-    from threetowers.data.pipeline import ensure_world
     from threetowers.evaluation.benchmark_sets import resolve_benchmarks
     from threetowers.evaluation.chance import chance_levels
     from threetowers.evaluation.inputs import EvalCache
     from threetowers.evaluation.suite import evaluate_model
+    from threetowers.project.world.default import default_world
 
-    defaults = ensure_world(cfg.data.world)["benchmarks"] if cfg.data.train is None else None
+    world = default_world(cfg)
+    defaults = None if world is None else world["benchmarks"]
     benchmarks = resolve_benchmarks(cfg.eval, defaults, cfg.data.allow_absolute_paths)
     results = evaluate_model(
         run.model,

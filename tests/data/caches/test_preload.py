@@ -18,6 +18,7 @@ from threetowers.data.pipeline import TrainingData, open_data
 from threetowers.data.sources.pairs import iter_pairs
 from threetowers.data.transforms import PixelEvalTransform
 from threetowers.model.build import build_model
+from threetowers.project.world.default import default_world
 from threetowers.project.world.generate import write_world
 from threetowers.trainer.start import towers_of
 
@@ -65,7 +66,8 @@ def test_training_batches_from_preloaded_pairs_equal_the_decoded_views(tmp_path)
         tmp_path / "world", tmp_path / "cache", "data.augment=false", "data.preload=true"
     )
     model = build_model(cfg)
-    data = TrainingData(cfg, open_data(cfg, tmp_path / "run"), towers_of(model), progress=False)
+    opened = open_data(cfg, tmp_path / "run", default_world(cfg))
+    data = TrainingData(cfg, opened, towers_of(model), progress=False)
     batch = next(data.batches(epoch=0, start_batch=0))
     pre = model.image_preprocessing
     decoded = {pair.id: pair.image for pair in iter_pairs(data.source)}
@@ -76,7 +78,7 @@ def test_training_batches_from_preloaded_pairs_equal_the_decoded_views(tmp_path)
 
 def test_preload_with_augmentation_is_refused(tmp_path):
     cfg = tiny_run_config(tmp_path / "world", tmp_path / "cache", "data.preload=true")
-    opened = open_data(cfg, tmp_path / "run")
+    opened = open_data(cfg, tmp_path / "run", default_world(cfg))
     with pytest.raises(ConfigError, match="data.augment=false"):
         TrainingData(cfg, opened, towers_of(build_model(cfg)), progress=False)
 

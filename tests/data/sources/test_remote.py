@@ -436,6 +436,6 @@ def test_shard_pairs_keeps_remote_shards_as_spelled(server):
 
 def test_data_train_takes_remote_shards(server):
     cfg = load_config("tiny", overrides=[f"data.train={pattern(server)}"])
-    pairs, world, mix = open_training_pairs(cfg)
-    assert world is None and pairs.shards == urls(server) and pairs.sizes == SIZES
+    pairs, mix = open_training_pairs(cfg)
+    assert pairs.shards == urls(server) and pairs.sizes == SIZES
     assert mix.name_of(f"{urls(server)[2]}/k0012") == "0"

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from threetowers.config import WorldConfig
-from threetowers.data.pipeline import ensure_world
+from threetowers.project.world.default import ensure_world
 from threetowers.project.world.spec import WorldSpec, render
 
 # Attributes of the one object of a single-object image; count and place hold for every image.

@@ -12,8 +12,8 @@ import yaml
 from tqdm import tqdm
 
 from threetowers.config import Config
-from threetowers.data.pipeline import ensure_world
 from threetowers.project.experiments.jobs import Job, run_jobs
+from threetowers.project.world.default import ensure_world
 
 
 def run_experiment(

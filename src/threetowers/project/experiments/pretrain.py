@@ -23,10 +23,10 @@ from threetowers.backbones.frozen import Preprocessing
 from threetowers.config import ExperimentConfig, PretrainConfig
 from threetowers.data.benchmarks import ClassificationSet, load_class_folder
 from threetowers.data.caches.decoded import WholeImage, image_rows
-from threetowers.data.pipeline import ensure_world
 from threetowers.data.sources.bad_samples import BadDataError, BadSampleLog, Skipped
 from threetowers.data.transforms import PixelEvalTransform, PixelTrainTransform
 from threetowers.files.atomic import write_atomic
+from threetowers.project.world.default import ensure_world
 from threetowers.trainer.optim import make_optimizer
 
 # Classifiers trained here see [-1, 1] pixels of the whole (square) image.

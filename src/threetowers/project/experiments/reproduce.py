@@ -34,6 +34,7 @@ from threetowers.project.experiments.driver import run_experiment
 from threetowers.project.experiments.jobs import Job
 from threetowers.project.experiments.pretrain import pretrain
 from threetowers.project.experiments.report import HEADLINE, run_record, write_report
+from threetowers.project.world.default import default_world
 from threetowers.project.world.spec import VERSION as WORLD_VERSION
 from threetowers.trainer.loop import evaluated_step, train
 from threetowers.trainer.run_dir import same_config
@@ -121,7 +122,7 @@ def prepare_data(configs: list[Config], tokenizer_out: Path | None = None) -> No
     parallel would each build it; with ``tokenizer_out``, save the tokenizer there."""
     for cfg in configs:
         with tempfile.TemporaryDirectory() as scratch:  # the run directory it asks for
-            opened = open_data(cfg, Path(scratch))
+            opened = open_data(cfg, Path(scratch), default_world(cfg))
             data = TrainingData(cfg, opened, towers_of(build_model(cfg)), progress=False)
             if tokenizer_out is not None:
                 data.tokenizer.save(tokenizer_out)

@@ -29,7 +29,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from threetowers.config import Config, ConfigError, ImageTowerConfig, TextTowerConfig
-from threetowers.data.pipeline import ensure_world
 from threetowers.files.readback import read_json
 from threetowers.model.build import build_model
 from threetowers.project.experiments.driver import run_experiment
@@ -43,6 +42,7 @@ from threetowers.project.experiments.reproduce import (
     with_third,
 )
 from threetowers.project.experiments.scaling_report import AXES, spread, write_report
+from threetowers.project.world.default import ensure_world
 
 PAIR_FRACTIONS = (8, 4, 2, 1)  # the training set cut to 1/8 ... all of it
 # f and g together, relative to the config's towers (M): width x factor (whole heads of the

@@ -4,7 +4,7 @@
 # Usage: bash tests/install/plain_install.sh [VENV]   (make test-plain-install)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-VENV=${1:-.venv-plain}
+VENV=$(realpath -m "${1:-.venv-plain}")
 TORCH=torch==2.13.0
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
@@ -33,7 +33,7 @@ world="data.world.dir=$WORK/world data.world.train_pairs=256 data.world.val_pair
 test -f "$WORK/run/eval.json" || { echo "FAIL: training wrote no eval.json"; exit 1; }
 
 set +e
-message=$(cd "$WORK" && "$OLDPWD/$VENV/bin/threetowers" serve "$WORK/index" 2>&1)
+message=$(cd "$WORK" && "$VENV/bin/threetowers" serve "$WORK/index" 2>&1)
 status=$?
 set -e
 lines=$(printf '%s\n' "$message" | wc -l)

@@ -86,7 +86,7 @@ def reproduce_jobs(cfg) -> dict[str, tuple[list[str], int, int]]:
     """Kind of job -> (command, its real step count, how many the full grid holds)."""
     r, seeds = cfg.reproduce, cfg.reproduce.seeds
     settings = len(r.settings)
-    imagenet = ["model.third.backbone=efficientnet_lite0"]
+    imagenet = ["model.frozen.0.backbone=efficientnet_lite0"]
     runs = {
         method: (["train", "reproduce", "--quiet", f"model.mode={method}", *imagenet], count)
         for method, count in (("clip", seeds), ("lit", settings * seeds), ("3t", settings * seeds))

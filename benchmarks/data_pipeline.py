@@ -14,7 +14,9 @@ from pathlib import Path
 
 import threetowers as tt
 from threetowers.config import Config
-from threetowers.data.pipeline import TrainingData
+from threetowers.data.pipeline import TrainingData, open_data
+from threetowers.project.world.default import default_world
+from threetowers.trainer.start import towers_of
 
 
 def pairs_per_second(cfg: Config, num_workers: int, batches: int, repeats: int = 3) -> float:
@@ -28,8 +30,8 @@ def pairs_per_second(cfg: Config, num_workers: int, batches: int, repeats: int =
     )
     model = tt.build_model(cfg)
     with tempfile.TemporaryDirectory() as run_dir:
-        data = TrainingData(cfg, Path(run_dir))
-        data.attach(model, progress=False)
+        opened = open_data(cfg, Path(run_dir), default_world(cfg))
+        data = TrainingData(cfg, opened, towers_of(model), progress=False)
         rates = []
         for epoch in range(repeats):
             stream = data.batches(epoch, start_batch=0)

@@ -20,7 +20,7 @@ class MissingExtraError(UserError, ImportError):
     """A command needs an optional dependency that this install lacks."""
 
 
-# Each optional dependency, the extra that installs it and what needs it.
+# Each optional dependency (its module) and the extra that installs it.
 EXTRAS = {
     "faiss": "search",
     "fastapi": "search",

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -306,3 +309,30 @@ def test_a_folder_of_the_users_own_files_is_refused_never_cleared(tmp_path):
     )
     assert (mine / "pairs" / "000000.tar").read_bytes() == b"the user's shard"
     assert sorted(p.name for p in mine.iterdir()) == ["pairs", "retrieval"]
+
+
+def test_workers_generate_under_a_callers_sigterm_handler(tmp_path):
+    """`train` handles SIGTERM by setting a flag; the world's pool workers, spawned rather than
+    forked, do not inherit that handler, so the pool's terminate() at the end ends them (a
+    forked worker ignored it and the run hung, now and then)."""
+    script = tmp_path / "generate.py"
+    script.write_text(
+        "import dataclasses, signal, sys, threading\n"
+        "from threetowers.project.world.generate import write_world\n"
+        "from tests.helpers.world import TINY\n"
+        "if __name__ == '__main__':\n"
+        "    stop = threading.Event()\n"
+        "    signal.signal(signal.SIGTERM, lambda *_: stop.set())\n"
+        "    write_world(sys.argv[1], dataclasses.replace(TINY, workers=2))\n"
+        "    print('written')\n"
+    )
+    root = Path(__file__).parents[3]
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "world")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert done.returncode == 0 and done.stdout == "written\n", done.stderr

@@ -263,7 +263,10 @@ def write_world(out_dir: str | os.PathLike, spec: WorldSpec | None = None) -> Pa
     tasks.sort(key=lambda task: task[4] - task[3], reverse=True)
     entries: dict[str, list[dict]] = {name: [] for name in RETRIEVAL_FILES}
     if spec.workers > 1:
-        with multiprocessing.get_context().Pool(spec.workers) as pool:
+        # spawned, not forked: a forked worker would inherit the caller's signal handlers
+        # (train's SIGTERM sets a flag instead of exiting), and the pool's terminate() at
+        # its end would then wait forever on a worker that will not die
+        with multiprocessing.get_context("spawn").Pool(spec.workers) as pool:
             results = list(pool.imap_unordered(_run, tasks))
     else:
         results = [_run(task) for task in tasks]

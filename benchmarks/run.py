@@ -29,7 +29,7 @@ import matmul  # noqa: E402
 import step  # noqa: E402
 
 import threetowers as tt  # noqa: E402
-from threetowers.trainer.loop import resolve_device  # noqa: E402
+from threetowers.distributed import resolve_device  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {

@@ -68,7 +68,10 @@ def test_tower_weights_and_the_loss_level_ones_combine_as_before():
     assert "model.third" in said  # third: null beside the list
     again = quiet(
         "tiny",
-        ["model.frozen=[{name: a, f_weight: 2, g_weight: 2}, {name: b, g_weight: 0.5}]"],
+        [
+            "model.frozen=[{name: a, f_weight: 2, g_weight: 2}, {name: b, g_weight: 0.5}]",
+            "train.precision=fp32",  # recorded before auto was the default
+        ],
     )
     assert old == again
 

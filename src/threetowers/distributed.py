@@ -1,4 +1,5 @@
-"""torchrun set-up, rank information, and the collectives the training loop and losses use.
+"""torchrun set-up, rank information, the collectives the training loop and losses use, and
+the ranks' meeting after long phases (:func:`meet`), apart from the training collectives.
 
 Every helper is a no-op returning the local value in a single process, so one code path
 serves both.
@@ -17,10 +18,14 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 
-# Rank 0 alone builds h's feature cache, preloads images and evaluates while the other
-# ranks wait in a collective, so the wait is bounded generously; build large caches with
-# `threetowers cache` before launching.
+# The training process group's timeout, which its collectives (the step's, the stream's)
+# wait under. Evaluation still runs on rank 0 alone while the others wait in the next of
+# them (trainer/loop.py), so it stays long; the start's long phases meet through meet().
 TIMEOUT = timedelta(hours=2)
+# The long phases' timeout (meet): building the world, the tokenizer, the feature caches and
+# the preloaded pixels take as long as the data is large. Effectively none: a rank that dies
+# ends the job through torchrun, which stops the others, not through this timeout.
+LONG_PHASE_TIMEOUT = timedelta(days=30)
 
 
 def world_size() -> int:
@@ -64,6 +69,17 @@ def local_device(device: torch.device) -> torch.device:
     return device
 
 
+def resolve_device(name: str) -> torch.device:
+    """``train.device`` as a device: auto is the GPU where one is visible."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from threetowers.config import ConfigError  # here: config imports much of the library
+
+        raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=auto")
+    return torch.device(name)
+
+
 def init_from_env(device: torch.device) -> bool:
     """Join the process group torchrun describes: NCCL on CUDA, gloo on CPU.
 
@@ -83,19 +99,36 @@ def barrier() -> None:
         dist.barrier()
 
 
+_LONG_PHASES: dict[str, Any] = {}  # the process group meet() uses, made per process group
+
+
+def meet() -> None:
+    """Wait for every rank, however long the slowest takes: the barrier of the long phases
+    (a start's, a cache build's), on a gloo group of its own whose timeout is
+    :data:`LONG_PHASE_TIMEOUT`, never under a training collective's :data:`TIMEOUT`."""
+    if world_size() == 1:
+        return
+    world = dist.group.WORLD
+    if _LONG_PHASES.get("world") is not world:  # every rank's first meet is the same call
+        group = dist.new_group(backend="gloo", timeout=LONG_PHASE_TIMEOUT)
+        _LONG_PHASES.update(world=world, group=group)
+    dist.barrier(group=_LONG_PHASES["group"])
+
+
 @contextmanager
 def main_first() -> Iterator[None]:
-    """Rank 0 runs the block first (it creates the shared files: tokenizer, caches, run
-    directory), then the other ranks run it and find them; nobody leaves before all are done."""
+    """Rank 0 runs the block first (it creates the shared files: run directory, world,
+    tokenizer), then the other ranks run it and find them; nobody leaves before all are done.
+    The ranks wait through :func:`meet`, as long as the block takes."""
     if world_size() == 1:
         yield
         return
     if not is_main():
-        barrier()
+        meet()
     yield
     if is_main():
-        barrier()
-    barrier()
+        meet()
+    meet()
 
 
 def all_gather_objects(local: Any) -> list[Any]:

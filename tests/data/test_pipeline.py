@@ -143,3 +143,43 @@ def test_shards_without_a_usable_caption_say_where_captions_are_read(tmp_path, c
     assert main([*argv, "--run-dir", str(tmp_path / "run"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "no sample of" in err and "name another with data.caption_key" in err
+
+
+def test_the_tokenizer_trains_on_its_caption_sample_which_the_run_records(tmp_path, monkeypatch):
+    from tests.helpers.shards import write_shards
+    from threetowers import load_config
+    from threetowers.data.pipeline import load_or_train_tokenizer
+    from threetowers.data.sources.caption_sample import caption_sample
+    from threetowers.data.sources.pairs import iter_captions, open_pairs
+    from threetowers.data.tokenizer import CaptionTokenizer
+    from threetowers.files.readback import read_json
+
+    # What it is trained on, compared: tokenizers' BPE trainer breaks ties between equally
+    # frequent merges by ids it assigns in hash order, so two trainings of these captions
+    # (whose merges tie) differ, while the world's do not (tests/test_pinned_numbers.py).
+    trained_on = []
+    train = CaptionTokenizer.train.__func__
+
+    def spied(cls, captions, vocab_size, context_length):
+        trained_on.append(list(captions))
+        return train(cls, captions, vocab_size, context_length)
+
+    monkeypatch.setattr(CaptionTokenizer, "train", classmethod(spied))
+    pairs = open_pairs(write_shards(tmp_path / "shards", [5, 7, 6, 8], captions_per_sample=2))
+    cfg = load_config("tiny")
+    tokenizer = load_or_train_tokenizer(cfg, tmp_path / "run", pairs)
+    assert trained_on == [list(iter_captions(pairs))]  # every caption, as before the bound
+    saved = CaptionTokenizer.load(tmp_path / "run", cfg.model.text.context_length)
+    assert saved.digest() == tokenizer.digest()
+    assert read_json(tmp_path / "run" / "tokenizer_sample.json") == {
+        "bound": 1_000_000,
+        "captions": 52,
+        "shards": 4,
+        "shards_read": 4,
+        "every_caption": True,
+    }
+    bounded = load_config("tiny", overrides=["data.tokenizer_sample=9"])
+    load_or_train_tokenizer(bounded, tmp_path / "bounded", pairs)
+    assert trained_on[1] == caption_sample(pairs, 9).captions and len(trained_on[1]) == 9
+    record = read_json(tmp_path / "bounded" / "tokenizer_sample.json")
+    assert record["captions"] == 9 and record["shards_read"] < 4 and not record["every_caption"]

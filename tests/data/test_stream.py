@@ -10,10 +10,11 @@ import pytest
 
 from tests.helpers.shards import Probe, png, run
 from threetowers.data.sources.bad_samples import BadDataError, BadSampleLog
-from threetowers.data.sources.loader import pair_batches
+from threetowers.data.sources.epochs import pair_stream
 from threetowers.data.sources.mix import SourceCounts
 from threetowers.data.sources.pairs import open_pairs
 from threetowers.data.stream import BatchStream, Position
+from threetowers.data.views import Views
 from threetowers.errors import UserError
 
 BATCH = 4
@@ -32,15 +33,15 @@ def write_table(folder, images: int, missing: int = 0):
 
 
 class Data:
-    """What the stream reads of ``TrainingData``: an epoch's batches from a start, the pairs
-    and the batch size."""
+    """What the stream reads of ``TrainingData``: an epoch's batches from a start, the pairs,
+    the batch size and the views to normalise (none: the probe's fields are not images)."""
 
     def __init__(self, pairs, batch_size: int = BATCH) -> None:
-        self.pairs = open_pairs(pairs)
+        self.pairs, self.views = open_pairs(pairs), Views()
         self.cfg = SimpleNamespace(data=SimpleNamespace(batch_size=batch_size))
 
-    def batches(self, epoch: int, start_batch: int):
-        return pair_batches(
+    def stream(self, epoch: int, start_batch: int, pin_memory: bool = False):
+        stream = pair_stream(
             self.pairs,
             example=Probe(),
             batch_size=self.cfg.data.batch_size,
@@ -48,6 +49,8 @@ class Data:
             epoch=epoch,
             start_batch=start_batch,
         )
+        for at_epoch, index, batch in stream:
+            yield batch | {"position": (at_epoch, index)}
 
 
 def stream_of(data: Data, position: Position | None = None) -> BatchStream:

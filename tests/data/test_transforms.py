@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from threetowers.backbones.frozen import Preprocessing
-from threetowers.data.transforms import eval_transform, to_rgb, train_transform
+from threetowers.data.sources.decode import to_rgb
+from threetowers.data.transforms import eval_transform, train_transform
 from threetowers.errors import UserError
 
 

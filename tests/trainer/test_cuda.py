@@ -38,19 +38,20 @@ def run_on(device: str, world_dir: Path, run: Path, *overrides: str) -> Path:
 
 def test_cuda_fp32_follows_the_cpu_run(world_dir, tmp_path):
     cpu = losses(run_on("cpu", world_dir, tmp_path / "cpu", *LIVE_H))
-    cuda_run = run_on("cuda", world_dir, tmp_path / "cuda", *LIVE_H)
+    cuda_run = run_on("cuda", world_dir, tmp_path / "cuda", *LIVE_H, "train.precision=fp32")
     cuda = losses(cuda_run)
-    # Same data, same initial weights: kernels differ only in summation order (and cuDNN's
-    # TF32 convolutions in h), so the first loss agrees closely and the rest stay near.
-    assert cuda[0] == pytest.approx(cpu[0], rel=1e-3)
+    # Same data, same initial weights: kernels differ in summation order and in TF32's
+    # 10-bit mantissa (matmuls and convolutions), so the first loss agrees closely and the
+    # rest stay near.
+    assert cuda[0] == pytest.approx(cpu[0], rel=5e-3)
     assert cuda == pytest.approx(cpu, rel=2e-2)
     scores = json.loads((cuda_run / "eval.json").read_text())
     assert all(math.isfinite(scores[k]) for k in ("i2t_R@1", "zeroshot_top1", "fewshot_top1"))
 
 
 def test_bf16_autocast_trains_near_fp32(world_dir, tmp_path):
-    fp32 = losses(run_on("cuda", world_dir, tmp_path / "fp32", *LIVE_H))
-    bf16 = losses(run_on("cuda", world_dir, tmp_path / "bf16", *LIVE_H, "train.precision=bf16"))
+    fp32 = losses(run_on("cuda", world_dir, tmp_path / "fp32", *LIVE_H, "train.precision=fp32"))
+    bf16 = losses(run_on("cuda", world_dir, tmp_path / "bf16", *LIVE_H))  # auto: bf16 here
     assert all(math.isfinite(loss) for loss in bf16)
     assert bf16[0] == pytest.approx(fp32[0], rel=2e-2)  # bf16 keeps ~3 significant digits
 
@@ -59,7 +60,12 @@ def test_a_gpu_run_resumes_on_a_cpu_machine(world_dir, tmp_path):
     """train.device=auto is the same config on both machines; the checkpoint's tensors
     (saved from the GPU) must load where no GPU is visible."""
     cfg = tiny_run_config(
-        world_dir, tmp_path / "cache", "train.steps=4", "train.checkpoint_every=2", *LIVE_H
+        world_dir,
+        tmp_path / "cache",
+        "train.steps=4",
+        "train.checkpoint_every=2",
+        "train.precision=fp32",  # auto would change precision with the machine
+        *LIVE_H,
     )
     config = write_config(cfg, tmp_path / "run.yaml")
     command = [sys.executable, "-m", "threetowers", "train", str(config), "--quiet", "--run-dir"]

@@ -137,7 +137,7 @@ def test_two_ranks_train_the_weights_of_one_process_with_the_global_batch(runs):
         torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-4, msg=key)
 
 
-def test_two_ranks_share_the_feature_cache_rank_0_builds(runs):
+def test_two_ranks_share_the_feature_cache_they_build(runs):
     root = runs["root"]
     config = write_config(root, root / "data" / "pairs.jsonl", mode="lit", cache=True)
     torchrun(config, root / "lit-ranks")  # builds the cache

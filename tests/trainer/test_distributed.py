@@ -1,10 +1,14 @@
 """Two gloo ranks under DDP equal one process holding the concatenated batch, also when
-the ranks hold different numbers of rows (bad samples leave batches)."""
+the ranks hold different numbers of rows (bad samples leave batches); the long phases' meeting
+outlives the training collectives' timeout; train.device resolved."""
 
 from __future__ import annotations
 
 import itertools
 import os
+import time
+from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,3 +104,46 @@ def test_a_global_batch_that_does_not_split_is_a_config_error(monkeypatch):
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     with pytest.raises(ConfigError, match="data.batch_size=9 is the global batch"):
         local_batch_size(9)
+
+
+SHORT = timedelta(seconds=2)  # the training group's timeout in this test
+LATE = 4  # seconds rank 1 arrives after rank 0
+
+
+def meet_late(rank: int, init_file: str, out_dir: str) -> None:
+    """Rank 1 comes LATE seconds after rank 0, past the training group's timeout: to meet(),
+    then to a training barrier; rank 0 runs a main_first block before rank 1."""
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=SHORT
+    )
+    log = Path(out_dir) / f"rank{rank}.txt"
+    with open(log, "w") as handle:
+        with distributed.main_first():
+            handle.write(f"block {time.monotonic()}\n")
+            time.sleep(LATE if rank == 0 else 0)
+        for meeting in (distributed.meet, distributed.barrier):
+            time.sleep(LATE if rank == 1 else 0)
+            try:
+                meeting()
+                handle.write(f"{meeting.__name__} met\n")
+            except RuntimeError:
+                handle.write(f"{meeting.__name__} timed out\n")
+                break
+
+
+def test_a_long_phase_meets_past_the_training_timeout_where_a_barrier_fails(tmp_path):
+    mp.spawn(meet_late, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    logs = [(tmp_path / f"rank{rank}.txt").read_text().splitlines() for rank in range(WORLD)]
+    assert [log[1:] for log in logs] == [["meet met", "barrier timed out"]] * WORLD
+    entered = [float(log[0].split()[1]) for log in logs]
+    assert entered[1] - entered[0] >= LATE  # rank 1's block began after rank 0's ended
+
+
+def test_train_device_resolves_to_a_visible_device(monkeypatch):
+    assert distributed.resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert distributed.resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="train.device=cuda but no CUDA device is visible"):
+        distributed.resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert distributed.resolve_device("auto") == torch.device("cuda")

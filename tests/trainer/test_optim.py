@@ -1,6 +1,7 @@
 """trainer/optim.py: the warmup + cosine schedule against its formula, as the optimizer
 sees it; the schedule restarted by each continuation; the parameter groups (weight decay on
-matrices only, frozen towers absent) and AdamW's decay applied to them alone."""
+matrices only, frozen towers absent) and AdamW's decay applied to them alone; the fused
+kernel on CUDA only."""
 
 from __future__ import annotations
 
@@ -140,3 +141,29 @@ def test_adamw_decays_the_matrices_alone_and_never_touches_a_frozen_tower(backbo
         else:  # biases, norms, the learned temperature and bias, the frozen tower
             expected = before[name]
         assert torch.equal(p.detach(), expected), name
+
+
+def test_the_cpu_keeps_torchs_default_adamw_kernel():
+    """The CPU's fused AdamW is not bit-identical to the default kernel: CPU runs keep it."""
+    optimizer, _ = make_optimizer(Small(), 1e-3, 0.1, 1, 10)
+    assert [group["fused"] for group in optimizer.param_groups] == [None, None]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_parameters_get_the_fused_adamw():
+    optimizer, _ = make_optimizer(Small().cuda(), 1e-3, 0.1, 1, 10)
+    assert [group["fused"] for group in optimizer.param_groups] == [True, True]
+
+
+def test_a_resumed_optimizer_keeps_the_kernel_its_checkpoint_was_saved_with():
+    """A GPU run's state (fused) resumed where it is not the default, and the reverse."""
+    model = Small()
+    saved, _ = make_optimizer(model, 1e-3, 0.1, 1, 10)
+    for group in saved.param_groups:  # as a CUDA run's optimizer holds it
+        group["fused"] = True
+    for p in model.parameters():
+        p.grad = torch.ones_like(p) if p.requires_grad else None
+    saved.step()
+    resumed, _ = make_optimizer(model, 1e-3, 0.1, 1, 10)
+    resumed.load_state_dict(saved.state_dict())
+    assert [group["fused"] for group in resumed.param_groups] == [True, True]

@@ -1,15 +1,21 @@
 """Run-directory helpers: metrics log (with TensorBoard when present), resume trimming, and
-which config a start of a run trains."""
+which config a start of a run trains (a run recorded in fp32, as every run before
+train.precision=auto was, resumed under auto)."""
 
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 import sys
 import types
+from pathlib import Path
 
 import pytest
+import torch
 
 import threetowers as tt
+from threetowers.cli import main
 from threetowers.config import ConfigError
 from threetowers.trainer.run_dir import (
     MetricsLog,
@@ -130,3 +136,83 @@ def test_files_of_a_run_without_its_config_are_neither_deleted_nor_used(tmp_path
     with pytest.raises(ConfigError, match="holds tokenizer.json but no config.yaml"):
         prepare_run_dir(cfg, tmp_path, None)
     assert (tmp_path / "tokenizer.json").read_text() == "the user's own"
+
+
+# train.precision=auto against a run directory made before it existed, which records fp32.
+
+
+def recorded_in_fp32(run_dir, *overrides: str) -> str:
+    record_config(tiny("train.precision=fp32", *overrides), run_dir)
+    return (run_dir / "config.yaml").read_text()
+
+
+def test_auto_resumes_a_run_recorded_in_fp32_on_the_cpu_as_it_was_written(tmp_path, caplog):
+    written = recorded_in_fp32(tmp_path)
+    with caplog.at_level(logging.INFO, logger="threetowers"):
+        for checkpoint in (None, 4):  # before and after its first checkpoint
+            admitted = config_to_train(tiny(), tmp_path, checkpoint)
+            assert admitted == tiny()  # auto is fp32 here
+            assert prepare_run_dir(tiny(), tmp_path, checkpoint) == tiny()
+            record_config(admitted, tmp_path)
+            assert (tmp_path / "config.yaml").read_text() == written  # its fingerprint kept
+    assert same_config(tiny(), tmp_path)
+    assert "precision" not in caplog.text
+
+
+def test_auto_resumes_a_run_recorded_in_fp32_on_a_gpu_in_fp32_and_says_so(
+    tmp_path, monkeypatch, caplog
+):
+    """auto is bf16 on CUDA, another run than the recorded fp32: the run goes on as it began."""
+    written = recorded_in_fp32(tmp_path)
+    with monkeypatch.context() as gpu, caplog.at_level(logging.INFO, logger="threetowers"):
+        gpu.setattr(torch.cuda, "is_available", lambda: True)
+        admitted = config_to_train(tiny(), tmp_path, 4)
+    assert admitted == tiny("train.precision=fp32")
+    assert caplog.messages == [
+        f"{tmp_path} was made with train.precision=fp32 and goes on in it; "
+        "train.precision=auto would be bf16 on this machine, which a new run directory gets"
+    ]
+    record_config(admitted, tmp_path)
+    assert (tmp_path / "config.yaml").read_text() == written
+
+
+def test_a_continuation_under_auto_records_the_precision_the_run_was_made_in(tmp_path):
+    recorded_in_fp32(tmp_path, "train.steps=8")
+    admitted = config_to_train(tiny("train.steps=20"), tmp_path, 8)
+    assert (admitted.train.precision, admitted.train.continued_from) == ("fp32", [8])
+    record_config(admitted, tmp_path)  # config.yaml rewritten: a later GPU must read fp32
+    assert tt.load_config(tmp_path / "config.yaml").train.precision == "fp32"
+
+
+def test_a_precision_named_against_the_recorded_one_is_another_run(tmp_path):
+    recorded_in_fp32(tmp_path)
+    with pytest.raises(
+        ConfigError, match=r"config.yaml: train.precision differ\) and a checkpoint"
+    ):
+        config_to_train(tiny("train.precision=bf16"), tmp_path, 4)
+    # before a checkpoint another config replaces the recorded one, auto as given
+    other = tiny("train.lr=0.01")
+    assert config_to_train(other, tmp_path, None) is other
+
+
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "run_before_issue_39"
+
+
+def test_the_command_that_made_a_run_before_auto_continues_it_as_before(tmp_path, monkeypatch):
+    """tests/fixtures/run_before_issue_39 was made by `train config.yaml`, no precision given
+    (fp32 then, auto now): the same command with train.steps=6 continues it to the old code's
+    numbers, and its config.yaml goes on recording fp32."""
+    shutil.copytree(FIXTURE / "run", tmp_path / "run")
+    shutil.copy(FIXTURE / "config.yaml", tmp_path / "config.yaml")
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(FutureWarning):  # its model.third, which config.yaml still names
+        assert main(["train", "config.yaml", "train.steps=6", "--quiet"]) == 0
+    expected = json.loads((FIXTURE / "continued_to_6.json").read_text())["metrics"]
+    lines = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    steps = [line for line in lines if line["step"] > 4 and "eval" not in line]
+    assert [line["step"] for line in steps] == [5, 6]
+    for line, old in zip(steps, expected, strict=True):
+        assert line["loss"] == pytest.approx(old["loss"], rel=1e-6)
+    assert tt.load_config(tmp_path / "run" / "config.yaml").train.precision == "fp32"

@@ -77,7 +77,7 @@ def test_every_path_is_checked_before_any_long_work(
         raise AssertionError("long work started")
 
     monkeypatch.setattr(pipeline.CaptionTokenizer, "train", long_work)
-    monkeypatch.setattr(pipeline, "build_caches", long_work)
+    monkeypatch.setattr(pipeline, "build_dataset_caches", long_work)
     _, config = clip_run_config(world_dir, tmp_path, "train.steps=2")
     override, message = wrong_paths(tmp_path)[key]
     assert main(train_args(config, tmp_path / "run", override)) == 2

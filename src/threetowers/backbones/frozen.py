@@ -8,6 +8,7 @@ dropout never move), and the forward runs under ``torch.inference_mode``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -77,9 +78,15 @@ class Preprocessing:
         """uint8 pixels (3, S, S) or (B, 3, S, S) -> normalised float32: ``normalize``'s
         operations in place on one new buffer, bit for bit its result at a third of the time
         (a batch's float copy overflows the caches, so every extra buffer costs page faults)."""
-        mean = torch.tensor(self.mean, device=pixels.device).view(3, 1, 1)
-        std = torch.tensor(self.std, device=pixels.device).view(3, 1, 1)
+        mean, std = _channels(self.mean, pixels.device), _channels(self.std, pixels.device)
         return pixels.to(torch.float32).div_(255.0).sub_(mean).div_(std)
+
+
+@functools.lru_cache(maxsize=64)
+def _channels(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """Per-channel statistics on ``device``, made once: a new tensor on a GPU is a copy that
+    waits for the host, at every batch."""
+    return torch.tensor(values, device=device).view(3, 1, 1)
 
 
 # On CPU a convolutional tower runs fastest on about this many pixels at a time: a whole

@@ -139,6 +139,10 @@ def parser() -> argparse.ArgumentParser:
     )
     repro.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    cache = commands.add_parser("cache", help="precompute the frozen towers' training features")
+    cache = commands.add_parser(
+        "cache",
+        help="precompute the frozen towers' training features on train.device (under "
+        "torchrun, each rank computes its share)",
+    )
     _config_arguments(cache)
     return root

@@ -166,38 +166,49 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _cache(args: argparse.Namespace) -> None:
-    from threetowers.data.caches.captions import build_caption_caches
-    from threetowers.data.caches.features import build_caches
+    import torch.distributed as dist
+
+    from threetowers import distributed
     from threetowers.data.caches.layout import CacheSpec
+    from threetowers.data.caches.sharded import build_dataset_caches
     from threetowers.data.caches.units import dataset_units
     from threetowers.data.pipeline import open_training_pairs
     from threetowers.model.build import build_frozen_towers, structure_of
     from threetowers.project.world.default import default_world
 
     cfg = load_config(args.config, args.overrides)
-    towers = build_frozen_towers(cfg.model)
+    data = cfg.data
+    device = distributed.local_device(distributed.resolve_device(cfg.train.device))
+    towers = {name: tower.to(device) for name, tower in build_frozen_towers(cfg.model).items()}
     if not towers:
         raise ConfigError("mode 'clip' has no frozen tower to cache; use model.mode=3t or lit")
     text = structure_of(cfg.model).text
-    pairs, _ = open_training_pairs(cfg, default_world(cfg))
-    units = dataset_units(pairs)
-    spec = CacheSpec(cfg.data.cache_dir, cfg.data.cache_dtype)
-    caches = build_caches(
-        {name: tower for name, tower in towers.items() if name not in text},
-        units,
-        spec,
-        cfg.data.batch_size,
-        cfg.data.num_workers,
-        max_bad_fraction=cfg.data.max_bad_fraction,
-    )
-    captions = build_caption_caches(
-        {name: towers[name] for name in text}, units, spec, cfg.data.batch_size
-    )
-    for name, cache in caches.items():
-        what = f"{len(cache)} feature vectors"
-        _report_cache(name, cache, what, len(units), cfg.data.cache_dir)
-    for name, cache in captions.items():
-        _report_cache(name, cache, "the captions' feature vectors", len(units), cfg.data.cache_dir)
+    created_group = distributed.init_from_env(device)  # under torchrun: each rank its share
+    try:
+        with distributed.main_first():  # rank 0 makes the embedded world, when it is the data
+            pairs, _ = open_training_pairs(cfg, default_world(cfg))
+        units = dataset_units(pairs)
+        spec = CacheSpec(data.cache_dir, data.cache_dtype, precision=data.cache_precision)
+        caches, captions = build_dataset_caches(
+            {name: tower for name, tower in towers.items() if name not in text},
+            {name: towers[name] for name in text},
+            units,
+            spec,
+            data.batch_size,
+            data.num_workers,
+            progress=distributed.is_main(),
+            max_bad_fraction=data.max_bad_fraction,
+        )
+    finally:
+        if created_group:
+            dist.destroy_process_group()
+    if launched_rank() == 0:  # under torchrun, one report
+        for name, cache in caches.items():
+            what = f"{len(cache)} feature vectors"
+            _report_cache(name, cache, what, len(units), data.cache_dir)
+        for name, cache in captions.items():
+            what = "the captions' feature vectors"
+            _report_cache(name, cache, what, len(units), data.cache_dir)
 
 
 def _report_cache(name: str, cache, what: str, units: int, cache_dir: str) -> None:

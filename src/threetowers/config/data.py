@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from threetowers.config.base import Section
+from threetowers.data.caches.precision import CachePrecision
 
 
 class WorldConfig(Section):
@@ -80,6 +81,15 @@ class DataConfig(Section):
     tokenizer: str | None = Field(
         None, description="A tokenizer.json; null: train a BPE on the training captions."
     )
+    tokenizer_sample: int = Field(
+        1_000_000,
+        gt=0,
+        description="At most this many training captions train that BPE: a dataset with more "
+        "is sampled, whole shards in a fixed order, so a start reads about this many captions "
+        "rather than every shard (docs/data.md). 1M captions (~80 MB of text) are ample for a "
+        "vocabulary of tens of thousands of tokens and train in ~10 s; a smaller dataset "
+        "trains on every caption, as before.",
+    )
     batch_size: int = Field(256, gt=0, description="Pairs per step (over all processes).")
     num_workers: int = Field(1, ge=0, description="Loader worker processes.")
     shuffle_buffer: int = Field(2000, ge=1, description="Samples shuffled in memory (shards).")
@@ -104,6 +114,11 @@ class DataConfig(Section):
         description="How the training features are stored: float16 halves the disk and the "
         "reads, and moves the pinned runs' losses by under 4e-5 relative "
         "(tests/test_pinned_numbers.py). Evaluation's are always float32.",
+    )
+    cache_precision: CachePrecision = Field(
+        "fp32",
+        description="What the frozen towers compute the training features in: fp32, or bf16 "
+        "autocast, for GPUs (a cache of its own; stored as cache_dtype says either way).",
     )
     preload: bool = Field(
         False,

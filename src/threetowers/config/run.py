@@ -51,8 +51,11 @@ class TrainConfig(Section):
     warmup_steps: int = Field(100, ge=0, description="Linear warmup steps.")
     grad_clip: float = Field(1.0, ge=0, description="Gradient norm clip; 0: off.")
     seed: int = Field(0, description="Seed of the weights and the data order.")
-    precision: Literal["fp32", "bf16"] = Field(
-        "fp32", description="bf16 autocast is for GPUs; slow on CPUs."
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="auto: bf16 autocast on CUDA, fp32 on CPUs (where bf16 is slow); under auto "
+        "a run whose config.yaml names fp32 or bf16 resumes in it. CUDA runs use TF32 for "
+        "float32 matmuls.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: cuda when available, else cpu."

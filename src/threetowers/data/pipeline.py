@@ -9,7 +9,6 @@ as :class:`~threetowers.data.views.Towers`)."""
 from __future__ import annotations
 
 import functools
-import itertools
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,24 +18,27 @@ import torch
 
 from threetowers import distributed
 from threetowers.config import Config, ConfigError
-from threetowers.data.caches.captions import CaptionFeatures, build_caption_caches
-from threetowers.data.caches.features import build_caches
+from threetowers.data.caches.captions import CaptionFeatures
 from threetowers.data.caches.layout import CacheSpec
 from threetowers.data.caches.preload import preload_pairs
+from threetowers.data.caches.sharded import build_dataset_caches
 from threetowers.data.caches.streamed_features import StreamedFeatures
 from threetowers.data.caches.units import dataset_units
+from threetowers.data.device import FROZEN_FEATURES, FROZEN_IMAGES
 from threetowers.data.sources.bad_samples import BadDataError, refuse_known_bad
+from threetowers.data.sources.caption_sample import caption_sample
+from threetowers.data.sources.epochs import pair_stream
 from threetowers.data.sources.fields import Fields
-from threetowers.data.sources.loader import num_batches, pair_batches
+from threetowers.data.sources.loader import pair_batches
 from threetowers.data.sources.mix import SourceMix, open_sources
 from threetowers.data.sources.pair import Pair
-from threetowers.data.sources.pairs import iter_captions, iter_sample_captions, open_pairs
+from threetowers.data.sources.pairs import iter_sample_captions, open_pairs
 from threetowers.data.sources.shards import (
     ShardPairs,
 )
 from threetowers.data.sources.table import PairTable
 from threetowers.data.tokenizer import CaptionTokenizer, MemoisedEncoder
-from threetowers.data.views import Towers, Views, training_views, validation_views
+from threetowers.data.views import Towers, training_views, validation_views
 
 # Tokenizers' own thread pool does not survive DataLoader worker forks; captions are short.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -64,7 +66,10 @@ def open_training_pairs(
     allow = cfg.data.allow_absolute_paths
     try:
         pairs, mix = open_sources(
-            sources, lambda source: open_pairs(source, fields=fields, allow_absolute_paths=allow)
+            sources,
+            lambda source: open_pairs(
+                source, fields=fields, allow_absolute_paths=allow, shard_index=cfg.data.cache_dir
+            ),
         )
     except FileNotFoundError as error:
         raise FileNotFoundError(
@@ -90,29 +95,22 @@ def open_val_pairs(cfg: Config) -> PairTable | ShardPairs | None:
     fields = Fields(cfg.data.image_key, cfg.data.caption_key)
     try:
         return open_pairs(
-            cfg.eval.val_data, fields=fields, allow_absolute_paths=cfg.data.allow_absolute_paths
+            cfg.eval.val_data,
+            fields=fields,
+            allow_absolute_paths=cfg.data.allow_absolute_paths,
+            shard_index=cfg.data.cache_dir,
         )
     except FileNotFoundError as error:
         raise FileNotFoundError(f"eval.val_data: {error}") from None
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    """The batch's tensors (also those in its per-tower dicts) on ``device``."""
-    return {
-        key: to_device(value, device)
-        if isinstance(value, dict)
-        else value.to(device, non_blocking=True)
-        if torch.is_tensor(value)
-        else value
-        for key, value in batch.items()
-    }
-
-
 def load_or_train_tokenizer(cfg: Config, run_dir: Path, source) -> CaptionTokenizer:
-    """The configured tokenizer, the run's own (on resume), or a new one trained on the
-    training captions; the run directory always keeps a copy."""
+    """The configured tokenizer, the run's own (on resume), or a new one trained on at most
+    ``data.tokenizer_sample`` training captions (``caption_sample``); the run directory always
+    keeps a copy, and of a new one what it was trained on (``tokenizer_sample.json``)."""
     context = cfg.model.text.context_length
     saved = run_dir / "tokenizer.json"
+    sample = None  # the captions a new tokenizer is trained on
     if cfg.data.tokenizer is not None:
         try:
             tokenizer = CaptionTokenizer.load(cfg.data.tokenizer, context)
@@ -124,21 +122,23 @@ def load_or_train_tokenizer(cfg: Config, run_dir: Path, source) -> CaptionTokeni
     elif saved.exists():
         tokenizer = CaptionTokenizer.load(saved, context)
     else:
-        captions = list(iter_captions(source))  # the trainer holds them all anyway
-        if not captions:
+        sample = caption_sample(source, cfg.data.tokenizer_sample)
+        if not sample.captions:
             raise BadDataError(
                 f"data.train: no sample of {source} has a usable caption, so no tokenizer can "
                 "be trained; a shard's caption is its .txt or .caption member or its .json's "
                 "'captions' or 'caption', a table's its caption column: name another with "
                 "data.caption_key"
             )
-        tokenizer = CaptionTokenizer.train(captions, cfg.model.text.vocab_size, context)
+        tokenizer = CaptionTokenizer.train(sample.captions, cfg.model.text.vocab_size, context)
     if tokenizer.vocab_size > cfg.model.text.vocab_size:
         raise ConfigError(
             f"the tokenizer has {tokenizer.vocab_size} tokens but model.text.vocab_size is "
             f"{cfg.model.text.vocab_size}; raise model.text.vocab_size"
         )
     if not saved.exists():
+        if sample is not None:  # first: a tokenizer.json then always has its record
+            sample.save(run_dir)
         tokenizer.save(saved)  # atomic: a resume must never read half a tokenizer
     return tokenizer
 
@@ -146,15 +146,14 @@ def load_or_train_tokenizer(cfg: Config, run_dir: Path, source) -> CaptionTokeni
 # Loader fields hold one tensor each: a frozen tower's cached features travel as
 # FROZEN_FEATURES/NAME and its live view as FROZEN_IMAGES/NAME, regrouped into the batch's
 # dicts of those names.
-FROZEN_FEATURES, FROZEN_IMAGES = "frozen_features", "frozen_images"
 
 
 class TrainingExample:
     """One pair -> the tensors a step needs. Picklable, so it runs in loader workers.
 
-    Images leave as uint8 pixels (``PixelEvalTransform``/``PixelTrainTransform``) and
-    captions as text; ``TrainingData.batches`` normalises and tokenises a whole batch at once,
-    which costs a fraction of doing it per sample. A frozen tower that runs live in 3t gets
+    Images leave as uint8 pixels (``PixelEvalTransform``/``PixelTrainTransform``) and stay
+    so until the device normalises them (``data/device.py``); captions leave as text, which
+    ``TrainingData.batches`` tokenises a batch at a time. A frozen tower that runs live in 3t gets
     its own view, as ``frozen_images/NAME``; a cached one its features, read here from its
     cache's unit of this sample (``frozen_features/NAME``).
     """
@@ -188,13 +187,33 @@ def _already_decoded(pixels: torch.Tensor) -> torch.Tensor:
     return pixels
 
 
-def _regroup(batch: dict, prefix: str, prepare: dict | None = None) -> None:
-    """Move the loader's ``PREFIX/NAME`` fields into ``batch[PREFIX][NAME]`` (through
-    ``prepare[NAME]`` when given)."""
+def _regroup(batch: dict, prefix: str) -> None:
+    """Move the loader's ``PREFIX/NAME`` fields into ``batch[PREFIX][NAME]``."""
     names = [key.partition("/")[2] for key in batch if key.startswith(f"{prefix}/")]
     if names:
-        fields = {name: batch.pop(f"{prefix}/{name}") for name in names}
-        batch[prefix] = {n: prepare[n](t) for n, t in fields.items()} if prepare else fields
+        batch[prefix] = {name: batch.pop(f"{prefix}/{name}") for name in names}
+
+
+class PreparedBatch:
+    """A collated loader batch as it goes to the device: tokens (the captions stay: a frozen
+    text tower reads them), uint8 pixels (normalised there: ``data/device.py``), per-tower
+    dicts. Picklable: it runs in the loader workers, so the training process only receives
+    batches."""
+
+    def __init__(self, encode, pad_id: int) -> None:
+        self.encode, self.pad_id = encode, pad_id
+
+    def __call__(self, batch: dict) -> dict:
+        if not batch["ids"]:  # only bad samples: nothing to prepare
+            return batch
+        batch["tokens"] = self.encode(batch["captions"])
+        _regroup(batch, FROZEN_IMAGES)
+        _regroup(batch, FROZEN_FEATURES)
+        # Padding never changes a caption's embedding, so drop the all-padding columns:
+        # the text tower's cost follows the longest caption, not the context length.
+        longest = int((batch["tokens"] != self.pad_id).sum(dim=1).max())
+        batch["tokens"] = batch["tokens"][:, :longest]
+        return batch
 
 
 @dataclass(frozen=True)
@@ -229,16 +248,14 @@ class TrainingData:
         self.cfg, self.tokenizer = cfg, opened.tokenizer
         self.source, self.mix = opened.pairs, opened.mix
         self.val_pairs = opened.val_pairs
-        spec = CacheSpec(data.cache_dir, data.cache_dtype)
-        self.text_caches: dict[str, CaptionFeatures] = {}  # text tower -> its caption cache
-        if data.cache and towers.frozen_text:  # every caption of the data, once
-            self.text_caches = build_caption_caches(
-                towers.frozen_text, dataset_units(self.source), spec, data.batch_size, progress
-            )
         self.caches: dict[str, StreamedFeatures] = {}  # image tower -> its feature cache
-        if data.cache and towers.frozen_images:
-            self.caches = build_caches(
+        self.text_caches: dict[str, CaptionFeatures] = {}  # text tower -> its caption cache
+        if data.cache and (towers.frozen_images or towers.frozen_text):
+            # under torchrun every rank builds its share of the units (caches/sharded.py)
+            spec = CacheSpec(data.cache_dir, data.cache_dtype, precision=data.cache_precision)
+            self.caches, self.text_caches = build_dataset_caches(
                 towers.frozen_images,
+                towers.frozen_text,
                 dataset_units(self.source),
                 spec,
                 data.batch_size,
@@ -247,7 +264,7 @@ class TrainingData:
                 data.max_bad_fraction,
             )
         self.views = training_views(towers, set(self.caches), data.augment, tuple(data.crop_scale))
-        self.pairs, self.encode = self.source, self.tokenizer.encode
+        self.pairs, encode = self.source, self.tokenizer.encode
         if data.preload:
             if self.views.augment is not None or self.views.frozen:
                 raise ConfigError(
@@ -256,43 +273,55 @@ class TrainingData:
                     "views are not preloaded), or set data.preload=false"
                 )
             self.pairs = preload_pairs(self.pairs, self.views.image, data.cache_dir, progress)
-            self.encode = MemoisedEncoder(self.tokenizer)  # captions -> token ids, once each
+            encode = MemoisedEncoder(self.tokenizer)  # captions -> token ids, once each
             if self.views.image is not None:
                 self.views = replace(self.views, image=_already_decoded)
         views = self.views
         self.example = TrainingExample(
             views.image, views.augment, views.frozen, self.caches, self.text_caches
         )
+        self.prepare = PreparedBatch(encode, self.tokenizer.pad_id)
         self.val_views = validation_views(towers)
         self.val_example = TrainingExample(self.val_views.image, None, self.val_views.frozen)
 
-    def batches(self, epoch: int, start_batch: int):
-        """This rank's batches of ``epoch`` from ``start_batch`` on: ``data.batch_size`` is the
-        global batch, split evenly over the ranks, which read disjoint samples."""
-        data, world = self.cfg.data, distributed.world_size()
-        split = {
-            "batch_size": distributed.local_batch_size(data.batch_size),
-            "seed": self.cfg.train.seed,
-            "epoch": epoch,
-            "world_size": world,
-            # preloaded rows are a memory read: worker processes would cost more than they save
-            "num_workers": 0 if data.preload else data.num_workers,
-        }
-        if data.resampled:
-            split["resampled"] = self.mix.resampled(self.pairs)
-        batches = pair_batches(
+    def stream(self, epoch: int, start_batch: int, pin_memory: bool = False):
+        """This rank's batches from batch ``start_batch`` of ``epoch`` on, epoch after epoch,
+        each with its ``"position"`` (epoch, batch index), through one loader whose workers
+        persist (``sources/epochs.py``); it ends at an epoch that holds no batch.
+        ``data.batch_size`` is the global batch, split evenly over the ranks, which read
+        disjoint samples; ``pin_memory``: batches in page-locked memory, for a GPU."""
+        data = self.cfg.data
+        batches = pair_stream(
             self.pairs,
             example=self.example,
+            prepare=self.prepare,
+            batch_size=distributed.local_batch_size(data.batch_size),
+            seed=self.cfg.train.seed,
+            epoch=epoch,
             start_batch=start_batch,
             rank=distributed.rank(),
+            world_size=distributed.world_size(),
+            # preloaded rows are a memory read: worker processes would cost more than they save
+            num_workers=0 if data.preload else data.num_workers,
             shuffle_buffer=data.shuffle_buffer,
-            **split,
+            resampled=self.mix.resampled(self.pairs) if data.resampled else None,
+            encoded_images=not data.preload,  # decoded by the views, at the size they need
+            pin_memory=pin_memory,
         )
-        if world > 1:  # shard ranks may plan different counts: all stop at the least
-            least = min(num_batches(self.pairs, rank=r, **split) for r in range(world))
-            batches = itertools.islice(batches, max(0, least - start_batch))
-        for batch in batches:
-            yield self._prepared(batch, self.encode, self.views)
+        for at_epoch, index, batch in batches:
+            batch["position"] = (at_epoch, index)
+            yield batch
+
+    def batches(self, epoch: int, start_batch: int = 0):
+        """The batches of one epoch of :meth:`stream` (its loader closed after)."""
+        stream = self.stream(epoch, start_batch)
+        try:
+            for batch in stream:
+                if batch["position"][0] != epoch:
+                    return
+                yield batch
+        finally:
+            stream.close()
 
     def validation_batches(self):
         """``eval.val_data``'s batches (one process), prepared like training's; with
@@ -303,40 +332,24 @@ class TrainingData:
             if shards is None
             else min(self.cfg.data.num_workers, len(shards))
         )
-        batches = pair_batches(
+        return pair_batches(
             self.val_pairs,
             example=self.val_example,
+            prepare=PreparedBatch(self.tokenizer.encode, self.tokenizer.pad_id),
             batch_size=self.cfg.eval.batch_size,
             seed=self.cfg.train.seed,
             epoch=0,
             num_workers=workers,
             shuffle_buffer=1,
             drop_last=False,
+            encoded_images=True,
         )
-        for batch in batches:
-            yield self._prepared(batch, self.tokenizer.encode, self.val_views)
 
     @functools.cached_property
     def val_captions(self) -> dict[str, list[str]]:
         """Every usable caption of each sample of ``eval.val_data``, by sample id (read once
         for all evaluations)."""
         return dict(iter_sample_captions(self.val_pairs))
-
-    def _prepared(self, batch: dict, encode, views: Views) -> dict:
-        """A loader batch as a step reads it: tokens, normalised pixels, per-tower dicts."""
-        if not batch["ids"]:  # only bad samples: nothing to prepare
-            return batch
-        # the captions stay: a frozen text tower reads them
-        batch["tokens"] = encode(batch["captions"])
-        if views.normalise is not None:
-            batch["images"] = views.normalise(batch["images"])
-        _regroup(batch, FROZEN_IMAGES, views.frozen_normalise)
-        _regroup(batch, FROZEN_FEATURES)
-        # Padding never changes a caption's embedding, so drop the all-padding columns:
-        # the text tower's cost follows the longest caption, not the context length.
-        longest = int((batch["tokens"] != self.tokenizer.pad_id).sum(dim=1).max())
-        batch["tokens"] = batch["tokens"][:, :longest]
-        return batch
 
     def fingerprints(self) -> dict[str, str]:
         """What a checkpoint records so that a resume with other data is caught."""

@@ -1,23 +1,30 @@
 """The training data as one endless stream of global batches, resumable from its position.
 
 :class:`BatchStream` reads epoch after epoch of this rank's batches
-(``TrainingData.batches``) from a :class:`Position`, which it advances and a checkpoint
-saves. Each batch is agreed on by the ranks in one exchange: every rank's sample count, all
-ranks' bad samples (into the ``BadSampleLog``) and samples by source, and whether any rank
-was asked to stop. A batch of which some rank holds no sample is counted and passed over,
-so the ranks move together; every other batch is yielded, to be one step. An epoch read
-whole without one is an error, not a hang.
+(``TrainingData.stream``) from a :class:`Position`, which it advances and a checkpoint
+saves; the batches reach the device as ``data/device.py`` takes them there. Each batch is
+agreed on by the ranks in one tensor collective: every rank's sample count, its bad samples
+by reason and its samples by source, and whether it was asked to stop; the bad samples'
+names are gathered too only while the ``BadSampleLog`` still names them. A batch of which
+some rank holds no sample is counted and passed over, so the ranks move together; every
+other batch is yielded, to be one step. An epoch read whole without one is an error, not a
+hang.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import torch
+import torch.distributed as dist
+
 from threetowers import distributed
+from threetowers.data.device import on_device
 from threetowers.data.pipeline import TrainingData
-from threetowers.data.sources.bad_samples import BadDataError, BadSampleLog
+from threetowers.data.sources.bad_samples import REASONS, BadDataError, BadSampleLog
 from threetowers.data.sources.mix import SourceCounts
 
 log = logging.getLogger(__name__)
@@ -36,7 +43,7 @@ class Position:
 class GlobalBatch:
     """This rank's share of one step's batch, and what the ranks agreed on with it."""
 
-    tensors: dict  # the prepared share (``TrainingData.batches``), its bad samples taken out
+    tensors: dict  # the prepared share on the device, normalised, its bad samples taken out
     counts: list[int]  # every rank's sample count: the global batch
     stop: bool  # some rank was asked to stop: all stop after this step
 
@@ -52,36 +59,45 @@ class BatchStream:
         bad_data: BadSampleLog,
         sources: SourceCounts,
         stop: Callable[[], bool] = lambda: False,
+        device: torch.device | None = None,
     ) -> None:
         self.data, self.position, self.bad_data, self.sources = data, position, bad_data, sources
         self.stop = stop  # polled at each batch and agreed on in its exchange
+        self.device = device or torch.device("cpu")  # where the batches go
 
     def __iter__(self) -> Iterator[GlobalBatch]:
-        while True:
-            yield from self._rest_of_epoch()
-            self.position.epoch, self.position.batch_in_epoch = self.position.epoch + 1, 0
-
-    def _rest_of_epoch(self) -> Iterator[GlobalBatch]:
         at = self.position
-        whole, yielded = at.batch_in_epoch == 0, False
-        for tensors in self.data.batches(at.epoch, at.batch_in_epoch):
+        whole, yielded = at.batch_in_epoch == 0, False  # of the epoch being read
+        pin = self.device.type == "cuda"
+        batches = self.data.stream(at.epoch, at.batch_in_epoch, pin_memory=pin)
+        for tensors in on_device(batches, self.device, self.data.views):
+            epoch, index = tensors.pop("position")
+            if epoch != at.epoch:  # the epoch before is read whole
+                self._check_gave_a_batch(at.epoch, whole, yielded)
+                at.epoch, whole, yielded = epoch, True, False
             batch = self._agreed(tensors)
-            at.batch_in_epoch += 1
+            at.batch_in_epoch = index + 1
             if min(batch.counts) == 0:  # some rank has nothing left: no step
                 if sum(batch.counts):
                     log.warning(
                         "batch %d of epoch %d: a rank's share held only bad samples, so the "
                         "other ranks' %d samples were not trained on",
-                        at.batch_in_epoch - 1,
-                        at.epoch,
+                        index,
+                        epoch,
                         sum(batch.counts),
                     )
                 continue
             yielded = True
             yield batch
-        if whole and not yielded:  # else: empty epochs for ever
+        self._check_gave_a_batch(at.epoch, whole, yielded)
+        # the stream ends only at an epoch that holds no batch at all
+        self._check_gave_a_batch(at.epoch + (at.batch_in_epoch > 0), True, False)
+
+    def _check_gave_a_batch(self, epoch: int, whole: bool, yielded: bool) -> None:
+        """An epoch read whole without a step: every later one would be as empty."""
+        if whole and not yielded:
             raise BadDataError(
-                f"epoch {at.epoch} of the training data gave no batch to train on "
+                f"epoch {epoch} of the training data gave no batch to train on "
                 f"({len(self.data.pairs)} samples, "
                 f"data.batch_size={self.data.cfg.data.batch_size}; "
                 f"{self.bad_data.summary()}); lower data.batch_size or add data"
@@ -91,11 +107,27 @@ class BatchStream:
         """One exchange for the batch: the counts every rank keeps (and rank 0 checkpoints)
         are those of the global batch, and the ranks stop at the same step."""
         ids, skipped = tensors["ids"], tensors.pop("skipped")
-        shares = distributed.all_gather_objects(
-            (len(ids), skipped, self.stop(), self.sources.of(ids))
-        )
-        counts = [count for count, *_ in shares]
-        bad = [sample for _, share, *_ in shares for sample in share]
-        self.bad_data.record(sum(counts), bad)
-        self.sources.record([drawn for *_, drawn in shares], bad)
-        return GlobalBatch(tensors, counts, any(stop for *_, stop, _ in shares))
+        reasons = Counter(bad.reason for bad in skipped)
+        local = [len(ids), int(self.stop()), *(reasons[reason] for reason in REASONS)]
+        rows = _gathered(local + self.sources.of(ids, skipped), self.device)
+        summed = [sum(column) for column in zip(*rows, strict=True)]
+        bad = dict(zip(REASONS, summed[2 : 2 + len(REASONS)], strict=True))
+        named = []
+        if sum(bad.values()) and self.bad_data.naming:  # every rank decides alike
+            named = [s for share in distributed.all_gather_objects(skipped) for s in share]
+        counts = [row[0] for row in rows]
+        self.bad_data.record_counts(sum(counts), Counter(bad), named)
+        self.sources.record(summed[2 + len(REASONS) :])
+        return GlobalBatch(tensors, counts, bool(summed[1]))
+
+
+def _gathered(local: list[int], device: torch.device) -> list[list[int]]:
+    """Every rank's ``local`` numbers (all of one length), in rank order: one collective on
+    the process group's device (NCCL's is the GPU)."""
+    if distributed.world_size() == 1:
+        return [local]
+    where = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    mine = torch.tensor(local, dtype=torch.int64, device=where)
+    every = torch.empty(distributed.world_size() * len(local), dtype=torch.int64, device=where)
+    dist.all_gather_into_tensor(every, mine)
+    return every.view(-1, len(local)).tolist()

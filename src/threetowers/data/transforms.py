@@ -7,12 +7,14 @@ maths follows the usual resize / centre-crop / random-resized-crop definitions.
 from __future__ import annotations
 
 import math
+from math import ceil
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from threetowers.backbones.frozen import Preprocessing
+from threetowers.data.sources.decode import EncodedImage, to_rgb
 from threetowers.errors import UserError
 
 _RESAMPLE = {
@@ -20,36 +22,6 @@ _RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
     "nearest": Image.Resampling.NEAREST,
 }
-_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
-_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
-_WHITE = (255, 255, 255, 255)
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Upright 8-bit RGB: EXIF orientation applied, transparency composited on white.
-
-    16-bit (and 32-bit integer) greyscale is scaled from 0..65535 rather than clipped, so a
-    16-bit PNG does not come out as a mostly white picture.
-    """
-    try:
-        image = ImageOps.exif_transpose(image)
-    except Exception:  # corrupt EXIF blocks are common in web data; orientation is a nicety
-        pass
-    mode = image.mode
-    if mode == "RGB" and "transparency" not in image.info:
-        return image
-    if mode in _SIXTEEN_BIT:
-        values = np.asarray(image, dtype=np.float64)
-        grey = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
-    if mode in _ALPHA_MODES or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, _WHITE)
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    try:
-        return image.convert("RGB")
-    except ValueError as error:
-        raise ValueError(f"cannot convert an image of mode {mode!r} to RGB: {error}") from error
 
 
 class _Normalised:
@@ -78,15 +50,15 @@ class EvalTransform(_Normalised):
         super().__init__(pre)
         self.resize_to = round(pre.image_size / pre.crop_fraction)
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        image = to_rgb(image)
+    def __call__(self, image: Image.Image | EncodedImage) -> torch.Tensor:
         width, height = image.size
         short = min(width, height)
         # The longer side truncates, as torchvision's Resize does: an exported model gets the
         # pixels here that OpenCLIP's preprocessing gives it there.
         new_w = self.resize_to if width == short else int(width * self.resize_to / short)
         new_h = self.resize_to if height == short else int(height * self.resize_to / short)
-        if (new_w, new_h) != (width, height):
+        image, _ = _decoded(image, (new_w, new_h))
+        if (new_w, new_h) != image.size:
             image = image.resize((new_w, new_h), resample=self.resample)
         left = int(round((new_w - self.size) / 2.0))
         top = int(round((new_h - self.size) / 2.0))
@@ -139,12 +111,25 @@ class TrainTransform(_Normalised):
         left, top = (width - w) // 2, (height - h) // 2
         return left, top, left + w, top + h
 
-    def __call__(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
-        image = to_rgb(image)
+    def __call__(self, image: Image.Image | EncodedImage, rng: np.random.Generator) -> torch.Tensor:
         box = self.crop_box(*image.size, rng)
+        left, top, right, bottom = box
+        scale = max(self.size / (right - left), self.size / (bottom - top))
+        image, drafted = _decoded(image, (ceil(image.size[0] * scale), ceil(image.size[1] * scale)))
         # resize(box=...) crops and resamples in one pass, without an intermediate copy.
+        box = tuple(side * drafted for side in box) if drafted != 1 else box
         image = image.resize((self.size, self.size), resample=self.resample, box=box)
         return self._finish(image)
+
+
+def _decoded(
+    image: Image.Image | EncodedImage, needed: tuple[int, int]
+) -> tuple[Image.Image, float]:
+    """Upright RGB at least ``needed`` in size, and its scale to the full image (< 1 where an
+    encoded JPEG was decoded at a fraction of its size: ``EncodedImage``)."""
+    if isinstance(image, EncodedImage):
+        return image.decoded(needed)
+    return to_rgb(image), 1.0
 
 
 def eval_transform(pre: Preprocessing) -> EvalTransform:

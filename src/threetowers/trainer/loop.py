@@ -37,12 +37,11 @@ schedule and numbers.
 
 from __future__ import annotations
 
-import functools
 import logging
 import signal
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -50,11 +49,12 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from threetowers import distributed
-from threetowers.config import Config, ConfigError
-from threetowers.data.pipeline import to_device
+from threetowers.config import Config
+from threetowers.data.device import normalised, to_device
 from threetowers.data.sources.bad_samples import BadSampleLog
 from threetowers.data.sources.mix import SourceCounts
 from threetowers.data.stream import BatchStream
+from threetowers.distributed import resolve_device
 from threetowers.evaluation.inputs import EvalCache
 from threetowers.evaluation.suite import evaluate_model
 from threetowers.evaluation.validation import validate
@@ -68,14 +68,6 @@ from threetowers.trainer.state import StepHealth, TrainingState, due
 from threetowers.trainer.step import TrainStep
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=auto")
-    return torch.device(name)
 
 
 def train(cfg: Config, run_dir: str | Path | None = None, progress: bool = True) -> Path:
@@ -149,7 +141,7 @@ def _train(
         continued_schedule(cfg.train.warmup_steps, cfg.train.steps, cfg.train.continued_from),
     )
     train_step = TrainStep(model, optimizer, schedule, device, cfg.train)
-    stream = BatchStream(data, run.position, bad_data, sources, stop.is_set)
+    stream = BatchStream(data, run.position, bad_data, sources, stop.is_set, device)
     if main:
         drop_metrics_after(run_dir / "metrics.jsonl", run.step)
         metrics = MetricsLog(run_dir)
@@ -157,42 +149,43 @@ def _train(
     bar = tqdm(total=total, initial=run.step, disable=not (progress and main), unit="step")
     model.train()
     seen, since = 0, time.perf_counter()
-    # range first: zip stops before reading a batch past the last step
-    for step, batch in zip(range(run.step + 1, total + 1), stream, strict=False):
-        logs, finite = train_step(batch)
-        run.step, seen = step, seen + sum(batch.counts)
-        run.health.update(finite, step, logs, last_checkpoint)
-        if due(step, cfg.train.log_every, total):
-            record = _record(run, logs, seen, since)
-            if main:
-                metrics.log(record)
-            bar.set_postfix(
-                loss=f"{record['loss']:.3f}",
-                lr=f"{record['lr']:.1e}",
-                pairs_s=f"{record['pairs_per_s']:.0f}",
-            )
-        bar.update(1)
-        if due(step, cfg.train.checkpoint_every, total) or batch.stop:
-            # Every rank holds the same weights, optimizer state, position and counts, so
-            # rank 0's checkpoint restores them all.
-            last_checkpoint = checkpoint_path(run_dir / "checkpoints", step)
-            if main:
-                last_checkpoint = save_checkpoint(
-                    run_dir / "checkpoints",
-                    step,
-                    model,
-                    run.state_dict(),
-                    data.fingerprints(),
-                    keep=cfg.train.keep_checkpoints,
+    with closing(iter(stream)) as batches:  # its loader's workers leave with the loop
+        # range first: zip stops before reading a batch past the last step
+        for step, batch in zip(range(run.step + 1, total + 1), batches, strict=False):
+            logs, finite = train_step(batch)
+            run.step, seen = step, seen + sum(batch.counts)
+            run.health.update(finite, step, logs, last_checkpoint)
+            if due(step, cfg.train.log_every, total):
+                record = _record(run, logs, seen, since)
+                if main:
+                    metrics.log(record)
+                bar.set_postfix(
+                    loss=f"{record['loss']:.3f}",
+                    lr=f"{record['lr']:.1e}",
+                    pairs_s=f"{record['pairs_per_s']:.0f}",
                 )
-        if batch.stop:  # every rank saw the same flag: all stop here, after rank 0 saved
-            bar.close()
-            if main:
-                metrics.close()
-            distributed.barrier()
-            raise Stopped(step, last_checkpoint)
-        if main and step < total and due(step, cfg.eval.every):
-            _evaluate(model, data, benchmarks, cfg, run_dir, step, metrics)
+            bar.update(1)
+            if due(step, cfg.train.checkpoint_every, total) or batch.stop:
+                # Every rank holds the same weights, optimizer state, position and counts, so
+                # rank 0's checkpoint restores them all.
+                last_checkpoint = checkpoint_path(run_dir / "checkpoints", step)
+                if main:
+                    last_checkpoint = save_checkpoint(
+                        run_dir / "checkpoints",
+                        step,
+                        model,
+                        run.state_dict(),
+                        data.fingerprints(),
+                        keep=cfg.train.keep_checkpoints,
+                    )
+            if batch.stop:  # every rank saw the same flag: all stop here, after rank 0 saved
+                bar.close()
+                if main:
+                    metrics.close()
+                distributed.barrier()
+                raise Stopped(step, last_checkpoint)
+            if main and step < total and due(step, cfg.eval.every):
+                _evaluate(model, data, benchmarks, cfg, run_dir, step, metrics)
     bar.close()
     bad_data.check()  # a run shorter than the bad-fraction grace is judged at its end
     log.info(bad_data.summary())
@@ -230,7 +223,10 @@ def _evaluate(model, data, benchmarks, cfg: Config, run_dir: Path, step: int, me
     if data.val_pairs is not None:
         device = next(model.parameters()).device
         batches = data.validation_batches()
-        on_device = functools.partial(to_device, device=device)
+
+        def on_device(batch: dict) -> dict:
+            return normalised(to_device(batch, device), data.val_views)
+
         validation = validate(model, data.tokenizer, batches, data.val_captions, on_device)
     scores = evaluate_model(
         model,

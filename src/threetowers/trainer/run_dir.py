@@ -10,6 +10,11 @@ made for the old config (its tokenizer, its evaluation) is made again.
 
 config.yaml is written by :func:`record_config` only once a start has opened its data and
 every path it names: a start that fails on a wrong path leaves no config behind.
+
+``train.precision: auto`` is the same config as a recorded ``fp32`` or ``bf16`` (every run made
+before auto existed records fp32): the run keeps training in the precision it was made
+with, so re-running the command that made it resumes it, on any device
+(:func:`_trained_precision`).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import yaml
 
 from threetowers.config import Config, ConfigError, load_config
 from threetowers.files.atomic import remove_temporaries, write_atomic
+from threetowers.trainer.precision import resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +46,7 @@ RECORDED_PACKAGES = (
     "transformers",
 )
 # What a start makes for its config before the run's first checkpoint.
-MADE_FOR_CONFIG = ("tokenizer.json", "eval.json")
+MADE_FOR_CONFIG = ("tokenizer.json", "tokenizer_sample.json", "eval.json")
 
 
 def run_dir_of(cfg: Config, run_dir: str | Path | None) -> Path:
@@ -75,16 +81,22 @@ def config_to_train(cfg: Config, run_dir: Path, checkpoint_step: int | None) -> 
     """The config a start of ``run_dir`` with ``cfg`` trains, the run's latest checkpoint being
     at ``checkpoint_step`` (None: none). Without a checkpoint, ``cfg``. With one: the recorded
     config when ``cfg`` is that one (``train.continued_from`` may be left out), or its
-    continuation when ``cfg`` differs only in a larger ``train.steps``; else a ConfigError."""
+    continuation when ``cfg`` differs only in a larger ``train.steps``; else a ConfigError.
+    Either way in the precision the run was made with (:func:`_trained_precision`)."""
     config_file = run_dir / "config.yaml"
-    if checkpoint_step is None or not config_file.exists():
+    if not config_file.exists():
         return cfg
+    if checkpoint_step is None:  # nothing trained: another config replaces the recorded one
+        recorded = _readable(config_file)
+        if recorded is None or not _same(cfg, recorded):
+            return cfg
+        return _trained_precision(cfg, recorded, run_dir, rewritten=False)
     recorded = load_config(config_file)
     cfg = _continued(cfg, cfg.train.continued_from or recorded.train.continued_from)
-    if _resolved(cfg) == _resolved(recorded):
-        return cfg
+    if _same(cfg, recorded):
+        return _trained_precision(cfg, recorded, run_dir, rewritten=False)
     before = recorded.train.steps
-    if cfg.train.steps > before and _resolved(_with_steps(cfg, before)) == _resolved(recorded):
+    if cfg.train.steps > before and _same(_with_steps(cfg, before), recorded):
         log.info(
             "continuing %s from train.steps=%d to %d: the lr schedule restarts at step %d",
             run_dir,
@@ -92,13 +104,14 @@ def config_to_train(cfg: Config, run_dir: Path, checkpoint_step: int | None) -> 
             cfg.train.steps,
             before,
         )
-        return _continued(cfg, [*recorded.train.continued_from, before])
+        continued = _continued(cfg, [*recorded.train.continued_from, before])
+        return _trained_precision(continued, recorded, run_dir, rewritten=True)
     raise ConfigError(
         f"{run_dir} holds a run with a different config ({config_file}: "
-        f"{', '.join(_differences(cfg, recorded))} differ) and a checkpoint of step "
-        f"{checkpoint_step}; resuming it with this one would mix two runs. Use the same config "
-        f"to resume, only a larger train.steps to continue it, or a new run directory "
-        f"(train.init_from={run_dir} starts from its weights)"
+        f"{', '.join(_differences(_as_recorded(cfg, recorded), recorded))} differ) and a "
+        f"checkpoint of step {checkpoint_step}; resuming it with this one would mix two runs. "
+        "Use the same config to resume, only a larger train.steps to continue it, or a new run "
+        f"directory (train.init_from={run_dir} starts from its weights)"
     )
 
 
@@ -113,6 +126,60 @@ def record_config(cfg: Config, run_dir: Path) -> None:
 
 def _resolved(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def _readable(config_file: Path) -> Config | None:
+    """A run's recorded config, or None where it no longer reads as one."""
+    try:
+        return load_config(config_file)
+    except ConfigError:
+        return None
+
+
+def _same(cfg: Config, recorded: Config) -> bool:
+    """Whether ``cfg`` is the recorded config, ``train.precision: auto`` standing for the
+    precision it records."""
+    return _resolved(_as_recorded(cfg, recorded)) == _resolved(recorded)
+
+
+def _as_recorded(cfg: Config, recorded: Config) -> Config:
+    """``cfg`` with ``auto`` read as the recorded precision."""
+    if cfg.train.precision != "auto":
+        return cfg
+    return _with_precision(cfg, recorded.train.precision)
+
+
+def _trained_precision(cfg: Config, recorded: Config, run_dir: Path, rewritten: bool) -> Config:
+    """``cfg`` (the recorded run, or its continuation) in the precision the run was made
+    with. Under auto that is the recorded fp32 or bf16: a run is never switched part-way, so
+    an fp32 run made before auto existed resumes on a GPU in fp32, said in one log line.
+    auto stays where it already means the recorded precision on this device and config.yaml
+    stays as written; a config.yaml ``rewritten`` (a continuation) records the precision."""
+    if cfg.train.precision != "auto" or recorded.train.precision == "auto":
+        return cfg
+    made_in = recorded.train.precision
+    auto_here = resolve_precision("auto", _device_type(cfg))
+    if auto_here != made_in:
+        log.info(
+            "%s was made with train.precision=%s and goes on in it; train.precision=auto "
+            "would be %s on this machine, which a new run directory gets",
+            run_dir,
+            made_in,
+            auto_here,
+        )
+    elif not rewritten:
+        return cfg
+    return _with_precision(cfg, made_in)
+
+
+def _device_type(cfg: Config) -> str:
+    """The kind of device a start of ``cfg`` trains on, as ``distributed.resolve_device``
+    picks it (train.device=cuda without a GPU is refused before any start)."""
+    return "cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu"
+
+
+def _with_precision(cfg: Config, precision: str) -> Config:
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": precision})})
 
 
 def _continued(cfg: Config, history: list[int]) -> Config:
@@ -144,12 +211,11 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 def same_config(cfg: Config, run_dir: Path) -> bool:
     """Whether the run in ``run_dir`` was made with ``cfg``: its config.yaml read as a config,
-    so that a setting added since, at its default, is no difference; an unreadable one is."""
+    so that a setting added since, at its default, is no difference (nor ``auto`` against a
+    recorded precision); an unreadable one is."""
     config_file = run_dir / "config.yaml"
-    try:
-        return config_file.exists() and _resolved(load_config(config_file)) == _resolved(cfg)
-    except ConfigError:
-        return False
+    recorded = _readable(config_file) if config_file.exists() else None
+    return recorded is not None and _same(cfg, recorded)
 
 
 def environment() -> dict:

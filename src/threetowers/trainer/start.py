@@ -54,8 +54,12 @@ class Start:
 
 
 def start(cfg: Config, run_dir: Path, device: torch.device, progress: bool) -> Start:
-    """Everything a run needs before its first step but the optimizer; rank 0 first, as it
-    writes the run directory, the tokenizer and the caches the other ranks then read."""
+    """Everything a run needs before its first step but the optimizer. Rank 0 first, as it
+    writes the run directory, the world and the tokenizer the other ranks then read; then the
+    training data on every rank at once: each builds its share of the frozen towers' caches
+    (``data/caches/sharded.py``), and the first to lock the preloaded pixels writes them while
+    the others wait. The ranks wait for each other through ``distributed.meet`` (no training
+    collective's timeout)."""
     main = distributed.is_main()
     with distributed.main_first():
         cfg, resumed = _admit(cfg, run_dir, main)
@@ -71,7 +75,7 @@ def start(cfg: Config, run_dir: Path, device: torch.device, progress: bool) -> S
         model = build_model(cfg, device=device)
         if init is not None:
             _initialise(model, init, cfg.train.init_from)
-        data = TrainingData(cfg, opened, towers_of(model), progress)
+    data = TrainingData(cfg, opened, towers_of(model), progress)
     if main:
         write_atomic(run_dir / "chance.json", json.dumps(chance_levels(benchmarks), indent=1))
     return Start(cfg, resumed, benchmarks, model, data)

@@ -8,16 +8,15 @@ the frozen towers run outside the wrapper, before its forward.
 from __future__ import annotations
 
 import itertools
-from contextlib import nullcontext
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from threetowers import distributed
 from threetowers.config import TrainConfig
-from threetowers.data.pipeline import to_device
 from threetowers.data.stream import GlobalBatch
 from threetowers.model.three_towers import ThreeTowers, batch_embeddings
+from threetowers.trainer.precision import autocast, use_tf32
 
 
 class TrainStep:
@@ -32,11 +31,11 @@ class TrainStep:
         self.parameters = model.trainable_parameters()
         multi = distributed.world_size() > 1
         self.forward = _distributed_data_parallel(model, device) if multi else model
+        use_tf32(device)
 
     def __call__(self, batch: GlobalBatch) -> tuple[dict[str, torch.Tensor], bool]:
-        tensors = to_device(batch.tensors, self.device)
-        with _autocast(self.device, self.precision):
-            out = batch_embeddings(self.model, tensors, self.forward)
+        with autocast(self.precision, self.device):
+            out = batch_embeddings(self.model, batch.tensors, self.forward)
             loss, logs = self.model.loss(out, batch.counts)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -54,12 +53,6 @@ class TrainStep:
             self.model.loss_fn.clamp_temperatures_()
         self.schedule.step()
         return logs, finite
-
-
-def _autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def _distributed_data_parallel(model: ThreeTowers, device: torch.device):

@@ -1,8 +1,10 @@
 """A frozen text tower's caption cache: a row for every caption of every sample, equal to the
-live tower, found by the sample's row and the caption's text, kept per unit."""
+live tower, found by the sample's row and the caption's text, kept per unit; built on CUDA
+too."""
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 from pathlib import Path
@@ -74,3 +76,24 @@ def test_a_missing_unit_alone_is_built_again(tmp_path, tiny_text_encoder, monkey
     )
     build_caption_caches({"t": tower}, dataset_units(folder), spec, 4, False)
     assert sum(calls) == 25  # the second shard's five captioned samples, five captions each
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_text_tower_on_cuda_caches_the_rows_it_computes_on_the_cpu(
+    tmp_path, tiny_text_encoder, precision
+):
+    folder = captioned_shards(tmp_path / "data")
+    units = dataset_units(folder)
+    cpu = build_caption_caches(
+        {"t": tiny_text_encoder}, units, CacheSpec(tmp_path / "cpu", "float32"), 4, False
+    )["t"]
+    spec = CacheSpec(tmp_path / "cuda", "float32", precision=precision)
+    tower = copy.deepcopy(tiny_text_encoder).cuda()
+    cuda = build_caption_caches({"t": tower}, units, spec, 4, False)["t"]
+    pairs = [pair for pair in iter_pairs(folder) if not hasattr(pair, "reason")]
+    for pair in pairs:
+        on_cpu = torch.stack([cpu.caption_features(pair.row, c) for c in pair.captions])
+        on_cuda = torch.stack([cuda.caption_features(pair.row, c) for c in pair.captions])
+        tolerance = 1e-4 if precision == "fp32" else 3e-2
+        torch.testing.assert_close(on_cuda, on_cpu, rtol=tolerance, atol=tolerance)

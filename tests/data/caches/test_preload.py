@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from tests.helpers.runs import tiny_run_config
 from tests.helpers.world import TINY
 from threetowers.backbones.frozen import Preprocessing
 from threetowers.config import ConfigError
+from threetowers.data.caches import preload
 from threetowers.data.caches.preload import preload_pairs
 from threetowers.data.pipeline import TrainingData, open_data
 from threetowers.data.sources.pairs import iter_pairs
@@ -72,7 +75,8 @@ def test_training_batches_from_preloaded_pairs_equal_the_decoded_views(tmp_path)
     pre = model.image_preprocessing
     decoded = {pair.id: pair.image for pair in iter_pairs(data.source)}
     expected = torch.stack([PixelEvalTransform(pre)(decoded[id_]) for id_ in batch["ids"]])
-    assert torch.equal(batch["images"], pre.normalize_pixels(expected))
+    assert batch["images"].dtype == torch.uint8  # the device normalises it
+    assert torch.equal(batch["images"], expected)
     assert batch["tokens"].shape[0] == len(batch["ids"]) == cfg.data.batch_size
 
 
@@ -96,7 +100,7 @@ def test_a_full_disk_is_one_message_before_the_preload_not_a_sigbus(shards, smal
     assert done.stdout.rstrip().endswith(
         "free some space and re-run the same command (finished work is kept)"
     )
-    assert list(disk.iterdir()) == []  # nothing half-written
+    assert [p.name for p in disk.iterdir()] == [".lock"]  # nothing half-written but the lock
     small_disk.grow(disk, 4096)
     done = subprocess.run(command, capture_output=True, text=True, cwd=root)
     assert done.stdout.strip() == "preloaded 40", done.stderr
@@ -115,4 +119,40 @@ try:
     print("preloaded", len(table))
 except NoSpaceError as error:
     print(f"NoSpaceError: {error}")
+"""
+
+
+def test_a_second_preload_waits_for_the_first_and_decodes_nothing(shards, tmp_path, caplog):
+    """torchrun's ranks preload at once: one writes the pixels, the others wait and read."""
+    view = PixelEvalTransform(VIEW)
+    writer = subprocess.Popen(  # another rank preloading the same pairs, slowly
+        [sys.executable, "-c", SLOW_PRELOAD, str(tmp_path), *map(str, shards)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parents[3],
+    )
+    assert writer.stdout.readline().strip() == "preloading"
+    with (
+        mock.patch.object(preload, "_build", side_effect=AssertionError("built twice")),
+        caplog.at_level(logging.INFO, logger="threetowers"),
+    ):
+        table = preload_pairs(shards, view, tmp_path, progress=False)
+    assert writer.wait() == 0
+    assert f"(pid {writer.pid}) is writing this preloaded pairs; waiting" in caplog.text
+    assert torch.equal(table[0].image, view(next(iter_pairs(shards)).image))
+
+
+SLOW_PRELOAD = """
+import sys, time
+from tests.data.caches.test_preload import VIEW
+from threetowers.data.caches import preload
+from threetowers.data.transforms import PixelEvalTransform
+
+build = preload._build
+def slowly(*args):
+    print("preloading", flush=True)
+    time.sleep(1.5)
+    build(*args)
+preload._build = slowly
+preload.preload_pairs(sys.argv[2:], PixelEvalTransform(VIEW), sys.argv[1], progress=False)
 """

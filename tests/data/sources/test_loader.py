@@ -3,7 +3,6 @@ order), then read by the DataLoader's workers; on real webdataset shards and tab
 
 from __future__ import annotations
 
-import json
 import tarfile
 
 import pytest
@@ -14,7 +13,6 @@ from tests.helpers.shards import (
     assert_same,
     check_consistent,
     keys_of,
-    png,
     run,
     skipped_of,
     write_shards,
@@ -31,23 +29,9 @@ from threetowers.data.sources.plan import (
 )
 from threetowers.errors import UserError
 
+from .conftest import N_TABLE
+
 N_SHARD = sum(SHARD_SIZES)
-N_TABLE = 22
-
-
-@pytest.fixture(scope="module")
-def tables(tmp_path_factory):
-    """The same 22 pairs as a CSV and as JSONL (odd rows with three captions)."""
-    root = tmp_path_factory.mktemp("tables")
-    lines, records = ["image,caption"], []
-    for index in range(N_TABLE):
-        (root / f"{index}.png").write_bytes(png(index))
-        lines.append(f'{index}.png,"caption {index}"')
-        captions = [f"caption {index} {j}" for j in range(3 if index % 2 else 1)]
-        records.append(json.dumps({"image": f"{index}.png", "captions": captions}))
-    (root / "pairs.csv").write_text("\n".join(lines) + "\n")
-    (root / "pairs.jsonl").write_text("\n".join(records) + "\n")
-    return root
 
 
 # --------------------------------------------------------------------------- planning

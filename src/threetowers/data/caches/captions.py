@@ -13,6 +13,7 @@ the same way (``.npy`` first, the index last).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import json
 import logging
@@ -33,6 +34,7 @@ from threetowers.data.caches.layout import (
 from threetowers.data.caches.layout import (
     FORMAT as INDEX_FORMAT,
 )
+from threetowers.data.caches.precision import tower_precision
 from threetowers.data.caches.streamed_features import StreamedFeatures, UnitMismatch, reader
 from threetowers.data.caches.units import Unit
 from threetowers.files import locks
@@ -86,20 +88,27 @@ def build_caption_caches(
     spec: CacheSpec,
     batch_size: int = 256,
     progress: bool = True,
+    lock: bool = True,
 ) -> dict[str, CaptionFeatures]:
     """Each text tower's cache of every caption of ``units``, computing the units that are
-    missing or whose bytes do not match their checksum (under the folder's lock, as
-    :func:`~threetowers.data.caches.features.build_caches` does)."""
+    missing or whose bytes do not match their checksum (under the folder's lock unless
+    ``lock=False``, as :func:`~threetowers.data.caches.features.build_caches` does)."""
     out = {}
     for name, tower in towers.items():
         folder, digest = spec.folder(tower)
         dim = tower.feature_dim
-        if _missing(units, folder, digest, dim, spec.dtype):
-            with locks.waiting(folder, "feature cache"):
-                remove_temporaries(folder, only_dead_writers=True)  # shared by concurrent runs
+        todo = _missing(units, folder, digest, dim, spec.dtype)
+        with contextlib.ExitStack() as held:
+            if todo and lock:
+                held.enter_context(locks.waiting(folder, "feature cache"))
                 todo = _missing(units, folder, digest, dim, spec.dtype)
-                for unit in tqdm(todo, disable=not progress, desc=f"caching {name} captions"):
-                    _build_unit(tower, unit, folder, digest, spec.dtype, batch_size)
+            if todo:
+                folder.mkdir(parents=True, exist_ok=True)
+                remove_temporaries(folder, only_dead_writers=True)  # shared by concurrent runs
+                device = next(tower.parameters()).device
+                with tower_precision(spec.precision, device):
+                    for unit in tqdm(todo, disable=not progress, desc=f"caching {name} captions"):
+                        _build_unit(tower, unit, folder, digest, spec.dtype, batch_size)
         out[name] = reader(CaptionFeatures, name, folder, digest, units, dim, spec.dtype)
     return out
 
@@ -116,7 +125,8 @@ def _build_unit(tower, unit: Unit, folder: Path, digest: str, dtype: str, batch_
     texts = sorted({caption for captions in unit.captions() for caption in captions})
     rows = np.zeros((len(texts), tower.feature_dim), np.float32)
     for start in range(0, len(texts), batch_size):
-        rows[start : start + batch_size] = tower(texts[start : start + batch_size]).float().numpy()
+        features = tower(texts[start : start + batch_size])  # on the tower's device
+        rows[start : start + batch_size] = features.float().cpu().numpy()
     npy, index, identity = unit_files(folder, unit)
     save_npy(npy, rows.astype(DTYPES[dtype]))
     meta = {

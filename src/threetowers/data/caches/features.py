@@ -42,6 +42,7 @@ from threetowers.data.caches.layout import (
     unit_complete,
     unit_files,
 )
+from threetowers.data.caches.precision import tower_precision
 from threetowers.data.caches.streamed_features import StreamedFeatures, reader
 from threetowers.data.caches.units import Unit
 from threetowers.data.sources.bad_samples import BadDataError, BadSampleLog, Skipped
@@ -110,12 +111,14 @@ def build_caches(
     num_workers: int = 0,
     progress: bool = True,
     max_bad_fraction: float = 1.0,
+    lock: bool = True,
 ) -> dict[str, StreamedFeatures]:
     """Each tower's cache of ``units``, computing the units any tower lacks (or whose bytes
     do not match their checksum) in one pass (each image decoded once). Bad samples have no
     features (training skips them too); more than ``max_bad_fraction`` of them stop the
     pass with :class:`BadDataError`. A process computing units into a tower's folder holds
-    its lock: another one waits, then computes only what is still missing."""
+    its lock: another one waits, then computes only what is still missing. ``lock=False``:
+    the caller holds the folders for this process (a rank's share: ``sharded.py``)."""
     layout = {name: spec.folder(tower) for name, tower in towers.items()}
 
     def missing() -> dict[int, list[str]]:
@@ -129,22 +132,24 @@ def build_caches(
                     todo.setdefault(number, []).append(name)
         return todo
 
-    if missing():
-        with contextlib.ExitStack() as held:
+    todo = missing()
+    with contextlib.ExitStack() as held:
+        if todo and lock:
             for folder in sorted({folder for folder, _ in layout.values()}):
                 held.enter_context(locks.waiting(folder, "feature cache"))
-            if todo := missing():
-                _compute(
-                    towers,
-                    units,
-                    todo,
-                    layout,
-                    spec,
-                    batch_size,
-                    num_workers,
-                    progress,
-                    max_bad_fraction,
-                )
+            todo = missing()  # what the writer we waited for left
+        if todo:
+            _compute(
+                towers,
+                units,
+                todo,
+                layout,
+                spec,
+                batch_size,
+                num_workers,
+                progress,
+                max_bad_fraction,
+            )
     return {
         name: reader(StreamedFeatures, name, *layout[name], units, tower.feature_dim, spec.dtype)
         for name, tower in towers.items()
@@ -162,6 +167,7 @@ def _compute(towers, units, todo, layout, spec, batch_size, num_workers, progres
         folder.mkdir(parents=True, exist_ok=True)
         remove_temporaries(folder, only_dead_writers=True)  # shared by concurrent runs
     device = next(towers[names[0]].parameters()).device
+    precision = tower_precision(spec.precision, device)
     total = sum(unit.size for unit in pending)
     what = f"caching {', '.join(names)} features"
     bad_data = BadSampleLog(max_bad, what, total)
@@ -184,7 +190,9 @@ def _compute(towers, units, todo, layout, spec, batch_size, num_workers, progres
             if used:
                 for name, rows in unit.rows.items():
                     prepared = towers[name].preprocessing.normalize_pixels(pixels[name])
-                    rows[used] = towers[name](prepared.to(device)).float().cpu().numpy()
+                    with precision:  # the towers alone: the views stay exact
+                        features = towers[name](prepared.to(device))
+                    rows[used] = features.float().cpu().numpy()
             if unit.complete:
                 _write(filling.pop(number), layout, spec.dtype)
     if bad_data.total:

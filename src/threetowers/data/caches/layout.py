@@ -27,18 +27,22 @@ FORMAT = 1  # of a unit's index: any other is computed again
 @dataclass(frozen=True)
 class CacheSpec:
     """Where and how the towers' caches are stored. ``context`` adds what else features
-    depend on (evaluation: the batch size and device h ran with) and ``kind`` marks the
-    folders (``-eval``)."""
+    depend on (evaluation: the batch size and device h ran with), ``kind`` marks the
+    folders (``-eval``) and ``precision`` is what the towers compute in (``precision.py``)."""
 
     directory: str | Path
     dtype: str = "float16"
     context: Mapping = field(default_factory=dict)
     kind: str = ""
+    precision: str = "fp32"
 
     def folder(self, tower: FrozenBackbone) -> tuple[Path, str]:
         """The tower's folder (by its backbone's name, so runs naming it apart share it) and
-        its digest: weights, preprocessing, dtype, context."""
+        its digest: weights, preprocessing, dtype, context, and a precision other than fp32
+        (fp32 caches keep the names they had before precision was a choice)."""
         spec = {"tower": tower.digest(), "dtype": self.dtype, **self.context}
+        if self.precision != "fp32":
+            spec["precision"] = self.precision
         digest = spec_digest(spec)
         return Path(self.directory).expanduser() / f"{tower.name}{self.kind}-{digest[:16]}", digest
 

@@ -24,6 +24,7 @@ from threetowers.data.sources.bad_samples import BadDataError, BadSample, Skippe
 from threetowers.data.sources.pair import Pair
 from threetowers.data.sources.pairs import PairSource, epoch_size, iter_pairs
 from threetowers.data.sources.table import PairTable
+from threetowers.files import locks
 from threetowers.files.atomic import (
     fsync,
     publish,
@@ -81,7 +82,10 @@ def preload_pairs(
     base = cache_base(cache_dir, "pairs", {"dataset": dataset_digest(source), "view": repr(view)})
     array, index = base.with_suffix(".npy"), base.with_suffix(".json")
     if not index.exists():
-        _build(source, view, array, index, progress)
+        # one writer (torchrun's ranks preload at once): the others wait, then read its files
+        with locks.waiting(base.parent, "preloaded pairs"):
+            if not index.exists():
+                _build(source, view, array, index, progress)
     meta = read_json(index)
     pixels = np.load(array, mmap_mode="r") if view is not None else None
     bad = {int(row): BadSample(*why) for row, why in meta.get("bad", {}).items()}

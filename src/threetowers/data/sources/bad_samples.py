@@ -109,10 +109,20 @@ class BadSampleLog:
 
     def record(self, used: int, skipped: list[Skipped]) -> None:
         """One batch: ``used`` good samples and the ``skipped`` bad ones."""
-        self.seen += used + len(skipped)
-        for bad in skipped:
-            self.counts[bad.reason] += 1
-            if len(self.examples) < NAMED:
+        self.record_counts(used, Counter(bad.reason for bad in skipped), skipped)
+
+    @property
+    def naming(self) -> bool:
+        """Whether the next bad samples are named (else only counted)."""
+        return len(self.examples) < NAMED
+
+    def record_counts(self, used: int, reasons: Counter[str], named: list[Skipped]) -> None:
+        """One batch: ``used`` good samples and bad ones counted by reason; ``named``, those
+        bad samples in order, is read only while :attr:`naming`."""
+        self.seen += used + sum(reasons.values())
+        self.counts.update({reason: n for reason, n in reasons.items() if n})  # no 0 metric
+        for bad in named:
+            if self.naming:
                 self.examples.append(bad)
                 log.warning(
                     "%s: skipped sample %r (%s): %s", self.what, bad.id, bad.reason, bad.detail

@@ -61,11 +61,13 @@ from threetowers.data.sources.plan import (
 )
 from threetowers.data.sources.table import PairTable
 from threetowers.data.sources.workers import (
+    Collate,
     Example,
+    Prepare,
+    ShardReader,
     ShardStream,
     TableExamples,
-    collate,
-    ignore_sigterm,
+    defer_sigterm,
 )
 
 
@@ -83,6 +85,8 @@ def pair_batches(
     shuffle_buffer: int = 1000,
     drop_last: bool = True,
     resampled: Resampled | None = None,
+    encoded_images: bool = False,
+    prepare: Prepare | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Batches of one epoch for one rank: ``example`` outputs stacked, plus ``"ids"`` (each
     sample's id, see :class:`~threetowers.data.sources.pair.Pair`).
@@ -92,7 +96,10 @@ def pair_batches(
     seeded by (seed, epoch, key). ``start_batch=k`` yields batches k, k+1, ... of the same
     epoch. Bad samples are left out of their batch and listed in its ``"skipped"``. See the
     module docstring for what is and is not guaranteed. ``resampled``: shards drawn with
-    replacement (:class:`Resampled`; shard sources only).
+    replacement (:class:`Resampled`; shard sources only). ``encoded_images``: ``pair.image``
+    is an :class:`~threetowers.data.sources.decode.EncodedImage`, which the example decodes
+    at the size it needs (the training transforms do), and a :class:`BadSample` it raises
+    skips the sample. ``prepare(batch)``: run on each collated batch in the worker.
     """
     # Plan (and fail) here, eagerly, rather than on the first next() of a generator.
     source = open_pairs(source)
@@ -102,26 +109,18 @@ def pair_batches(
         if resampled is not None:
             raise ValueError("resampling draws shards: a table is read as it is (no resampled)")
         batches = table_batches(source, batch_size, seed, epoch, rank, world_size, drop_last)
-        dataset = TableExamples(source, example, seed, epoch)
-        return _table_iterator(dataset, batches[start_batch:], num_workers)
+        dataset = TableExamples(source, example, seed, encoded_images)
+        indices = [[(epoch, row) for row in rows] for rows in batches[start_batch:]]
+        return _table_iterator(dataset, indices, num_workers, Collate(prepare))
     plans = shard_plans(
         source, batch_size, seed, epoch, rank, world_size, num_workers, drop_last, resampled
     )
     counts = [plan.batches for plan in plans]
     skipped, first = resume_point(counts, start_batch)
-    stream = ShardStream(
-        source,
-        plans,
-        skipped,
-        first,
-        example,
-        seed,
-        epoch,
-        rank,
-        batch_size,
-        shuffle_buffer,
-        drop_last,
+    reader = ShardReader(
+        source, example, seed, rank, batch_size, shuffle_buffer, drop_last, encoded_images, prepare
     )
+    stream = ShardStream(reader, plans, skipped, first, epoch)
     return _shard_iterator(stream, counts, start_batch, num_workers)
 
 
@@ -149,7 +148,7 @@ def num_batches(
 
 
 def _table_iterator(
-    dataset: TableExamples, batches: list[list[int]], num_workers: int
+    dataset: TableExamples, batches: list[list[tuple[int, int]]], num_workers: int, collate
 ) -> Iterator[dict[str, Any]]:
     if not batches:
         return
@@ -158,7 +157,7 @@ def _table_iterator(
         batch_sampler=batches,
         num_workers=num_workers,
         collate_fn=collate,
-        worker_init_fn=ignore_sigterm,
+        worker_init_fn=defer_sigterm,
     )
     yield from loader
 
@@ -173,7 +172,7 @@ def _shard_iterator(
         batch_size=None,
         num_workers=num_workers,
         collate_fn=_passthrough,
-        worker_init_fn=ignore_sigterm,
+        worker_init_fn=defer_sigterm,
     )
     expected = itertools.islice(round_robin(counts), start_batch, None)
     for worker, index, batch in loader:

@@ -46,19 +46,22 @@ class SourceCounts:
         self.samples: Counter[str] = Counter()
         self.bad: Counter[str] = Counter()
 
-    def of(self, ids: Sequence[str]) -> dict[str, int]:
-        """One rank's good samples of a batch, by source (gathered over the ranks)."""
-        return dict(Counter(map(self.mix.name_of, ids))) if self.mix else {}
+    def of(self, ids: Sequence[str], skipped: Sequence[Skipped]) -> list[int]:
+        """One rank's share of a batch as numbers to add over the ranks: its samples by
+        source (bad ones included), then its bad samples by source; [] with one source."""
+        if self.mix is None:
+            return []
+        bad = Counter(self.mix.name_of(sample.id) for sample in skipped)
+        drawn = Counter(map(self.mix.name_of, ids)) + bad
+        return [drawn[name] for name in self.mix.names] + [bad[name] for name in self.mix.names]
 
-    def record(self, drawn: Sequence[dict[str, int]], skipped: Sequence[Skipped]) -> None:
-        """A global batch: every rank's :meth:`of`, and all ranks' bad samples."""
+    def record(self, summed: Sequence[int]) -> None:
+        """A global batch: the ranks' :meth:`of`, added."""
         if self.mix is None:
             return
-        for share in drawn:
-            self.samples.update(share)
-        bad = Counter(self.mix.name_of(sample.id) for sample in skipped)
-        self.samples.update(bad)
-        self.bad.update(bad)
+        names = self.mix.names
+        self.samples.update({n: k for n, k in zip(names, summed, strict=False) if k})
+        self.bad.update({n: k for n, k in zip(names, summed[len(names) :], strict=True) if k})
 
     def metrics(self) -> dict[str, int]:
         names = self.mix.names if self.mix else ()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -67,16 +67,21 @@ def iter_captions(source: PairSource) -> Iterator[str]:
         yield from captions
 
 
-def iter_sample_captions(source: PairSource) -> Iterator[tuple[str, list[str]]]:
-    """(sample id, its usable captions) of each usable sample, images unread."""
+def iter_sample_captions(
+    source: PairSource, parts: Iterable[int] | None = None
+) -> Iterator[tuple[str, list[str]]]:
+    """(sample id, its usable captions) of each usable sample, images unread (a shard's
+    caption members only: ``shards.caption_members``). ``parts``: the positions of the
+    shards (of a table: the rows) to read, in that order; None: all, in file order."""
     pairs = open_pairs(source)
     if isinstance(pairs, PairTable):
-        for index, captions in enumerate(pairs.captions):
+        for index in range(len(pairs)) if parts is None else parts:
             if index not in pairs.bad:
                 with contextlib.suppress(BadSample):
-                    yield pairs.ids[index], clean_captions(captions, pairs.name)
+                    yield pairs.ids[index], clean_captions(pairs.captions[index], pairs.name)
         return
-    for sample in shard_samples(pairs.shards, fields=pairs.fields, images=False):
+    shards = pairs.shards if parts is None else [pairs.shards[index] for index in parts]
+    for sample in shard_samples(shards, fields=pairs.fields, images=False):
         with contextlib.suppress(BadSample):
             yield shard_sample_id(sample), sample_captions(sample, pairs.fields)
 
@@ -86,6 +91,7 @@ def open_pairs(
     *,
     fields: Fields = DEFAULT_FIELDS,
     allow_absolute_paths: bool = False,
+    shard_index: str | Path | None = None,
 ) -> PairTable | ShardPairs:
     """Open ``source``: a ``.csv``/``.tsv``/``.jsonl`` table; webdataset ``.tar`` shards or
     ``.parquet`` files as a directory of them, one path, a brace pattern
@@ -93,7 +99,10 @@ def open_pairs(
     or ``pipe:COMMAND``, a brace pattern of them (``https://host/d/{00000..00009}.tar``)
     or a list (see ``remote.py``). ``fields`` says where each sample's image and captions
     are. Already opened sources are returned as they are. A table's or parquet file's image
-    paths must stay inside its folder unless ``allow_absolute_paths``."""
+    paths must stay inside its folder unless ``allow_absolute_paths``. With ``shard_index``
+    (``data.cache_dir``), shards are counted as they are opened, local tars through the
+    shard index there (``shard_index.py``), so that the process that opens a dataset first
+    (under torchrun rank 0, in ``distributed.main_first``) scans it for all others."""
     if isinstance(source, (PairTable, ShardPairs)):
         return source
     if isinstance(source, (list, tuple)):
@@ -102,7 +111,7 @@ def open_pairs(
             raise SourceError(
                 f"a list source must hold .tar shards or .parquet files; got {unknown[:3]}"
             )
-        return _shards(source, fields, allow_absolute_paths)
+        return _shards(source, fields, allow_absolute_paths, shard_index)
     if remote.is_remote(source):
         urls = wds.shardlists.expand_urls(source) if "{" in source else [source]
         unknown = [url for url in urls if not remote.names_tar(url)]
@@ -113,16 +122,16 @@ def open_pairs(
                 f"be listed; tables and parquet files are read by seeking: download them "
                 f"first); got {unknown[:3]}"
             )
-        return _shards(urls, fields, allow_absolute_paths)
+        return _shards(urls, fields, allow_absolute_paths, shard_index)
     path = Path(source)
     text = str(source)
     if path.is_dir():
-        return _shards(_folder(path), fields, allow_absolute_paths)
+        return _shards(_folder(path), fields, allow_absolute_paths, shard_index)
     if "{" in text:
-        return _shards(wds.shardlists.expand_urls(text), fields, allow_absolute_paths)
+        return _shards(wds.shardlists.expand_urls(text), fields, allow_absolute_paths, shard_index)
     suffix = path.suffix.lower()
     if suffix in (".tar", ".parquet"):
-        return _shards([path], fields, allow_absolute_paths)
+        return _shards([path], fields, allow_absolute_paths, shard_index)
     if suffix in (".csv", ".tsv"):
         return PairTable.from_csv(path, fields, allow_absolute_paths=allow_absolute_paths)
     if suffix == ".jsonl":
@@ -143,12 +152,17 @@ def _names_shard(shard) -> bool:
     return str(shard).endswith(".tar") or is_parquet(shard)
 
 
-def _shards(paths: Sequence, fields: Fields, allow_absolute_paths: bool) -> ShardPairs:
+def _shards(
+    paths: Sequence, fields: Fields, allow_absolute_paths: bool, shard_index: str | Path | None
+) -> ShardPairs:
     """Shards as ShardPairs; parquet files carry the path rule in their fields, since their
     samples' paths resolve where they are decoded (fields.py)."""
     if any(is_parquet(path) for path in paths):
         fields = replace(fields, allow_absolute_paths=allow_absolute_paths)
-    return ShardPairs(paths, fields)
+    pairs = ShardPairs(paths, fields, shard_index=shard_index)
+    if shard_index is not None:
+        len(pairs)  # counted now, while this process is the first (see open_pairs)
+    return pairs
 
 
 # Hugging Face's shard names: SPLIT-00000-of-00004.parquet

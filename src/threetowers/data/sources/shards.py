@@ -5,6 +5,9 @@
 only within their size limits (1 MiB of text or metadata, 64 MiB of image: see
 ``tar_samples``).
 
+A local tar's count comes from its headers, scanned once per process, or with
+``data.cache_dir`` once per shard: ``shard_index`` keeps the counts there for every process.
+
 A ``.parquet`` file is a shard too (``parquet_samples``: its rows are its samples): it is
 counted, streamed and decoded here by its suffix, so everything built on shards (the
 loader's plans and resume, the feature caches' units, bad-sample names) serves both. One
@@ -37,13 +40,30 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
-from threetowers.data.sources import parquet_samples, remote, remote_counts, remote_identity
+from threetowers.data.sources import (
+    parquet_samples,
+    remote,
+    remote_counts,
+    remote_identity,
+    shard_index,
+)
 from threetowers.data.sources.bad_samples import BadSample, SourceError
-from threetowers.data.sources.decode import caption_text, clean_captions, is_utf8, load_image
+from threetowers.data.sources.decode import (
+    EncodedImage,
+    caption_text,
+    clean_captions,
+    is_utf8,
+    load_image,
+)
 from threetowers.data.sources.fields import CAPTION_MEMBERS, DEFAULT_FIELDS, Fields
 from threetowers.data.sources.pair import SHARD_STREAM, Pair, check_seed
 from threetowers.data.sources.parquet_samples import is_parquet
-from threetowers.data.sources.tar_samples import count_samples, count_stream, read_samples
+from threetowers.data.sources.tar_samples import (
+    count_file,
+    count_samples,
+    count_stream,
+    read_samples,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +73,7 @@ def shard_sample_id(sample: dict[str, Any]) -> str:
     return f"{sample.get('__url__', '?')}/{sample['__key__']}"
 
 
-_COUNT_CACHE: dict[tuple[str, int, int], int] = {}
+_COUNT_CACHE: dict[shard_index.ShardKey, int] = {}  # this process's counts of local shards
 _REMOTE_COUNTS: dict[str, int] = {}  # a remote shard's identity (JSON) -> its count
 
 
@@ -82,8 +102,7 @@ def count_shard_samples(path: str | Path, count_cache: str | Path | None = None)
     if remote.is_remote(path):
         return _count_remote(str(path), count_cache)
     path = Path(path)
-    stat = path.stat()
-    cache_key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    cache_key = shard_index.shard_key(path)
     if cache_key not in _COUNT_CACHE:
         counter = parquet_samples.count_samples if is_parquet(path) else count_samples
         _COUNT_CACHE[cache_key] = counter(path)
@@ -111,19 +130,48 @@ def _count_remote(url: str, count_cache: str | Path | None) -> int:
     return plan.samples
 
 
-def count_all(shards: Sequence[str | Path], count_cache: str | Path | None = None) -> list[int]:
-    """:func:`count_shard_samples` of each shard, remote ones several at once."""
+def count_all(
+    shards: Sequence[str | Path],
+    count_cache: str | Path | None = None,
+    index: str | Path | None = None,
+) -> list[int]:
+    """:func:`count_shard_samples` of each shard, remote ones several at once; with an
+    ``index`` folder (``data.cache_dir``), local tars are counted through its shard index
+    (``shard_index``: read there, else scanned and kept there)."""
     far = [shard for shard in shards if remote.is_remote(shard)]
     counted = remote.parallel(lambda url: count_shard_samples(url, count_cache), far)
-    counts = dict(zip(far, counted, strict=True))
-    return [counts[s] if remote.is_remote(s) else count_shard_samples(s) for s in shards]
+    counts: dict = dict(zip(far, counted, strict=True))
+    if index is not None:
+        tars = [s for s in shards if not remote.is_remote(s) and not is_parquet(s)]
+        counts |= _indexed_counts(tars, index)
+    return [counts[s] if s in counts else count_shard_samples(s) for s in shards]
+
+
+def _indexed_counts(tars: Sequence[Path], index: str | Path) -> dict[Path, int]:
+    """Local tars' counts from the shard index in ``index``; those it lacks are scanned, and
+    kept there when read whole."""
+    keys = {path: shard_index.shard_key(path) for path in tars}
+    kept = shard_index.load(index, keys.values())
+    _COUNT_CACHE.update(kept)
+    scanned = {}
+    for path, key in keys.items():
+        if key not in kept:
+            counted = count_file(path)
+            _COUNT_CACHE[key] = counted.samples
+            if counted.failure is None:
+                scanned[key] = counted.samples
+    if scanned:
+        shard_index.save(index, scanned)
+    return {path: _COUNT_CACHE[key] for path, key in keys.items()}
 
 
 class ShardPairs:
     """Webdataset shards (local files, or remote ones: see the module docstring), or local
     parquet files, in the order given (shuffled per epoch by the loader). Parquet files are
     checked for their columns here, from their footers. ``count_cache``: where streamed
-    counts of remote shards are kept (default ``remote_counts.count_cache_dir()``)."""
+    counts of remote shards are kept (default ``remote_counts.count_cache_dir()``);
+    ``shard_index``: the folder of the local tars' shard index (``data.cache_dir``; None:
+    their headers are scanned, once per process)."""
 
     def __init__(
         self,
@@ -131,6 +179,7 @@ class ShardPairs:
         fields: Fields = DEFAULT_FIELDS,
         *,
         count_cache: str | Path | None = None,
+        shard_index: str | Path | None = None,
     ) -> None:
         shards = [s if remote.is_remote(s) else Path(s) for s in shards]
         if not shards:
@@ -162,12 +211,13 @@ class ShardPairs:
         for path in parquet:
             parquet_samples.check_columns(path, fields)
         self.shards, self.fields, self.count_cache = shards, fields, count_cache
+        self.shard_index = shard_index
 
     @cached_property
     def sizes(self) -> list[int]:
-        """Samples per shard (reads tar headers, or parquet footers, once; remote shards:
-        see :func:`count_shard_samples`)."""
-        return count_all(self.shards, self.count_cache)
+        """Samples per shard (local tars: from the shard index, else their headers, once;
+        parquet footers; remote shards: see :func:`count_shard_samples`)."""
+        return count_all(self.shards, self.count_cache, self.shard_index)
 
     @cached_property
     def first_rows(self) -> list[int]:
@@ -217,6 +267,13 @@ def sample_captions(sample: dict[str, Any], fields: Fields = DEFAULT_FIELDS) -> 
     )
 
 
+def caption_members(fields: Fields = DEFAULT_FIELDS) -> frozenset[str]:
+    """The tar members :func:`sample_captions` reads: the ``.json``, the caption members
+    and ``data.caption_key``'s member."""
+    named = () if fields.caption is None else (fields.caption.lower(),)
+    return frozenset(("json", *CAPTION_MEMBERS, *named))
+
+
 def _metadata(sample: dict[str, Any]) -> dict:
     """The sample's ``.json`` member as a dict ({} when absent or unreadable: the other
     members may still serve)."""
@@ -247,8 +304,11 @@ def _from_parquet(sample: dict[str, Any]) -> bool:
     return isinstance(url, str) and is_parquet(url)
 
 
-def decode_sample(sample: dict[str, Any], fields: Fields = DEFAULT_FIELDS) -> Pair:
-    """A raw shard sample as a Pair, or :class:`BadSample` saying why it cannot be used."""
+def decode_sample(
+    sample: dict[str, Any], fields: Fields = DEFAULT_FIELDS, encoded: bool = False
+) -> Pair:
+    """A raw shard sample as a Pair, or :class:`BadSample` saying why it cannot be used;
+    ``encoded``: its image an :class:`EncodedImage`, decoded by the transform that reads it."""
     key, url = sample["__key__"], sample.get("__url__", "?")
     where = f"sample {key!r} of {url}"
     if not is_utf8(key):
@@ -262,7 +322,8 @@ def decode_sample(sample: dict[str, Any], fields: Fields = DEFAULT_FIELDS) -> Pa
         if data is None:
             raise BadSample("no_image", f"{where}: no .{'/.'.join(members)} member")
     row = sample.get("__row__", -1)
-    return Pair(key, load_image(data, where), captions, shard_sample_id(sample), row)
+    image = EncodedImage(data, where) if encoded else load_image(data, where)
+    return Pair(key, image, captions, shard_sample_id(sample), row)
 
 
 def shard_samples(
@@ -275,31 +336,34 @@ def shard_samples(
     """Raw samples of shards, one after the other (see ``tar_samples.read_samples`` and
     ``parquet_samples.read_samples``); with each shard's first row in its dataset, every
     sample carries its row as ``__row__``. With the ``fields`` they will be decoded with, a
-    parquet file is read for those columns only (``images=False``: its captions only); a
-    tar is read whole either way."""
+    parquet file is read for those columns only, and ``images=False`` reads captions only:
+    a parquet file's caption columns, a tar's :func:`caption_members` (its other members'
+    data skipped unread, see ``tar_samples``; a remote tar streams past it)."""
     columns = None if fields is None else parquet_samples.wanted_columns(fields, images)
+    members = None if fields is None or images else caption_members(fields)
     firsts = iter(first_rows) if first_rows is not None else None
     for shard in shards:
         first = next(firsts) if firsts is not None else None
         if is_parquet(shard):
             samples = parquet_samples.read_samples(shard, columns)
         elif remote.is_remote(shard) and shard in _PLANNED:
-            samples = _as_planned(shard, _PLANNED[shard])
+            samples = _as_planned(shard, _PLANNED[shard], members)
         else:
-            samples = read_samples(shard)
+            samples = read_samples(shard, members)
         for position, sample in enumerate(samples):
             if first is not None:
                 sample["__row__"] = first + position
             yield sample
 
 
-def _as_planned(url: str, plan: _Plan) -> Iterator[dict[str, Any]]:
-    """A remote shard's samples, exactly ``plan.samples`` of them (see the module docstring)."""
+def _as_planned(url: str, plan: _Plan, members: frozenset[str] | None) -> Iterator[dict[str, Any]]:
+    """A remote shard's samples, exactly ``plan.samples`` of them (see the module docstring);
+    ``members``: as ``read_samples`` takes them."""
     if plan.unreachable:  # not asked again: a sample that came now would not fit the plan
         detail = f"{url} could not be read when its samples were counted: {plan.failure}"
         yield _bad_sample(remote.shard_name(url), url, "unreachable_shard", detail)
         return
-    samples = read_samples(url)
+    samples = read_samples(url, members)
     held, streamed = None, 0
     for sample in samples:
         streamed += 1

@@ -15,7 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from threetowers.data.sources.bad_samples import BadSample, SourceError
-from threetowers.data.sources.decode import clean_captions, image_path, is_utf8, load_image
+from threetowers.data.sources.decode import (
+    EncodedImage,
+    clean_captions,
+    image_path,
+    is_utf8,
+    load_image,
+)
 from threetowers.data.sources.fields import DEFAULT_FIELDS, Fields
 from threetowers.data.sources.pair import ORDER_STREAM, Pair, check_seed
 
@@ -136,11 +142,16 @@ class PairTable:
         return len(self.keys)
 
     def __getitem__(self, index: int) -> Pair:
+        return self.pair(index)
+
+    def pair(self, index: int, encoded: bool = False) -> Pair:
+        """Row ``index`` as a Pair, or :class:`BadSample`; ``encoded``: its image an
+        :class:`EncodedImage`, decoded by the transform that reads it."""
         if index in self.bad:
             raise self.bad[index]
         where = f"{self.name} key {self.keys[index]}"
         captions = clean_captions(self.captions[index], where)
-        image = load_image(self.images[index], where)
+        image = (EncodedImage if encoded else load_image)(self.images[index], where)
         return Pair(self.keys[index], image, captions, self.keys[index], index)
 
     def order(self, seed: int, epoch: int) -> np.ndarray:

@@ -36,13 +36,18 @@ streams, by the same code: the size limits before any read, sparse members refus
 that comes back later, a stream cut mid-shard (a server that closes the connection early)
 streams its last sample as ``truncated_shard``, once, named with the URL and why the
 transfer broke off.
+
+A reader that needs only some members (a tokenizer's pass needs the captions:
+``shards.caption_members``) names them: the others are checked from their headers as
+before (size limit, sparse, a suffix twice), so the same samples are bad, but their data is
+not read: a local file seeks over it; a stream, which cannot skip, reads it and drops it.
 """
 
 from __future__ import annotations
 
 import re
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,28 +111,35 @@ def _scan(
 def count_samples(path: str | Path) -> int:
     """Samples in one shard from its headers (a shard that cannot be opened counts as 1);
     a remote shard is streamed through (:func:`count_stream`)."""
-    if remote.is_remote(path):
-        return count_stream(str(path)).samples
-    try:
-        archive = open_archive(path)
-    except BadSample:
-        return 1
-    with archive, closing(archive.fileobj):
-        return sum(1 for _ in _scan(archive))
+    counted = count_stream(str(path)) if remote.is_remote(path) else count_file(path)
+    return counted.samples
 
 
 @dataclass(frozen=True)
-class StreamCount:
-    """A remote shard's count: ``failure`` says why its transfer broke off where that
-    decided the count (None: the count is the data's own, and can be kept); ``unreachable``:
-    nothing arrived at all."""
+class ShardCount:
+    """A shard's count: ``failure`` says why the shard broke off (or could not be opened, or
+    its transfer broke off) where that decided the count (None: the count is the data's
+    own, and can be kept); ``unreachable``: of a stream, nothing arrived at all."""
 
     samples: int
     failure: str | None = None
     unreachable: bool = False
 
 
-def count_stream(url: str) -> StreamCount:
+def count_file(path: str | Path) -> ShardCount:
+    """Samples in a local shard from its headers; one that cannot be opened counts as 1 (it
+    streams as one bad sample)."""
+    try:
+        archive = open_archive(path)
+    except BadSample as bad:
+        return ShardCount(1, bad.detail)
+    with archive, closing(archive.fileobj):
+        samples = sum(1 for _ in _scan(archive))
+        whole = ends_whole(archive)
+    return ShardCount(samples, None if whole else "no end-of-archive blocks after its last member")
+
+
+def count_stream(url: str) -> ShardCount:
     """Samples in a remote shard: its headers, read as they stream past (the data between
     them read and dropped), by the same scan that :func:`read_samples` streams it with."""
     stream = remote_stream.open_stream(url)
@@ -135,17 +147,21 @@ def count_stream(url: str) -> StreamCount:
         archive = open_archive(url, stream)
     except BadSample:
         stream.close()
-        return StreamCount(1, stream.failure, stream.failure is not None and not stream.received)
+        return ShardCount(1, stream.failure, stream.failure is not None and not stream.received)
     with archive, closing(archive.fileobj):
         samples = sum(1 for _ in _scan(archive))
-        return StreamCount(samples, None if ends_whole(archive) else stream.failure)
+        return ShardCount(samples, None if ends_whole(archive) else stream.failure)
 
 
-def read_samples(path: str | Path) -> Iterator[dict[str, Any]]:
+def read_samples(
+    path: str | Path, members: Collection[str] | None = None
+) -> Iterator[dict[str, Any]]:
     """The samples of one shard in file order, as webdataset-style dicts (``__key__``,
     ``__url__``, and the member bytes by suffix); a sample that cannot be read carries
     ``__bad__`` = (reason, detail) instead of its members. A remote shard (a ``str`` URL or
-    ``pipe:`` command, see ``remote.py``) is streamed."""
+    ``pipe:`` command, see ``remote.py``) is streamed. ``members``: the suffixes whose data
+    is read (None: all); any other member is checked from its header only and stands in
+    its sample as None."""
     url = str(path)
     stream = remote_stream.open_stream(url) if remote.is_remote(path) else None
     try:
@@ -163,7 +179,7 @@ def read_samples(path: str | Path) -> Iterator[dict[str, Any]]:
                 group.sample = _malformed(group, url) if group.key in seen else fresh
                 seen.add(group.key)
             if "__bad__" not in group.sample:
-                group.sample = _add_member(archive, member, group.sample, url)
+                group.sample = _add_member(archive, member, group.sample, url, members)
 
         last = None  # held back one sample: only the end of the scan tells if it is whole
         for group in _scan(archive, take):
@@ -201,10 +217,15 @@ def _malformed(group: _Group, url: str) -> dict[str, Any]:
 
 
 def _add_member(
-    archive: tarfile.TarFile, member: tarfile.TarInfo, sample: dict[str, Any], url: str
+    archive: tarfile.TarFile,
+    member: tarfile.TarInfo,
+    sample: dict[str, Any],
+    url: str,
+    wanted: Collection[str] | None,
 ) -> dict[str, Any]:
-    """``sample`` with the data of its next ``member``, or the bad sample it makes: members
-    are checked in order, and the first one that fails decides (later ones are not read)."""
+    """``sample`` with the data of its next ``member`` (None when its suffix is not
+    ``wanted``), or the bad sample it makes: members are checked in order, and the first one
+    that fails decides (later ones are not read)."""
     key = sample["__key__"]
     where = f"sample {key!r} of {url}"
     suffix = base_plus_ext(member.name)[1].lower()
@@ -217,6 +238,9 @@ def _add_member(
     if member.size > limit:
         detail = f"{where}: {member.name} is {member.size:,} bytes (limit {limit:,})"
         return _bad(key, url, "member_too_large", detail)
+    if wanted is not None and suffix not in wanted:
+        sample[suffix] = None  # tarfile's next header read seeks over its data
+        return sample
     try:
         data = archive.extractfile(member).read()
     except TAR_ERRORS as error:

@@ -8,6 +8,7 @@ into whole batches (:class:`ShardStream`). A sample that fails to decode is kept
 
 from __future__ import annotations
 
+import functools
 import itertools
 import random
 import signal
@@ -72,77 +73,118 @@ def collate(items: list[tuple[str, dict] | Skipped]) -> dict[str, Any]:
     return batch
 
 
-class TableExamples(Dataset):
-    """A table's rows as examples, read by index; a bad row is its :class:`Skipped`."""
+Prepare = Callable[[dict[str, Any]], dict[str, Any]]  # a collated batch -> the step's
 
-    def __init__(self, table: PairTable, example: Example, seed: int, epoch: int) -> None:
-        self.table, self.example, self.seed, self.epoch = table, example, seed, epoch
+
+class Collate:
+    """:func:`collate`, then ``prepare`` (where given): in the worker, so that the training
+    process receives batches ready for the device."""
+
+    def __init__(self, prepare: Prepare | None = None) -> None:
+        self.prepare = prepare
+
+    def __call__(self, items: list[tuple[str, dict] | Skipped]) -> dict[str, Any]:
+        batch = collate(items)
+        return batch if self.prepare is None else self.prepare(batch)
+
+
+class TableExamples(Dataset):
+    """A table's rows as examples, read by (epoch, row); a bad row is its :class:`Skipped`."""
+
+    def __init__(self, table: PairTable, example: Example, seed: int, encoded: bool) -> None:
+        self.table, self.example, self.seed = table, example, seed
+        self.encoded = encoded  # hand ``example`` an EncodedImage
 
     def __len__(self) -> int:
         return len(self.table)
 
-    def __getitem__(self, index: int) -> tuple[str, dict] | Skipped:
+    def __getitem__(self, index: tuple[int, int]) -> tuple[str, dict] | Skipped:
+        epoch, row = index
         try:
-            pair = self.table[index]
+            pair = self.table.pair(row, encoded=True) if self.encoded else self.table[row]
+            return _make_example(pair, self.example, self.seed, epoch)
         except BadSample as bad:
-            return bad.skipped(self.table.ids[index])
-        return _make_example(pair, self.example, self.seed, self.epoch)
+            return bad.skipped(self.table.ids[row])
 
 
-class ShardStream(IterableDataset):
-    """One rank's shards; each DataLoader worker streams its planned share into batches."""
+class ShardReader:
+    """How one rank's shards become a loader worker's batches: its planned shards through
+    its shuffle buffer, the samples before its resume point skipped as raw bytes."""
 
     def __init__(
         self,
         source: ShardPairs,
-        plans: list[WorkerPlan],
-        skipped: list[int],
-        first: int,
         example: Example,
         seed: int,
-        epoch: int,
         rank: int,
         batch_size: int,
         shuffle_buffer: int,
         drop_last: bool,
+        encoded: bool = False,
+        prepare: Prepare | None = None,
     ) -> None:
         self.urls = [str(shard) for shard in source.shards]
         self.first_rows, self.fields = source.first_rows, source.fields
-        self.plans, self.skipped, self.first, self.example = plans, skipped, first, example
-        self.seed, self.epoch, self.rank = seed, epoch, rank
+        self.example, self.seed, self.rank = example, seed, rank
         self.batch_size, self.shuffle_buffer, self.drop_last = batch_size, shuffle_buffer, drop_last
+        self.encoded = encoded  # hand ``example`` an EncodedImage
+        self.collate = Collate(prepare)
 
-    def __iter__(self) -> Iterator[tuple[int, int, dict]]:
-        info = get_worker_info()
-        worker = ((info.id if info is not None else 0) + self.first) % len(self.plans)
-        plan = self.plans[worker]
-        skip = min(self.skipped[worker] * self.batch_size, plan.samples)
+    def batches(self, plan: WorkerPlan, worker: int, skipped: int, epoch: int) -> Iterator[dict]:
+        """The batches of ``plan`` (plan worker ``worker``'s in ``epoch``) after its first
+        ``skipped``."""
+        skip = min(skipped * self.batch_size, plan.samples)
         shards = [self.urls[i] for i in plan.shards]
         stages: list[Any] = [
             lambda: shard_samples(shards, [self.first_rows[i] for i in plan.shards], self.fields),
             _ExpectCount(plan.samples, worker),
         ]
         if self.shuffle_buffer > 1:
-            state = np.random.SeedSequence(
-                [self.seed, self.epoch, BUFFER_STREAM, self.rank, worker]
-            )
+            state = np.random.SeedSequence([self.seed, epoch, BUFFER_STREAM, self.rank, worker])
             rng = random.Random(int(state.generate_state(1, np.uint64)[0]))
             stages.append(wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng))
         stages += [
             # Skipped samples are dropped as raw bytes: never decoded, never augmented.
             lambda samples: itertools.islice(samples, skip, None),
-            wds.map(self._example),
-            wds.batched(self.batch_size, collation_fn=collate, partial=not self.drop_last),
+            wds.map(functools.partial(self._example, epoch=epoch)),
+            wds.batched(self.batch_size, collation_fn=self.collate, partial=not self.drop_last),
         ]
-        for index, batch in enumerate(wds.DataPipeline(*stages), start=self.skipped[worker]):
-            yield worker, index, batch
+        return iter(wds.DataPipeline(*stages))
 
-    def _example(self, sample: dict[str, Any]) -> tuple[str, dict] | Skipped:
+    def _example(self, sample: dict[str, Any], epoch: int) -> tuple[str, dict] | Skipped:
         try:
-            pair = decode_sample(sample, self.fields)
+            pair = decode_sample(sample, self.fields, encoded=self.encoded)
+            return _make_example(pair, self.example, self.seed, epoch)
         except BadSample as bad:
             return bad.skipped(shard_sample_id(sample))
-        return _make_example(pair, self.example, self.seed, self.epoch)
+
+
+class ShardStream(IterableDataset):
+    """One rank's shards in one epoch; each DataLoader worker streams its planned share."""
+
+    def __init__(
+        self,
+        reader: ShardReader,
+        plans: list[WorkerPlan],
+        skipped: list[int],
+        first: int,
+        epoch: int,
+    ) -> None:
+        self.reader, self.plans, self.skipped, self.first, self.epoch = (
+            reader,
+            plans,
+            skipped,
+            first,
+            epoch,
+        )
+
+    def __iter__(self) -> Iterator[tuple[int, int, dict]]:
+        info = get_worker_info()
+        worker = ((info.id if info is not None else 0) + self.first) % len(self.plans)
+        skipped = self.skipped[worker]
+        batches = self.reader.batches(self.plans[worker], worker, skipped, self.epoch)
+        for index, batch in enumerate(batches, start=skipped):
+            yield worker, index, batch
 
 
 class _ExpectCount:
@@ -165,8 +207,15 @@ class _ExpectCount:
             )
 
 
-def ignore_sigterm(_worker: int) -> None:
-    """A job's SIGTERM reaches its whole process group: the workers leave it to the training
-    process, which stops at a step boundary and then shuts them down (a killed worker would
-    fail the next batch instead)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+# How long a loader worker goes on after SIGTERM. A job's SIGTERM reaches every process of
+# it; the training process needs a batch or two more to reach its step boundary, checkpoint
+# and shut its workers down, which is far less. A worker that nobody shuts down (its process
+# is exiting after an error, and exit terminates its children with SIGTERM, then waits on
+# them) ends then, rather than blocking that exit for ever.
+SIGTERM_GRACE_S = 30
+
+
+def defer_sigterm(_worker: int) -> None:
+    """A loader worker's SIGTERM ends it only after :data:`SIGTERM_GRACE_S` (SIGALRM's
+    default action), so that the training process, not the signal, shuts it down."""
+    signal.signal(signal.SIGTERM, lambda *_: signal.alarm(SIGTERM_GRACE_S))

@@ -1,0 +1,96 @@
+"""Batches on their way to the device: uint8 pixels until they are there, normalised there,
+one batch ahead.
+
+The loader hands uint8 pixels, a quarter of float32's bytes. On CUDA they leave pinned
+memory asynchronously on a side stream, and each image view's normalisation
+(``Preprocessing.normalize_pixels``: the same operations as on the CPU, so the same floats)
+runs there too, while the step before is still computing. On the CPU the device is the
+host: nothing is copied, and the normalisation is the first of the step's work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from threetowers.data.views import Views
+
+FROZEN_FEATURES, FROZEN_IMAGES = "frozen_features", "frozen_images"
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors (also those in its per-tower dicts) on ``device``; asynchronous
+    from pinned memory."""
+    return {
+        key: to_device(value, device)
+        if isinstance(value, dict)
+        else value.to(device, non_blocking=True)
+        if torch.is_tensor(value)
+        else value
+        for key, value in batch.items()
+    }
+
+
+def normalised(batch: dict, views: Views) -> dict:
+    """A prepared batch's uint8 views as each tower's normalised float32, where they are."""
+    if not batch["ids"]:  # only bad samples: nothing to normalise
+        return batch
+    if views.normalise is not None:
+        batch["images"] = views.normalise(batch["images"])
+    if FROZEN_IMAGES in batch:
+        live = batch[FROZEN_IMAGES]
+        batch[FROZEN_IMAGES] = {name: views.frozen_normalise[name](live[name]) for name in live}
+    return batch
+
+
+def pinned(batch: dict) -> dict:
+    """The batch's CPU tensors in page-locked memory, from which a copy to CUDA overlaps
+    with compute (the loader's own pinning covers what its workers made; this, what the
+    main process adds, such as tokens)."""
+    return {
+        key: pinned(value)
+        if isinstance(value, dict)
+        else value.pin_memory()
+        if torch.is_tensor(value) and not value.is_pinned()
+        else value
+        for key, value in batch.items()
+    }
+
+
+def on_device(batches: Iterable[dict], device: torch.device, views: Views) -> Iterator[dict]:
+    """``batches`` on ``device``, normalised there; on CUDA one batch ahead, its copy and
+    normalisation issued on a side stream while the caller works on the batch before."""
+    if device.type != "cuda":
+        for batch in batches:
+            yield normalised(to_device(batch, device), views)
+        return
+    side = torch.cuda.Stream(device)
+    ahead = None
+    for batch in batches:
+        with torch.cuda.stream(side):
+            ready = (normalised(to_device(pinned(batch), device), views), side.record_event())
+        if ahead is not None:
+            yield _handed_over(*ahead, device)
+        ahead = ready
+    if ahead is not None:
+        yield _handed_over(*ahead, device)
+
+
+def _handed_over(batch: dict, copied: torch.cuda.Event, device: torch.device) -> dict:
+    """The side stream's batch, safe on the caller's stream: that stream waits for this
+    batch's copy (not the next one's), and the allocator keeps each tensor's memory until the
+    caller's work on it is done."""
+    current = torch.cuda.current_stream(device)
+    current.wait_event(copied)
+    for tensor in _tensors(batch):
+        tensor.record_stream(current)
+    return batch
+
+
+def _tensors(batch: dict) -> Iterator[torch.Tensor]:
+    for value in batch.values():
+        if isinstance(value, dict):
+            yield from _tensors(value)
+        elif torch.is_tensor(value):
+            yield value

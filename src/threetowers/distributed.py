@@ -140,6 +140,18 @@ def all_gather_objects(local: Any) -> list[Any]:
     return out
 
 
+def all_gather_ints(local: list[int], device: torch.device) -> list[list[int]]:
+    """Every rank's ``local`` numbers (of one length on every rank), in rank order: one
+    tensor collective, on the GPU under NCCL."""
+    if world_size() == 1:
+        return [local]
+    where = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    mine = torch.tensor(local, dtype=torch.int64, device=where)
+    every = torch.empty(world_size() * len(local), dtype=torch.int64, device=where)
+    dist.all_gather_into_tensor(every, mine)
+    return every.view(-1, len(local)).tolist()
+
+
 def all_ranks(flag: torch.Tensor) -> bool:
     """Whether a boolean tensor is true on every rank (one host sync)."""
     if world_size() > 1:

@@ -2,9 +2,9 @@
 one batch ahead.
 
 The loader hands uint8 pixels, a quarter of float32's bytes. On CUDA they leave pinned
-memory asynchronously on a side stream, and each image view's normalisation
-(``Preprocessing.normalize_pixels``: the same operations as on the CPU, so the same floats)
-runs there too, while the step before is still computing. On the CPU the device is the
+memory (the loader's ``pin_memory``) asynchronously on a side stream, and each image view's
+normalisation (``Preprocessing.normalize_pixels``: the same operations as on the CPU, so the
+same floats) runs there too, while the step before is still computing. On the CPU the device is the
 host: nothing is copied, and the normalisation is the first of the step's work.
 """
 
@@ -16,6 +16,7 @@ import torch
 
 from threetowers.data.views import Views
 
+# A batch's per-tower dicts: cached features and live views, by frozen tower name.
 FROZEN_FEATURES, FROZEN_IMAGES = "frozen_features", "frozen_images"
 
 
@@ -44,20 +45,6 @@ def normalised(batch: dict, views: Views) -> dict:
     return batch
 
 
-def pinned(batch: dict) -> dict:
-    """The batch's CPU tensors in page-locked memory, from which a copy to CUDA overlaps
-    with compute (the loader's own pinning covers what its workers made; this, what the
-    main process adds, such as tokens)."""
-    return {
-        key: pinned(value)
-        if isinstance(value, dict)
-        else value.pin_memory()
-        if torch.is_tensor(value) and not value.is_pinned()
-        else value
-        for key, value in batch.items()
-    }
-
-
 def on_device(batches: Iterable[dict], device: torch.device, views: Views) -> Iterator[dict]:
     """``batches`` on ``device``, normalised there; on CUDA one batch ahead, its copy and
     normalisation issued on a side stream while the caller works on the batch before."""
@@ -69,7 +56,7 @@ def on_device(batches: Iterable[dict], device: torch.device, views: Views) -> It
     ahead = None
     for batch in batches:
         with torch.cuda.stream(side):
-            ready = (normalised(to_device(pinned(batch), device), views), side.record_event())
+            ready = (normalised(to_device(batch, device), views), side.record_event())
         if ahead is not None:
             yield _handed_over(*ahead, device)
         ahead = ready

@@ -143,19 +143,15 @@ def load_or_train_tokenizer(cfg: Config, run_dir: Path, source) -> CaptionTokeni
     return tokenizer
 
 
-# Loader fields hold one tensor each: a frozen tower's cached features travel as
-# FROZEN_FEATURES/NAME and its live view as FROZEN_IMAGES/NAME, regrouped into the batch's
-# dicts of those names.
-
-
 class TrainingExample:
     """One pair -> the tensors a step needs. Picklable, so it runs in loader workers.
 
     Images leave as uint8 pixels (``PixelEvalTransform``/``PixelTrainTransform``) and stay
     so until the device normalises them (``data/device.py``); captions leave as text, which
-    ``TrainingData.batches`` tokenises a batch at a time. A frozen tower that runs live in 3t gets
-    its own view, as ``frozen_images/NAME``; a cached one its features, read here from its
-    cache's unit of this sample (``frozen_features/NAME``).
+    :class:`PreparedBatch` tokenises a batch at a time. A frozen tower that runs live in 3t
+    gets its own view, as ``frozen_images/NAME``; a cached one its features, read here from
+    its cache's unit of this sample (``frozen_features/NAME``): loader fields hold one tensor
+    each, regrouped into the batch's dicts of those names.
     """
 
     def __init__(

@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from threetowers import distributed
 from threetowers.data.device import on_device
@@ -109,7 +108,7 @@ class BatchStream:
         ids, skipped = tensors["ids"], tensors.pop("skipped")
         reasons = Counter(bad.reason for bad in skipped)
         local = [len(ids), int(self.stop()), *(reasons[reason] for reason in REASONS)]
-        rows = _gathered(local + self.sources.of(ids, skipped), self.device)
+        rows = distributed.all_gather_ints(local + self.sources.of(ids, skipped), self.device)
         summed = [sum(column) for column in zip(*rows, strict=True)]
         bad = dict(zip(REASONS, summed[2 : 2 + len(REASONS)], strict=True))
         named = []
@@ -120,14 +119,3 @@ class BatchStream:
         self.sources.record(summed[2 + len(REASONS) :])
         return GlobalBatch(tensors, counts, bool(summed[1]))
 
-
-def _gathered(local: list[int], device: torch.device) -> list[list[int]]:
-    """Every rank's ``local`` numbers (all of one length), in rank order: one collective on
-    the process group's device (NCCL's is the GPU)."""
-    if distributed.world_size() == 1:
-        return [local]
-    where = device if dist.get_backend() == "nccl" else torch.device("cpu")
-    mine = torch.tensor(local, dtype=torch.int64, device=where)
-    every = torch.empty(distributed.world_size() * len(local), dtype=torch.int64, device=where)
-    dist.all_gather_into_tensor(every, mine)
-    return every.view(-1, len(local)).tolist()

@@ -51,6 +51,7 @@ class EvalTransform(_Normalised):
         self.resize_to = round(pre.image_size / pre.crop_fraction)
 
     def __call__(self, image: Image.Image | EncodedImage) -> torch.Tensor:
+        image = _upright(image)
         width, height = image.size
         short = min(width, height)
         # The longer side truncates, as torchvision's Resize does: an exported model gets the
@@ -112,6 +113,7 @@ class TrainTransform(_Normalised):
         return left, top, left + w, top + h
 
     def __call__(self, image: Image.Image | EncodedImage, rng: np.random.Generator) -> torch.Tensor:
+        image = _upright(image)
         box = self.crop_box(*image.size, rng)
         left, top, right, bottom = box
         scale = max(self.size / (right - left), self.size / (bottom - top))
@@ -122,14 +124,17 @@ class TrainTransform(_Normalised):
         return self._finish(image)
 
 
+def _upright(image: Image.Image | EncodedImage) -> Image.Image | EncodedImage:
+    """A decoded image as upright RGB; an encoded one knows its upright size already."""
+    return image if isinstance(image, EncodedImage) else to_rgb(image)
+
+
 def _decoded(
     image: Image.Image | EncodedImage, needed: tuple[int, int]
 ) -> tuple[Image.Image, float]:
     """Upright RGB at least ``needed`` in size, and its scale to the full image (< 1 where an
     encoded JPEG was decoded at a fraction of its size: ``EncodedImage``)."""
-    if isinstance(image, EncodedImage):
-        return image.decoded(needed)
-    return to_rgb(image), 1.0
+    return image.decoded(needed) if isinstance(image, EncodedImage) else (image, 1.0)
 
 
 def eval_transform(pre: Preprocessing) -> EvalTransform:

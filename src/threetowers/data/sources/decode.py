@@ -55,12 +55,8 @@ class EncodedImage:
                 width, height = image.size
                 turn = orientation(image)
         self._upright = turn not in TURNS  # else decoded whole: a draft's box would turn too
-        self.full_size = (height, width) if turn in SIDEWAYS else (width, height)
-
-    @property
-    def size(self) -> tuple[int, int]:
-        """The upright image's (width, height) at full size."""
-        return self.full_size
+        # the upright image's (width, height) at full size
+        self.size = (height, width) if turn in SIDEWAYS else (width, height)
 
     def decoded(self, needed: tuple[int, int]) -> tuple[Image.Image, float]:
         """Upright RGB at least ``needed`` (width, height) in size, and its scale (its size
@@ -79,7 +75,7 @@ class EncodedImage:
         return self._decoded
 
     def _covers(self, scale: float, needed: tuple[int, int]) -> bool:
-        width, height = self.full_size
+        width, height = self.size
         return width * scale >= needed[0] and height * scale >= needed[1]
 
 

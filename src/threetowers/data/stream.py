@@ -118,4 +118,3 @@ class BatchStream:
         self.bad_data.record_counts(sum(counts), Counter(bad), named)
         self.sources.record(summed[2 + len(REASONS) :])
         return GlobalBatch(tensors, counts, bool(summed[1]))
-

@@ -25,7 +25,7 @@ Issue 40's goals are ratios to the naive loader in the same run: at least 1.5x i
 at most 50 us per sample. Also reported: the normalisation's cost on a CPU device, and what
 decoding at a smaller scale does to the pixels of the crops.
 
-    .venv/bin/python benchmarks/input_path.py [--samples 3200] [--rounds 2] [--before REF]
+    .venv/bin/python benchmarks/input_path.py [--samples 3200] [--rounds 3] [--before REF]
 """
 
 from __future__ import annotations
@@ -245,7 +245,7 @@ def _worktree(ref: str, where: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=3200)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--before", default="91a815e", help="the commit before issue 40")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results/input_path.json"))
     parser.add_argument("--measure", nargs=4, help=argparse.SUPPRESS)

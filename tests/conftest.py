@@ -77,17 +77,25 @@ def backbone() -> tt.FrozenBackbone:
 @pytest.fixture(scope="session")
 def tiny_text_encoder(tmp_path_factory):
     """A one-layer BERT with MiniLM's tokenizer, saved and loaded as a frozen text tower."""
-    transformers = pytest.importorskip("transformers")
-    from threetowers.backbones.text_encoder import load_text_encoder, minilm_path
+    from threetowers.backbones.text_encoder import load_text_encoder
 
-    folder = tmp_path_factory.mktemp("tiny_bert")
+    pytest.importorskip("transformers")
+    return load_text_encoder(save_tiny_bert(tmp_path_factory.mktemp("tiny_bert")))
+
+
+def save_tiny_bert(folder: Path) -> Path:
+    """A one-layer BERT with MiniLM's tokenizer, saved in ``folder`` (which it returns)."""
+    import transformers
+
+    from threetowers.backbones.text_encoder import minilm_path
+
     config = transformers.BertConfig(
         hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
     )
     torch.manual_seed(5)
     transformers.BertModel(config).save_pretrained(folder)
     shutil.copy(minilm_path() / "tokenizer.json", folder / "tokenizer.json")
-    return load_text_encoder(folder)
+    return folder
 
 
 @pytest.fixture(scope="module")

@@ -152,6 +152,16 @@ def all_gather_ints(local: list[int], device: torch.device) -> list[list[int]]:
     return every.view(-1, len(local)).tolist()
 
 
+def average_gradients(parameters) -> None:
+    """Each parameter's gradient averaged over the ranks, as DDP averages those it holds."""
+    if world_size() == 1:
+        return
+    for parameter in parameters:
+        if parameter.grad is not None:
+            dist.all_reduce(parameter.grad)
+            parameter.grad /= world_size()
+
+
 def all_ranks(flag: torch.Tensor) -> bool:
     """Whether a boolean tensor is true on every rank (one host sync)."""
     if world_size() > 1:

@@ -50,6 +50,19 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
     warmup_steps: int = Field(100, ge=0, description="Linear warmup steps.")
     grad_clip: float = Field(1.0, ge=0, description="Gradient norm clip; 0: off.")
+    activation_checkpointing: bool = Field(
+        False,
+        description="Checkpoint each Transformer block of f and g: activation memory of one "
+        "block's input per block, for a second forward of the towers in the backward pass.",
+    )
+    micro_batch: int = Field(
+        0,
+        ge=0,
+        description="Pairs per rank per pass; 0: the whole local batch. Smaller runs the towers "
+        "a micro-batch at a time and accumulates the whole batch's gradients exactly "
+        "(GradCache's way: embeddings first, the loss on all of them, then each micro-batch "
+        "again with a graph), so activation memory follows micro_batch, not data.batch_size.",
+    )
     seed: int = Field(0, description="Seed of the weights and the data order.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 def check_heads(width: int, heads: int) -> None:
@@ -51,8 +52,21 @@ class Encoder(nn.Module):
     def __init__(self, width: int, depth: int, heads: int, mlp_ratio: float) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
+        self.checkpointed = False  # see checkpoint_blocks
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         for block in self.blocks:
-            x = block(x, mask)
+            if self.checkpointed and torch.is_grad_enabled():
+                x = checkpoint(block, x, mask, use_reentrant=False)
+            else:
+                x = block(x, mask)
         return x
+
+
+def checkpoint_blocks(tower: nn.Module) -> None:
+    """Activation checkpointing for every Transformer block of ``tower``: a block keeps only
+    its input for the backward pass and computes its activations again there (the same
+    operations, so the same numbers, with dropout's masks replayed), for one more forward."""
+    for module in tower.modules():
+        if isinstance(module, Encoder):
+            module.checkpointed = True

@@ -2,7 +2,10 @@
 
 A step whose loss or gradient is not finite moves neither the weights nor Adam's moments;
 the schedule moves on either way (steps, not updates, index the learning rate). Under DDP
-the frozen towers run outside the wrapper, before its forward.
+the frozen towers run outside the wrapper, before its forward. With ``train.micro_batch``
+the towers run a micro-batch at a time and the whole batch's gradients are accumulated
+exactly (``trainer/accumulation.py``); with ``train.activation_checkpointing`` f's and g's
+Transformer blocks recompute their activations in the backward pass.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from threetowers import distributed
 from threetowers.config import TrainConfig
 from threetowers.data.stream import GlobalBatch
 from threetowers.model.three_towers import ThreeTowers, batch_embeddings
+from threetowers.towers.transformer import checkpoint_blocks
+from threetowers.trainer.accumulation import backward_in_micro_batches
 from threetowers.trainer.precision import autocast, use_tf32
 
 
@@ -28,17 +33,36 @@ class TrainStep:
     ) -> None:
         self.model, self.optimizer, self.schedule, self.device = model, optimizer, schedule, device
         self.precision, self.grad_clip = train.precision, train.grad_clip
+        self.micro_batch = train.micro_batch
+        if train.activation_checkpointing:
+            for tower in (model.image_tower, model.text_tower):
+                if tower is not None:
+                    checkpoint_blocks(tower)
         self.parameters = model.trainable_parameters()
         multi = distributed.world_size() > 1
-        self.forward = _distributed_data_parallel(model, device) if multi else model
+        # accumulating, the loss's scales take their gradients outside DDP's backward
+        outside = model.loss_fn if multi and self.micro_batch else None
+        self.forward = _distributed_data_parallel(model, device, outside) if multi else model
         use_tf32(device)
 
     def __call__(self, batch: GlobalBatch) -> tuple[dict[str, torch.Tensor], bool]:
-        with autocast(self.precision, self.device):
-            out = batch_embeddings(self.model, batch.tensors, self.forward)
-            loss, logs = self.model.loss(out, batch.counts)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        tensors = batch.tensors
+        if 0 < self.micro_batch < len(tensors["tokens"]):
+            loss, logs = backward_in_micro_batches(
+                self.model,
+                self.forward,
+                tensors,
+                batch.counts,
+                self.micro_batch,
+                lambda: autocast(self.precision, self.device),
+            )
+            distributed.average_gradients(self.model.loss_fn.parameters())
+        else:
+            with autocast(self.precision, self.device):
+                out = batch_embeddings(self.model, tensors, self.forward)
+                loss, logs = self.model.loss(out, batch.counts)
+            loss.backward()
         if self.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.grad_clip)
         else:
@@ -55,16 +79,18 @@ class TrainStep:
         return logs, finite
 
 
-def _distributed_data_parallel(model: ThreeTowers, device: torch.device):
+def _distributed_data_parallel(model: ThreeTowers, device: torch.device, outside=None):
     """DDP over the trainable parts. The frozen towers stay outside: DDP neither broadcasts
     nor synchronises their weights and buffers, and the step runs them before the wrapped
-    forward."""
-    towers = model.frozen
-    frozen = [
-        f"frozen.{name}"
-        for name, _ in itertools.chain(towers.named_parameters(), towers.named_buffers())
+    forward. So does the module ``outside`` (the loss, when accumulating), whose gradients the
+    step averages itself."""
+    ignored = [("frozen", model.frozen)] + ([("loss_fn", outside)] if outside else [])
+    names = [
+        f"{prefix}.{name}"
+        for prefix, module in ignored
+        for name, _ in itertools.chain(module.named_parameters(), module.named_buffers())
     ]
-    if frozen:
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
+    if names:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
     device_ids = [device] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)

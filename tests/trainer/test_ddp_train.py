@@ -21,10 +21,12 @@ from tests.helpers.images import COLOURS, SHAPES, picture
 from threetowers.config import load_config
 from threetowers.data.sources.loader import pair_batches
 from threetowers.data.sources.pairs import open_pairs
+from threetowers.errors import UserError
 from threetowers.trainer.loop import train
 
 WORLD, GLOBAL_BATCH, SAMPLES, STEPS = 2, 8, 48, 6  # one epoch
 RECORD_READS = Path(__file__).with_name("record_cache_reads.py")
+OTHER_RUN_DIR = Path(__file__).with_name("other_run_dir_on_rank_1.py")
 UNREADABLE = (5, 17, 30)  # these rows' image files are not images
 
 
@@ -229,3 +231,37 @@ def test_a_run_resumed_under_torchrun_ends_with_the_same_weights(runs, tmp_path)
     for key in expected:
         assert torch.equal(got[key], expected[key]), key
     assert [r["step"] for r in train_records(resumed) if "loss" in r] == list(range(1, STEPS + 1))
+
+
+def test_a_two_rank_run_resumed_by_one_process_stops_with_one_message(runs, tmp_path):
+    run = tmp_path / "ranks"
+    shutil.copytree(runs["ranks"], run)
+    with pytest.raises(UserError) as stopped:
+        train(load_config(runs["config"]), run, progress=False)
+    assert str(stopped.value) == (
+        f"{run / 'checkpoints' / f'step_{STEPS:08d}'} was saved by a run of 2 rank(s) and this "
+        "start has 1: the data position and each rank's share of a batch follow the number of "
+        "ranks. Resume it on 2 rank(s) (torchrun's nodes x processes per node), or start a new "
+        f"run from its weights with train.init_from={run}"
+    )
+
+
+def test_ranks_that_resume_different_checkpoints_stop_with_one_message(runs, tmp_path):
+    """A run directory that is not one shared folder: rank 1's copy has an older checkpoint."""
+    run, other = tmp_path / "ranks", tmp_path / "rank1"
+    shutil.copytree(runs["ranks"], run)
+    shutil.copytree(runs["ranks"], other)
+    shutil.rmtree(other / "checkpoints" / f"step_{STEPS:08d}")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += [f"--nproc_per_node={WORLD}", str(OTHER_RUN_DIR), "train", str(runs["config"])]
+    env = dict(os.environ, OMP_NUM_THREADS="1", RUN_DIR_OF_RANK_1=str(other))
+    run_command = command + ["--run-dir", str(run), "--quiet"]
+    done = subprocess.run(run_command, env=env, text=True, capture_output=True)
+    assert done.returncode != 0
+    older = max(int(step.name.split("_")[1]) for step in (other / "checkpoints").glob("step_*"))
+    assert older < STEPS
+    assert (
+        f"rank 1 resumed the checkpoint of step {older} from {run / 'checkpoints'} but rank 0 "
+        f"resumed the checkpoint of step {STEPS}: the ranks do not see one run directory. Put "
+        f"{run} on a filesystem that every node shares"
+    ) in done.stderr

@@ -19,6 +19,7 @@ CHECKPOINT_KEYS = {
     "bad_samples",
     "health",
     "sources",
+    "world_size",  # since issue 41: what a resume on another number of ranks is told
 }
 
 
@@ -58,6 +59,7 @@ def test_a_state_restores_everything_it_saved():
         "bad": {"laion": 2},
     }
     assert restored.schedule.state_dict() == saved.schedule.state_dict()
+    assert snapshot["world_size"] == 1
     moments = restored.optimizer.state_dict()["state"][0]["exp_avg"]
     assert torch.equal(moments, saved.optimizer.state_dict()["state"][0]["exp_avg"])
     assert torch.equal(torch.get_rng_state(), expected_rng)

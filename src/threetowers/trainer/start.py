@@ -20,6 +20,7 @@ from threetowers import distributed
 from threetowers.config import Config, ConfigError, load_config
 from threetowers.data.pipeline import TrainingData, open_data
 from threetowers.data.views import Towers
+from threetowers.errors import UserError
 from threetowers.evaluation.benchmark_sets import Benchmarks, resolve_benchmarks
 from threetowers.evaluation.chance import chance_levels
 from threetowers.files.atomic import write_atomic
@@ -63,6 +64,8 @@ def start(cfg: Config, run_dir: Path, device: torch.device, progress: bool) -> S
     main = distributed.is_main()
     with distributed.main_first():
         cfg, resumed = _admit(cfg, run_dir, main)
+    _check_resumed_alike(resumed, run_dir)
+    with distributed.main_first():
         init = _init_from(cfg, run_dir, main) if resumed is None and cfg.train.init_from else None
         world = default_world(cfg)  # the embedded world, when it is the data
         benchmarks = _benchmarks(cfg, world) if main else None
@@ -116,6 +119,35 @@ def _admit(cfg: Config, run_dir: Path, main: bool) -> tuple[Config, Checkpoint |
     if main:
         return prepare_run_dir(cfg, run_dir, step), resumed
     return config_to_train(cfg, run_dir, step), resumed  # as rank 0 admitted and recorded it
+
+
+def _check_resumed_alike(resumed: Checkpoint | None, run_dir: Path) -> None:
+    """Every rank resumes the checkpoint rank 0 resumes, made by as many ranks as this start
+    has; else one message on every rank, before any long work."""
+    where = run_dir / "checkpoints"
+    if resumed is not None:
+        made_by = resumed.state.get("world_size")  # older checkpoints do not say
+        if made_by is not None and made_by != distributed.world_size():
+            raise UserError(
+                f"{checkpoint_path(where, resumed.step)} was saved by a run of {made_by} "
+                f"rank(s) and this start has {distributed.world_size()}: the data position and "
+                "each rank's share of a batch follow the number of ranks. Resume it on "
+                f"{made_by} rank(s) (torchrun's nodes x processes per node), or start a new "
+                f"run from its weights with train.init_from={run_dir}"
+            )
+    mine = None if resumed is None else (resumed.step, resumed.meta.get("sha256"))
+    every = distributed.all_gather_objects(mine)
+    for rank, theirs in enumerate(every):
+        if theirs != every[0]:
+            raise UserError(
+                f"rank {rank} resumed {_named(theirs)} from {where} but rank 0 resumed "
+                f"{_named(every[0])}: the ranks do not see one run directory. Put "
+                f"{run_dir} on a filesystem that every node shares"
+            )
+
+
+def _named(resumed: tuple | None) -> str:
+    return "no checkpoint" if resumed is None else f"the checkpoint of step {resumed[0]}"
 
 
 def _benchmarks(cfg: Config, world: dict | None) -> Benchmarks:

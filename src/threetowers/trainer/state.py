@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from threetowers import distributed
 from threetowers.data.sources.bad_samples import BadSampleLog
 from threetowers.data.sources.mix import SourceCounts
 from threetowers.data.stream import Position
@@ -96,6 +97,8 @@ class TrainingState:
             "bad_samples": self.bad_data.state_dict(),
             "health": self.health.state_dict(),
             "sources": self.sources.state_dict(),
+            # the data position and each rank's share of a batch follow the number of ranks
+            "world_size": distributed.world_size(),
         }
 
     def load_state_dict(self, state: dict[str, Any], step: int) -> None:

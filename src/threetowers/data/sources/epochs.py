@@ -23,13 +23,12 @@ from typing import Any
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from threetowers.data.sources.pair import check_seed
-from threetowers.data.sources.pairs import PairSource, open_pairs
+from threetowers.data.sources.loader import checked_source
+from threetowers.data.sources.pairs import PairSource
 from threetowers.data.sources.plan import (
     Resampled,
     WorkerPlan,
     batch_count,
-    check_loader_args,
     resume_point,
     round_robin,
     shard_plans,
@@ -72,11 +71,9 @@ def pair_stream(
     after epoch; the arguments are :func:`~threetowers.data.sources.loader.pair_batches`'.
     It ends at the first epoch that holds no batch for every rank (the caller says why);
     ``pin_memory``: batches in page-locked memory, to be copied to a GPU asynchronously."""
-    source = open_pairs(source)
-    check_loader_args(batch_size, start_batch, rank, world_size)
-    check_seed(seed, epoch)
-    if resampled is not None and isinstance(source, PairTable):
-        raise ValueError("resampling draws shards: a table is read as it is (no resampled)")
+    source = checked_source(
+        source, batch_size, seed, epoch, start_batch, rank, world_size, resampled
+    )
     epochs = _Epochs(source, batch_size, seed, rank, world_size, num_workers, drop_last, resampled)
     if isinstance(source, PairTable):
         dataset = TableExamples(source, example, seed, encoded_images)

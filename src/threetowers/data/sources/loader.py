@@ -102,12 +102,10 @@ def pair_batches(
     skips the sample. ``prepare(batch)``: run on each collated batch in the worker.
     """
     # Plan (and fail) here, eagerly, rather than on the first next() of a generator.
-    source = open_pairs(source)
-    check_loader_args(batch_size, start_batch, rank, world_size)
-    check_seed(seed, epoch)
+    source = checked_source(
+        source, batch_size, seed, epoch, start_batch, rank, world_size, resampled
+    )
     if isinstance(source, PairTable):
-        if resampled is not None:
-            raise ValueError("resampling draws shards: a table is read as it is (no resampled)")
         batches = table_batches(source, batch_size, seed, epoch, rank, world_size, drop_last)
         dataset = TableExamples(source, example, seed, encoded_images)
         indices = [[(epoch, row) for row in rows] for rows in batches[start_batch:]]
@@ -122,6 +120,25 @@ def pair_batches(
     )
     stream = ShardStream(reader, plans, skipped, first, epoch)
     return _shard_iterator(stream, counts, start_batch, num_workers)
+
+
+def checked_source(
+    source: PairSource,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    start_batch: int,
+    rank: int,
+    world_size: int,
+    resampled: Resampled | None,
+) -> PairSource:
+    """``source`` opened, the loader's arguments checked (for any loader over it)."""
+    source = open_pairs(source)
+    check_loader_args(batch_size, start_batch, rank, world_size)
+    check_seed(seed, epoch)
+    if resampled is not None and isinstance(source, PairTable):
+        raise ValueError("resampling draws shards: a table is read as it is (no resampled)")
+    return source
 
 
 def num_batches(

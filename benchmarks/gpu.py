@@ -17,6 +17,12 @@ in the JSON (its error) and the next one runs; the JSON is rewritten after every
 - **cache_build**: h's feature cache of the same shards built by ``TrainingData`` (the tower
   on this device), in images/s.
 - **open_clip**: OpenCLIP's step on the same towers, where ``open_clip`` is importable.
+- **micro_batches**: the ``b16`` preset's clip step at CLIP's global batch of 32768 pairs on
+  this one device through ``train.micro_batch`` (512 and 256 pairs a pass, each without and
+  with ``train.activation_checkpointing``; the loss 1024 rows at a time): one timed step
+  each, its peak memory, pairs/s (also against the plain 512-pair clip step), and the memory
+  the whole batch in one pass would need. A setting out of device memory is recorded as
+  skipped and the next runs.
 """
 
 from __future__ import annotations
@@ -84,6 +90,9 @@ class Sizes:
     matmul: int  # the peak matmul's size
     photos: int  # distinct JPEG pairs written (shards of 200) ...
     links: int  # ... and hard-linked this many times over: what the input path reads
+    global_batch: int  # micro_batches' step: a global batch on one device ...
+    micro_batches: tuple[int, ...]  # ... through micro-batches of these sizes
+    loss_block: int  # ... with the loss this many rows at a time (docs/distributed.md)
     budgets: dict  # seconds each part may take
 
 
@@ -95,14 +104,18 @@ FULL = Sizes(
     matmul=8192,
     photos=1600,
     links=20,
+    global_batch=32768,  # CLIP's
+    micro_batches=(512, 256),
+    loss_block=1024,
     budgets={
-        "peak": 30,
-        "clip": 60,
-        "3t_cached": 60,
-        "3t_live": 75,
-        "input_path": 100,
-        "cache_build": 60,
-        "open_clip": 45,
+        "peak": 15,
+        "clip": 45,
+        "3t_cached": 45,
+        "3t_live": 60,
+        "input_path": 90,
+        "cache_build": 45,
+        "open_clip": 40,
+        "micro_batches": 90,  # 4 steps of 32k pairs, ~15-20 s each at 40% MFU
     },  # 430 s, leaving a minute for the start and the imports
 )
 SMOKE = Sizes(
@@ -113,6 +126,9 @@ SMOKE = Sizes(
     matmul=256,
     photos=200,
     links=2,
+    global_batch=64,
+    micro_batches=(32, 16),
+    loss_block=16,
     budgets={
         "peak": 5,
         "clip": 8,
@@ -121,7 +137,8 @@ SMOKE = Sizes(
         "input_path": 12,
         "cache_build": 12,
         "open_clip": 5,
-    },  # 58 s
+        "micro_batches": 15,
+    },  # 73 s
 )
 
 
@@ -177,20 +194,21 @@ def peak(sizes: Sizes, device: torch.device) -> dict:
 
 def synthetic_batch(model, cfg: tt.Config, cached: bool, device: torch.device) -> dict:
     """A step's tensors as the stream hands them: normalised images, tokens trimmed to
-    two thirds of the context (a typical batch's longest caption), h's features or view."""
-    generator = torch.Generator().manual_seed(0)
+    two thirds of the context (a typical batch's longest caption), h's features or view.
+    Drawn on ``device``: 32k normalised images of 224 px are 20 GB, no host copy."""
+    generator = torch.Generator(device).manual_seed(0)
     batch, context = cfg.data.batch_size, cfg.model.text.context_length
     size = cfg.model.image.image_size
-    tokens = torch.randint(4, cfg.model.text.vocab_size, (batch, context), generator=generator)
+    vocab = cfg.model.text.vocab_size
+    tokens = torch.randint(4, vocab, (batch, context), generator=generator, device=device)
     tensors = {
-        "images": torch.randn(batch, 3, size, size, generator=generator),
+        "images": torch.randn(batch, 3, size, size, generator=generator, device=device),
         "tokens": tokens[:, : context * 2 // 3],
+        "captions": [""] * batch,
     }
-    tensors = {key: value.to(device) for key, value in tensors.items()}
-    tensors["captions"] = [""] * batch
     for name, tower in model.frozen.items():
         size = tower.preprocessing.image_size
-        view = torch.randn(batch, 3, size, size, generator=generator).to(device)
+        view = torch.randn(batch, 3, size, size, generator=generator, device=device)
         if cached:
             with torch.no_grad():  # as a cache's rows: no inference-mode tensor in the graph
                 tensors.setdefault("frozen_features", {})[name] = tower(view).float()
@@ -226,6 +244,114 @@ def step_of(variant: str, sizes: Sizes, device: torch.device) -> dict:
     }
     if device.type == "cuda":
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
+
+
+def micro_batches(sizes: Sizes, device: torch.device) -> dict:
+    """The b16 preset's clip step at ``sizes.global_batch`` pairs on this one device through
+    ``train.micro_batch``, at each of ``sizes.micro_batches`` without and then with
+    activation checkpointing. A setting that runs out of device memory is recorded as
+    skipped and the next one runs; those the part's budget leaves no time for, as cut off."""
+    part = {
+        "global_batch": sizes.global_batch,
+        "loss_block_size": sizes.loss_block,
+        "settings": {},
+        "measures": "one timed step of the whole global batch, after a warm-up step of two "
+        "micro-batches (the same kernels); before: the device memory allocated as the step "
+        "began (weights, gradients, AdamW's state, the batch's normalised float32 images); "
+        "peak: torch.cuda.max_memory_allocated over the step; whole_batch_memory_estimate: "
+        "before + the step's own memory scaled from one micro-batch to the whole batch, what "
+        "micro_batch 0 would need (an upper estimate: the whole batch's embeddings in it do "
+        "not grow)",
+    }
+    try:
+        for checkpointing in (False, True):
+            measure_micro_batches(sizes, device, checkpointing, part)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    except OverBudget as error:  # what was measured stands
+        for checkpointing in (False, True):
+            for micro in sizes.micro_batches:
+                name = setting_name(micro, checkpointing)
+                part["settings"].setdefault(name, {"skipped": f"the part ran {error}"})
+    return part
+
+
+def setting_name(micro: int, checkpointing: bool) -> str:
+    return f"micro_batch_{micro}" + ("_checkpointed" if checkpointing else "")
+
+
+def measure_micro_batches(
+    sizes: Sizes, device: torch.device, checkpointing: bool, part: dict
+) -> None:
+    """Into ``part``: one model's step at each micro-batch size (the model, its AdamW state
+    and the batch shared, as steps of one run would share them)."""
+
+    def config(micro: int) -> tt.Config:
+        return b16(
+            sizes,
+            "model.mode=clip",
+            f"data.batch_size={sizes.global_batch}",
+            # else the plain 32k x 32k float32 logits (4 GiB each), not the towers, set the peak
+            f"loss.block_size={sizes.loss_block}",
+            f"train.micro_batch={micro}",
+            f"train.activation_checkpointing={str(checkpointing).lower()}",
+        )
+
+    cfg = config(0)
+    torch.manual_seed(0)
+    model = tt.build_model(cfg, device=device)
+    train = cfg.train
+    optimizer, schedule = make_optimizer(
+        model, train.lr, train.weight_decay, train.warmup_steps, train.steps
+    )
+    tensors = synthetic_batch(model, cfg, False, device)
+    part["batch_gib"] = sum(t.nbytes for t in tensors.values() if torch.is_tensor(t)) / 2**30
+    for micro in sizes.micro_batches:
+        step = TrainStep(model, optimizer, schedule, device, config(micro).train)
+        name = setting_name(micro, checkpointing)
+        try:
+            part["settings"][name] = accumulated_step(step, tensors, micro, device)
+        except torch.OutOfMemoryError as error:
+            part["settings"][name] = {"skipped": f"out of device memory: {error}".split("\n")[0]}
+        # after the except block, which kept the failed step's tensors alive
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def accumulated_step(step: TrainStep, tensors: dict, micro: int, device: torch.device) -> dict:
+    """One timed step of all of ``tensors`` (after one of their first two micro-batches)."""
+    warm = 2 * micro
+    step(GlobalBatch({key: value[:warm] for key, value in tensors.items()}, [warm], False))
+    synchronise(device)
+    pairs = len(tensors["tokens"])
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    start = time.perf_counter()
+    step(GlobalBatch(tensors, [pairs], False))
+    synchronise(device)
+    seconds = time.perf_counter() - start
+    out = {
+        "micro_batch": micro,
+        "micro_batches_per_step": -(-pairs // micro),
+        "step_seconds": seconds,
+        "pairs_per_s": pairs / seconds,
+        # none on the CPU, where benchmarks/accumulation.py measures it in fresh processes
+        "before_gib": None,
+        "peak_memory_gib": None,
+        "peak_reserved_gib": None,
+        "whole_batch_memory_estimate_gib": None,
+    }
+    if cuda:
+        peak = torch.cuda.max_memory_allocated(device)
+        out["before_gib"] = before / 2**30
+        out["peak_memory_gib"] = peak / 2**30
+        out["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+        out["whole_batch_memory_estimate_gib"] = (before + (peak - before) * pairs / micro) / 2**30
     return out
 
 
@@ -394,6 +520,12 @@ def derived(report: dict) -> None:
     for name, part in steps.items():
         if loader:
             report[f"input_path_vs_{name}_consumption"] = loader / part["pairs_per_s"]
+    if "clip" in steps:  # what accumulating a 32k batch costs against plain 512-pair steps
+        for setting in report.get("micro_batches", {}).get("settings", {}).values():
+            if "pairs_per_s" in setting:
+                setting["pairs_per_s_vs_clip"] = (
+                    setting["pairs_per_s"] / steps["clip"]["pairs_per_s"]
+                )
 
 
 def main() -> None:
@@ -433,6 +565,7 @@ def main() -> None:
             ),
             "cache_build": lambda: cache_build(sizes, folder, device),
             "open_clip": lambda: open_clip_step(sizes, device),
+            "micro_batches": lambda: micro_batches(sizes, device),  # last: the most memory
         }
         for part, measure in parts.items():
             begun = time.perf_counter()

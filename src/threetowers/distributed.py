@@ -19,9 +19,9 @@ import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 
 # The training process group's timeout, which its collectives (the step's, the stream's)
-# wait under. Evaluation still runs on rank 0 alone while the others wait in the next of
-# them (trainer/loop.py), so it stays long; the start's long phases meet through meet().
-TIMEOUT = timedelta(hours=2)
+# wait under: a rank that hangs or is lost fails the job in minutes. What takes longer than
+# a step (a start, the caches, an evaluation, a checkpoint) waits in meet() instead.
+TIMEOUT = timedelta(minutes=10)
 # The long phases' timeout (meet): building the world, the tokenizer, the feature caches and
 # the preloaded pixels take as long as the data is large. Effectively none: a rank that dies
 # ends the job through torchrun, which stops the others, not through this timeout.
@@ -99,20 +99,27 @@ def barrier() -> None:
         dist.barrier()
 
 
-_LONG_PHASES: dict[str, Any] = {}  # the process group meet() uses, made per process group
+_LONG_PHASES: dict[str, Any] = {}  # long_phase_group's, made per process group
 
 
 def meet() -> None:
     """Wait for every rank, however long the slowest takes: the barrier of the long phases
-    (a start's, a cache build's), on a gloo group of its own whose timeout is
-    :data:`LONG_PHASE_TIMEOUT`, never under a training collective's :data:`TIMEOUT`."""
+    (a start, a cache build, an evaluation, a checkpoint), on a gloo group of its own whose
+    timeout is :data:`LONG_PHASE_TIMEOUT`, never under a training collective's :data:`TIMEOUT`."""
+    if world_size() > 1:
+        dist.barrier(group=long_phase_group())
+
+
+def long_phase_group():
+    """The gloo group of the long phases (made by every rank's first call, per process
+    group); None in one process."""
     if world_size() == 1:
-        return
+        return None
     world = dist.group.WORLD
-    if _LONG_PHASES.get("world") is not world:  # every rank's first meet is the same call
+    if _LONG_PHASES.get("world") is not world:  # every rank's first call is the same call
         group = dist.new_group(backend="gloo", timeout=LONG_PHASE_TIMEOUT)
         _LONG_PHASES.update(world=world, group=group)
-    dist.barrier(group=_LONG_PHASES["group"])
+    return _LONG_PHASES["group"]
 
 
 @contextmanager

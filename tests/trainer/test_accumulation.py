@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from tests.conftest import tiny_backbone, tiny_batch, tiny_config
 from threetowers import build_model, distributed
 from threetowers.model.three_towers import batch_embeddings
-from threetowers.trainer.accumulation import backward_in_micro_batches
+from threetowers.trainer.accumulation import backward_in_micro_batches, micro_batches
 from threetowers.trainer.step import _distributed_data_parallel
 
 BATCH = 8
@@ -84,6 +84,23 @@ def assert_same(got, expected) -> None:
     assert grads.keys() == expected_grads.keys() and len(grads) > 4
     for name, grad in expected_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("rows", "counts", "size", "expected"),
+    [
+        (8, [8], 3, [2, 3, 3]),  # near-equal parts of at most 3 rows
+        (8, [8], 8, [8]),
+        (4, [4, 3], 3, [2, 2]),  # ranks with 4 and 3 rows both make 2 passes
+        (3, [4, 3], 3, [1, 2]),
+        (1, [1, 7], 2, [0, 0, 0, 1]),  # fewer rows than passes: some passes are empty
+    ],
+)
+def test_every_rank_makes_as_many_passes_as_the_rank_with_most_rows(rows, counts, size, expected):
+    parts = micro_batches(rows, counts, size)
+    assert [part.stop - part.start for part in parts] == expected
+    assert parts[0].start == 0 and parts[-1].stop == rows
+    assert all(a.stop == b.start for a, b in zip(parts, parts[1:], strict=False))
 
 
 @pytest.mark.parametrize(("case", "kind", "block"), CASES)

@@ -53,8 +53,7 @@ def write_config(
             "embed_dim": 16,
             "image": {"image_size": 16, "patch_size": 8, "width": 32, "depth": 1, "heads": 2},
             "text": {"vocab_size": 120, "context_length": 8, "width": 32, "depth": 1, "heads": 2},
-            "third": {"image_size": 32},
-            "frozen": frozen,
+            "frozen": frozen or [{"name": "h", "image_size": 32}],
         },
         "data": {
             "train": str(table),
@@ -233,16 +232,34 @@ def test_a_run_resumed_under_torchrun_ends_with_the_same_weights(runs, tmp_path)
     assert [r["step"] for r in train_records(resumed) if "loss" in r] == list(range(1, STEPS + 1))
 
 
-def test_a_two_rank_run_resumed_by_one_process_stops_with_one_message(runs, tmp_path):
+def test_a_two_rank_run_on_a_table_resumes_in_one_process_as_it_would_on_two(runs, tmp_path):
+    """A table's global batch b is the same rows at any number of ranks, so the data
+    position means the same pairs in one process."""
     run = tmp_path / "ranks"
     shutil.copytree(runs["ranks"], run)
+    shutil.rmtree(run / "checkpoints" / f"step_{STEPS:08d}")  # resume from step 3
+    (run / "eval.json").unlink()
+    train(load_config(runs["config"]), run, progress=False)
+    expected, got = weights(runs["ranks"]), weights(run)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-4, msg=key)
+    records = [r for r in train_records(run) if "loss" in r]
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert records[-1]["data/bad_samples"] == len(UNREADABLE)  # each sample read once
+
+
+def test_a_two_rank_run_on_shards_resumed_by_one_process_stops_with_one_message(tmp_path):
+    shards = write_shards(write_table(tmp_path / "data"))
+    config = write_config(tmp_path, shards, mode="clip")
+    run = tmp_path / "ranks"
+    torchrun(config, run)
     with pytest.raises(UserError) as stopped:
-        train(load_config(runs["config"]), run, progress=False)
+        train(load_config(config), run, progress=False)
     assert str(stopped.value) == (
         f"{run / 'checkpoints' / f'step_{STEPS:08d}'} was saved by a run of 2 rank(s) and this "
-        "start has 1: the data position and each rank's share of a batch follow the number of "
-        "ranks. Resume it on 2 rank(s) (torchrun's nodes x processes per node), or start a new "
-        f"run from its weights with train.init_from={run}"
+        "start has 1: each rank reads shards of its own, so the rest of the epoch is planned "
+        "for 2 rank(s). Resume it on 2 rank(s) (torchrun's nodes x processes per node), or "
+        f"start a new run from its weights with train.init_from={run}"
     )
 
 

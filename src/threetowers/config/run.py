@@ -63,6 +63,15 @@ class TrainConfig(Section):
         "(GradCache's way: embeddings first, the loss on all of them, then each micro-batch "
         "again with a graph), so activation memory follows micro_batch, not data.batch_size.",
     )
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="How the trained parts spread over torchrun's ranks. ddp: a whole copy on "
+        "every rank. fsdp: FSDP2, weights, gradients and Adam's state sharded over the ranks "
+        "(each Transformer block, each tower and the rest), bf16 weights in the towers on CUDA "
+        "under bf16 precision, checkpoints written a shard per rank (torch.distributed."
+        "checkpoint) and resumable on another number of ranks. The frozen towers and the "
+        "loss's scales stay whole on every rank.",
+    )
     seed: int = Field(0, description="Seed of the weights and the data order.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",

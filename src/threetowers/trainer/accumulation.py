@@ -7,7 +7,12 @@ its own. Instead, for a local batch cut into micro-batches of ``train.micro_batc
 2. the whole batch's loss on them (every term, gathered across ranks, blocked or not) and its
    backward to the embeddings (and to the loss's own scales and biases);
 3. each micro-batch again, with a graph, its embeddings' gradients backpropagated through
-   the towers; under DDP gradients are averaged once, with the last micro-batch.
+   the towers; under DDP gradients are averaged once, with the last micro-batch; under FSDP
+   each pass reduces its gradients into the shards (holding the whole gradients unsharded
+   until the last would undo the sharding).
+
+Every rank makes the same number of passes (:func:`micro_batches`), as FSDP gathers the
+weights in each.
 
 The towers' activations are then held for one micro-batch at a time, and the gradients are
 the whole batch's, up to float rounding. The frozen towers run once, on the whole batch, as
@@ -43,7 +48,7 @@ def backward_in_micro_batches(
             tensors.get("frozen_images"),
             tensors["captions"],
         )
-    parts = [slice(start, start + micro_batch) for start in range(0, len(tokens), micro_batch)]
+    parts = micro_batches(len(tokens), counts, micro_batch)
 
     def embeddings(part: slice, through) -> dict[str, torch.Tensor]:
         given = {name: features[part] for name, features in frozen.items()}
@@ -73,6 +78,16 @@ def backward_in_micro_batches(
             )
     _set_rng_state(after, tokens.device)
     return loss, logs
+
+
+def micro_batches(rows: int, counts: list[int], micro_batch: int) -> list[slice]:
+    """This rank's ``rows`` cut into as many micro-batches of at most ``micro_batch`` rows as
+    the rank with most rows needs (``counts``: every rank's), near-equal in size: every rank
+    makes the same number of passes, which FSDP's gathers in each pass need (a rank left
+    with fewer rows than passes makes some of them empty)."""
+    passes = max(-(-count // micro_batch) for count in counts)
+    bounds = [part * rows // passes for part in range(passes + 1)]
+    return [slice(start, end) for start, end in zip(bounds, bounds[1:], strict=False)]
 
 
 def _rng_state(device: torch.device) -> tuple:

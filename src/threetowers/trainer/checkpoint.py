@@ -22,6 +22,7 @@ import json
 import re
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ class Checkpoint:
     model: dict[str, torch.Tensor]
     state: dict[str, Any]
     meta: dict[str, Any]
+    path: Path | None = None  # where it was read from
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -76,18 +78,33 @@ def save_checkpoint(
     meta: dict[str, Any] | None = None,
     keep: int = 3,
 ) -> Path:
+    return write_checkpoint(directory, step, trainable_state(model), state, meta, keep)
+
+
+def write_checkpoint(
+    directory: str | Path,
+    step: int,
+    weights: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    meta: dict[str, Any] | None = None,
+    keep: int = 3,
+    more: Callable[[Path], dict[str, str]] | None = None,
+) -> Path:
+    """The checkpoint of ``step`` with ``weights`` and ``state``; ``more(folder)`` writes
+    further files into the checkpoint's temporary folder (fsynced) and returns their sha256
+    by relative path, which meta.json records and a load checks like its own."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(directory, step)
     shutil.rmtree(temporary_path(final), ignore_errors=True)
-    weights = trainable_state(model)
     with whole_or_nothing(final, _nbytes(weights) + _nbytes(state)) as tmp:
         tmp.mkdir()
+        digests = more(tmp) if more is not None else {}
         save_file(weights, str(tmp / "model.safetensors"))
         torch.save(state, tmp / "state.pt")
         record = dict(meta or {}, step=step)
         files = ("model.safetensors", "state.pt")
-        record["sha256"] = {name: file_sha256(tmp / name) for name in files}
+        record["sha256"] = {name: file_sha256(tmp / name) for name in files} | digests
         record[META_DIGEST] = _meta_digest(record)
         (tmp / "meta.json").write_text(json.dumps(record, indent=1))
         for name in ("model.safetensors", "state.pt", "meta.json"):
@@ -136,15 +153,14 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         # checkpoints written before meta.json had its own checksum lack the key
         if META_DIGEST in meta and meta[META_DIGEST] != _meta_digest(meta):
             raise CheckpointError("meta.json does not match its checksum (corrupted or edited)")
-        digests = meta["sha256"]
-        for name in ("model.safetensors", "state.pt"):
-            if file_sha256(path / name) != digests[name]:
+        for name, digest in meta["sha256"].items():  # a sharded state's files too
+            if file_sha256(path / name) != digest:
                 raise CheckpointError(
                     f"{name} does not match its checksum (corrupted or partly written)"
                 )
         model = load_file(str(path / "model.safetensors"))
         state = load_tensors(path / "state.pt")
-        return Checkpoint(step=int(meta["step"]), model=model, state=state, meta=meta)
+        return Checkpoint(int(meta["step"]), model, state, meta, path)
     except UnsafeFileError as error:
         raise CheckpointError(str(error)) from None
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as error:

@@ -63,6 +63,13 @@ from threetowers.files.readback import DamagedFileError, read_json
 from threetowers.trainer.checkpoint import checkpoint_path, save_checkpoint
 from threetowers.trainer.optim import continued_schedule, follow, make_optimizer
 from threetowers.trainer.run_dir import MetricsLog, drop_metrics_after, run_dir_of
+from threetowers.trainer.sharded_checkpoint import save_sharded_checkpoint
+from threetowers.trainer.sharding import (
+    EvaluationCopy,
+    full_trainable_state,
+    is_sharded,
+    shard_model,
+)
 from threetowers.trainer.start import resume, start
 from threetowers.trainer.state import StepHealth, TrainingState, due
 from threetowers.trainer.step import TrainStep
@@ -128,6 +135,13 @@ def _train(
     torch.manual_seed(cfg.train.seed)
     begun = start(cfg, run_dir, device, progress and main)
     cfg, model, data, benchmarks = begun.cfg, begun.model, begun.data, begun.benchmarks
+    sharded = cfg.train.parallel == "fsdp"
+    # rank 0's unsharded copy for evaluation, made while the model is whole
+    evaluation_copy = (
+        EvaluationCopy(model) if sharded and main and distributed.world_size() > 1 else None
+    )
+    if sharded:
+        shard_model(model, cfg.train.precision, device)  # before the optimizer takes the weights
     optimizer, schedule = make_optimizer(
         model, cfg.train.lr, cfg.train.weight_decay, cfg.train.warmup_steps, cfg.train.steps
     )
@@ -135,11 +149,20 @@ def _train(
     sources = SourceCounts(data.mix)
     health = StepHealth(cfg.train.max_bad_steps)
     run = TrainingState(optimizer, schedule, bad_data, health, sources)
-    last_checkpoint = resume(begun.resumed, run_dir, model, run)
+    last_checkpoint = resume(begun.resumed, run_dir, model, run, sharded)
     follow(
         schedule,
         continued_schedule(cfg.train.warmup_steps, cfg.train.steps, cfg.train.continued_from),
     )
+
+    def checkpoint(step: int) -> Path:
+        return _checkpoint(run_dir / "checkpoints", step, model, run, data, cfg)
+
+    def evaluate(step: int) -> None:
+        _evaluate(
+            model, evaluation_copy, data, benchmarks, cfg, run_dir, step, metrics if main else None
+        )
+
     train_step = TrainStep(model, optimizer, schedule, device, cfg.train)
     stream = BatchStream(data, run.position, bad_data, sources, stop.is_set, device)
     if main:
@@ -166,36 +189,24 @@ def _train(
                 )
             bar.update(1)
             if due(step, cfg.train.checkpoint_every, total) or batch.stop:
-                # Every rank holds the same weights, optimizer state, position and counts, so
-                # rank 0's checkpoint restores them all.
-                last_checkpoint = checkpoint_path(run_dir / "checkpoints", step)
-                if main:
-                    last_checkpoint = save_checkpoint(
-                        run_dir / "checkpoints",
-                        step,
-                        model,
-                        run.state_dict(),
-                        data.fingerprints(),
-                        keep=cfg.train.keep_checkpoints,
-                    )
+                last_checkpoint = checkpoint(step)
             if batch.stop:  # every rank saw the same flag: all stop here, after rank 0 saved
                 bar.close()
                 if main:
                     metrics.close()
-                distributed.barrier()
-                raise Stopped(step, last_checkpoint)
-            if main and step < total and due(step, cfg.eval.every):
-                _evaluate(model, data, benchmarks, cfg, run_dir, step, metrics)
+                raise Stopped(step, last_checkpoint)  # every rank has left the checkpoint
+            if step < total and due(step, cfg.eval.every):
+                evaluate(step)
     bar.close()
     bad_data.check()  # a run shorter than the bad-fraction grace is judged at its end
     log.info(bad_data.summary())
     if run.health.skipped:
         log.warning("%d steps with a non-finite loss or gradient were skipped", run.health.skipped)
+    # also after a crash between checkpoint and eval; rank 0 decides for all
+    if distributed.all_gather_objects(main and evaluated_step(run_dir) != run.step)[0]:
+        evaluate(run.step)  # the ranks leave it together: the run is complete when any returns
     if main:
-        if evaluated_step(run_dir) != run.step:  # also after a crash between checkpoint and eval
-            _evaluate(model, data, benchmarks, cfg, run_dir, run.step, metrics)
         metrics.close()
-    distributed.barrier()  # the run is complete (checkpoint, eval.json) when any rank returns
     return run_dir
 
 
@@ -218,7 +229,37 @@ def _record(run: TrainingState, logs: dict, seen: int, since: float) -> dict:
     )
 
 
-def _evaluate(model, data, benchmarks, cfg: Config, run_dir: Path, step: int, metrics) -> None:
+def _checkpoint(directory: Path, step: int, model, run: TrainingState, data, cfg: Config) -> Path:
+    """Every rank calls it and leaves it once the checkpoint is published: rank 0 writes it
+    (every rank its shard under fsdp), the others wait outside the training collectives."""
+    meta, keep = data.fingerprints(), cfg.train.keep_checkpoints
+    if cfg.train.parallel == "fsdp":
+        return save_sharded_checkpoint(
+            directory, step, model, run.optimizer, run.state_dict(), meta, keep
+        )
+    # every rank holds the same weights, optimizer state, position and counts under DDP
+    path = checkpoint_path(directory, step)
+    if distributed.is_main():
+        path = save_checkpoint(directory, step, model, run.state_dict(), meta, keep)
+    distributed.meet()
+    return path
+
+
+def _evaluate(
+    model, copy: EvaluationCopy | None, data, benchmarks, cfg, run_dir: Path, step: int, metrics
+) -> None:
+    """Rank 0 evaluates alone (a sharded model's weights gathered into its ``copy`` first)
+    while the others wait outside the training collectives; all leave together."""
+    weights = full_trainable_state(model) if is_sharded(model) else None  # a collective
+    if distributed.is_main():
+        target = copy.filled(weights) if weights is not None else model
+        _evaluate_on_rank_0(target, data, benchmarks, cfg, run_dir, step, metrics)
+        if weights is not None:
+            copy.parked()
+    distributed.meet()
+
+
+def _evaluate_on_rank_0(model, data, benchmarks, cfg: Config, run_dir: Path, step: int, metrics):
     validation = {}
     if data.val_pairs is not None:
         device = next(model.parameters()).device

@@ -19,6 +19,7 @@ import torch
 from threetowers import distributed
 from threetowers.config import Config, ConfigError, load_config
 from threetowers.data.pipeline import TrainingData, open_data
+from threetowers.data.sources.table import PairTable
 from threetowers.data.views import Towers
 from threetowers.errors import UserError
 from threetowers.evaluation.benchmark_sets import Benchmarks, resolve_benchmarks
@@ -37,6 +38,7 @@ from threetowers.trainer.checkpoint import (
     restore_model,
 )
 from threetowers.trainer.run_dir import config_to_train, prepare_run_dir, record_config
+from threetowers.trainer.sharded_checkpoint import restore_sharded
 from threetowers.trainer.state import TrainingState
 from threetowers.trainer.trained import find_checkpoint, trained_tokenizer
 
@@ -78,6 +80,7 @@ def start(cfg: Config, run_dir: Path, device: torch.device, progress: bool) -> S
         model = build_model(cfg, device=device)
         if init is not None:
             _initialise(model, init, cfg.train.init_from)
+    _check_ranks(resumed, cfg, opened.pairs, run_dir)  # before the caches are built
     data = TrainingData(cfg, opened, towers_of(model), progress)
     if main:
         write_atomic(run_dir / "chance.json", json.dumps(chance_levels(benchmarks), indent=1))
@@ -97,13 +100,21 @@ def towers_of(model: ThreeTowers) -> Towers:
 
 
 def resume(
-    checkpoint: Checkpoint | None, run_dir: Path, model: ThreeTowers, run: TrainingState
+    checkpoint: Checkpoint | None,
+    run_dir: Path,
+    model: ThreeTowers,
+    run: TrainingState,
+    sharded: bool = False,
 ) -> Path | None:
     """Restore ``checkpoint`` (the latest valid one, or None) into ``model`` and ``run``;
-    returns its path."""
+    returns its path. ``sharded`` (``train.parallel: fsdp``): the weights and the optimizer
+    from its ``sharded/`` folder, into this rank's shards."""
     if checkpoint is None:
         return None
-    restore_model(model, checkpoint)
+    if sharded:
+        restore_sharded(model, run.optimizer, checkpoint)
+    else:
+        restore_model(model, checkpoint)
     run.load_state_dict(checkpoint.state, checkpoint.step)
     return checkpoint_path(run_dir / "checkpoints", checkpoint.step)
 
@@ -122,19 +133,9 @@ def _admit(cfg: Config, run_dir: Path, main: bool) -> tuple[Config, Checkpoint |
 
 
 def _check_resumed_alike(resumed: Checkpoint | None, run_dir: Path) -> None:
-    """Every rank resumes the checkpoint rank 0 resumes, made by as many ranks as this start
-    has; else one message on every rank, before any long work."""
+    """Every rank resumes the checkpoint rank 0 resumes; else one message on every rank,
+    before any long work."""
     where = run_dir / "checkpoints"
-    if resumed is not None:
-        made_by = resumed.state.get("world_size")  # older checkpoints do not say
-        if made_by is not None and made_by != distributed.world_size():
-            raise UserError(
-                f"{checkpoint_path(where, resumed.step)} was saved by a run of {made_by} "
-                f"rank(s) and this start has {distributed.world_size()}: the data position and "
-                "each rank's share of a batch follow the number of ranks. Resume it on "
-                f"{made_by} rank(s) (torchrun's nodes x processes per node), or start a new "
-                f"run from its weights with train.init_from={run_dir}"
-            )
     mine = None if resumed is None else (resumed.step, resumed.meta.get("sha256"))
     every = distributed.all_gather_objects(mine)
     for rank, theirs in enumerate(every):
@@ -144,6 +145,34 @@ def _check_resumed_alike(resumed: Checkpoint | None, run_dir: Path) -> None:
                 f"{_named(every[0])}: the ranks do not see one run directory. Put "
                 f"{run_dir} on a filesystem that every node shares"
             )
+
+
+def _check_ranks(resumed: Checkpoint | None, cfg: Config, pairs, run_dir: Path) -> None:
+    """A checkpoint resumes on another number of ranks where its data position means the
+    same pairs there: a table's (its global batch b is the same rows at any number of
+    ranks, ``data/sources/plan.py``), not shards' (each rank reads shards of its own, so the
+    rest of an epoch is planned for the ranks that began it). Weights and optimizer follow
+    either way (whole under DDP; resharded under fsdp)."""
+    made_by = None if resumed is None else resumed.state.get("world_size")  # older: unsaid
+    now = distributed.world_size()
+    if made_by is None or made_by == now:
+        return
+    where = checkpoint_path(run_dir / "checkpoints", resumed.step)
+    if cfg.data.preload or isinstance(pairs, PairTable):
+        log.info(
+            "%s was saved by %d rank(s) and resumes on %d: its table's global batches are the "
+            "same pairs at any number of ranks",
+            where,
+            made_by,
+            now,
+        )
+        return
+    raise UserError(
+        f"{where} was saved by a run of {made_by} rank(s) and this start has {now}: each rank "
+        "reads shards of its own, so the rest of the epoch is planned for "
+        f"{made_by} rank(s). Resume it on {made_by} rank(s) (torchrun's nodes x processes "
+        f"per node), or start a new run from its weights with train.init_from={run_dir}"
+    )
 
 
 def _named(resumed: tuple | None) -> str:

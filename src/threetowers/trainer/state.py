@@ -103,7 +103,8 @@ class TrainingState:
 
     def load_state_dict(self, state: dict[str, Any], step: int) -> None:
         """Restore ``state`` (a checkpoint's, written after ``step``)."""
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:  # a sharded run's is restored from its shards
+            self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         torch.set_rng_state(state["rng"])
         if "bad_samples" in state:  # older checkpoints have no counts: they start from zero

@@ -2,7 +2,8 @@
 
 A step whose loss or gradient is not finite moves neither the weights nor Adam's moments;
 the schedule moves on either way (steps, not updates, index the learning rate). Under DDP
-the frozen towers run outside the wrapper, before its forward. With ``train.micro_batch``
+the frozen towers run outside the wrapper, before its forward; under ``train.parallel: fsdp``
+the model comes sharded (``trainer/sharding.py``) and is its own wrapper. With ``train.micro_batch``
 the towers run a micro-batch at a time and the whole batch's gradients are accumulated
 exactly (``trainer/accumulation.py``); with ``train.activation_checkpointing`` f's and g's
 Transformer blocks recompute their activations in the backward pass.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import itertools
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from threetowers import distributed
@@ -22,6 +24,7 @@ from threetowers.model.three_towers import ThreeTowers, batch_embeddings
 from threetowers.towers.transformer import checkpoint_blocks
 from threetowers.trainer.accumulation import backward_in_micro_batches
 from threetowers.trainer.precision import autocast, use_tf32
+from threetowers.trainer.sharding import is_sharded
 
 
 class TrainStep:
@@ -39,16 +42,20 @@ class TrainStep:
                 if tower is not None:
                     checkpoint_blocks(tower)
         self.parameters = model.trainable_parameters()
-        multi = distributed.world_size() > 1
-        # accumulating, the loss's scales take their gradients outside DDP's backward
-        outside = model.loss_fn if multi and self.micro_batch else None
-        self.forward = _distributed_data_parallel(model, device, outside) if multi else model
+        multi, sharded = distributed.world_size() > 1, is_sharded(model)
+        # The loss's scales sit outside the wrapper when sharded (FSDP cannot shard scalars)
+        # or accumulating under DDP: the step averages their gradients itself.
+        self.loss_outside = multi and (sharded or self.micro_batch > 0)
+        self.forward = model
+        if multi and not sharded:
+            outside = model.loss_fn if self.loss_outside else None
+            self.forward = _distributed_data_parallel(model, device, outside)
         use_tf32(device)
 
     def __call__(self, batch: GlobalBatch) -> tuple[dict[str, torch.Tensor], bool]:
         self.optimizer.zero_grad(set_to_none=True)
         tensors = batch.tensors
-        if 0 < self.micro_batch < len(tensors["tokens"]):
+        if 0 < self.micro_batch < max(batch.counts):  # every rank alike
             loss, logs = backward_in_micro_batches(
                 self.model,
                 self.forward,
@@ -57,17 +64,20 @@ class TrainStep:
                 self.micro_batch,
                 lambda: autocast(self.precision, self.device),
             )
-            distributed.average_gradients(self.model.loss_fn.parameters())
         else:
             with autocast(self.precision, self.device):
                 out = batch_embeddings(self.model, tensors, self.forward)
                 loss, logs = self.model.loss(out, batch.counts)
             loss.backward()
+        if self.loss_outside:
+            distributed.average_gradients(self.model.loss_fn.parameters())
         if self.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.grad_clip)
         else:
             grads = [p.grad for p in self.parameters if p.grad is not None]
             norm = torch.nn.utils.get_total_norm(grads)
+        if isinstance(norm, DTensor):  # sharded gradients' norm, reduced over the ranks
+            norm = norm.full_tensor()
         logs["grad_norm"] = norm.detach()
         # One host sync per step (as AMP's GradScaler makes): a non-finite loss or gradient
         # must reach neither the weights nor Adam's moments, so it is decided on all ranks.

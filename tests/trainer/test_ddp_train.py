@@ -138,6 +138,19 @@ def test_two_ranks_train_the_weights_of_one_process_with_the_global_batch(runs):
         torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-4, msg=key)
 
 
+def test_two_ranks_whose_micro_batch_holds_their_share_train_the_weights_of_one_process(runs):
+    """micro_batch above each rank's 4 rows: one pass, the loss's scales outside DDP all the
+    same (their gradients averaged by the step)."""
+    config = yaml.safe_load(runs["config"].read_text())
+    config["train"]["micro_batch"] = GLOBAL_BATCH
+    path = runs["root"] / "micro.yaml"
+    path.write_text(yaml.safe_dump(config))
+    torchrun(path, runs["root"] / "micro-ranks")
+    expected, got = weights(runs["single"]), weights(runs["root"] / "micro-ranks")
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-4, msg=key)
+
+
 def test_two_ranks_share_the_feature_cache_they_build(runs):
     root = runs["root"]
     config = write_config(root, root / "data" / "pairs.jsonl", mode="lit", cache=True)

@@ -1,6 +1,7 @@
 """SIGTERM to one rank of ``torchrun --nproc_per_node 2 -m threetowers train`` (a cluster
-stopping one process of a job): every rank stops at the same step, rank 0's checkpoint saves
-it, the job exits 0, and re-running the command ends as the uninterrupted run did."""
+stopping one process of a job): every rank stops at the same step, the checkpoint saves it,
+the job exits 0, and re-running the command ends as the uninterrupted run did; with
+``train.parallel`` ddp and fsdp."""
 
 from __future__ import annotations
 
@@ -26,11 +27,12 @@ DEADLINE_S = 300  # for a start, a stop or a run; generous for a loaded machine
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
-def long_config(root: Path) -> Path:
+def long_config(root: Path, parallel: str) -> Path:
     """test_ddp_train's 3t config, trained longer, checkpointed only at its last step."""
     path = write_config(root, write_table(root / "data"))
     config = yaml.safe_load(path.read_text())
     config["train"] |= {"steps": STEPS, "checkpoint_every": 1000, "log_every": 1}
+    config["train"]["parallel"] = parallel
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -99,10 +101,11 @@ def end(job: subprocess.Popen) -> None:
         job.wait()
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("sigterm")
-    config = long_config(root)
+@pytest.fixture(scope="module", params=["ddp", "fsdp"])
+def runs(tmp_path_factory, request) -> dict:
+    """Under DDP (rank 0 writes the checkpoint) and FSDP (every rank writes its shard)."""
+    root = tmp_path_factory.mktemp(f"sigterm-{request.param}")
+    config = long_config(root, request.param)
     run_to_the_end(config, root / "straight")
     stopped = root / "stopped"
     with open(root / "out.txt", "w") as out, open(root / "err.txt", "w") as err:

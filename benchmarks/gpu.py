@@ -55,6 +55,7 @@ import threetowers as tt  # noqa: E402
 from threetowers.data.device import on_device  # noqa: E402
 from threetowers.data.pipeline import TrainingData, open_data  # noqa: E402
 from threetowers.data.stream import GlobalBatch  # noqa: E402
+from threetowers.data.views import Views  # noqa: E402
 from threetowers.trainer.optim import make_optimizer  # noqa: E402
 from threetowers.trainer.precision import use_tf32  # noqa: E402
 from threetowers.trainer.run_dir import environment  # noqa: E402
@@ -195,7 +196,7 @@ def peak(sizes: Sizes, device: torch.device) -> dict:
 def synthetic_batch(model, cfg: tt.Config, cached: bool, device: torch.device) -> dict:
     """A step's tensors as the stream hands them: normalised images, tokens trimmed to
     two thirds of the context (a typical batch's longest caption), h's features or view.
-    Drawn on ``device``: 32k normalised images of 224 px are 20 GB, no host copy."""
+    Drawn on ``device``, no host copy (32k normalised images of 224 px are 20 GB)."""
     generator = torch.Generator(device).manual_seed(0)
     batch, context = cfg.data.batch_size, cfg.model.text.context_length
     size = cfg.model.image.image_size
@@ -258,7 +259,7 @@ def micro_batches(sizes: Sizes, device: torch.device) -> dict:
         "settings": {},
         "measures": "one timed step of the whole global batch, after a warm-up step of two "
         "micro-batches (the same kernels); before: the device memory allocated as the step "
-        "began (weights, gradients, AdamW's state, the batch's normalised float32 images); "
+        "began (weights, gradients, AdamW's state, the batch, its images uint8); "
         "peak: torch.cuda.max_memory_allocated over the step; whole_batch_memory_estimate: "
         "before + the step's own memory scaled from one micro-batch to the whole batch, what "
         "micro_batch 0 would need (an upper estimate: the whole batch's embeddings in it do "
@@ -307,9 +308,14 @@ def measure_micro_batches(
         model, train.lr, train.weight_decay, train.warmup_steps, train.steps
     )
     tensors = synthetic_batch(model, cfg, False, device)
+    # as the stream hands a micro-batched step its batch: uint8, each micro-batch's views
+    # normalised as its pass reaches it
+    shape = tensors["images"].shape
+    tensors["images"] = torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
+    views = Views(normalise=model.image_preprocessing.normalize_pixels)
     part["batch_gib"] = sum(t.nbytes for t in tensors.values() if torch.is_tensor(t)) / 2**30
     for micro in sizes.micro_batches:
-        step = TrainStep(model, optimizer, schedule, device, config(micro).train)
+        step = TrainStep(model, optimizer, schedule, device, config(micro).train, views)
         name = setting_name(micro, checkpointing)
         try:
             part["settings"][name] = accumulated_step(step, tensors, micro, device)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import timedelta
 from typing import Any
 
@@ -28,16 +29,35 @@ TIMEOUT = timedelta(minutes=10)
 LONG_PHASE_TIMEOUT = timedelta(days=30)
 
 
+_ALONE = ContextVar("alone", default=False)  # set by alone()
+
+
 def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if _ALONE.get() or not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size()
 
 
 def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if _ALONE.get() or not (dist.is_available() and dist.is_initialized()):
+        return 0
+    return dist.get_rank()
 
 
 def is_main() -> bool:
     return rank() == 0
+
+
+@contextmanager
+def alone() -> Iterator[None]:
+    """This rank works as one process in the block: every helper here acts as without
+    torchrun (rank 0's evaluation, while the others wait in :func:`meet`, takes its
+    validation loss on its own batch, with no collective)."""
+    token = _ALONE.set(True)
+    try:
+        yield
+    finally:
+        _ALONE.reset(token)
 
 
 def local_batch_size(global_batch: int) -> int:

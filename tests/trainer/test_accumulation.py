@@ -111,6 +111,33 @@ def test_micro_batches_give_the_whole_batchs_gradients(case, kind, block, tiny_t
         assert_same(micro(model, model, batch(model), size), expected)
 
 
+def test_a_uint8_batch_is_normalised_a_micro_batch_at_a_time(tiny_text_encoder):
+    """Views that came uint8 (f's and a live frozen tower's) are normalised per micro-batch,
+    in both passes, never all at once, and the gradients are those of the batch normalised
+    whole; the frozen tower runs a micro-batch at a time too."""
+    model = model_of("3t", "softmax", 0, tiny_text_encoder)
+    floats = batch(model)
+    pixels = (floats["images"] * 40 + 128).round().clamp(0, 255).to(torch.uint8)
+    seen = []
+
+    def normalise(piece: dict) -> dict:
+        seen.append(len(piece["images"]))
+        piece["images"] = (piece["images"].double() - 128) / 40
+        piece["frozen_images"] = {"a": (piece["frozen_images"]["a"].double() - 100) / 50}
+        return piece
+
+    uint8 = dict(floats, images=pixels, frozen_images={"a": pixels.flip(-1)})
+    expected = whole(
+        model, model, normalise(dict(uint8, frozen_images=dict(uint8["frozen_images"])))
+    )
+    seen.clear()
+    model.zero_grad(set_to_none=True)
+    loss, _ = backward_in_micro_batches(model, model, uint8, [BATCH], 3, nullcontext, normalise)
+    assert_same((loss.detach(), grads_of(model)), expected)
+    assert seen == [2, 3, 3, 2, 3, 3]  # each micro-batch, in the first pass and the second
+    assert uint8["images"].dtype == torch.uint8  # the batch itself stays as it came
+
+
 def test_the_towers_randomness_replays_in_the_second_pass(tiny_text_encoder):
     """With dropout in f, the pass with a graph draws each micro-batch's masks again, so the
     gradients are those of the embeddings the loss was taken on: as if each micro-batch were

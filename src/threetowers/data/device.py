@@ -37,6 +37,11 @@ def normalised(batch: dict, views: Views) -> dict:
     """A prepared batch's uint8 views as each tower's normalised float32, where they are."""
     if not batch["ids"]:  # only bad samples: nothing to normalise
         return batch
+    return normalised_views(batch, views)
+
+
+def normalised_views(batch: dict, views: Views) -> dict:
+    """``batch``'s image views (of any rows, none included) normalised, in place."""
     if views.normalise is not None:
         batch["images"] = views.normalise(batch["images"])
     if FROZEN_IMAGES in batch:
@@ -45,18 +50,24 @@ def normalised(batch: dict, views: Views) -> dict:
     return batch
 
 
-def on_device(batches: Iterable[dict], device: torch.device, views: Views) -> Iterator[dict]:
-    """``batches`` on ``device``, normalised there; on CUDA one batch ahead, its copy and
+def on_device(batches: Iterable[dict], device: torch.device, views: Views | None) -> Iterator[dict]:
+    """``batches`` on ``device``, normalised there (``views`` None: left uint8, for the step
+    to normalise a micro-batch at a time); on CUDA one batch ahead, its copy and
     normalisation issued on a side stream while the caller works on the batch before."""
+
+    def arrived(batch: dict) -> dict:
+        batch = to_device(batch, device)
+        return batch if views is None else normalised(batch, views)
+
     if device.type != "cuda":
         for batch in batches:
-            yield normalised(to_device(batch, device), views)
+            yield arrived(batch)
         return
     side = torch.cuda.Stream(device)
     ahead = None
     for batch in batches:
         with torch.cuda.stream(side):
-            ready = (normalised(to_device(batch, device), views), side.record_event())
+            ready = (arrived(batch), side.record_event())
         if ahead is not None:
             yield _handed_over(*ahead, device)
         ahead = ready

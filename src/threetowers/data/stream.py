@@ -42,7 +42,8 @@ class Position:
 class GlobalBatch:
     """This rank's share of one step's batch, and what the ranks agreed on with it."""
 
-    tensors: dict  # the prepared share on the device, normalised, its bad samples taken out
+    tensors: dict  # the prepared share on the device (normalised unless the step does it),
+    # its bad samples taken out
     counts: list[int]  # every rank's sample count: the global batch
     stop: bool  # some rank was asked to stop: all stop after this step
 
@@ -59,17 +60,20 @@ class BatchStream:
         sources: SourceCounts,
         stop: Callable[[], bool] = lambda: False,
         device: torch.device | None = None,
+        normalise: bool = True,
     ) -> None:
         self.data, self.position, self.bad_data, self.sources = data, position, bad_data, sources
         self.stop = stop  # polled at each batch and agreed on in its exchange
         self.device = device or torch.device("cpu")  # where the batches go
+        self.normalise = normalise  # False: the views stay uint8, for the step to normalise
 
     def __iter__(self) -> Iterator[GlobalBatch]:
         at = self.position
         whole, yielded = at.batch_in_epoch == 0, False  # of the epoch being read
         pin = self.device.type == "cuda"
         batches = self.data.stream(at.epoch, at.batch_in_epoch, pin_memory=pin)
-        for tensors in on_device(batches, self.device, self.data.views):
+        views = self.data.views if self.normalise else None
+        for tensors in on_device(batches, self.device, views):
             epoch, index = tensors.pop("position")
             if epoch != at.epoch:  # the epoch before is read whole
                 self._check_gave_a_batch(at.epoch, whole, yielded)

@@ -15,17 +15,21 @@ Every rank makes the same number of passes (:func:`micro_batches`), as FSDP gath
 weights in each.
 
 The towers' activations are then held for one micro-batch at a time, and the gradients are
-the whole batch's, up to float rounding. The frozen towers run once, on the whole batch, as
-without accumulation (no gradient reaches them). Randomness in the towers replays: each
+the whole batch's, up to float rounding. The frozen towers run once, in the first pass, a
+micro-batch at a time too (no gradient reaches them; their features are kept for the second).
+A batch that comes uint8 has each micro-batch's views normalised as the pass reaches it, so
+the whole batch is never held in floats. Randomness in the towers replays: each
 micro-batch's second pass starts from the RNG state its first pass started from.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
 
+from threetowers.data.device import FROZEN_FEATURES, FROZEN_IMAGES
 from threetowers.model.three_towers import ThreeTowers
 
 
@@ -36,30 +40,33 @@ def backward_in_micro_batches(
     counts: list[int],
     micro_batch: int,
     autocast,
+    normalise: Callable[[dict], dict] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The whole batch's (loss, logs), its gradients accumulated in the parameters' ``.grad``
     micro-batch by micro-batch; ``forward`` is the model or its DDP wrapper, ``autocast`` a
-    callable giving the step's precision context."""
-    images, tokens = tensors.get("images"), tensors["tokens"]
-    with autocast():
-        frozen = model.frozen_features(
-            images,
-            tensors.get("frozen_features"),
-            tensors.get("frozen_images"),
-            tensors["captions"],
-        )
+    callable giving the step's precision context; ``normalise``: the micro-batch's uint8
+    views to floats, for a batch that came uint8 (``data/device.py``)."""
+    tokens = tensors["tokens"]
     parts = micro_batches(len(tokens), counts, micro_batch)
 
-    def embeddings(part: slice, through) -> dict[str, torch.Tensor]:
-        given = {name: features[part] for name, features in frozen.items()}
-        pixels = images[part] if images is not None else None
-        return through(pixels, tokens[part], frozen_features=given)
+    def inputs(part: slice) -> dict:
+        piece = _sliced(tensors, part)
+        return normalise(piece) if normalise is not None else piece
 
-    starts, pieces = [], []
+    frozen, starts, pieces = [], [], []
     with torch.no_grad(), autocast():
         for part in parts:
+            piece = inputs(part)
+            frozen.append(
+                model.frozen_features(
+                    piece.get("images"),
+                    piece.get(FROZEN_FEATURES),
+                    piece.get(FROZEN_IMAGES),
+                    piece["captions"],
+                )
+            )
             starts.append(_rng_state(tokens.device))
-            pieces.append(embeddings(part, model))
+            pieces.append(model(piece.get("images"), piece["tokens"], frozen_features=frozen[-1]))
     out = {key: torch.cat([piece[key] for piece in pieces]).requires_grad_() for key in pieces[0]}
     with autocast():
         loss, logs = model.loss(out, counts)
@@ -70,14 +77,28 @@ def backward_in_micro_batches(
         _set_rng_state(start, tokens.device)
         synchronised = index == last or not hasattr(forward, "no_sync")
         with nullcontext() if synchronised else forward.no_sync():
+            piece = inputs(part)
             with autocast():
-                piece = embeddings(part, forward)
-            used = [key for key in piece if piece[key].requires_grad and out[key].grad is not None]
+                embedded = forward(
+                    piece.get("images"), piece["tokens"], frozen_features=frozen[index]
+                )
+            used = [k for k in embedded if embedded[k].requires_grad and out[k].grad is not None]
             torch.autograd.backward(
-                [piece[key] for key in used], [out[key].grad[part] for key in used]
+                [embedded[key] for key in used], [out[key].grad[part] for key in used]
             )
     _set_rng_state(after, tokens.device)
     return loss, logs
+
+
+def _sliced(tensors: dict, part: slice) -> dict:
+    """The micro-batch ``part`` of a batch's rows: its views, captions and features."""
+    piece = {"tokens": tensors["tokens"][part], "captions": tensors["captions"][part]}
+    if tensors.get("images") is not None:
+        piece["images"] = tensors["images"][part]
+    for key in (FROZEN_FEATURES, FROZEN_IMAGES):
+        if key in tensors:
+            piece[key] = {name: rows[part] for name, rows in tensors[key].items()}
+    return piece
 
 
 def micro_batches(rows: int, counts: list[int], micro_batch: int) -> list[slice]:

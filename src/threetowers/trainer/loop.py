@@ -163,8 +163,11 @@ def _train(
             model, evaluation_copy, data, benchmarks, cfg, run_dir, step, metrics if main else None
         )
 
-    train_step = TrainStep(model, optimizer, schedule, device, cfg.train)
-    stream = BatchStream(data, run.position, bad_data, sources, stop.is_set, device)
+    # micro-batches: the batch stays uint8 until each micro-batch's pass normalises its views
+    deferred = cfg.train.micro_batch > 0
+    views = data.views if deferred else None
+    train_step = TrainStep(model, optimizer, schedule, device, cfg.train, views)
+    stream = BatchStream(data, run.position, bad_data, sources, stop.is_set, device, not deferred)
     if main:
         drop_metrics_after(run_dir / "metrics.jsonl", run.step)
         metrics = MetricsLog(run_dir)
@@ -253,7 +256,8 @@ def _evaluate(
     weights = full_trainable_state(model) if is_sharded(model) else None  # a collective
     if distributed.is_main():
         target = copy.filled(weights) if weights is not None else model
-        _evaluate_on_rank_0(target, data, benchmarks, cfg, run_dir, step, metrics)
+        with distributed.alone():
+            _evaluate_on_rank_0(target, data, benchmarks, cfg, run_dir, step, metrics)
         if weights is not None:
             copy.parked()
     distributed.meet()

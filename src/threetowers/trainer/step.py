@@ -2,16 +2,18 @@
 
 A step whose loss or gradient is not finite moves neither the weights nor Adam's moments;
 the schedule moves on either way (steps, not updates, index the learning rate). Under DDP
-the frozen towers run outside the wrapper, before its forward; under ``train.parallel: fsdp``
-the model comes sharded (``trainer/sharding.py``) and is its own wrapper. With ``train.micro_batch``
-the towers run a micro-batch at a time and the whole batch's gradients are accumulated
-exactly (``trainer/accumulation.py``); with ``train.activation_checkpointing`` f's and g's
-Transformer blocks recompute their activations in the backward pass.
+the frozen towers run outside the wrapper, before its forward; under ``train.parallel:
+fsdp`` the model comes sharded (``trainer/sharding.py``) and is its own wrapper. With
+``train.micro_batch`` the towers run a micro-batch at a time and the whole batch's gradients
+are accumulated exactly (``trainer/accumulation.py``), the batch coming uint8 so that its
+views are normalised a micro-batch at a time; with ``train.activation_checkpointing`` f's
+and g's Transformer blocks recompute their activations in the backward pass.
 """
 
 from __future__ import annotations
 
 import itertools
+from functools import partial
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -19,7 +21,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from threetowers import distributed
 from threetowers.config import TrainConfig
+from threetowers.data.device import normalised, normalised_views
 from threetowers.data.stream import GlobalBatch
+from threetowers.data.views import Views
 from threetowers.model.three_towers import ThreeTowers, batch_embeddings
 from threetowers.towers.transformer import checkpoint_blocks
 from threetowers.trainer.accumulation import backward_in_micro_batches
@@ -32,9 +36,16 @@ class TrainStep:
     its logs and whether it was finite (else nothing moved)."""
 
     def __init__(
-        self, model: ThreeTowers, optimizer, schedule, device: torch.device, train: TrainConfig
+        self,
+        model: ThreeTowers,
+        optimizer,
+        schedule,
+        device: torch.device,
+        train: TrainConfig,
+        views: Views | None = None,
     ) -> None:
         self.model, self.optimizer, self.schedule, self.device = model, optimizer, schedule, device
+        self.views = views  # set: batches come uint8, and the step normalises them
         self.precision, self.grad_clip = train.precision, train.grad_clip
         self.micro_batch = train.micro_batch
         if train.activation_checkpointing:
@@ -63,8 +74,11 @@ class TrainStep:
                 batch.counts,
                 self.micro_batch,
                 lambda: autocast(self.precision, self.device),
+                None if self.views is None else partial(normalised_views, views=self.views),
             )
         else:
+            if self.views is not None:
+                tensors = normalised(tensors, self.views)
             with autocast(self.precision, self.device):
                 out = batch_embeddings(self.model, tensors, self.forward)
                 loss, logs = self.model.loss(out, batch.counts)

@@ -114,11 +114,6 @@ def init_from_env(device: torch.device) -> bool:
     return True
 
 
-def barrier() -> None:
-    if world_size() > 1:
-        dist.barrier()
-
-
 _LONG_PHASES: dict[str, Any] = {}  # long_phase_group's, made per process group
 
 

@@ -121,7 +121,7 @@ def meet_late(rank: int, init_file: str, out_dir: str) -> None:
         with distributed.main_first():
             handle.write(f"block {time.monotonic()}\n")
             time.sleep(LATE if rank == 0 else 0)
-        for meeting in (distributed.meet, distributed.barrier):
+        for meeting in (distributed.meet, dist.barrier):  # the latter on the training group
             time.sleep(LATE if rank == 1 else 0)
             try:
                 meeting()

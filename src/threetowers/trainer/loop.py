@@ -1,4 +1,4 @@
-"""The training loop: one process or DDP, exact resume from the latest checkpoint.
+"""The training loop: one process, DDP or FSDP, exact resume from the latest checkpoint.
 
 Re-running the same command with the same run directory continues where the last
 checkpoint left off; the data position, optimizer, schedule, RNG state and the counts of bad

@@ -1,7 +1,7 @@
-"""Blocked contrastive terms: ``losses``' softmax and sigmoid terms, the same shares, values
-and gradients, holding at most a (block x global batch) slice of the logits at a time, so
-memory is O(B·block) instead of O(B²). Their autograd Functions save only the inputs and
-per-row statistics; the backward recomputes each block's logits.
+"""Blocked contrastive terms: ``losses``' softmax, sigmoid and distillation terms, the same
+shares, values and gradients, holding at most a (block x global batch) slice of the logits
+at a time, so memory is O(B·block) instead of O(B²). Their autograd Functions save only the
+inputs and per-row statistics; the backward recomputes each block's logits.
 """
 
 from __future__ import annotations
@@ -53,6 +53,31 @@ def blocked_sigmoid_term(
     mm = _matmul_dtype(a)
     total = _BlockedSigmoidLoss.apply(a.to(mm), b_all.to(mm), offset, scale, bias, block_size)
     return total / (a.shape[0] * b_all.shape[0])
+
+
+def blocked_distillation_term(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_all: torch.Tensor,
+    b_all: torch.Tensor,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    u_all: torch.Tensor,
+    v_all: torch.Tensor,
+    scale: torch.Tensor,
+    teacher_scale: torch.Tensor,
+    block_size: int,
+) -> torch.Tensor:
+    """``distillation_term`` computed ``block_size`` rows at a time: same value and
+    gradients (none reach the teacher)."""
+    _check_block_size(block_size)
+    mm = _matmul_dtype(a)
+
+    def kl(x, y, teacher_x, teacher_y) -> torch.Tensor:
+        teacher = (teacher_x.to(mm), teacher_y.to(mm), teacher_scale)
+        return _BlockedKL.apply(x.to(mm), y.to(mm), scale, *teacher, block_size) / x.shape[0]
+
+    return (kl(a, b_all, u, v_all) + kl(b, a_all, v, u_all)) / 2
 
 
 def _check_block_size(block_size: int) -> None:
@@ -234,6 +259,47 @@ class _BlockedSigmoidLoss(torch.autograd.Function):
                 grads.add(blk, g)
         dx, dy, dscale = grads.result()
         return dx, dy, None, dscale, dbias.to(bias.dtype), None
+
+
+class _BlockedKL(torch.autograd.Function):
+    """Σᵢ KL(Pᵢ ‖ Qᵢ), Q the row softmax of s·x yᵀ and P that of the teacher's t·x' y'ᵀ, by
+    blocks of rows. Saves the inputs; the backward recomputes each block's logits, both the
+    student's and the teacher's (∂ KL(Pᵢ ‖ Qᵢ) / ∂ logitᵢⱼ = Qᵢⱼ − Pᵢⱼ)."""
+
+    @staticmethod
+    def forward(ctx, x, y, scale, teacher_x, teacher_y, teacher_scale, block: int):
+        acc = _accumulation_dtype(x.dtype)
+        total = x.new_zeros((), dtype=acc)
+        with _autocast_off(x):
+            pairs = zip(
+                _blocks(x, y, scale, block, acc),
+                _blocks(teacher_x, teacher_y, teacher_scale, block, acc),
+                strict=True,
+            )
+            for student, teacher in pairs:
+                log_q = student.logits.log_softmax(1)
+                log_p = teacher.logits.log_softmax(1)
+                total += (log_p.exp() * (log_p - log_q)).sum()
+        ctx.block = block
+        ctx.save_for_backward(x, y, scale, teacher_x, teacher_y, teacher_scale)
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_total):
+        x, y, scale, teacher_x, teacher_y, teacher_scale = ctx.saved_tensors
+        grads = _InputGrads(x, y, scale, ctx.needs_input_grad[:3])
+        acc = _accumulation_dtype(x.dtype)
+        with _autocast_off(x):
+            pairs = zip(
+                _blocks(x, y, scale, ctx.block, acc),
+                _blocks(teacher_x, teacher_y, teacher_scale, ctx.block, acc),
+                strict=True,
+            )
+            for student, teacher in pairs:
+                g = student.logits.softmax(1).sub_(teacher.logits.softmax(1)).mul_(grad_total)
+                grads.add(student, g)
+        return *grads.result(), None, None, None, None
 
 
 def _signed(logits: torch.Tensor, diagonal: int) -> torch.Tensor:

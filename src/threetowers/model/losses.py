@@ -83,6 +83,35 @@ def sigmoid_term(
     return -F.logsigmoid(signs * logits).mean()
 
 
+def distillation_term(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_all: torch.Tensor,
+    b_all: torch.Tensor,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    u_all: torch.Tensor,
+    v_all: torch.Tensor,
+    scale: torch.Tensor,
+    teacher_scale: torch.Tensor,
+) -> torch.Tensor:
+    """This rank's share of ½[KL(P ‖ Q) image→text + KL(P ‖ Q) text→image], each the mean
+    over rows of the KL divergence between a row's in-batch distributions: the teacher's P
+    (softmax of t·u vᵀ, a frozen image-text pair's embeddings u, v and its own scale t) and
+    the student's Q (softmax of s·a bᵀ), as MobileCLIP distils a CLIP teacher.
+
+    ``a``, ``b`` and ``u``, ``v``: the local rows; ``*_all``: the global batch.
+    """
+
+    def kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        log_q, log_p = student.log_softmax(-1), teacher.log_softmax(-1)
+        return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+
+    image_to_text = kl(scale * a @ b_all.T, teacher_scale * u @ v_all.T)
+    text_to_image = kl(scale * b @ a_all.T, teacher_scale * v @ u_all.T)
+    return (image_to_text + text_to_image) / 2
+
+
 def l2_term(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Feature-regression alignment: mean squared distance between paired embeddings."""
     return (a - b).pow(2).sum(dim=-1).mean()

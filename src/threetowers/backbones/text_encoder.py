@@ -56,6 +56,7 @@ class FrozenTextEncoder(nn.Module):
         normalize: bool = False,
         max_length: int = 256,
         name: str = "text_encoder",
+        feature_dim: int | None = None,
     ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
@@ -63,7 +64,7 @@ class FrozenTextEncoder(nn.Module):
         self.model, self.pooling, self.normalize = model, pooling, normalize
         self.max_length, self.name = max_length, name
         self.tokenizer = _configured(tokenizer, max_length)
-        self.feature_dim = int(model.config.hidden_size)
+        self.feature_dim = feature_dim or int(model.config.hidden_size)
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
         self.model.eval()
@@ -89,10 +90,21 @@ class FrozenTextEncoder(nn.Module):
         pooled = torch.empty(len(captions), self.feature_dim)
         with torch.inference_mode():
             for chunk in order.split(CHUNK):
-                longest = int(lengths[chunk].max()) if len(chunk) else 0
+                longest = int(lengths[chunk].max()) if len(chunk) and self._trimmed() else None
                 part = {k: v[chunk, :longest].to(device) for k, v in inputs.items()}
-                pooled[chunk] = self._pool(self.model(**part).last_hidden_state, part).cpu()
+                pooled[chunk] = self._features(part).cpu()
         return pooled.to(device)
+
+    def _features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One chunk's features."""
+        return self._pool(self.model(**inputs).last_hidden_state, inputs)
+
+    def _trimmed(self) -> bool:
+        """Whether a chunk may be cut to its longest caption (the padding is masked)."""
+        return True
+
+    def _digest_settings(self) -> list:
+        return [self.pooling, self.normalize, self.max_length, self.tokenizer.to_str()]
 
     def _pool(self, tokens: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.pooling == "first":
@@ -104,8 +116,7 @@ class FrozenTextEncoder(nn.Module):
 
     def digest(self) -> str:
         """Its weights, tokenizer and pooling: what its features depend on (cache names)."""
-        settings = [self.pooling, self.normalize, self.max_length, self.tokenizer.to_str()]
-        digest = hashlib.sha256(json.dumps(settings).encode())
+        digest = hashlib.sha256(json.dumps(self._digest_settings()).encode())
         for key, tensor in sorted(self.model.state_dict().items()):
             digest.update(key.encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())

@@ -26,7 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from threetowers.distributed import gather_with_grad, row_counts, world_size
-from threetowers.model.blocked_losses import blocked_sigmoid_term, blocked_softmax_term
+from threetowers.model.blocked_losses import (
+    blocked_distillation_term,
+    blocked_sigmoid_term,
+    blocked_softmax_term,
+)
 from threetowers.model.objective import Term
 
 LossKind = Literal["softmax", "sigmoid"]
@@ -126,6 +130,10 @@ class ThreeTowersLoss(nn.Module):
     is exp(log_scale) clamped to ``max_scale``. ``block_size`` > 0 computes the contrastive
     terms that many rows at a time (``blocked_*_term``): the same loss and gradients in
     O(B·block_size) memory instead of O(B²); 0 uses the plain terms.
+
+    A distillation term (``Term.teacher``) compares in-batch softmax distributions whatever
+    ``kind`` (a learned scale of its own on the student's side, no bias); ``teacher_scales``
+    gives each one its teacher pair's own scale, fixed.
     """
 
     def __init__(
@@ -139,6 +147,7 @@ class ThreeTowersLoss(nn.Module):
         init_bias: float = -10.0,
         alignment: str = "contrastive",
         block_size: int = 0,
+        teacher_scales: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
         if kind not in LOSS_KINDS:
@@ -160,6 +169,11 @@ class ThreeTowersLoss(nn.Module):
         self._sigmoid_term = (
             partial(blocked_sigmoid_term, block_size=block_size) if block_size else sigmoid_term
         )
+        self._distillation_term = (
+            partial(blocked_distillation_term, block_size=block_size)
+            if block_size
+            else distillation_term
+        )
         self.max_scale = max_scale
         self.terms = tuple(t for t in terms if weights.get(t.name, 1.0) > 0)
         self.weights = {t.name: float(weights.get(t.name, 1.0)) for t in self.terms}
@@ -169,11 +183,21 @@ class ThreeTowersLoss(nn.Module):
         self.log_scale = nn.ParameterDict(
             {n: nn.Parameter(torch.tensor(math.log(init_scale))) for n in names}
         )
+        biased = {
+            self.temperature_of[t.name] for t in self.terms if t.name in learned and not t.teacher
+        }
         self.bias = nn.ParameterDict(
-            {n: nn.Parameter(torch.tensor(float(init_bias))) for n in names}
+            {n: nn.Parameter(torch.tensor(float(init_bias))) for n in names if n in biased}
             if kind == "sigmoid"
             else {}
         )
+        distilled = {t.name for t in self.terms if t.teacher}
+        scales = dict(teacher_scales or {})
+        if distilled - scales.keys():
+            raise ValueError(
+                f"distillation terms {sorted(distilled - scales.keys())} need their teacher's scale"
+            )
+        self.teacher_scales = {name: float(scales[name]) for name in sorted(distilled)}
 
     def _is_contrastive(self, term: Term) -> bool:
         return not (term.alignment and self.alignment == "l2")
@@ -204,7 +228,10 @@ class ThreeTowersLoss(nn.Module):
         None under torch.distributed, unused in one process).
         """
         needed = {
-            k for t in self.terms if self._is_contrastive(t) for k in (t.image_key, t.text_key)
+            k
+            for t in self.terms
+            if self._is_contrastive(t)
+            for k in (t.image_key, t.text_key, *(t.teacher or ()))
         }
         share = 1.0
         if world_size() > 1:
@@ -221,7 +248,14 @@ class ThreeTowersLoss(nn.Module):
             else:
                 (a_all, offset), (b_all, _) = gathered[term.image_key], gathered[term.text_key]
                 scale = self.scale(term.name)
-                if self.kind == "softmax":
+                if term.teacher:
+                    (u_all, _), (v_all, _) = (gathered[key] for key in term.teacher)
+                    u, v = (embeddings[key] for key in term.teacher)
+                    teacher_scale = scale.new_tensor(self.teacher_scales[term.name])
+                    value = self._distillation_term(
+                        a, b, a_all, b_all, u, v, u_all, v_all, scale, teacher_scale
+                    )
+                elif self.kind == "softmax":
                     value = self._softmax_term(a, b, a_all, b_all, offset, scale)
                 else:
                     bias = self.bias[self.temperature_of[term.name]]

@@ -38,6 +38,9 @@ class Term:
     image_key: str
     text_key: str
     alignment: bool  # an alignment with a frozen tower (may be L2), not the main image-text term
+    # a distillation term: the teacher pair's image and text embedding keys, whose in-batch
+    # distributions image_key's and text_key's are taught (``losses.distillation_term``)
+    teacher: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,8 @@ from tests.helpers.hf_models import (  # noqa: E402
     _cls,
     _save_vit,
     _write_preprocessor,
+    write_clip_preprocessor,
+    write_siglip_preprocessor,
 )
 from threetowers.backbones.frozen import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from threetowers.backbones.hf import load_hf_backbone, load_preprocessing  # noqa: E402
@@ -163,16 +165,7 @@ def test_full_clip_save_gives_vision_tower_pooler(tmp_path):
     )
     model = _cls("CLIPModel")(config).eval()
     model.save_pretrained(tmp_path)
-    _write_preprocessor(
-        tmp_path,
-        image_processor_type="CLIPImageProcessor",
-        image_mean=[0.48145466, 0.4578275, 0.40821073],
-        image_std=[0.26862954, 0.26130258, 0.27577711],
-        resample=3,
-        size={"shortest_edge": SIZE},
-        do_center_crop=True,
-        crop_size={"height": SIZE, "width": SIZE},
-    )
+    write_clip_preprocessor(tmp_path)
     backbone = load_hf_backbone(tmp_path)
 
     assert type(backbone.module.model).__name__ == "CLIPVisionModel"
@@ -207,14 +200,7 @@ def test_siglip_gives_map_head_pooler(tmp_path, save):
         model = _cls("SiglipModel")(config).eval()
         vision = model.vision_model
     model.save_pretrained(tmp_path)
-    _write_preprocessor(
-        tmp_path,
-        image_processor_type="SiglipImageProcessor",
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-        resample=2,
-        size={"height": SIZE, "width": SIZE},
-    )
+    write_siglip_preprocessor(tmp_path)
     backbone = load_hf_backbone(tmp_path)
 
     assert type(backbone.module.model).__name__ == "SiglipVisionModel"

@@ -10,7 +10,13 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-from tests.helpers.hf_models import SIZE, TINY_VIT, _cls, _write_preprocessor
+from tests.helpers.hf_models import (
+    SIZE,
+    TINY_VIT,
+    _cls,
+    write_clip_preprocessor,
+    write_siglip_preprocessor,
+)
 from threetowers.backbones.hf import HFTowerError
 from threetowers.backbones.pair import load_transformers_pair
 
@@ -61,16 +67,7 @@ def save_clip(folder):
     model = _cls("CLIPModel")(config).eval()
     model.save_pretrained(folder)
     write_tokenizer(folder)
-    _write_preprocessor(
-        folder,
-        image_processor_type="CLIPImageProcessor",
-        image_mean=[0.48145466, 0.4578275, 0.40821073],
-        image_std=[0.26862954, 0.26130258, 0.27577711],
-        resample=3,
-        size={"shortest_edge": SIZE},
-        do_center_crop=True,
-        crop_size={"height": SIZE, "width": SIZE},
-    )
+    write_clip_preprocessor(folder)
     return model
 
 
@@ -85,14 +82,7 @@ def save_siglip(folder):
         model.logit_scale.fill_(math.log(5.0))
     model.save_pretrained(folder)
     write_tokenizer(folder)  # padded to the longest: the pair pads SigLIP's to every position
-    _write_preprocessor(
-        folder,
-        image_processor_type="SiglipImageProcessor",
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-        resample=2,
-        size={"height": SIZE, "width": SIZE},
-    )
+    write_siglip_preprocessor(folder)
     return model
 
 

@@ -37,6 +37,32 @@ def _write_preprocessor(directory, **cfg) -> None:
     (directory / "preprocessor_config.json").write_text(json.dumps(cfg))
 
 
+def write_clip_preprocessor(directory) -> None:
+    """CLIP's own image processing (OpenAI's statistics, bicubic, a centre crop) at SIZE."""
+    _write_preprocessor(
+        directory,
+        image_processor_type="CLIPImageProcessor",
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+        resample=3,
+        size={"shortest_edge": SIZE},
+        do_center_crop=True,
+        crop_size={"height": SIZE, "width": SIZE},
+    )
+
+
+def write_siglip_preprocessor(directory) -> None:
+    """SigLIP's own image processing (0.5 statistics, bilinear, no crop) at SIZE."""
+    _write_preprocessor(
+        directory,
+        image_processor_type="SiglipImageProcessor",
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        resample=2,
+        size={"height": SIZE, "width": SIZE},
+    )
+
+
 def _save_vit(directory, preprocessor: bool = True):
     torch.manual_seed(0)
     model = _cls("ViTForImageClassification")(transformers.ViTConfig(num_labels=5, **TINY_VIT))

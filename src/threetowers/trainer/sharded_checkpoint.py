@@ -101,8 +101,8 @@ def _sharded_state(model: ThreeTowers, optimizer: torch.optim.Optimizer) -> dict
 @contextmanager
 def _coordinated():
     """The group the ranks coordinate a save or load in: the long phases', outside the
-    training collectives' timeout; None in one process, where torch's warning that it
-    assumes one process is said to a user who chose it."""
+    training collectives' timeout. None in one process, where torch warns that it assumes
+    one process: silenced, as it would only tell the user what they ran."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
         yield distributed.long_phase_group()
@@ -114,8 +114,8 @@ def _rank_0s(folder: Path | None) -> Path:
 
 
 def _write_shards(folder: Path, model: ThreeTowers, optimizer) -> dict[str, str]:
-    """Write this rank's shard into ``folder/sharded``; returns the sha256 of every file
-    there, by path in the checkpoint (on rank 0; the others get theirs)."""
+    """Write this rank's shard into ``folder/sharded``; returns the sha256 of every rank's
+    files there (each rank hashes its own), by path in the checkpoint."""
     target = folder / SHARDED
     writer = dcp.FileSystemWriter(target, sync_files=True)
     state = _sharded_state(model, optimizer)

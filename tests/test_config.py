@@ -62,6 +62,20 @@ def test_override_can_create_a_section_left_null_and_a_list_item():
         (["model.frozen.0.backbone=resnet50"], r"unknown backbone 'resnet50'; choose one of"),
         (["model.frozen.0.backbone=hf"], r"backbone 'hf' needs a path"),
         (["model.frozen.0.backbone=minilm", "model.frozen.0.image_size=64"], r"reads captions"),
+        (["model.frozen.0.distill_weight=2"], r"distill_weight is a frozen pair's \(backbone"),
+        (["model.frozen.0.backbone=pair"], r"backbone 'pair' needs a path"),
+        (
+            [
+                "model.frozen.0.backbone=pair",
+                "model.frozen.0.path=x",
+                "model.frozen.0.image_size=8",
+            ],
+            r"a pair's image side reads its own input size",
+        ),
+        (
+            ["model.mode=lit", "model.frozen.0.backbone=pair", "model.frozen.0.path=x"],
+            r"mode 'lit' locks one frozen tower .* is a frozen pair \(two towers\); use mode '3t'",
+        ),
         (["model.image.pool=map", "model.image.class_token=true"], r"does not go with pool"),
         (["model.text.pad_id=512"], r"pad_id 512 is outside the vocabulary \(size 512\)"),
         (["model.image.patch_size=5"], r"image_size 32 is not divisible by patch_size 5"),

@@ -9,6 +9,7 @@ from threetowers.model.objective import (
     MODES,
     alignment_terms,
     check_frozen_towers,
+    pair_sides,
     structure,
     term_weights,
 )
@@ -53,6 +54,59 @@ def test_term_weights_by_side():
     weights = term_weights(s, 2.0, {"a": (1.0, 0.5), "b": (0.0, 3.0)})
     assert weights == {"f_g": 2.0, "fa_a": 1.0, "ga_a": 0.5, "fb_b": 0.0, "gb_b": 3.0}
     assert term_weights(structure("lit", ["a"]), 2.0, {"a": (1.0, 1.0)}) == {}
+
+
+def test_a_pair_is_two_aligned_towers_in_its_place_and_a_distillation_term():
+    s = structure("3t", ["h", "p", "t"], text=["t"], pairs=["p"])
+    assert pair_sides("p") == ("pimg", "ptxt")
+    assert s.frozen == s.aligned == ("h", "pimg", "ptxt", "t")
+    assert s.text == ("ptxt", "t") and s.image_towers == ("h", "pimg")
+    assert s.pairs == ("p",) and s.parts == ("h", "pimg", "ptxt", "t", "p")
+    assert names(s)[3:7] == [
+        ("fpimg_pimg", "z_fpimg", "z_pimg", True),
+        ("gpimg_pimg", "z_gpimg", "z_pimg", True),
+        ("fptxt_ptxt", "z_fptxt", "z_ptxt", True),
+        ("gptxt_ptxt", "z_gptxt", "z_ptxt", True),
+    ]
+    (distill,) = [t for t in s.terms if t.teacher]
+    assert (distill.name, distill.image_key, distill.text_key) == ("fg_p", "z_f", "z_g")
+    assert distill.teacher == ("u_pimg", "u_ptxt") == s.pair("p")
+    assert s.pair("pimg") == ("z_pimg", "z_gpimg") and s.pair("ptxt") == ("z_fptxt", "z_ptxt")
+    assert [s.is_side(n) for n in s.frozen] == [False, True, True, False]
+    assert structure("clip", ["p"], pairs=["p"]).frozen == ()  # clip builds no pair either
+
+
+def test_a_pairs_sides_share_its_weights_and_its_term_has_its_own():
+    s = structure("3t", ["h", "p"], pairs=["p"])
+    weights = term_weights(s, 2.0, {"h": (1.0, 0.5), "p": (0.0, 3.0)}, {"p": 0.25})
+    assert weights == {
+        "f_g": 2.0,
+        "fh_h": 1.0,
+        "gh_h": 0.5,
+        "fpimg_pimg": 0.0,
+        "gpimg_pimg": 3.0,
+        "fptxt_ptxt": 0.0,
+        "gptxt_ptxt": 3.0,
+        "fg_p": 0.25,
+    }
+
+
+@pytest.mark.parametrize(
+    ("towers", "pairs", "message"),
+    [
+        (["p", "pimg"], ["p"], r"clash: \['fpimg', 'gpimg', 'pimg'\]"),
+        (["p", "fpimg"], ["p"], r"clash: \['fpimg'\]"),
+        (["h", "h"], ["h"], r"clash: \['fhimg', 'fhtxt', 'ghimg'"),
+    ],
+)
+def test_a_pairs_names_may_not_clash(towers, pairs, message):
+    with pytest.raises(ValueError, match=message):
+        structure("3t", towers, pairs=pairs)
+
+
+def test_lit_cannot_lock_a_pair():
+    with pytest.raises(ValueError, match=r"'lit' locks one frozen tower .* \['p'\] is a frozen"):
+        structure("lit", ["p"], pairs=["p"])
 
 
 @pytest.mark.parametrize(

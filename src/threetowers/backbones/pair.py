@@ -80,6 +80,31 @@ class PairText(FrozenTextEncoder):
         return ["pair", self.full_length, self.max_length, self.tokenizer.to_str()]
 
 
+def load_pair(path: str | Path) -> FrozenPair:
+    """The pair in ``path``, whichever of its three forms: a ``transformers`` CLIP or SigLIP
+    folder, a ``threetowers export --format open_clip`` folder, or a run of this project."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise HFTowerError(
+            f"frozen pair {folder} is not a folder; give a transformers CLIP or SigLIP folder, "
+            "a `threetowers export --format open_clip` folder or a run directory"
+        )
+    if (folder / "config.json").is_file():
+        return load_transformers_pair(folder)
+    from threetowers.backbones.trained_pair import load_open_clip_pair, load_run_pair, pair_kind
+
+    kind = pair_kind(folder)
+    if kind == "open_clip":
+        return load_open_clip_pair(folder)
+    if kind == "run":
+        return load_run_pair(folder)
+    raise HFTowerError(
+        f"{folder} holds no image-text pair this tool reads: not a transformers CLIP or SigLIP "
+        "folder (config.json), a `threetowers export --format open_clip` folder "
+        "(open_clip_config.json) or a run directory (config.yaml and checkpoints)"
+    )
+
+
 def load_transformers_pair(path: str | Path) -> FrozenPair:
     """The pair in a ``transformers`` CLIP or SigLIP folder (no network)."""
     folder = Path(path)
@@ -103,11 +128,11 @@ def load_transformers_pair(path: str | Path) -> FrozenPair:
     model_class = getattr(transformers, PAIR_MODEL_TYPES[config.model_type])
     model = model_class.from_pretrained(folder, local_files_only=True, use_safetensors=True)
     model = model.float().eval()
-    name = f"pair:{folder.name}"
+    name = f"pair-{folder.name}"
     preprocessing = load_preprocessing(folder, int(config.vision_config.image_size))
-    image = FrozenBackbone(_ImageEmbeddings(model), preprocessing, name=f"{name}:image")
+    image = FrozenBackbone(_ImageEmbeddings(model), preprocessing, name=f"{name}-image")
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    text = PairText(model, tokenizer, f"{name}:text", config.model_type == "siglip")
+    text = PairText(model, tokenizer, f"{name}-text", config.model_type == "siglip")
     return FrozenPair(image, text, math.exp(float(model.logit_scale)))
 
 

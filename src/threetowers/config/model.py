@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from threetowers.backbones.registry import BACKBONES, TEXT_BACKBONES, FrozenPool, check_backbone
+from threetowers.backbones.registry import (
+    BACKBONES,
+    PAIR_BACKBONE,
+    TEXT_BACKBONES,
+    FrozenPool,
+    check_backbone,
+)
 from threetowers.config.base import Section
 from threetowers.model.objective import Mode, Structure, structure
 from threetowers.model.three_towers import FrozenHeadKind, HeadKind
@@ -85,15 +91,19 @@ class FrozenTowerConfig(Section):
         "h",
         pattern=r"^[a-z][a-z0-9]{0,15}$",
         description="Unique; names the tower's heads (W_k as k, W_f->k as fk, W_g->k as gk), "
-        "its loss terms (fk_k, gk_k), metric keys, caches and logs.",
+        "its loss terms (fk_k, gk_k), metric keys, caches and logs. A pair p is two towers, "
+        "pimg and ptxt, each named so, and its distillation term fg_p.",
     )
     backbone: str = Field(
         "efficientnet_lite0",
         description=f"The pretrained network; one of {', '.join(sorted(BACKBONES))} "
-        f"({', '.join(TEXT_BACKBONES)} read captions).",
+        f"({', '.join(TEXT_BACKBONES)} read captions; {PAIR_BACKBONE}: an image-text model "
+        "whose two sides share a space, a CLIP teacher, from path: a transformers CLIP or "
+        "SigLIP folder, a `threetowers export --format open_clip` folder or a run directory).",
     )
     path: str | None = Field(
-        None, description="Its weights or model folder (needed by checkpoint, hf, hf_text)."
+        None,
+        description="Its weights or model folder (needed by checkpoint, hf, hf_text, pair).",
     )
     pool: FrozenPool = Field(
         "auto",
@@ -120,10 +130,25 @@ class FrozenTowerConfig(Section):
     g_weight: float = Field(
         1.0, ge=0, description="Weight of the term aligning g with this tower (gk_k; 3t only)."
     )
+    distill_weight: float = Field(
+        1.0,
+        ge=0,
+        description="A pair's only: weight of its distillation term fg_p (3t), the KL between "
+        "its in-batch image-text distributions and f and g's (0: aligned only).",
+    )
+
+    @property
+    def is_pair(self) -> bool:
+        return self.backbone == PAIR_BACKBONE
 
     @model_validator(mode="after")
     def _known(self) -> FrozenTowerConfig:
         check_backbone(self.backbone, self.path, self.image_size)
+        if "distill_weight" in self.model_fields_set and not self.is_pair:
+            raise ValueError(
+                f"distill_weight is a frozen pair's (backbone {PAIR_BACKBONE}), and this tower's "
+                f"backbone is {self.backbone!r}; remove distill_weight"
+            )
         return self
 
 
@@ -151,7 +176,8 @@ class ModelConfig(Section):
     def structure(self) -> Structure:
         """The towers, heads and terms this config builds (model/objective.py)."""
         text = [tower.name for tower in self.frozen if tower.backbone in TEXT_BACKBONES]
-        return structure(self.mode, [tower.name for tower in self.frozen], text)
+        pairs = [tower.name for tower in self.frozen if tower.is_pair]
+        return structure(self.mode, [tower.name for tower in self.frozen], text, pairs)
 
     @model_validator(mode="after")
     def _towers_fit_the_mode(self) -> ModelConfig:

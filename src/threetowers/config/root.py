@@ -32,6 +32,8 @@ class Config(Section):
 
 def model_term_weights(model: ModelConfig, loss: LossConfig) -> dict[str, float]:
     """Each term's weight: loss.weights.f_g for the main pair, each frozen tower's f_weight and
-    g_weight for its own; none without aligned towers (clip, lit: one term, of weight 1)."""
+    g_weight for its own, a pair's distill_weight for its distillation term; none without
+    aligned towers (clip, lit: one term, of weight 1)."""
     sides = {tower.name: (tower.f_weight, tower.g_weight) for tower in model.frozen}
-    return term_weights(model.structure(), loss.weights.f_g, sides)
+    distill = {tower.name: tower.distill_weight for tower in model.frozen}
+    return term_weights(model.structure(), loss.weights.f_g, sides, distill)

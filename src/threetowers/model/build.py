@@ -9,6 +9,7 @@ from dataclasses import replace
 import torch
 
 from threetowers.backbones.frozen import FrozenBackbone, Preprocessing
+from threetowers.backbones.pair import FrozenPair
 from threetowers.backbones.registry import load_backbone
 from threetowers.backbones.text_encoder import FrozenTextEncoder
 from threetowers.config import (
@@ -20,7 +21,7 @@ from threetowers.config import (
     model_term_weights,
 )
 from threetowers.model.losses import ThreeTowersLoss
-from threetowers.model.objective import Structure
+from threetowers.model.objective import Structure, distillation_term, pair_sides
 from threetowers.model.three_towers import ThreeTowers
 from threetowers.towers.text import TextTransformer
 from threetowers.towers.vit import VisionTransformer
@@ -34,7 +35,14 @@ def structure_of(model_cfg: ModelConfig) -> Structure:
     return model_cfg.structure()
 
 
-def build_loss(model_cfg: ModelConfig, cfg: LossConfig) -> ThreeTowersLoss:
+FrozenTower = FrozenBackbone | FrozenTextEncoder
+
+
+def build_loss(
+    model_cfg: ModelConfig, cfg: LossConfig, pair_scales: Mapping[str, float] | None = None
+) -> ThreeTowersLoss:
+    """The loss of the config; ``pair_scales``: each frozen pair's own scale, by name (the
+    teacher's scale of its distillation term)."""
     return ThreeTowersLoss(
         structure_of(model_cfg).terms,
         kind=cfg.kind,
@@ -45,10 +53,13 @@ def build_loss(model_cfg: ModelConfig, cfg: LossConfig) -> ThreeTowersLoss:
         init_bias=cfg.init_bias,
         alignment=cfg.alignment,
         block_size=cfg.block_size,
+        teacher_scales={
+            distillation_term(name): scale for name, scale in (pair_scales or {}).items()
+        },
     )
 
 
-def build_frozen_tower(tower: FrozenTowerConfig) -> FrozenBackbone | FrozenTextEncoder:
+def build_frozen_tower(tower: FrozenTowerConfig) -> FrozenTower | FrozenPair:
     """The configured frozen backbone, at ``tower.image_size`` when one is set."""
     backbone = load_backbone(tower.backbone, tower.path, tower.pool)
     if tower.image_size is not None:  # image towers only (the config checks)
@@ -57,10 +68,20 @@ def build_frozen_tower(tower: FrozenTowerConfig) -> FrozenBackbone | FrozenTextE
 
 
 def build_frozen_towers(
-    model_cfg: ModelConfig, given: FrozenBackbone | Mapping[str, FrozenBackbone] | None = None
-) -> dict[str, FrozenBackbone]:
-    """The frozen towers the model of ``model_cfg`` runs, by name: ``given`` ones (a mapping
-    by name, or one FrozenBackbone for a one-tower config) replace the configured backbones."""
+    model_cfg: ModelConfig,
+    given: FrozenBackbone | Mapping[str, FrozenTower | FrozenPair] | None = None,
+) -> dict[str, FrozenTower]:
+    """The frozen towers the model of ``model_cfg`` runs, by name (a pair's two sides by
+    theirs): ``given`` ones (a mapping by the config's names, or one FrozenBackbone for a
+    one-tower config) replace the configured backbones."""
+    return _frozen_towers(model_cfg, given)[0]
+
+
+def _frozen_towers(
+    model_cfg: ModelConfig,
+    given: FrozenBackbone | Mapping[str, FrozenTower | FrozenPair] | None = None,
+) -> tuple[dict[str, FrozenTower], dict[str, float]]:
+    """(the frozen towers by name, each frozen pair's own scale by the pair's name)."""
     structure = structure_of(model_cfg)
     if isinstance(given, torch.nn.Module):  # one tower; a dict names several
         if len(structure.frozen) > 1:
@@ -71,31 +92,40 @@ def build_frozen_towers(
         given = {name: given for name in structure.frozen}
     given = dict(given or {})
     for name, tower in given.items():
-        wanted = FrozenTextEncoder if name in structure.text else FrozenBackbone
-        if not isinstance(tower, wanted):
-            fix = (
-                "a FrozenTextEncoder (backbones/text_encoder.py)"
-                if name in structure.text
-                else "a FrozenBackbone: wrap your module as threetowers.FrozenBackbone(module, "
-                "threetowers.Preprocessing(image_size, mean, std))"
+        if name in structure.pairs:
+            wanted, fix = FrozenPair, "a FrozenPair (backbones/pair.py)"
+        elif name in structure.text:
+            wanted, fix = FrozenTextEncoder, "a FrozenTextEncoder (backbones/text_encoder.py)"
+        else:
+            wanted, fix = (
+                FrozenBackbone,
+                "a FrozenBackbone: wrap your module as threetowers.FrozenBackbone(module, "
+                "threetowers.Preprocessing(image_size, mean, std))",
             )
+        if not isinstance(tower, wanted):
             raise ConfigError(f"frozen tower {name!r} must be {fix}")
-    towers = {}
+    towers, scales = {}, {}
     for position, tower in enumerate(model_cfg.frozen):
-        if tower.name not in structure.frozen:
+        if tower.name not in structure.frozen and tower.name not in structure.pairs:
             continue  # clip never builds, loads or runs a frozen tower
         built = given.get(tower.name) or build_frozen_tower(tower)
-        # Checked here rather than by make_head, to name the config key: only a built
-        # backbone knows its feature dim.
-        if tower.head == "identity" and built.feature_dim != model_cfg.embed_dim:
-            key = f"model.frozen.{position}"
-            raise ConfigError(
-                f"{key}.head 'identity' needs embed_dim == frozen tower {tower.name!r}'s "
-                f"feature dim ({built.feature_dim}), got embed_dim {model_cfg.embed_dim}; use "
-                f"{key}.head=linear"
-            )
-        towers[tower.name] = built
-    return towers
+        if isinstance(built, FrozenPair):
+            scales[tower.name] = built.scale
+            sides = dict(zip(pair_sides(tower.name), (built.image, built.text), strict=True))
+        else:
+            sides = {tower.name: built}
+        for name, side in sides.items():
+            # Checked here rather than by make_head, to name the config key: only a built
+            # backbone knows its feature dim.
+            if tower.head == "identity" and side.feature_dim != model_cfg.embed_dim:
+                key = f"model.frozen.{position}"
+                raise ConfigError(
+                    f"{key}.head 'identity' needs embed_dim == frozen tower {name!r}'s "
+                    f"feature dim ({side.feature_dim}), got embed_dim {model_cfg.embed_dim}; "
+                    f"use {key}.head=linear"
+                )
+            towers[name] = side
+    return towers, scales
 
 
 def build_model(
@@ -113,7 +143,7 @@ def build_model(
     """
     model_cfg, loss_cfg = (cfg.model, cfg.loss) if isinstance(cfg, Config) else (cfg, LossConfig())
     structure = structure_of(model_cfg)
-    towers = build_frozen_towers(model_cfg, frozen)
+    towers, pair_scales = _frozen_towers(model_cfg, frozen)
 
     # The trainable towers are built on the CPU and then moved, so that a seed gives the same
     # initial weights on any device (a GPU would draw them from its own generator).
@@ -134,12 +164,16 @@ def build_model(
                 else None
             ),
             embed_dim=model_cfg.embed_dim,
-            loss_fn=build_loss(model_cfg, loss_cfg),
+            loss_fn=build_loss(model_cfg, loss_cfg, pair_scales),
             image_tower=image_tower,
             image_preprocessing=image_preprocessing,
             frozen=towers,
             head=model_cfg.head,
-            frozen_heads={tower.name: tower.head for tower in model_cfg.frozen},
+            frozen_heads={
+                name: tower.head
+                for tower in model_cfg.frozen
+                for name in (pair_sides(tower.name) if tower.is_pair else (tower.name,))
+            },
             share_alignment_heads=model_cfg.share_alignment_heads,
         )
     if device is not None and not meta:

@@ -10,6 +10,12 @@ Names: a frozen tower k has the embedding ``z_k`` (head ``k``); f's and g's head
 are ``fk`` and ``gk`` (embeddings ``z_fk``, ``z_gk``), its terms ``fk_k`` and ``gk_k``. A
 single tower named ``h`` (the default ``model.frozen``) thus keeps every name it had when
 there was one third tower: z_h, z_fh, z_gh, fh_h, gh_h, h_g.
+
+A frozen pair p (an image-text model whose sides share a space, a CLIP teacher) is two
+frozen towers, its image side ``pimg`` and its text side ``ptxt``, each with the heads and
+terms of any frozen tower, plus the distillation term ``fg_p`` that teaches (z_f, z_g) the
+pair's own in-batch similarities of ``u_pimg`` and ``u_ptxt`` (each side's features,
+normalised). In the convex combination the pair's own score ⟨u_pimg, u_ptxt⟩ is part ``p``.
 """
 
 from __future__ import annotations
@@ -30,6 +36,22 @@ def embedding(head: str) -> str:
 
 
 Z_F, Z_G = embedding("f"), embedding("g")  # the trained towers' embeddings
+
+
+def pair_sides(pair: str) -> tuple[str, str]:
+    """The frozen towers that are pair ``pair``'s image side and text side."""
+    return f"{pair}img", f"{pair}txt"
+
+
+def own_embedding(side: str) -> str:
+    """The key of a pair side's own embedding: its features, normalised, in the pair's
+    shared space (``u_`` and the side's name)."""
+    return f"u_{side}"
+
+
+def distillation_term(pair: str) -> str:
+    """The name of the term that teaches (z_f, z_g) pair ``pair``'s similarities."""
+    return f"fg_{pair}"
 
 
 @dataclass(frozen=True)
@@ -54,6 +76,17 @@ class Structure:
     terms: tuple[Term, ...]
     text: tuple[str, ...] = ()  # the frozen towers that read captions (the rest read images)
     trains_text_tower: bool = True  # g is trained; else a frozen text tower is locked in
+    pairs: tuple[str, ...] = ()  # the frozen pairs, each two of ``frozen`` (pair_sides)
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The convex combination's parts besides the main pair (``f``): each aligned
+        tower's pair, then each frozen pair's own score."""
+        return (*self.aligned, *self.pairs)
+
+    def is_side(self, name: str) -> bool:
+        """Whether frozen tower ``name`` is a side of a frozen pair (and so gives ``u_``)."""
+        return any(name in pair_sides(pair) for pair in self.pairs)
 
     @property
     def image_key(self) -> str:
@@ -71,9 +104,11 @@ class Structure:
         return tuple(name for name in self.frozen if name not in self.text)
 
     def pair(self, name: str) -> tuple[str, str]:
-        """(image side, text side) of aligned tower ``name``'s pair in the convex combination:
-        an image tower k scores ⟨z_k, z_gk⟩, a text tower t ⟨z_ft, z_t⟩ (its own embedding
-        of the query, so any words reach it)."""
+        """(image side, text side) of part ``name`` in the convex combination: an image
+        tower k scores ⟨z_k, z_gk⟩, a text tower t ⟨z_ft, z_t⟩ (its own embedding of the
+        query, so any words reach it), a frozen pair p ⟨u_pimg, u_ptxt⟩."""
+        if name in self.pairs:
+            return tuple(own_embedding(side) for side in pair_sides(name))
         on_f, on_g = alignment_names(name)
         if name in self.text:
             return embedding(on_f), embedding(name)
@@ -93,29 +128,44 @@ def alignment_terms(name: str) -> tuple[str, str]:
 
 
 def term_weights(
-    structure: Structure, main: float, sides: Mapping[str, tuple[float, float]]
+    structure: Structure,
+    main: float,
+    sides: Mapping[str, tuple[float, float]],
+    distill: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
     """Each term's weight: ``main`` for f_g, ``sides[k]`` (f's, g's) for aligned tower k's two
-    terms; none without aligned towers (clip, lit: one term, of weight 1)."""
+    terms (a pair's for each of its sides), ``distill[p]`` for pair p's distillation term;
+    none without aligned towers (clip, lit: one term, of weight 1)."""
     if not structure.aligned:
         return {}
+    owner = {side: pair for pair in structure.pairs for side in pair_sides(pair)}
     weights = {MAIN_TERM: main}
     for name in structure.aligned:
-        weights |= dict(zip(alignment_terms(name), sides[name], strict=True))
+        weights |= dict(zip(alignment_terms(name), sides[owner.get(name, name)], strict=True))
+    for pair in structure.pairs:
+        weights[distillation_term(pair)] = (distill or {}).get(pair, 1.0)
     return weights
 
 
-def check_frozen_towers(mode: str, names: Sequence[str]) -> None:
+def check_frozen_towers(mode: str, names: Sequence[str], pairs: Sequence[str] = ()) -> None:
     """The one check of a mode's frozen towers, shared by :func:`structure` and the config (so
     a Python user and a config user read the same message): names that would name two heads,
-    and the number of towers each mode takes (clip ignores any that are configured)."""
+    and the number of towers each mode takes (clip ignores any that are configured).
+    ``pairs``: those of ``names`` that are frozen pairs (two towers each, ``pair_sides``)."""
     names = list(names)
-    derived = [n for name in names for n in (name, *alignment_names(name))]
+    towers = [side for name in names for side in (pair_sides(name) if name in pairs else [name])]
+    derived = [*pairs, *(n for name in towers for n in (name, *alignment_names(name)))]
     clashes = {n for n in derived if derived.count(n) > 1} | (set(TRAINED_TOWERS) & set(names))
     if clashes:
         raise ValueError(
             f"frozen tower names {names} clash: {sorted(clashes)} would name two things (tower "
-            "k's heads are k, fk and gk, and f, g are the trained towers); rename them"
+            "k's heads are k, fk and gk, a pair p's sides are pimg and ptxt, and f, g are the "
+            "trained towers); rename them"
+        )
+    if mode == "lit" and pairs:
+        raise ValueError(
+            f"mode 'lit' locks one frozen tower in a trained tower's place, and {list(pairs)} "
+            "is a frozen pair (two towers); use mode '3t' to align with it and distil it"
         )
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
@@ -131,14 +181,26 @@ def check_frozen_towers(mode: str, names: Sequence[str]) -> None:
         )
 
 
-def structure(mode: str, frozen: Sequence[str], text: Sequence[str] = ()) -> Structure:
+def structure(
+    mode: str, frozen: Sequence[str], text: Sequence[str] = (), pairs: Sequence[str] = ()
+) -> Structure:
     """The structure of ``mode`` with the frozen towers named ``frozen`` (config order), of
-    which ``text`` read captions. A text tower t has the same heads and terms as an image
-    tower (z_t from the caption, W_f->t and W_g->t aligned with it)."""
-    frozen, text = tuple(frozen), tuple(text)
-    check_frozen_towers(mode, frozen)
+    which ``text`` read captions and ``pairs`` are frozen pairs. A text tower t has the same
+    heads and terms as an image tower (z_t from the caption, W_f->t and W_g->t aligned with
+    it); a pair p is its two sides (``pair_sides``) in its place, and a distillation term."""
+    frozen, text, pairs = tuple(frozen), tuple(text), tuple(pairs)
+    check_frozen_towers(mode, frozen, pairs)
     if not set(text) <= set(frozen):
         raise ValueError(f"text towers {list(text)} must be among the frozen towers {list(frozen)}")
+    if not set(pairs) <= set(frozen) - set(text):
+        raise ValueError(
+            f"frozen pairs {list(pairs)} must be among the frozen towers {list(frozen)}, and "
+            f"not text towers {list(text)}"
+        )
+    if mode != "clip" and pairs:  # each pair becomes its two sides, in its place
+        frozen = tuple(t for n in frozen for t in (pair_sides(n) if n in pairs else (n,)))
+        reads_captions = set(text) | {pair_sides(pair)[1] for pair in pairs}
+        text = tuple(name for name in frozen if name in reads_captions)
     if mode == "clip":  # a clip model never builds, loads or runs a frozen tower
         return Structure(mode, True, (), (), (Term(MAIN_TERM, Z_F, Z_G, False),))
     if mode == "lit":
@@ -157,4 +219,7 @@ def structure(mode: str, frozen: Sequence[str], text: Sequence[str] = ()) -> Str
             Term(f_side, embedding(on_f), embedding(name), True),
             Term(g_side, embedding(on_g), embedding(name), True),
         ]
-    return Structure(mode, True, frozen, frozen, tuple(terms), text)
+    for pair in pairs:
+        teacher = tuple(own_embedding(side) for side in pair_sides(pair))
+        terms.append(Term(distillation_term(pair), Z_F, Z_G, False, teacher))
+    return Structure(mode, True, frozen, frozen, tuple(terms), text, pairs=pairs)

@@ -21,7 +21,15 @@ from threetowers.backbones.frozen import FrozenBackbone, Preprocessing
 from threetowers.backbones.text_encoder import FrozenTextEncoder
 from threetowers.model.legacy_keys import rename_legacy_keys
 from threetowers.model.losses import ThreeTowersLoss
-from threetowers.model.objective import Z_F, Z_G, Structure, alignment_names, embedding
+from threetowers.model.objective import (
+    Z_F,
+    Z_G,
+    Structure,
+    alignment_names,
+    embedding,
+    own_embedding,
+    pair_sides,
+)
 
 HeadKind = Literal["linear", "mlp"]  # the trained towers' heads (and those aligned with k)
 FrozenHeadKind = Literal[HeadKind, "identity"]  # W_k may pass matching features through
@@ -89,6 +97,13 @@ class ThreeTowers(nn.Module):
                 raise ValueError(
                     f"frozen tower {name!r} must be wrapped as FrozenBackbone(module, "
                     "preprocessing) so that it is frozen and declares its input"
+                )
+        for pair in structure.pairs:
+            image_side, text_side = (frozen[side] for side in pair_sides(pair))
+            if image_side.feature_dim != text_side.feature_dim:
+                raise ValueError(
+                    f"frozen pair {pair!r}: its sides must share a space, but its image side gives "
+                    f"{image_side.feature_dim} dims and its text side {text_side.feature_dim}"
                 )
         self.structure = structure
         self.embed_dim = embed_dim
@@ -215,7 +230,14 @@ class ThreeTowers(nn.Module):
                 out[embedding(on_f)] = out[Z_F] if shared else self._embed(on_f, image)
         for name in self.structure.image_towers:
             features = self.frozen_tower_features(name, images, frozen_features, frozen_images)
-            out[embedding(name)] = self._embed(name, features)
+            out |= self._frozen_embeddings(name, features)
+        return out
+
+    def _frozen_embeddings(self, name: str, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """z_k of frozen tower ``name``, and u_k (its features normalised) for a pair's side."""
+        out = {embedding(name): self._embed(name, features)}
+        if self.structure.is_side(name):
+            out[own_embedding(name)] = F.normalize(features, dim=-1)
         return out
 
     def text_embeddings(
@@ -237,7 +259,7 @@ class ThreeTowers(nn.Module):
                 )
         for name in self.structure.text:
             features = self.frozen_tower_features(name, None, frozen_features, captions=captions)
-            out[embedding(name)] = self._embed(name, features)
+            out |= self._frozen_embeddings(name, features)
         return out
 
     def forward(
@@ -265,10 +287,11 @@ class ThreeTowers(nn.Module):
         return self.loss_fn(out, counts)
 
     def mixture(self, alpha: float | Mapping[str, float]) -> dict[str, float]:
-        """The weights of the convex combination a_f⟨z_f, z_g⟩ + Σ_k a_k⟨z_k, z_gk⟩, by part
-        (``f`` and the aligned towers' names): from a float α (one aligned tower: a_f = α,
-        a_k = 1 − α) or a mapping of weights that sum to 1."""
-        parts = ("f", *self.structure.aligned)
+        """The weights of the convex combination a_f⟨z_f, z_g⟩ + Σ_k a_k⟨z_k, z_gk⟩ +
+        Σ_p a_p⟨u_pimg, u_ptxt⟩, by part (``f``, the aligned towers' names and the frozen
+        pairs'): from a float α (one other part: a_f = α, a_k = 1 − α) or a mapping of
+        weights that sum to 1."""
+        parts = ("f", *self.structure.parts)
         if not isinstance(alpha, Mapping):
             if not 0.0 <= alpha <= 1.0:
                 raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
@@ -331,7 +354,12 @@ class ThreeTowers(nn.Module):
             else:
                 features = self.frozen_tower_features(name, images, frozen_features, frozen_images)
                 parts[name] = self._embed(name, features)
-        return _concatenate(parts, weights, ("f", *self.structure.aligned))
+        for pair in self.structure.pairs:
+            if pair in weights:  # the pair's own image embedding
+                side, _ = pair_sides(pair)
+                features = self.frozen_tower_features(side, images, frozen_features, frozen_images)
+                parts[pair] = F.normalize(features, dim=-1)
+        return _concatenate(parts, weights, self.part_dims())
 
     def encode_text(
         self,
@@ -363,16 +391,33 @@ class ThreeTowers(nn.Module):
                 continue
             _, on_g = alignment_names(name)
             parts[name] = z_g if self.share_alignment_heads else self._embed(on_g, text)
-        return _concatenate(parts, weights, ("f", *self.structure.aligned))
+        for pair in self.structure.pairs:
+            if pair in weights:  # the pair's own text embedding
+                _, side = pair_sides(pair)
+                features = self.frozen_tower_features(
+                    side, None, frozen_features, captions=captions
+                )
+                parts[pair] = F.normalize(features, dim=-1)
+        return _concatenate(parts, weights, self.part_dims())
+
+    def part_dims(self) -> dict[str, int]:
+        """Each part of the convex combination and its dimension, in order: embed_dim for
+        the main pair and the aligned towers' pairs, a frozen pair's own for its score."""
+        dims = dict.fromkeys(("f", *self.structure.aligned), self.embed_dim)
+        for pair in self.structure.pairs:
+            dims[pair] = self.frozen[pair_sides(pair)[0]].feature_dim
+        return dims
 
 
 def _concatenate(
-    parts: Mapping[str, torch.Tensor], weights: Mapping[str, float], order: tuple[str, ...]
+    parts: Mapping[str, torch.Tensor], weights: Mapping[str, float], dims: Mapping[str, int]
 ) -> torch.Tensor:
-    """[√w_p x_p for p in order]; a part of weight 0 (absent from ``weights``) is zeros."""
+    """[√w_p x_p for p in dims' order]; a part of weight 0 (absent from ``weights``) is
+    zeros of its dimension."""
     like = next(iter(parts.values()))
     pieces = [
-        math.sqrt(weights[p]) * parts[p] if p in weights else torch.zeros_like(like) for p in order
+        math.sqrt(weights[p]) * parts[p] if p in weights else like.new_zeros(len(like), dim)
+        for p, dim in dims.items()
     ]
     return torch.cat(pieces, dim=-1)
 

@@ -246,6 +246,11 @@ def test_mix_dot_product_formula():
     left, right = mix([a, b, e], weights), mix([c, d, f], weights)
     expected = 0.5 * a @ c.T + 0.2 * b @ d.T + 0.3 * e @ f.T
     torch.testing.assert_close(left @ right.T, expected)
+    pair, own = unit(5, 8, seed=26), unit(5, 8, seed=27)  # a frozen pair's part: its own width
+    left, right = mix([a, pair], [0.4, 0.6]), mix([c, own], [0.4, 0.6])
+    assert left.shape == (5, 4 + 8)
+    torch.testing.assert_close(left @ right.T, 0.4 * a @ c.T + 0.6 * pair @ own.T)
+    torch.testing.assert_close(left.norm(dim=-1), torch.ones(5, dtype=torch.float64))
     with pytest.raises(ValueError):
         mix([a, b], [1.5, -0.5])
     with pytest.raises(ValueError):

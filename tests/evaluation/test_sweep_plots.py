@@ -48,7 +48,7 @@ def test_a_figure_without_the_plots_extra_names_it(tmp_path, no_matplotlib):
 def test_evals_figure_is_skipped_in_one_line_without_the_plots_extra(
     tmp_path, no_matplotlib, caplog, towers
 ):
-    mixture = Mixture(SimpleNamespace(aligned=towers))
+    mixture = Mixture(SimpleNamespace(parts=towers))
     rows = ROWS if len(towers) == 1 else [{"weights": {"f": 1.0, "h": 0.0, "t": 0.0}} | ROWS[0]]
     with caplog.at_level(logging.INFO, logger="threetowers"):
         mixture.plot(rows, tmp_path)

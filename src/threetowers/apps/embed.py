@@ -53,29 +53,30 @@ def embed(
     max_bad_fraction: float = 1.0,
 ) -> tuple[torch.Tensor, list[str]]:
     """Embeddings of every usable image under ``images`` or every usable line of ``texts``,
-    with their keys (relative paths or the lines). ``alpha`` < 1, or weights by part (``f``
-    and frozen tower names), gives 3T's convex-combination vectors (``model.mixture``)."""
+    with their keys (relative paths or the lines). ``alpha`` < 1, or weights by part (``f``,
+    frozen tower names and frozen pair names: a pair's part is its own score, in its own
+    width), gives 3T's convex-combination vectors (``model.mixture``)."""
     if (images is None) == (texts is None):
         raise EmbedError("give exactly one of --images DIR or --texts FILE")
     weights = model.mixture(alpha)
-    aligned = model.structure.aligned
+    others = model.structure.parts  # the parts besides the main pair
     if images is not None:
         paths = image_files(images)
         bad = BadSampleLog(max_bad_fraction, f"images under {images}", size=len(paths))
         parts = embed_images(model, paths, bad_images=bad)
         keys = [str(paths[i].relative_to(images)) for i in parts["index"].tolist()]
-        main, mixed = model.image_key, [Z_F, *(model.structure.pair(k)[0] for k in aligned)]
+        main, mixed = model.image_key, [Z_F, *(model.structure.pair(p)[0] for p in others)]
     else:
         keys, bad = caption_lines(texts, max_bad_fraction)
         parts = embed_texts(model, tokenizer, keys)
         main = model.structure.text_key
-        mixed = [Z_G, *(model.structure.pair(k)[1] for k in aligned)]
+        mixed = [Z_G, *(model.structure.pair(p)[1] for p in others)]
     bad.check()
     if bad.total:
         log.warning(bad.summary())
     if weights == {"f": 1.0}:
         return parts[main], keys
-    order = ("f", *aligned)
+    order = ("f", *others)
     vectors = mix([parts[key] for key in mixed], [weights.get(part, 0.0) for part in order])
     return vectors, keys
 

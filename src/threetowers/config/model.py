@@ -83,6 +83,9 @@ class TextTowerConfig(Section):
         return self
 
 
+DISTILL_WEIGHT = 1.0
+
+
 class FrozenTowerConfig(Section):
     """One frozen pretrained tower k: its backbone, what the backbone needs, W_k, the weights
     of its two alignment terms (3t)."""
@@ -131,7 +134,7 @@ class FrozenTowerConfig(Section):
         1.0, ge=0, description="Weight of the term aligning g with this tower (gk_k; 3t only)."
     )
     distill_weight: float = Field(
-        1.0,
+        DISTILL_WEIGHT,
         ge=0,
         description="A pair's only: weight of its distillation term fg_p (3t), the KL between "
         "its in-batch image-text distributions and f and g's (0: aligned only).",
@@ -144,7 +147,8 @@ class FrozenTowerConfig(Section):
     @model_validator(mode="after")
     def _known(self) -> FrozenTowerConfig:
         check_backbone(self.backbone, self.path, self.image_size)
-        if "distill_weight" in self.model_fields_set and not self.is_pair:
+        # a run's config.yaml writes every key of every tower: only another value is refused
+        if self.distill_weight != DISTILL_WEIGHT and not self.is_pair:
             raise ValueError(
                 f"distill_weight is a frozen pair's (backbone {PAIR_BACKBONE}), and this tower's "
                 f"backbone is {self.backbone!r}; remove distill_weight"

@@ -265,7 +265,8 @@ def mixture_sweep(
 ) -> list[dict]:
     """The mixed score Σᵢ wᵢ⟨imageᵢ, textᵢ⟩ evaluated at each weight vector of ``grid``:
     ``[{"weights": w, **metric_fn(mix(images, w), mix(texts, w))}, ...]``. The parts pair up
-    in order: (z_f, z_g), then (z_k, z_g->k) for each frozen tower k."""
+    in order: (z_f, z_g), then (z_k, z_g->k) for each frozen tower k, then (u_pimg, u_ptxt)
+    for each frozen pair p; a part's width is its own (a pair's may differ from embed_dim)."""
     return [{"weights": tuple(w), **metric_fn(mix(images, w), mix(texts, w))} for w in grid]
 
 

@@ -1,9 +1,10 @@
 """Evaluate a model on its benchmarks: zero-shot, retrieval, few-shot probe, the α-sweep.
 
 LiT is evaluated with its locked tower and g, CLIP and 3T with (f, g); for 3T the α-sweep
-also scores the convex combination with each frozen tower's pair (z_k, z_gk). Metric names
-are flat (``zeroshot_top1``, ``i2t_R@1``, …); the first zero-shot set is the primary one,
-others are prefixed with their name (``benchmark_sets.py``).
+also scores the convex combination with each frozen tower's pair (z_k, z_gk) and each frozen
+pair's own score (u_pimg, u_ptxt). Metric names are flat (``zeroshot_top1``, ``i2t_R@1``,
+…); the first zero-shot set is the primary one, others are prefixed with their name
+(``benchmark_sets.py``).
 """
 
 from __future__ import annotations

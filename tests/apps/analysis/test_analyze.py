@@ -1,5 +1,6 @@
 """``threetowers analyze``: the world's attributes against its files, the probes, and the
-command on a tiny trained 3T run (linear CKA itself: test_cka.py)."""
+command on a tiny trained 3T run, a frozen pair's own embeddings by its name (linear CKA
+itself: test_cka.py)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,16 @@ import torch
 from PIL import Image
 
 from tests.helpers.cka import cka_by_definition
+from tests.helpers.pair_models import CAPTIONS
+from tests.helpers.pair_parts import own_embeddings, pair_model, square_images
 from tests.helpers.runs import tiny_run_config
 from threetowers.apps.analysis.analyze import analyze, embeddings, labels, probe_accuracy
-from threetowers.apps.analysis.attributes import ATTRIBUTES, world_samples
+from threetowers.apps.analysis.attributes import ATTRIBUTES, Samples, world_samples
 from threetowers.cli import main
 from threetowers.data.benchmarks import load_karpathy
 from threetowers.evaluation.embedding import embed_images
 from threetowers.trainer.loop import train
-from threetowers.trainer.trained import load_trained
+from threetowers.trainer.trained import TrainedRun, load_trained
 
 
 def test_probe_ignores_undefined_labels_and_counts_unseen_ones_as_errors():
@@ -117,3 +120,25 @@ def test_analyze_command_prints_the_matrix_and_probes(trained, capsys):
     printed = capsys.readouterr().out
     assert "linear CKA" in printed and "majority" in printed and "z_g->h" in printed
     assert (run.run_dir / "analysis" / "analysis.json").is_file()
+
+
+def test_a_frozen_pairs_own_embeddings_are_analysed_under_its_name(tmp_path):
+    built = pair_model(tmp_path / "clip")
+    image, text = labels(built.model)
+    assert list(image.values()) == [
+        "z_f",
+        "z_f->h",
+        "z_f->timg",
+        "z_f->ttxt",
+        "z_h",
+        "z_timg",
+        "t own image",
+    ]
+    assert list(text.values()) == ["z_g", "z_g->h", "z_g->timg", "z_ttxt", "t own text"]
+    paths = square_images(tmp_path / "images", 4)
+    samples = Samples([Image.open(path).convert("RGB") for path in paths], CAPTIONS, {})
+    run = TrainedRun(tmp_path / "run", built.cfg, built.model, built.tokenizer, 0, "pair-run")
+    vectors = embeddings(run, samples, batch_size=4)
+    own_images, own_texts = own_embeddings(built, paths, CAPTIONS)
+    torch.testing.assert_close(vectors["t own image"], own_images, atol=1e-5, rtol=0)
+    torch.testing.assert_close(vectors["t own text"], own_texts, atol=1e-5, rtol=0)

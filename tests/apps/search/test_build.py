@@ -1,5 +1,6 @@
-"""threetowers index: what it stores, the mixed scores it answers, resuming, bad images,
-sources, the fingerprint, and the FAISS index's measured recall."""
+"""threetowers index: what it stores, the mixed scores it answers (a frozen pair's part by the
+pair's own score), resuming, bad images, sources, the fingerprint, and the FAISS index's
+measured recall."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.helpers.pair_models import CAPTIONS
+from tests.helpers.pair_parts import own_embeddings, pair_model, square_images
 from threetowers.apps.search import ann, build, index_files
 from threetowers.apps.search.build import build_index
 from threetowers.apps.search.engine import Query, QueryEncoder, SearchIndex
@@ -28,6 +31,7 @@ from threetowers.evaluation.embedding import embed_images, embed_texts
 from threetowers.files.atomic import TMP_MARK, ForeignFolderError, NoSpaceError, temporary_path
 from threetowers.files.locks import LockedError
 from threetowers.model.objective import Z_F, Z_G
+from threetowers.trainer.trained import TrainedRun
 
 
 def reference_parts(run, retrieval):
@@ -438,3 +442,38 @@ def test_a_full_disk_is_one_line_from_the_index_command(indexed, tmp_path, monke
     )
     monkeypatch.undo()
     assert main(args) == 0
+
+
+@pytest.fixture(scope="module")
+def pair_index(tmp_path_factory):
+    """An index of a model with a frozen pair t (its part 8 wide beside 16-wide ones)."""
+    root = tmp_path_factory.mktemp("pair_index")
+    built = pair_model(root / "clip")
+    run = TrainedRun(root / "run", built.cfg, built.model, built.tokenizer, 0, "pair-run")
+    paths = square_images(root / "images", 12)
+    source = index_source(images=root / "images")
+    manifest = build_index(run, source, root / "index", "float32", progress=False)
+    return built, run, paths, root / "index", manifest
+
+
+@pytest.mark.parametrize(
+    "weights", [{"t": 1.0}, {"f": 0.4, "h": 0.1, "t": 0.5}], ids=["pair alone", "mixed"]
+)
+def test_a_pairs_part_scores_by_its_own_similarities(pair_index, weights):
+    built, run, paths, directory, manifest = pair_index
+    assert manifest["parts"] == ["f", "h", "timg", "ttxt", "t"]
+    assert manifest["part_dim"] == 16 and manifest["part_dims"] == [16, 16, 16, 16, 8]
+    index, encoder = SearchIndex(directory), QueryEncoder(run)
+    own_images, own_texts = own_embeddings(built, paths, CAPTIONS)
+    images = embed_images(built.model, paths)
+    texts = embed_texts(built.model, built.tokenizer, CAPTIONS)
+    expected = (
+        weights.get("f", 0.0) * texts[Z_G] @ images[Z_F].T
+        + weights.get("h", 0.0) * texts["z_gh"] @ images["z_h"].T
+        + weights["t"] * own_texts @ own_images.T
+    )
+    for text, scores in zip(CAPTIONS, expected, strict=True):
+        hits = index.search(encoder.text(text), weights, k=len(paths))
+        assert [hit.id for hit in hits] == [paths[i].name for i in scores.argsort(descending=True)]
+        got = torch.tensor([hit.score for hit in hits])
+        torch.testing.assert_close(got, scores.sort(descending=True).values, atol=1e-5, rtol=0)

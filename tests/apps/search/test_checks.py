@@ -40,6 +40,11 @@ def faiss_of(rows: int, dim: int) -> Callable[[Path], None]:
     return write
 
 
+def without_part_dims(manifest: dict) -> dict:
+    """The manifest as threetowers wrote it before frozen pairs: every part part_dim wide."""
+    return {k: v for k, v in manifest.items() if k != "part_dims"}
+
+
 def set_manifest(**fields) -> Callable[[Path], None]:
     return lambda index: edit_manifest(index, lambda manifest: manifest | fields)
 
@@ -74,7 +79,31 @@ def swapped_image_rows(table: pa.Table) -> pa.Table:
 
 # (tampering, the file it changes, what the refusal says without checksums)
 CASES = {
-    "manifest of another width": (set_manifest(part_dim=16), None, "images.npy is damaged (shape"),
+    "manifest of another width": (
+        set_manifest(part_dim=16, part_dims=[16, 16]),
+        None,
+        "images.npy is damaged (shape (40, 64); the manifest says (40, 32))",
+    ),
+    "older manifest of another width": (
+        lambda i: edit_manifest(i, lambda m: without_part_dims(m) | {"part_dim": 16}),
+        None,
+        "images.npy is damaged (shape (40, 64); the manifest says (40, 32))",
+    ),
+    "part_dims of another count": (
+        set_manifest(part_dims=[32]),
+        None,
+        "manifest.json is damaged (part_dims: not one positive width for each of the 2 parts)",
+    ),
+    "part_dims of no width": (
+        set_manifest(part_dims=[32, 0]),
+        None,
+        "part_dims: not one positive width for each of the 2 parts",
+    ),
+    "part_dims not starting at part_dim": (
+        set_manifest(part_dims=[16, 48]),
+        None,
+        "part_dims starts with 16, not part_dim 32 (the main pair's width)",
+    ),
     "manifest of more images": (set_manifest(images=41), None, "the manifest says (41, 64)"),
     "manifest without its ann": (
         lambda i: edit_manifest(i, lambda m: {k: v for k, v in m.items() if k != "ann"}),
@@ -190,6 +219,21 @@ def test_an_index_from_before_checksums_still_opens_and_answers_alike(indexed, c
             query, weights, 10, target
         )
     assert older.thumbnail(older.ids[7]) == current.thumbnail(current.ids[7])
+
+
+def test_an_index_from_before_part_dims_still_opens_and_answers_alike(indexed, copy):
+    edit_manifest(copy, without_part_dims)
+    older, current = SearchIndex(copy), SearchIndex(indexed.index_dir)
+    assert "part_dims" not in older.manifest and current.manifest["part_dims"] == [32, 32]
+    assert older.part_dims == current.part_dims == [32, 32]
+    encoder = QueryEncoder(indexed.run)
+    query = encoder.text("a small blue circle")
+    for alpha in (1.0, 0.4, 0.0):
+        for target in ("images", "captions"):
+            weights = encoder.weights(alpha)
+            assert older.search(query, weights, 10, target) == current.search(
+                query, weights, 10, target
+            )
 
 
 def test_the_manifest_records_every_files_sha256(indexed):

@@ -1,7 +1,8 @@
 """``threetowers analyze RUN``: how the run's embeddings differ (the paper's outlook).
 
 - Linear CKA between every pair of the run's embeddings of the world's test images and
-  their first captions: z_f, z_f->k, z_k (image side) and z_g, z_g->k (text side), so one
+  their first captions: z_f, z_f->k, z_k (image side) and z_g, z_g->k (text side), and a
+  frozen pair p's own embeddings, "p own image" and "p own text" (u_pimg, u_ptxt), so one
   sees, for instance, whether f's head towards h reproduces h's own embedding or f's.
 - A linear probe per attribute of the world on each image embedding: fitted on the
   validation images (the val pairs and the retrieval val set), scored on the test images.
@@ -36,7 +37,8 @@ PROBE_TEST = ("retrieval_test",)
 def labels(model) -> tuple[dict[str, str], dict[str, str]]:
     """Embedding key -> its name in the report, for the image side (z_f, z_f->k, z_k) and
     the text side (z_g, z_g->k); a frozen text tower t has z_f->t on the image side and z_t
-    on the text side."""
+    on the text side; a frozen pair p adds its own embeddings (u_pimg, u_ptxt) as "p own
+    image" and "p own text"."""
     aligned = model.structure.aligned
     image = {Z_F: "z_f"} if model.image_tower is not None else {}
     text = {Z_G: "z_g"} if model.text_tower is not None else {}
@@ -50,6 +52,9 @@ def labels(model) -> tuple[dict[str, str], dict[str, str]]:
             text[embedding(on_g)] = f"z_g->{name}"
     for name in model.structure.image_towers:
         image[embedding(name)] = f"z_{name}"
+    for pair in model.structure.pairs:
+        own_image, own_text = model.structure.pair(pair)
+        image[own_image], text[own_text] = f"{pair} own image", f"{pair} own text"
     return image, text
 
 

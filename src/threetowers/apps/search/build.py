@@ -104,7 +104,7 @@ def build_index(
             "mode": run.model.mode,
             "source": source.description,
         }
-        contents = _contents(chunks, parts.dim * len(parts.names))
+        contents = _contents(chunks, parts.width)
         manifest = write_index(layout, contents, parts, header, dtype, kind, exact_below)
         manifest["bad_samples"] = bad.metrics()
         manifest["skipped_examples"] = [[s.id, s.reason, s.detail] for s in bad.examples]

@@ -117,6 +117,21 @@ def _check_manifest(layout: Layout, manifest: dict) -> None:
     parts = manifest["parts"]
     expect(bool(parts) and all(isinstance(p, str) for p in parts), path, "parts: not names")
     expect(manifest["part_dim"] > 0, path, "part_dim is not positive")
+    if "part_dims" in manifest:  # absent from indexes written before frozen pairs
+        dims = manifest["part_dims"]
+        expect(
+            isinstance(dims, list)
+            and len(dims) == len(parts)
+            and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims),
+            path,
+            f"part_dims: not one positive width for each of the {len(parts)} parts",
+        )
+        expect(
+            dims[0] == manifest["part_dim"],
+            path,
+            f"part_dims starts with {dims[0]}, not part_dim {manifest['part_dim']} (the main "
+            "pair's width)",
+        )
     expect(manifest["images"] > 0, path, "images is not positive")
     expect(manifest["captions"] >= 0, path, "captions is negative")
     expect(manifest["dtype"] in DTYPES, path, f"dtype is not one of {DTYPES}")
@@ -132,6 +147,12 @@ def _check_manifest(layout: Layout, manifest: dict) -> None:
         path,
         "sha256 is not a table of file names and digests",
     )
+
+
+def part_dims(manifest: dict) -> list[int]:
+    """Each part's width in a checked manifest: ``part_dims``, or for an index written before
+    frozen pairs (whose parts all had the model's embed_dim) ``part_dim`` for every part."""
+    return manifest.get("part_dims") or [manifest["part_dim"]] * len(manifest["parts"])
 
 
 def _files(layout: Layout, manifest: dict) -> list[Path]:

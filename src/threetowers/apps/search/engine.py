@@ -24,6 +24,7 @@ from threetowers.apps.search import ann
 from threetowers.apps.search.checks import (
     check_vectors,
     expect,
+    part_dims,
     read_ann,
     read_manifest,
     read_table,
@@ -58,7 +59,8 @@ class SearchIndex:
     def __init__(self, directory: str | Path) -> None:
         self.layout = layout = Layout(Path(directory))
         self.manifest = manifest = read_manifest(layout)  # checksums too, before any parsing
-        width = len(manifest["parts"]) * manifest["part_dim"]
+        self.part_dims = part_dims(manifest)
+        width = sum(self.part_dims)
         check_vectors(layout.vectors, manifest["images"], width, manifest["dtype"])
         table = read_table(layout.table, ["id", "caption"], manifest["images"], "images")
         self.ids: list[str] = table["id"]
@@ -110,8 +112,7 @@ class SearchIndex:
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
         if target == "captions" and not self.captions:
             raise ValueError(f"{self.layout.root} holds no captions (indexed from image files)")
-        names, dim = self.manifest["parts"], self.manifest["part_dim"]
-        vector = weighted(query.vector[None], names, dim, weights)
+        vector = weighted(query.vector[None], self.manifest["parts"], self.part_dims, weights)
         if target == "images":
             scores, rows = ann.ann_search(self.index, self.record, vector, min(k, len(self)))
             return [

@@ -2,9 +2,11 @@
 and their writing (:func:`write_index`: everything but the manifest, which ``build.py``
 writes last). An index directory holds
 
-    manifest.json      the run's fingerprint, the parts, counts, dtype, the FAISS choice and
-                       the recall it measured, the bad samples, each file's sha256; written
-                       last (its presence means the index is complete)
+    manifest.json      the run's fingerprint, the parts and their widths (``part_dim``, the
+                       main pair's, as ever; ``part_dims``, one per part, since a frozen
+                       pair's part has its own), counts, dtype, the FAISS choice and the
+                       recall it measured, the bad samples, each file's sha256; written last
+                       (its presence means the index is complete)
     images.npy         one row per image: its parts' embeddings concatenated (parts.py),
                        float16 by default (the effect on recall@10 measured and recorded)
     images.faiss       the FAISS index over those rows (ann.py)
@@ -145,6 +147,7 @@ def write_index(
         "version": INDEX_VERSION,
         "parts": list(parts.names),
         "part_dim": parts.dim,
+        "part_dims": list(parts.dims),
         "images": len(ids),
         "captions": len(contents.caption_vectors),
         "dtype": dtype,

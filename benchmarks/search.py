@@ -40,7 +40,7 @@ from threetowers.apps.search.build import build_index  # noqa: E402
 from threetowers.apps.search.index_files import Contents, Layout, write_index  # noqa: E402
 from threetowers.apps.search.items import index_source  # noqa: E402
 from threetowers.apps.search.parts import Parts  # noqa: E402
-from threetowers.trainer.trained import load_trained  # noqa: E402
+from threetowers.model.trained import load_trained  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 QUERIES = [

@@ -12,8 +12,8 @@ import yaml
 
 import threetowers as tt
 from threetowers.config import ConfigMigrationWarning, load_experiment_config
+from threetowers.model.trained import load_trained
 from threetowers.trainer.run_dir import config_to_train, same_config
-from threetowers.trainer.trained import load_trained
 
 BEFORE = Path(__file__).parent / "fixtures" / "configs_before_issue_39"
 

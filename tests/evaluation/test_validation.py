@@ -10,8 +10,8 @@ from tests.helpers.runs import clip_run_config
 from threetowers.cli import main
 from threetowers.data.sources.pairs import iter_pairs
 from threetowers.data.transforms import eval_transform
+from threetowers.model.trained import load_trained
 from threetowers.trainer.loop import train
-from threetowers.trainer.trained import load_trained
 
 
 def test_validation_scores_are_the_models_and_show_progress(world_dir, tmp_path):  # noqa: F811

@@ -2,8 +2,9 @@
 (it imports open_clip, never threetowers).
 
 Usage: python open_clip_side.py REQUEST.json. The request names an exported folder, image
-files and captions; the answer (an .npz at the request's "out") holds OpenCLIP's normalised
-image and text embeddings, its token ids, exp(logit_scale) and the logit bias (nan if none).
+files and captions; the answer (an .npz at the request's "out") holds OpenCLIP's image and
+text embeddings (normalised, and as its encoders give them), its token ids, exp(logit_scale)
+and the logit bias (nan if none).
 """
 
 import json
@@ -12,6 +13,7 @@ import sys
 import numpy as np
 import open_clip
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 
@@ -23,15 +25,18 @@ def main(request_path: str) -> None:
     model.eval()
     with torch.no_grad():
         pixels = torch.stack([preprocess(Image.open(path)) for path in request["images"]])
-        images = torch.cat([model.encode_image(part, normalize=True) for part in pixels.split(256)])
+        image_features = torch.cat([model.encode_image(part) for part in pixels.split(256)])
         ids = tokenizer(request["texts"])
-        texts = torch.cat([model.encode_text(part, normalize=True) for part in ids.split(256)])
+        text_features = torch.cat([model.encode_text(part) for part in ids.split(256)])
+        images, texts = F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1)
         bias = model.logit_bias if model.logit_bias is not None else torch.tensor(float("nan"))
         np.savez(
             request["out"],
             pixels=pixels.numpy(),
             images=images.numpy(),
             texts=texts.numpy(),
+            image_features=image_features.numpy(),
+            text_features=text_features.numpy(),
             ids=ids.numpy(),
             logit_scale=model.logit_scale.exp().numpy(),
             logit_bias=bias.numpy(),

@@ -5,7 +5,8 @@ builds a separate one (tests/interop/build_env.sh) and names its interpreter in
 THREETOWERS_INTEROP_PYTHON. For each exportable pooling pair a tiny run is trained,
 exported and loaded there with ``create_model_and_transforms("local-dir:DIR")``: its image
 and text embeddings, its token ids and the world's zero-shot and retrieval numbers computed
-from its embeddings must match ours and ``threetowers eval``'s.
+from its embeddings must match ours and ``threetowers eval``'s; the folder read back natively
+as a frozen pair must give OpenCLIP's embeddings too.
 """
 
 from __future__ import annotations
@@ -21,14 +22,17 @@ import torch
 from PIL import Image
 
 from tests.helpers.runs import tiny_run_config
+from threetowers.backbones.trained_pair import load_open_clip_pair
 from threetowers.cli import main
+from threetowers.data.transforms import eval_transform
 from threetowers.evaluation import metrics
 from threetowers.evaluation.benchmark_sets import metric_names, resolve_benchmarks
 from threetowers.evaluation.embedding import embed_images, embed_texts
 from threetowers.model.objective import MAIN_TERM
+from threetowers.model.trained import load_trained
 from threetowers.project.world.default import ensure_world
 from threetowers.trainer.loop import train
-from threetowers.trainer.trained import evaluate_trained, load_trained
+from threetowers.trainer.trained import evaluate_trained
 
 pytestmark = pytest.mark.interop
 
@@ -140,6 +144,17 @@ def test_an_export_loads_in_open_clip_and_gives_our_embeddings_and_numbers(
         assert float(theirs["logit_bias"]) == pytest.approx(bias, rel=1e-6)
     else:
         assert np.isnan(theirs["logit_bias"])
+
+    # The folder read back natively as a frozen pair (backbones/trained_pair.py, no
+    # open_clip): OpenCLIP's own embeddings, as its encoders give them, images through the
+    # pair's preprocessing.
+    pair = load_open_clip_pair(export)
+    view = eval_transform(pair.image.preprocessing)
+    pair_images = pair.image(torch.stack([view(Image.open(path)) for path in images]))
+    pair_texts = pair.text(texts)
+    for key, ours in (("image_features", pair_images), ("text_features", pair_texts)):
+        np.testing.assert_allclose(theirs[key], ours.numpy(), rtol=0, atol=1e-5)
+    assert pair.scale == pytest.approx(float(theirs["logit_scale"]), rel=1e-6)
 
     # The world's numbers from OpenCLIP's vectors are `threetowers eval`'s.
     image_row = {path: i for i, path in enumerate(images)}

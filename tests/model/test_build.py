@@ -8,9 +8,10 @@ import torch
 import threetowers as tt
 from tests.conftest import tiny_backbone, tiny_config, tiny_model
 from threetowers.config import LossConfig, ModelConfig
+from threetowers.files.checkpoints import Checkpoint, restore_model
 from threetowers.model.build import build_frozen_towers, build_loss, structure_of
 from threetowers.model.legacy_keys import renamed_legacy_keys
-from threetowers.trainer.checkpoint import Checkpoint, load_matching, restore_model
+from threetowers.trainer.checkpoint import load_matching
 
 
 def test_each_tower_weighs_its_own_terms():

@@ -19,16 +19,15 @@ import torch
 from tests.conftest import tiny_model
 from threetowers.errors import UserError
 from threetowers.files.atomic import NoSpaceError
-from threetowers.trainer.checkpoint import (
+from threetowers.files.checkpoints import (
     META_DIGEST,
     CheckpointError,
-    _meta_digest,
     load_checkpoint,
     load_latest,
-    remove_stale_temporaries,
+    meta_digest,
     restore_model,
-    save_checkpoint,
 )
+from threetowers.trainer.checkpoint import remove_stale_temporaries, save_checkpoint
 
 
 def state(step: int) -> dict:
@@ -152,7 +151,7 @@ def resign(path, name):
     """Update meta.json's checksums, so that only the safe loader stands in the way."""
     meta = json.loads((path / "meta.json").read_text())
     meta["sha256"][name] = hashlib.sha256((path / name).read_bytes()).hexdigest()
-    meta[META_DIGEST] = _meta_digest(meta)
+    meta[META_DIGEST] = meta_digest(meta)
     (path / "meta.json").write_text(json.dumps(meta))
 
 

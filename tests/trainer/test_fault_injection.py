@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 from tests.helpers.bad_data import BAD, JPEG, bomb_png
 from tests.helpers.images import COLOURS, SHAPES, picture
-from threetowers.trainer.checkpoint import load_checkpoint
+from threetowers.files.checkpoints import load_checkpoint
 
 SHARDS, PER_SHARD, BATCH, WORKERS = 4, 80, 8, 2
 SAMPLES = SHARDS * PER_SHARD

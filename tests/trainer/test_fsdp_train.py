@@ -15,7 +15,7 @@ import yaml
 from tests.trainer.test_ddp_train import STEPS, torchrun, train_records, weights, write_table
 from tests.trainer.test_ddp_train import write_config as write_ddp_config
 from threetowers.config import load_config
-from threetowers.trainer.checkpoint import checkpoint_path, load_latest
+from threetowers.files.checkpoints import checkpoint_path, load_latest
 from threetowers.trainer.loop import train
 
 CLOSE = {"rtol": 1e-4, "atol": 1e-4}  # as DDP's two ranks (test_ddp_train.py says why)

@@ -28,8 +28,8 @@ from tests.helpers.runs import (
 )
 from threetowers.cli import main
 from threetowers.data.sources.bad_samples import BadDataError
+from threetowers.files.checkpoints import load_latest
 from threetowers.trainer import start
-from threetowers.trainer.checkpoint import load_latest
 from threetowers.trainer.loop import train
 
 

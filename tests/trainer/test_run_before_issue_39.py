@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from threetowers.cli import main
-from threetowers.trainer.trained import load_trained
+from threetowers.model.trained import load_trained
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "run_before_issue_39"
 

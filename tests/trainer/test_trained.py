@@ -1,4 +1,4 @@
-"""trainer/trained.py: what a training run produced, loaded back. A run directory gives its
+"""model/trained.py: what a training run produced, loaded back. A run directory gives its
 latest checkpoint, a checkpoint directory that one; the model is the checkpoint's weights in
 eval mode with the run's tokenizer (another tokenizer is refused); the fingerprint names the
 exact weights; what is not a run says so."""
@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 import threetowers as tt
 from threetowers.data.tokenizer import CaptionTokenizer
 from threetowers.errors import UserError
+from threetowers.model.trained import find_checkpoint, load_trained
 from threetowers.trainer.loop import train
-from threetowers.trainer.trained import find_checkpoint, load_trained
 
 
 @pytest.fixture(scope="module")

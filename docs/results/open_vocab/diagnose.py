@@ -17,7 +17,7 @@ from threetowers.data.benchmarks import load_class_folder
 from threetowers.evaluation import metrics
 from threetowers.evaluation.suite import embed_images, embed_texts
 from threetowers.model.objective import Z_F, Z_G
-from threetowers.trainer.trained import TrainedRun, load_trained
+from threetowers.model.trained import TrainedRun, load_trained
 
 
 def classes(run: TrainedRun, key: str, names: list[str], templates: list[str]):

@@ -59,8 +59,9 @@ from threetowers.evaluation.inputs import EvalCache
 from threetowers.evaluation.suite import evaluate_model
 from threetowers.evaluation.validation import validate
 from threetowers.files import locks
+from threetowers.files.checkpoints import checkpoint_path
 from threetowers.files.readback import DamagedFileError, read_json
-from threetowers.trainer.checkpoint import checkpoint_path, save_checkpoint
+from threetowers.trainer.checkpoint import save_checkpoint
 from threetowers.trainer.optim import continued_schedule, follow, make_optimizer
 from threetowers.trainer.run_dir import MetricsLog, drop_metrics_after, run_dir_of
 from threetowers.trainer.sharded_checkpoint import save_sharded_checkpoint

@@ -1,6 +1,6 @@
 """Checkpoints of ``train.parallel: fsdp`` runs: every rank writes its shard.
 
-Such a checkpoint holds what every checkpoint holds (``trainer/checkpoint.py``):
+Such a checkpoint holds what every checkpoint holds (``files/checkpoints.py``):
 model.safetensors, the trained weights whole, which every reader of a run loads (evaluation,
 export, embed, search, ``train.init_from``); state.pt, the run's state but the optimizer;
 meta.json. And ``sharded/``: the trained weights and Adam's state as
@@ -32,15 +32,15 @@ from torch.distributed.checkpoint.state_dict import (
 
 from threetowers import distributed
 from threetowers.files.atomic import fsync
-from threetowers.files.readback import file_sha256
-from threetowers.model.three_towers import ThreeTowers
-from threetowers.trainer.checkpoint import (
+from threetowers.files.checkpoints import (
     FROZEN_PREFIX,
     Checkpoint,
     CheckpointError,
     checkpoint_path,
-    write_checkpoint,
 )
+from threetowers.files.readback import file_sha256
+from threetowers.model.three_towers import ThreeTowers
+from threetowers.trainer.checkpoint import write_checkpoint
 from threetowers.trainer.sharding import full_trainable_state
 
 SHARDED = "sharded"  # the folder torch.distributed.checkpoint writes in a checkpoint

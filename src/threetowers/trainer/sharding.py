@@ -21,9 +21,10 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from threetowers import distributed
+from threetowers.files.checkpoints import FROZEN_PREFIX
 from threetowers.model.three_towers import ThreeTowers
 from threetowers.towers.transformer import Block
-from threetowers.trainer.checkpoint import FROZEN_PREFIX, trainable_state
+from threetowers.trainer.checkpoint import trainable_state
 from threetowers.trainer.precision import resolve_precision
 
 

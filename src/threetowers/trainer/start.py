@@ -25,22 +25,21 @@ from threetowers.errors import UserError
 from threetowers.evaluation.benchmark_sets import Benchmarks, resolve_benchmarks
 from threetowers.evaluation.chance import chance_levels
 from threetowers.files.atomic import write_atomic
-from threetowers.model.build import build_model
-from threetowers.model.three_towers import ThreeTowers
-from threetowers.project.world.default import default_world
-from threetowers.trainer.checkpoint import (
+from threetowers.files.checkpoints import (
     Checkpoint,
     check_tokenizer,
     checkpoint_path,
     load_latest,
-    load_matching,
-    remove_stale_temporaries,
     restore_model,
 )
+from threetowers.model.build import build_model
+from threetowers.model.three_towers import ThreeTowers
+from threetowers.model.trained import find_checkpoint, trained_tokenizer
+from threetowers.project.world.default import default_world
+from threetowers.trainer.checkpoint import load_matching, remove_stale_temporaries
 from threetowers.trainer.run_dir import config_to_train, prepare_run_dir, record_config
 from threetowers.trainer.sharded_checkpoint import restore_sharded
 from threetowers.trainer.state import TrainingState
-from threetowers.trainer.trained import find_checkpoint, trained_tokenizer
 
 log = logging.getLogger(__name__)
 

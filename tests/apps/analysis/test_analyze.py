@@ -21,8 +21,8 @@ from threetowers.apps.analysis.attributes import ATTRIBUTES, Samples, world_samp
 from threetowers.cli import main
 from threetowers.data.benchmarks import load_karpathy
 from threetowers.evaluation.embedding import embed_images
+from threetowers.model.trained import TrainedRun, load_trained
 from threetowers.trainer.loop import train
-from threetowers.trainer.trained import TrainedRun, load_trained
 
 
 def test_probe_ignores_undefined_labels_and_counts_unseen_ones_as_errors():

@@ -106,7 +106,7 @@ def test_the_command_refuses_before_writing_anything(trained, tmp_path, capsys):
 
 
 def test_the_folder_holds_f_g_their_heads_and_the_learned_scale(trained, tmp_path, capsys):
-    from threetowers.trainer.trained import load_trained
+    from threetowers.model.trained import load_trained
 
     _, run_dir = trained
     out = tmp_path / "out"

@@ -14,8 +14,8 @@ from threetowers.apps.search.build import build_index
 from threetowers.apps.search.engine import QueryEncoder, SearchIndex
 from threetowers.apps.search.items import index_source
 from threetowers.apps.search.server import create_app
+from threetowers.model.trained import TrainedRun, load_trained
 from threetowers.trainer.loop import train
-from threetowers.trainer.trained import TrainedRun, load_trained
 
 
 @dataclass

@@ -31,7 +31,7 @@ from threetowers.evaluation.embedding import embed_images, embed_texts
 from threetowers.files.atomic import TMP_MARK, ForeignFolderError, NoSpaceError, temporary_path
 from threetowers.files.locks import LockedError
 from threetowers.model.objective import Z_F, Z_G
-from threetowers.trainer.trained import TrainedRun
+from threetowers.model.trained import TrainedRun
 
 
 def reference_parts(run, retrieval):

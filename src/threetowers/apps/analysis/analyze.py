@@ -28,7 +28,7 @@ from threetowers.evaluation.inputs import decoded_inputs
 from threetowers.evaluation.metrics import fit_probe
 from threetowers.files.atomic import write_atomic
 from threetowers.model.objective import Z_F, Z_G, alignment_names, embedding
-from threetowers.trainer.trained import TrainedRun, load_trained
+from threetowers.model.trained import TrainedRun, load_trained
 
 PROBE_TRAIN = ("val", "retrieval_val")
 PROBE_TEST = ("retrieval_test",)

@@ -20,17 +20,20 @@ from pathlib import Path
 import torch
 
 from threetowers.apps.export.tokenizer_folder import write_tokenizer_folder
+from threetowers.backbones.trained_pair import (
+    OPEN_CLIP_CONFIG,
+    OPEN_CLIP_WEIGHTS,
+    open_clip_block_names,
+)
 from threetowers.config import Config
 from threetowers.errors import UserError
 from threetowers.files.atomic import save_tensors, write_atomic
 from threetowers.model.build import structure_of
 from threetowers.model.objective import MAIN_TERM
 from threetowers.model.three_towers import ThreeTowers
-from threetowers.towers.transformer import Encoder
-from threetowers.trainer.trained import TrainedRun, load_trained
+from threetowers.model.trained import TrainedRun, load_trained
 
-CONFIG_FILE = "open_clip_config.json"
-WEIGHTS_FILE = "open_clip_model.safetensors"
+CONFIG_FILE, WEIGHTS_FILE = OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS
 # How far W_f's bias may miss the span of W_f's rows once folded into the final LayerNorm.
 FOLD_TOLERANCE = 1e-6
 
@@ -106,26 +109,12 @@ def refusals(cfg: Config, alpha: float | None = None) -> list[str]:
     return reasons
 
 
-def _blocks(prefix: str, encoder: Encoder) -> dict[str, torch.Tensor]:
-    """The pre-LN blocks in OpenCLIP's ResidualAttentionBlock names. Our qkv rows are
-    (q, k, v) with heads contiguous, the layout of nn.MultiheadAttention's in_proj."""
-    state = {}
-    for i, block in enumerate(encoder.blocks):
-        parts = {
-            "ln_1": block.norm1,
-            "attn.in_proj": block.attn.qkv,
-            "attn.out_proj": block.attn.out,
-            "ln_2": block.norm2,
-            "mlp.c_fc": block.mlp[0],
-            "mlp.c_proj": block.mlp[2],
-        }
-        for name, module in parts.items():
-            key = f"{prefix}transformer.resblocks.{i}.{name}"
-            if name == "attn.in_proj":
-                state[f"{key}_weight"], state[f"{key}_bias"] = module.weight, module.bias
-            else:
-                state[f"{key}.weight"], state[f"{key}.bias"] = module.weight, module.bias
-    return state
+def _blocks(prefix: str, tower: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tower's pre-LN blocks in OpenCLIP's ResidualAttentionBlock names (the one mapping
+    the frozen-pair loader reads back)."""
+    ours = dict(tower.named_parameters())
+    names = open_clip_block_names("", prefix, len(tower.encoder.blocks))
+    return {theirs: ours[name] for name, theirs in names.items()}
 
 
 def _folded_bias(head: torch.nn.Linear) -> torch.Tensor:
@@ -154,13 +143,13 @@ def state_dict(model: ThreeTowers) -> dict[str, torch.Tensor]:
         "visual.conv1.weight": f.patch_embed.weight,
         "visual.class_embedding": f.cls_token.reshape(-1),
         "visual.positional_embedding": positions,
-        **_blocks("visual.", f.encoder),
+        **_blocks("visual.", f),
         "visual.ln_post.weight": f.norm.weight,
         "visual.ln_post.bias": f.norm.bias + _folded_bias(head_f),
         "visual.proj": head_f.weight.T,
         "token_embedding.weight": g.token_embed.weight,
         "positional_embedding": g.pos_embed[0],
-        **_blocks("", g.encoder),
+        **_blocks("", g),
         "ln_final.weight": g.norm.weight,
         "ln_final.bias": g.norm.bias,
         "text_projection.weight": head_g.weight,

@@ -46,7 +46,7 @@ from threetowers.files.atomic import (
 )
 from threetowers.files.locks import exclusive
 from threetowers.files.readback import read_json
-from threetowers.trainer.trained import TrainedRun
+from threetowers.model.trained import TrainedRun
 
 log = logging.getLogger(__name__)
 CHUNK = 2048

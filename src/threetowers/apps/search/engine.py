@@ -35,7 +35,7 @@ from threetowers.apps.search.index_files import IndexMismatch, Layout
 from threetowers.apps.search.parts import Parts, weighted
 from threetowers.evaluation.embedding import embed_inputs, embed_texts
 from threetowers.evaluation.inputs import decoded_inputs
-from threetowers.trainer.trained import TrainedRun
+from threetowers.model.trained import TrainedRun
 
 TARGETS = ("images", "captions")
 

@@ -284,7 +284,7 @@ def _error(status: int, message: str) -> JSONResponse:
 
 def serve(index_dir: str, host: str = "127.0.0.1", port: int = 8000, run: str | None = None):
     """Serve ``index_dir`` until interrupted, with its own run (or ``run``)."""
-    from threetowers.trainer.trained import load_trained
+    from threetowers.model.trained import load_trained
 
     index = SearchIndex(index_dir)
     encoder = QueryEncoder(load_trained(run or index.manifest["run"]))

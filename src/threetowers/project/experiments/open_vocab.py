@@ -25,6 +25,7 @@ from pathlib import Path
 from threetowers.config import Config, FrozenTowerConfig
 from threetowers.files.atomic import write_atomic
 from threetowers.files.readback import read_json
+from threetowers.model.trained import load_trained
 from threetowers.project.experiments.driver import run_experiment
 from threetowers.project.experiments.jobs import Job
 from threetowers.project.experiments.report import METHOD_NAMES, compare
@@ -35,7 +36,7 @@ from threetowers.project.experiments.reproduce import (
     train_run,
     with_run,
 )
-from threetowers.trainer.trained import evaluate_trained, load_trained
+from threetowers.trainer.trained import evaluate_trained
 
 INET = FrozenTowerConfig(name="inet", backbone="efficientnet_lite0", image_size=64)
 MINILM = FrozenTowerConfig(name="minilm", backbone="minilm")

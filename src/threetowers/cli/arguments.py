@@ -126,11 +126,12 @@ def parser() -> argparse.ArgumentParser:
     repro.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     repro.add_argument(
         "--experiment",
-        choices=("paper", "open-vocab", "scaling"),
+        choices=("paper", "open-vocab", "scaling", "distill"),
         default="paper",
         help="paper: CLIP vs LiT vs 3T in three settings (default); open-vocab: CLIP and 3T "
         "with the ImageNet tower, MiniLM or both, on queries in held-out words; scaling: "
-        "CLIP, LiT and 3T over training pairs, tower size and the frozen tower's size",
+        "CLIP, LiT and 3T over training pairs, tower size and the frozen tower's size; "
+        "distill: a large 3T teacher, exported, taught into small students as a frozen pair",
     )
     repro.add_argument("--quick", action="store_true", help="one seed, short runs (a smoke run)")
     repro.add_argument("--seeds", type=int, help="seeds per run (default: reproduce.seeds)")

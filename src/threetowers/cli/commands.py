@@ -36,7 +36,8 @@ def _summary(args: argparse.Namespace) -> None:
         label = f"frozen tower {name}"
         print(f"  {label:<16} {frozen:>14,} frozen ({tower.name}, {tower.feature_dim}-d features)")
         if name in model.structure.text:
-            print(f"    reads captions: {tower.pooling} pooling, up to {tower.max_length} tokens")
+            pooling = "the pair's own" if model.structure.is_side(name) else tower.pooling
+            print(f"    reads captions: {pooling} pooling, up to {tower.max_length} tokens")
         else:
             print(f"    preprocessing: {tower.preprocessing}")
     print(f"  total trainable  {sum(p.numel() for p in model.trainable_parameters()):>14,}")
@@ -73,7 +74,8 @@ EVAL_DATA_KEYS = (
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from threetowers.trainer.trained import evaluate_trained, load_trained
+    from threetowers.model.trained import load_trained
+    from threetowers.trainer.trained import evaluate_trained
 
     run = load_trained(args.run)
     foreign = [
@@ -95,7 +97,7 @@ def _eval(args: argparse.Namespace) -> None:
 
 def _embed(args: argparse.Namespace) -> None:
     from threetowers.apps.embed import embed, parse_alpha, save_embeddings
-    from threetowers.trainer.trained import load_trained
+    from threetowers.model.trained import load_trained
 
     run = load_trained(args.run)
     vectors, keys = embed(
@@ -114,7 +116,7 @@ def _index(args: argparse.Namespace) -> None:
     from threetowers.apps.search.build import build_index
     from threetowers.apps.search.items import index_source
     from threetowers.data.sources.fields import Fields
-    from threetowers.trainer.trained import load_trained
+    from threetowers.model.trained import load_trained
 
     run = load_trained(args.run)
     data = run.cfg.data
@@ -228,11 +230,17 @@ def _pretrain(args: argparse.Namespace) -> None:
 
 
 def _reproduce(args: argparse.Namespace) -> None:
+    from threetowers.project.experiments.distill import distill
     from threetowers.project.experiments.open_vocab import open_vocab
     from threetowers.project.experiments.reproduce import quick, reproduce
     from threetowers.project.experiments.scaling import scaling
 
-    experiments = {"paper": reproduce, "open-vocab": open_vocab, "scaling": scaling}
+    experiments = {
+        "paper": reproduce,
+        "open-vocab": open_vocab,
+        "scaling": scaling,
+        "distill": distill,
+    }
     cfg = load_experiment_config(args.config, args.overrides)
     if args.quick:
         cfg = quick(cfg)

@@ -12,13 +12,8 @@ from safetensors.torch import load_file
 
 from tests.conftest import tiny_config
 from tests.helpers.runs import tiny_run_config
-from threetowers.apps.export.open_clip import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    ExportError,
-    _folded_bias,
-    refusals,
-)
+from threetowers.apps.export.open_clip import ExportError, _folded_bias, refusals
+from threetowers.backbones.trained_pair import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS
 from threetowers.cli import main
 from threetowers.trainer.loop import train
 
@@ -112,12 +107,12 @@ def test_the_folder_holds_f_g_their_heads_and_the_learned_scale(trained, tmp_pat
     out = tmp_path / "out"
     assert main(["export", str(run_dir), "--format", "open_clip", "--out", str(out)]) == 0
     assert "not held: the frozen towers ['efficientnet_lite0']" in capsys.readouterr().out
-    config = json.loads((out / CONFIG_FILE).read_text())
+    config = json.loads((out / OPEN_CLIP_CONFIG).read_text())
     vision, text = config["model_cfg"]["vision_cfg"], config["model_cfg"]["text_cfg"]
     assert (vision["pool_type"], vision["no_ln_pre"], vision["head_width"]) == ("tok", True, 32)
     assert (text["pool_type"], text["eos_id"], text["context_length"]) == ("eos", 2, 32)
     assert config["preprocess_cfg"]["size"] == 32 and config["preprocess_cfg"]["mean"] == [0.5] * 3
-    weights = load_file(out / WEIGHTS_FILE)
+    weights = load_file(out / OPEN_CLIP_WEIGHTS)
     run = load_trained(run_dir)
     assert not any("efficientnet" in key or "frozen" in key for key in weights)
     assert weights["logit_scale"].item() == pytest.approx(

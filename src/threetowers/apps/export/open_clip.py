@@ -33,7 +33,6 @@ from threetowers.model.objective import MAIN_TERM
 from threetowers.model.three_towers import ThreeTowers
 from threetowers.model.trained import TrainedRun, load_trained
 
-CONFIG_FILE, WEIGHTS_FILE = OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS
 # How far W_f's bias may miss the span of W_f's rows once folded into the final LayerNorm.
 FOLD_TOLERANCE = 1e-6
 
@@ -240,7 +239,7 @@ def export_open_clip(run_dir: str | Path, out: str | Path, alpha: float | None =
     config = open_clip_config(run)
     weights = state_dict(run.model)  # may still refuse (the bias fold): before writing
     out.mkdir(parents=True, exist_ok=True)
-    save_tensors(out / WEIGHTS_FILE, weights)
+    save_tensors(out / OPEN_CLIP_WEIGHTS, weights)
     write_tokenizer_folder(run.tokenizer, out)
-    write_atomic(out / CONFIG_FILE, json.dumps(config, indent=1))
+    write_atomic(out / OPEN_CLIP_CONFIG, json.dumps(config, indent=1))
     return config

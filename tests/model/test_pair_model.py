@@ -140,3 +140,24 @@ def test_micro_batches_give_the_whole_batchs_gradients_with_a_pair(clip_folder, 
     assert "loss_fn.log_scale.fg_t" in whole and whole.keys() == micro.keys()
     for name in whole:
         torch.testing.assert_close(micro[name], whole[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_a_side_read_by_two_parts_runs_once(clip_folder, monkeypatch):
+    model = pair_model(clip_folder).eval()
+    images, tokens = tiny_batch(batch=len(CAPTIONS))
+    calls = []
+    for side in ("timg", "ttxt"):
+        tower = model.frozen[side]
+        monkeypatch.setattr(tower, "forward", lambda x, f=tower.forward: calls.append(1) or f(x))
+    weights = {"timg": 0.2, "ttxt": 0.3, "t": 0.5}
+    with torch.no_grad():
+        image = model.encode_image(images, weights)
+        text = model.encode_text(tokens, weights, captions=CAPTIONS)
+        out = model(images, tokens, captions=CAPTIONS)
+    assert len(calls) == 2 + 2  # once each in encode_image / encode_text, once each in forward
+    expected = (
+        0.2 * out["z_timg"] @ out["z_gtimg"].T
+        + 0.3 * out["z_fttxt"] @ out["z_ttxt"].T
+        + 0.5 * out["u_timg"] @ out["u_ttxt"].T
+    )
+    torch.testing.assert_close(image @ text.T, expected)

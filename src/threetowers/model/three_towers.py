@@ -9,8 +9,8 @@ derived from ``images`` (undo f's normalisation, resize, apply k's).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
+from functools import cache
 from typing import Literal, get_args
 
 import torch
@@ -19,6 +19,7 @@ from torch import nn
 
 from threetowers.backbones.frozen import FrozenBackbone, Preprocessing
 from threetowers.backbones.text_encoder import FrozenTextEncoder
+from threetowers.model.combination import concatenate, mixture_weights
 from threetowers.model.legacy_keys import rename_legacy_keys
 from threetowers.model.losses import ThreeTowersLoss
 from threetowers.model.objective import (
@@ -289,35 +290,8 @@ class ThreeTowers(nn.Module):
     def mixture(self, alpha: float | Mapping[str, float]) -> dict[str, float]:
         """The weights of the convex combination a_f⟨z_f, z_g⟩ + Σ_k a_k⟨z_k, z_gk⟩ +
         Σ_p a_p⟨u_pimg, u_ptxt⟩, by part (``f``, the aligned towers' names and the frozen
-        pairs'): from a float α (one other part: a_f = α, a_k = 1 − α) or a mapping of
-        weights that sum to 1."""
-        parts = ("f", *self.structure.parts)
-        if not isinstance(alpha, Mapping):
-            if not 0.0 <= alpha <= 1.0:
-                raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-            if alpha == 1.0:
-                return {"f": 1.0}
-            if len(parts) == 1:
-                raise ValueError(
-                    f"alpha < 1 mixes in the frozen towers' pairs and needs a 3t model, not "
-                    f"{self.mode!r}"
-                )
-            if len(parts) > 2:
-                example = ", ".join(f"{p!r}: ..." for p in parts)
-                raise ValueError(
-                    f"with {len(parts) - 1} frozen towers one alpha is ambiguous: give a weight "
-                    f"per part, summing to 1: {{{example}}}"
-                )
-            return {"f": float(alpha), parts[1]: 1.0 - float(alpha)}
-        weights = {str(k): float(v) for k, v in alpha.items()}
-        unknown = sorted(set(weights) - set(parts))
-        if unknown or any(not 0.0 <= w <= 1.0 for w in weights.values()):
-            raise ValueError(
-                f"mixture weights {weights} must be in [0, 1] and name only {list(parts)}"
-            )
-        if not math.isclose(sum(weights.values()), 1.0, abs_tol=1e-6):
-            raise ValueError(f"mixture weights must sum to 1, got {sum(weights.values())}")
-        return {part: weights.get(part, 0.0) for part in parts if weights.get(part, 0.0) > 0}
+        pairs'; ``model/combination.py``)."""
+        return mixture_weights(("f", *self.structure.parts), alpha, self.mode)
 
     def encode_image(
         self,
@@ -338,6 +312,10 @@ class ThreeTowers(nn.Module):
         if weights == {"f": 1.0}:
             return self._embed("f", self.image_tower(images))
         parts = {}
+        # each frozen tower runs once, whichever parts read it
+        frozen = cache(
+            lambda name: self.frozen_tower_features(name, images, frozen_features, frozen_images)
+        )
         image = (
             self.image_tower(images)
             if "f" in weights or set(weights) & set(self.structure.text)
@@ -352,14 +330,11 @@ class ThreeTowers(nn.Module):
                 on_f, _ = alignment_names(name)
                 parts[name] = self._embed("f" if self.share_alignment_heads else on_f, image)
             else:
-                features = self.frozen_tower_features(name, images, frozen_features, frozen_images)
-                parts[name] = self._embed(name, features)
+                parts[name] = self._embed(name, frozen(name))
         for pair in self.structure.pairs:
             if pair in weights:  # the pair's own image embedding
-                side, _ = pair_sides(pair)
-                features = self.frozen_tower_features(side, images, frozen_features, frozen_images)
-                parts[pair] = F.normalize(features, dim=-1)
-        return _concatenate(parts, weights, self.part_dims())
+                parts[pair] = F.normalize(frozen(pair_sides(pair)[0]), dim=-1)
+        return concatenate(parts, weights, self.part_dims())
 
     def encode_text(
         self,
@@ -381,24 +356,20 @@ class ThreeTowers(nn.Module):
         if weights == {"f": 1.0}:
             return z_g
         parts = {"f": z_g}
+        frozen = cache(  # each text tower runs once, whichever parts read it
+            lambda name: self.frozen_tower_features(name, None, frozen_features, captions=captions)
+        )
         for name in self.structure.aligned:
             if name in self.structure.text:
                 if name in weights:
-                    features = self.frozen_tower_features(
-                        name, None, frozen_features, captions=captions
-                    )
-                    parts[name] = self._embed(name, features)
+                    parts[name] = self._embed(name, frozen(name))
                 continue
             _, on_g = alignment_names(name)
             parts[name] = z_g if self.share_alignment_heads else self._embed(on_g, text)
         for pair in self.structure.pairs:
             if pair in weights:  # the pair's own text embedding
-                _, side = pair_sides(pair)
-                features = self.frozen_tower_features(
-                    side, None, frozen_features, captions=captions
-                )
-                parts[pair] = F.normalize(features, dim=-1)
-        return _concatenate(parts, weights, self.part_dims())
+                parts[pair] = F.normalize(frozen(pair_sides(pair)[1]), dim=-1)
+        return concatenate(parts, weights, self.part_dims())
 
     def part_dims(self) -> dict[str, int]:
         """Each part of the convex combination and its dimension, in order: embed_dim for
@@ -407,19 +378,6 @@ class ThreeTowers(nn.Module):
         for pair in self.structure.pairs:
             dims[pair] = self.frozen[pair_sides(pair)[0]].feature_dim
         return dims
-
-
-def _concatenate(
-    parts: Mapping[str, torch.Tensor], weights: Mapping[str, float], dims: Mapping[str, int]
-) -> torch.Tensor:
-    """[√w_p x_p for p in dims' order]; a part of weight 0 (absent from ``weights``) is
-    zeros of its dimension."""
-    like = next(iter(parts.values()))
-    pieces = [
-        math.sqrt(weights[p]) * parts[p] if p in weights else like.new_zeros(len(like), dim)
-        for p, dim in dims.items()
-    ]
-    return torch.cat(pieces, dim=-1)
 
 
 def batch_embeddings(model: ThreeTowers, batch: dict, forward=None) -> dict[str, torch.Tensor]:

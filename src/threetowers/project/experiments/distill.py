@@ -21,11 +21,10 @@ are reported as deployed, (z_f, z_g) (the export holds nothing else); for the 3T
 ``distill_report`` gives each student's share of the teacher - CLIP gap.
 
 Sizing (2 CPU cores, ``reproduce.workers`` 2, one thread a run; the reproduce preset's 1300
-steps): 60-step runs measured a teacher step at 0.25 s and a student's at 0.07 (CLIP) to
-0.08 s (3T with h) on an idle machine. The teacher at 5x (6500 steps) trains beside the six
-students that need no teacher (2.5x, 3250 steps); the nine pair students then share both
-workers. The full run (docs/results/distill), with other processes on the cores: the teacher
-33 min, a student 4-13 min, caching the pair's features 1 min; 75-100 min in all.
+steps), as ratios within one measurement (60-step runs side by side on an idle machine): a
+teacher step costs 3.1-3.6x a student's, so the teacher at 5x (6500 steps) costs about seven
+students at 2.5x (3250 steps). It trains beside the six students that need no teacher; the
+nine pair students then share both workers: about the teacher and nine students in all.
 """
 
 from __future__ import annotations
@@ -59,8 +58,8 @@ LITE0 = {"backbone": "efficientnet_lite0", "path": None}  # h, at the config's h
 STUDENTS = {"none": "clip", "imagenet": "3t", "pair": "3t", "both": "3t", "distill": "3t"}
 READS_TEACHER = ("pair", "both", "distill")
 # Evaluated without the mixture sweep: with h and the pair's three parts its grid has 1001
-# weight vectors (0.4 s each on the test sets here: ~8 min of evaluation a run, more than its
-# training), where the pair's own students have 286.
+# weight vectors, whose evaluation took longer than the run's training, where the pair's own
+# students have 286.
 UNSWEPT = ("both",)
 
 

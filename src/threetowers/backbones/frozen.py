@@ -132,7 +132,9 @@ class FrozenBackbone(nn.Module):
         return super().train(False)
 
     def digest(self) -> str:
-        """Its weights and preprocessing: what its features depend on (cache names)."""
+        """Its weights and preprocessing: what its features depend on (cache names).
+        Checkpoints record it and a resume compares: what it covers changes only with a
+        migration of the recorded digests."""
         digest = hashlib.sha256(json.dumps(self.preprocessing.to_dict()).encode())
         for name, tensor in sorted(self.state_dict().items()):
             digest.update(name.encode())

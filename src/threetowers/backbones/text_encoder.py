@@ -115,7 +115,9 @@ class FrozenTextEncoder(nn.Module):
         return F.normalize(pooled, dim=-1) if self.normalize else pooled
 
     def digest(self) -> str:
-        """Its weights, tokenizer and pooling: what its features depend on (cache names)."""
+        """Its weights, tokenizer and pooling: what its features depend on (cache names).
+        Checkpoints record it and a resume compares: what it covers changes only with a
+        migration of the recorded digests."""
         digest = hashlib.sha256(json.dumps(self._digest_settings()).encode())
         for key, tensor in sorted(self.model.state_dict().items()):
             digest.update(key.encode())

@@ -39,6 +39,7 @@ from threetowers.data.sources.shards import (
 from threetowers.data.sources.table import PairTable
 from threetowers.data.tokenizer import CaptionTokenizer, MemoisedEncoder
 from threetowers.data.views import Towers, training_views, validation_views
+from threetowers.files.checkpoints import FROZEN_SHA256
 
 # Tokenizers' own thread pool does not survive DataLoader worker forks; captions are short.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -244,6 +245,7 @@ class TrainingData:
         self.cfg, self.tokenizer = cfg, opened.tokenizer
         self.source, self.mix = opened.pairs, opened.mix
         self.val_pairs = opened.val_pairs
+        self.frozen_digests = towers.digests
         self.caches: dict[str, StreamedFeatures] = {}  # image tower -> its feature cache
         self.text_caches: dict[str, CaptionFeatures] = {}  # text tower -> its caption cache
         if data.cache and (towers.frozen_images or towers.frozen_text):
@@ -348,7 +350,9 @@ class TrainingData:
         return dict(iter_sample_captions(self.val_pairs))
 
     def fingerprints(self) -> dict[str, str]:
-        """What a checkpoint records so that a resume with other data is caught."""
+        """What a checkpoint records of the data: the tokenizer's and the frozen towers'
+        digests, which a resume checks (``files/checkpoints.py``), and the caches'."""
         out = {"tokenizer_sha256": self.tokenizer.digest()}
+        out |= {FROZEN_SHA256 + name: digest for name, digest in self.frozen_digests.items()}
         caches = self.caches | self.text_caches
         return out | {f"feature_cache/{n}": cache.fingerprint for n, cache in caches.items()}

@@ -28,6 +28,7 @@ class Towers:
     frozen_images: Mapping[str, FrozenBackbone]  # the frozen towers that read images
     frozen_text: Mapping[str, FrozenTextEncoder]  # those that read captions
     aligned: tuple[str, ...]  # the frozen towers f and g are aligned with
+    digests: Mapping[str, str]  # every frozen tower's weights and preprocessing, by name
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ A checkpoint is a directory ``RUN/checkpoints/step_00001234/`` holding
                         they are reloaded from their sources, their caches' fingerprints recorded)
     state.pt            optimizer, scheduler, RNG and data position; plain tensors and
                         containers only, read with ``torch.load(weights_only=True)``
-    meta.json           step, sha256 of both files, data fingerprints (tokenizer, caches),
+    meta.json           step, sha256 of both files, data fingerprints (tokenizer, frozen
+                        towers, caches),
                         and the sha256 of all that (a flipped digit must not move the step)
 
 A checkpoint whose checksums do not match, or that holds anything but tensors and plain
@@ -21,6 +22,7 @@ import hashlib
 import json
 import re
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ PREFIX = "step_"
 _STEP = re.compile(rf"{PREFIX}\d{{8,}}")  # checkpoint_path's names
 META_DIGEST = "meta_sha256"
 FROZEN_PREFIX = "frozen."  # the frozen towers, reloaded from their sources
+FROZEN_SHA256 = "frozen_sha256/"  # meta.json: each frozen tower's digest, by its name
 
 
 class CheckpointError(UserError, ValueError):
@@ -130,6 +133,28 @@ def check_tokenizer(checkpoint: Checkpoint | None, digest: str, where: str) -> N
             f"{where} is not the tokenizer that checkpoint step {checkpoint.step} was trained "
             f"with (sha256 {digest[:12]}..., recorded {recorded[:12]}...); restore that "
             "tokenizer.json, or train in a new run directory"
+        )
+
+
+def check_frozen(
+    checkpoint: Checkpoint | None, digests: Mapping[str, str], sources: Mapping[str, str]
+) -> None:
+    """Refuse frozen towers other than those ``checkpoint`` was trained with (``digests``,
+    by tower name; ``sources`` says where each is configured): a folder rewritten in place or
+    a model updated where it is read from would change f and g's targets mid-run. Checkpoints
+    written before the digests were recorded resume as before."""
+    if checkpoint is None:
+        return
+    changed = [
+        f"{sources.get(name, repr(name))} (sha256 {digest[:12]}..., recorded {recorded[:12]}...)"
+        for name, digest in sorted(digests.items())
+        if (recorded := checkpoint.meta.get(FROZEN_SHA256 + name)) not in (None, digest)
+    ]
+    if changed:
+        raise CheckpointError(
+            f"checkpoint step {checkpoint.step} was trained with other frozen towers: "
+            f"{'; '.join(changed)} changed since. Put back the weights it was trained with "
+            "where the config reads them, or train in a new run directory"
         )
 
 

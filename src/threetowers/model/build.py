@@ -179,3 +179,22 @@ def build_model(
     if device is not None and not meta:
         model.to(device)
     return model
+
+
+def frozen_digests(model: ThreeTowers) -> dict[str, str]:
+    """Each frozen tower's digest (its weights and preprocessing), by name: what a checkpoint
+    records and what resuming or loading the run checks (``files/checkpoints.py``)."""
+    return {name: tower.digest() for name, tower in model.frozen.items()}
+
+
+def frozen_sources(model_cfg: ModelConfig) -> dict[str, str]:
+    """Where each frozen tower is configured, by name (a pair's two sides by theirs)."""
+    out = {}
+    for position, tower in enumerate(model_cfg.frozen):
+        where = f"model.frozen[{position}] {tower.name!r} ({tower.backbone}"
+        where += f" at {tower.path})" if tower.path else ")"
+        out[tower.name] = where
+        if tower.is_pair:
+            image, text = pair_sides(tower.name)
+            out |= {image: f"{where}'s image side", text: f"{where}'s text side"}
+    return out

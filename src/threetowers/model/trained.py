@@ -11,12 +11,13 @@ from threetowers.config import Config, load_config, read_mapping
 from threetowers.data.tokenizer import CaptionTokenizer
 from threetowers.files.checkpoints import (
     Checkpoint,
+    check_frozen,
     check_tokenizer,
     load_checkpoint,
     load_latest,
     restore_model,
 )
-from threetowers.model.build import build_model
+from threetowers.model.build import build_model, frozen_digests, frozen_sources
 from threetowers.model.three_towers import ThreeTowers
 
 
@@ -64,6 +65,7 @@ def load_trained(path: str | Path, device: str = "cpu") -> TrainedRun:
     run_dir, checkpoint = find_checkpoint(path)
     cfg = load_config(run_dir / "config.yaml")
     model = build_model(cfg, device=device)
+    check_frozen(checkpoint, frozen_digests(model), frozen_sources(cfg.model))
     restore_model(model, checkpoint)
     tokenizer = trained_tokenizer(run_dir, cfg, checkpoint)
     identity = {

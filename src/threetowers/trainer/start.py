@@ -27,12 +27,13 @@ from threetowers.evaluation.chance import chance_levels
 from threetowers.files.atomic import write_atomic
 from threetowers.files.checkpoints import (
     Checkpoint,
+    check_frozen,
     check_tokenizer,
     checkpoint_path,
     load_latest,
     restore_model,
 )
-from threetowers.model.build import build_model
+from threetowers.model.build import build_model, frozen_digests, frozen_sources
 from threetowers.model.three_towers import ThreeTowers
 from threetowers.model.trained import find_checkpoint, trained_tokenizer
 from threetowers.project.world.default import default_world
@@ -77,10 +78,12 @@ def start(cfg: Config, run_dir: Path, device: torch.device, progress: bool) -> S
         tokenizer = cfg.data.tokenizer or run_dir / "tokenizer.json"
         check_tokenizer(resumed, opened.tokenizer.digest(), str(tokenizer))
         model = build_model(cfg, device=device)
+        towers = towers_of(model)
+        check_frozen(resumed, towers.digests, frozen_sources(cfg.model))
         if init is not None:
             _initialise(model, init, cfg.train.init_from)
     _check_ranks(resumed, cfg, opened.pairs, run_dir)  # before the caches are built
-    data = TrainingData(cfg, opened, towers_of(model), progress)
+    data = TrainingData(cfg, opened, towers, progress)
     if main:
         write_atomic(run_dir / "chance.json", json.dumps(chance_levels(benchmarks), indent=1))
     return Start(cfg, resumed, benchmarks, model, data)
@@ -95,6 +98,7 @@ def towers_of(model: ThreeTowers) -> Towers:
         frozen_images={name: model.frozen[name] for name in structure.image_towers},
         frozen_text={name: model.frozen[name] for name in structure.text},
         aligned=tuple(structure.aligned),
+        digests=frozen_digests(model),
     )
 
 

@@ -123,3 +123,30 @@ def test_the_folder_holds_f_g_their_heads_and_the_learned_scale(trained, tmp_pat
     blocks = {k.split(".")[3] for k in weights if k.startswith("visual.transformer.resblocks")}
     assert blocks == {"0", "1"}
     assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
+
+
+def test_an_out_folder_with_other_files_is_refused_and_an_export_is_written_over(
+    trained, tmp_path, capsys
+):
+    _, run_dir = trained
+    out = tmp_path / "clip-folder"
+    out.mkdir()
+    (out / "config.json").write_text("{}")  # e.g. a transformers CLIP folder
+    (out / "tokenizer.json").write_text("theirs")
+    argv = ["export", str(run_dir), "--format", "open_clip", "--out", str(out)]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"--out={out} holds files an OpenCLIP export does not write (config.json); writing it "
+        "there would mix two models' files. Give --out a new or empty folder"
+    )
+    assert (out / "tokenizer.json").read_text() == "theirs"  # nothing written over
+    (out / "config.json").unlink()  # a folder of an export's files only, half written
+    (out / ".open_clip_model.safetensors.tmp-123").write_bytes(b"partial")  # a killed one's
+    assert main(argv) == 0
+    assert json.loads((out / OPEN_CLIP_CONFIG).read_text())["model_cfg"]["embed_dim"] == 32
+    assert (out / "tokenizer.json").read_text() != "theirs"
+    assert main(argv) == 0  # and again, over itself
+    file = tmp_path / "a-file"
+    file.write_text("")
+    assert main(["export", str(run_dir), "--format", "open_clip", "--out", str(file)]) == 2
+    assert f"--out={file} is a file; give --out a new or empty folder" in capsys.readouterr().err

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from threetowers.apps.export.tokenizer_folder import write_tokenizer_folder
+from threetowers.apps.export.tokenizer_folder import TOKENIZER_FILES, write_tokenizer_folder
 from threetowers.backbones.trained_pair import (
     OPEN_CLIP_CONFIG,
     OPEN_CLIP_WEIGHTS,
@@ -27,7 +27,7 @@ from threetowers.backbones.trained_pair import (
 )
 from threetowers.config import Config
 from threetowers.errors import UserError
-from threetowers.files.atomic import save_tensors, write_atomic
+from threetowers.files.atomic import TMP_MARK, save_tensors, write_atomic
 from threetowers.model.build import structure_of
 from threetowers.model.objective import MAIN_TERM
 from threetowers.model.three_towers import ThreeTowers
@@ -238,8 +238,31 @@ def export_open_clip(run_dir: str | Path, out: str | Path, alpha: float | None =
     out = Path(out)
     config = open_clip_config(run)
     weights = state_dict(run.model)  # may still refuse (the bias fold): before writing
+    refuse_others(out)
     out.mkdir(parents=True, exist_ok=True)
     save_tensors(out / OPEN_CLIP_WEIGHTS, weights)
     write_tokenizer_folder(run.tokenizer, out)
     write_atomic(out / OPEN_CLIP_CONFIG, json.dumps(config, indent=1))
     return config
+
+
+# What an export writes: an earlier export, even a half-written one, may be written over.
+EXPORT_FILES = (OPEN_CLIP_WEIGHTS, *TOKENIZER_FILES, OPEN_CLIP_CONFIG)
+
+
+def refuse_others(out: Path) -> None:
+    """Refuse an ``out`` that holds files an export does not write: it would write over some
+    of them (another model's tokenizer.json, say) and leave a folder that is neither."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out={out} is a file; give --out a new or empty folder")
+    others = sorted(
+        p.name
+        for p in (out.iterdir() if out.is_dir() else ())
+        if p.name not in EXPORT_FILES and TMP_MARK not in p.name  # a killed export's
+    )
+    if others:
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise ExportError(
+            f"--out={out} holds files an OpenCLIP export does not write ({shown}); writing it "
+            "there would mix two models' files. Give --out a new or empty folder"
+        )

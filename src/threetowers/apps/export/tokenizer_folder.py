@@ -15,10 +15,12 @@ from pathlib import Path
 from threetowers.data.tokenizer import BOS, EOS, PAD, UNK, CaptionTokenizer
 from threetowers.files.atomic import write_atomic
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
 
 def write_tokenizer_folder(tokenizer: CaptionTokenizer, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(out / "tokenizer.json")
+    tokenizer.save(out / TOKENIZER_FILES[0])
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": BOS,
@@ -30,4 +32,4 @@ def write_tokenizer_folder(tokenizer: CaptionTokenizer, out: Path) -> None:
         "truncation_side": "right",
         "clean_up_tokenization_spaces": False,
     }
-    write_atomic(out / "tokenizer_config.json", json.dumps(config, indent=1))
+    write_atomic(out / TOKENIZER_FILES[1], json.dumps(config, indent=1))

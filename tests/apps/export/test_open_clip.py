@@ -135,10 +135,11 @@ def test_an_out_folder_with_other_files_is_refused_and_an_export_is_written_over
     (out / "tokenizer.json").write_text("theirs")
     argv = ["export", str(run_dir), "--format", "open_clip", "--out", str(out)]
     assert main(argv) == 2
-    assert capsys.readouterr().err.strip().endswith(
+    error = capsys.readouterr().err.strip()
+    assert error.endswith(
         f"--out={out} holds files an OpenCLIP export does not write (config.json); writing it "
         "there would mix two models' files. Give --out a new or empty folder"
-    )
+    ), error
     assert (out / "tokenizer.json").read_text() == "theirs"  # nothing written over
     (out / "config.json").unlink()  # a folder of an export's files only, half written
     (out / ".open_clip_model.safetensors.tmp-123").write_bytes(b"partial")  # a killed one's

@@ -10,30 +10,15 @@ import torch
 from safetensors.torch import save_file
 
 import threetowers as tt
+from tests.helpers.classifiers import ARCH, make_classifier
 from tests.helpers.pickles import Exploit
 from threetowers.backbones.classifier import (
-    Classifier,
     ClassifierCheckpointError,
     load_classifier,
     load_classifier_backbone,
     save_classifier,
 )
 from threetowers.cli import main
-from threetowers.towers.vit import VisionTransformer
-
-ARCH = {"image_size": 16, "patch_size": 8, "width": 24, "depth": 1, "heads": 2, "pool": "cls"}
-
-
-def make_classifier() -> Classifier:
-    torch.manual_seed(0)
-    return Classifier(
-        backbone=VisionTransformer(**ARCH),
-        head=torch.nn.Linear(24, 3),
-        architecture="vit",
-        architecture_config=ARCH,
-        preprocessing=tt.Preprocessing(16, mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6)),
-        class_names=["circle", "square", "star"],
-    )
 
 
 def test_round_trip_restores_weights_metadata_and_logits(tmp_path):

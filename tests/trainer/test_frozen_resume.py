@@ -8,12 +8,10 @@ import json
 import shutil
 
 import pytest
-import torch
 
-import threetowers as tt
+from tests.helpers.classifiers import make_classifier
 from tests.helpers.runs import tiny_run_config, write_config
 from threetowers.backbones.classifier import (
-    Classifier,
     load_classifier_backbone,
     save_classifier,
 )
@@ -24,24 +22,10 @@ from threetowers.files.checkpoints import (
     CheckpointError,
     check_frozen,
 )
-from threetowers.towers.vit import VisionTransformer
-
-ARCH = {"image_size": 16, "patch_size": 8, "width": 24, "depth": 1, "heads": 2, "pool": "cls"}
 
 
 def save_frozen_tower(path, seed: int) -> None:
-    torch.manual_seed(seed)
-    save_classifier(
-        path,
-        Classifier(
-            backbone=VisionTransformer(**ARCH),
-            head=torch.nn.Linear(24, 3),
-            architecture="vit",
-            architecture_config=ARCH,
-            preprocessing=tt.Preprocessing(16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
-            class_names=["circle", "square", "star"],
-        ),
-    )
+    save_classifier(path, make_classifier(seed))
 
 
 def test_a_frozen_tower_changed_in_place_is_refused_at_resume(world_dir, tmp_path, capsys):

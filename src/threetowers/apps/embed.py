@@ -20,8 +20,8 @@ from threetowers.data.sources.decode import caption_text, clean_captions
 from threetowers.data.tokenizer import CaptionTokenizer
 from threetowers.errors import UserError
 from threetowers.evaluation.embedding import embed_images, embed_texts
-from threetowers.evaluation.metrics import mix
 from threetowers.files.atomic import save_tensors, write_atomic
+from threetowers.model.combination import mix
 from threetowers.model.objective import Z_F, Z_G
 from threetowers.model.three_towers import ThreeTowers
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from threetowers.model.combination import mix
+
 DEFAULT_ALPHAS = tuple(i / 10 for i in range(11))
 DEFAULT_L2_GRID = tuple(10.0**e for e in range(-6, 3))
 
@@ -230,14 +232,6 @@ def linear_probe(
     labels = torch.as_tensor(train_labels, device=train_emb.device).long()
     probe = fit_probe(train_emb[index], labels[index], l2_grid)
     return probe.accuracy(test_emb, test_labels)
-
-
-def mix(parts: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """[√w₁ x₁ ; √w₂ x₂ ; ...]: unit norm when the parts are and the weights sum to 1, and
-    ⟨mix(xs, w), mix(ys, w)⟩ = Σᵢ wᵢ⟨xᵢ, yᵢ⟩ (3T's convex combination as one dot product)."""
-    if len(parts) != len(weights) or any(not 0.0 <= w <= 1.0 for w in weights):
-        raise ValueError(f"need one weight in [0, 1] per part, got {list(weights)}")
-    return torch.cat([math.sqrt(w) * x for x, w in zip(parts, weights, strict=True)], dim=-1)
 
 
 def simplex_grid(parts: int, steps: int = 10) -> list[tuple[float, ...]]:

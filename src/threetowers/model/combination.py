@@ -4,7 +4,7 @@ parts concatenated, each scaled by the root of its weight (METHOD.md)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -40,14 +40,19 @@ def mixture_weights(
     return {part: weights.get(part, 0.0) for part in parts if weights.get(part, 0.0) > 0}
 
 
+def mix(parts: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """[√w₁ x₁ ; √w₂ x₂ ; ...]: unit norm when the parts are and the weights sum to 1, and
+    ⟨mix(xs, w), mix(ys, w)⟩ = Σᵢ wᵢ⟨xᵢ, yᵢ⟩ (3T's convex combination as one dot product)."""
+    if len(parts) != len(weights) or any(not 0.0 <= w <= 1.0 for w in weights):
+        raise ValueError(f"need one weight in [0, 1] per part, got {list(weights)}")
+    return torch.cat([math.sqrt(w) * x for x, w in zip(parts, weights, strict=True)], dim=-1)
+
+
 def concatenate(
     parts: Mapping[str, torch.Tensor], weights: Mapping[str, float], dims: Mapping[str, int]
 ) -> torch.Tensor:
-    """[√w_p x_p for p in dims' order]; a part of weight 0 (absent from ``weights``) is
-    zeros of its dimension."""
+    """:func:`mix` of the parts in ``dims``' order; a part of weight 0 (absent from
+    ``weights``) is zeros of its dimension."""
     like = next(iter(parts.values()))
-    pieces = [
-        math.sqrt(weights[p]) * parts[p] if p in weights else like.new_zeros(len(like), dim)
-        for p, dim in dims.items()
-    ]
-    return torch.cat(pieces, dim=-1)
+    present = [parts[p] if p in weights else like.new_zeros(len(like), d) for p, d in dims.items()]
+    return mix(present, [weights.get(p, 0.0) for p in dims])

@@ -1,6 +1,5 @@
 """project/experiments/distill_report.py, pure functions of the distill experiment's records:
-the share of the teacher - CLIP gap closed, the mixture weights chosen on val, the table and
-the questions."""
+the share of the teacher - CLIP gap closed, the table and the questions."""
 
 from __future__ import annotations
 
@@ -12,7 +11,6 @@ from threetowers.project.experiments.distill_report import (
     CHOSEN,
     METRICS,
     NAMES,
-    chosen_on_val,
     findings,
     gap_closed,
     table,
@@ -47,30 +45,6 @@ def test_no_gap_to_close_is_no_share():
     records = [record("teacher", 0, 50.0), record("none", 0, 60.0), record("pair", 0, 70.0)]
     share = gap_closed(records)[NAMES["pair"]]["i2t_R@1"]
     assert share == {"fraction": None, "std": None, "gap": pytest.approx(-10.0)}
-
-
-def sweep(values: list[float]) -> dict:
-    """eval.json's alpha_sweep at alpha 0, 0.5, 1 with every metric at ``values``."""
-    rows = zip((0.0, 0.5, 1.0), values, strict=True)
-    return {"alpha_sweep": [{"alpha": a} | {k: v for k in METRICS} for a, v in rows]}
-
-
-def test_weights_are_chosen_on_val_and_reported_on_test():
-    chosen = chosen_on_val(sweep([10.0, 30.0, 20.0]), sweep([5.0, 1.0, 9.0]), ("h",))
-    assert chosen["t2i_R@5"] == {"weights": {"f": 1.0, "h": 0.0}, "val": 9.0, "test": 20.0}
-    tied = chosen_on_val(sweep([10.0, 30.0, 20.0]), sweep([7.0, 7.0, 1.0]), ("h",))
-    assert tied["i2t_R@1"]["weights"] == {"f": 0.0, "h": 1.0}, "a tie: the first in order"
-    grid = [
-        {"weights": {"f": w, "timg": 0.0, "ttxt": 0.0, "t": 1 - w}} | {k: 10 * w for k in METRICS}
-        for w in (0.2, 0.8)
-    ]
-    val = [row | {k: 10 - row[k] for k in METRICS} for row in grid]
-    chosen = chosen_on_val({"alpha_grid": grid}, {"alpha_grid": val}, ("timg", "ttxt", "t"))
-    assert chosen["zeroshot_top1"]["weights"]["t"] == pytest.approx(0.8)
-    assert chosen["zeroshot_top1"]["test"] == pytest.approx(2.0)
-    other = [row | {"weights": {"f": 0.5}} for row in grid]
-    with pytest.raises(ValueError, match="different weights"):
-        chosen_on_val({"alpha_grid": grid}, {"alpha_grid": other}, ("timg", "ttxt", "t"))
 
 
 def test_table_and_questions():

@@ -1,5 +1,5 @@
-"""``threetowers reproduce --experiment open-vocab``: weights chosen on val and reported on
-test, the report, and a --quick smoke run on a tiny world with the real MiniLM."""
+"""``threetowers reproduce --experiment open-vocab``: the report, and a --quick smoke run on a
+tiny world with the real MiniLM."""
 
 from __future__ import annotations
 
@@ -13,37 +13,10 @@ from threetowers.cli import main
 from threetowers.project.experiments.open_vocab import (
     HELDOUT,
     METRICS,
-    best_weights,
     findings,
     plan,
     summary,
 )
-
-
-def sweep(values: list[float]) -> dict:
-    """eval.json's alpha_sweep with every metric at ``values`` (alpha 0, 0.5, 1)."""
-    return {
-        "alpha_sweep": [
-            {"alpha": a} | {k: v for k in METRICS}
-            for a, v in zip((0.0, 0.5, 1.0), values, strict=True)
-        ]
-    }
-
-
-def test_weights_are_chosen_on_val_and_reported_on_test():
-    chosen = best_weights(sweep([10.0, 30.0, 20.0]), sweep([5.0, 1.0, 9.0]), ["minilm"])
-    for metric in METRICS:
-        assert chosen[metric] == {"weights": {"f": 1.0, "minilm": 0.0}, "val": 9.0, "test": 20.0}
-    # a tie on val goes to the first weights in the sweep's order
-    tied = best_weights(sweep([10.0, 30.0, 20.0]), sweep([7.0, 7.0, 1.0]), ["minilm"])
-    assert tied["i2t_R@1"]["weights"] == {"f": 0.0, "minilm": 1.0} and tied["i2t_R@1"]["test"] == 10
-    grid = [
-        {"weights": {"f": w, "inet": 1 - w, "minilm": 0.0}} | {k: w for k in METRICS}
-        for w in (0.2, 0.8)
-    ]
-    other = [row | {"weights": {"f": 0.5}} for row in grid]
-    with pytest.raises(ValueError, match="different weights"):
-        best_weights({"alpha_grid": grid}, {"alpha_grid": other}, ["inet", "minilm"])
 
 
 def record(setting, method, seed, value, chosen=None):

@@ -1,7 +1,7 @@
 """project/experiments/report.py, pure functions of the paper experiment's records: the
 summary (mean and sample std over seeds), ties within the seed spread, the findings; and a
 run whose eval.json lacks what the report needs; the α-sweep averaged over seeds, one run's
-record and results.md."""
+record and results.md; the mixture weights chosen on val, which every experiment reports."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from threetowers.errors import UserError
 from threetowers.project.experiments.report import (
     METRICS,
     SWEEP_METRICS,
+    chosen_on_val,
     compare,
     findings,
     markdown,
@@ -170,3 +171,33 @@ def test_one_seed_shows_no_spread_and_says_so():
     text = markdown(summary, [], {}, [], "splits")
     assert "| — | CLIP |" + " 30.0 |" * len(METRICS) in text.splitlines()
     assert "With one seed there is no spread" in text
+
+
+def alpha_sweep(values: list[float]) -> dict:
+    """eval.json's alpha_sweep at alpha 0, 0.5, 1 with every metric at ``values``."""
+    rows = zip((0.0, 0.5, 1.0), values, strict=True)
+    return {"alpha_sweep": [{"alpha": a} | {k: v for k in METRICS} for a, v in rows]}
+
+
+def test_mixture_weights_are_chosen_on_val_and_reported_on_test():
+    chosen = chosen_on_val(
+        alpha_sweep([10.0, 30.0, 20.0]), alpha_sweep([5.0, 1.0, 9.0]), ("h",), METRICS
+    )
+    assert chosen["t2i_R@5"] == {"weights": {"f": 1.0, "h": 0.0}, "val": 9.0, "test": 20.0}
+    tied = chosen_on_val(
+        alpha_sweep([10.0, 30.0, 20.0]), alpha_sweep([7.0, 7.0, 1.0]), ("h",), METRICS
+    )
+    assert tied["i2t_R@1"]["weights"] == {"f": 0.0, "h": 1.0}, "a tie: the first in order"
+    grid = [
+        {"weights": {"f": w, "timg": 0.0, "ttxt": 0.0, "t": 1 - w}} | {k: 10 * w for k in METRICS}
+        for w in (0.2, 0.8)
+    ]
+    val = [row | {k: 10 - row[k] for k in METRICS} for row in grid]
+    chosen = chosen_on_val(
+        {"alpha_grid": grid}, {"alpha_grid": val}, ("timg", "ttxt", "t"), METRICS
+    )
+    assert chosen["zeroshot_top1"]["weights"]["t"] == pytest.approx(0.8)
+    assert chosen["zeroshot_top1"]["test"] == pytest.approx(2.0)
+    other = [row | {"weights": {"f": 0.5}} for row in grid]
+    with pytest.raises(ValueError, match="different weights"):
+        chosen_on_val({"alpha_grid": grid}, {"alpha_grid": other}, ("timg", "ttxt", "t"), METRICS)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from threetowers.config import Config, load_config
 from threetowers.files.readback import read_json
-from threetowers.project.experiments.report import HEADLINE, LABELS, compare
+from threetowers.project.experiments.report import HEADLINE, LABELS, chosen_on_val, compare, spread
 from threetowers.project.experiments.reproduce import RunSpec
 
 METRICS = ("zeroshot_top1", "i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5")
@@ -32,35 +32,6 @@ MIXTURES = {"alpha_sweep", "alpha_grid"}  # eval.json's mixture sweep, one tower
 
 
 # ------------------------------------------------------------------------ records
-def weight_rows(scores: dict, parts: tuple[str, ...]) -> list[dict]:
-    """eval.json's mixture as ``{"weights": {part: w}, metric: value}`` rows; ``parts``: the
-    run's parts besides f (the one tower's name for an ``alpha_sweep``)."""
-    if "alpha_sweep" in scores:
-        (part,) = parts
-        return [
-            {"weights": {"f": row["alpha"], part: round(1 - row["alpha"], 10)}} | row
-            for row in scores["alpha_sweep"]
-        ]
-    return scores["alpha_grid"]
-
-
-def chosen_on_val(test: dict, val: dict, parts: tuple[str, ...]) -> dict[str, dict]:
-    """metric -> the mixture weights that score best on val, with their val and test values
-    (ties on val go to the first such weights in the sweep's order)."""
-    val_rows, test_rows = weight_rows(val, parts), weight_rows(test, parts)
-    if [r["weights"] for r in val_rows] != [r["weights"] for r in test_rows]:
-        raise ValueError("eval.json and eval_val.json sweep different weights")
-    chosen = {}
-    for metric in METRICS:
-        best = max(range(len(val_rows)), key=lambda i: (val_rows[i][metric], -i))
-        chosen[metric] = {
-            "weights": val_rows[best]["weights"],
-            "val": val_rows[best][metric],
-            "test": test_rows[best][metric],
-        }
-    return chosen
-
-
 def run_record(spec: RunSpec, run_dir: Path) -> dict:
     """One run's entry of results.json in the grid's schema (setting, method, seed, run_dir,
     metrics: the deployed (z_f, z_g) on test), with its towers and steps, and for a 3T student
@@ -73,15 +44,11 @@ def run_record(spec: RunSpec, run_dir: Path) -> dict:
     record |= {k: test[k] for k in METRICS}
     if spec.method == "3t" and spec.setting != "teacher" and MIXTURES & test.keys():
         val = read_json(run_dir / "eval_val.json")
-        record["best_alpha"] = chosen_on_val(test, val, cfg.model.structure().parts)
+        record["best_alpha"] = chosen_on_val(test, val, cfg.model.structure().parts, METRICS)
     return record
 
 
 # ------------------------------------------------------------------------ statistics
-def spread(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def table(records: list[dict]) -> dict[str, dict]:
     """line -> metric -> (mean, std over seeds), and its seeds: the teacher, each student as
     deployed, then the students with the teacher pair at the weights chosen on val."""

@@ -19,7 +19,6 @@ and reported on the test splits (``eval.json``), next to the run's own towers (f
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 
 from threetowers.config import Config, FrozenTowerConfig
@@ -28,7 +27,7 @@ from threetowers.files.readback import read_json
 from threetowers.model.trained import load_trained
 from threetowers.project.experiments.driver import run_experiment
 from threetowers.project.experiments.jobs import Job
-from threetowers.project.experiments.report import METHOD_NAMES, compare
+from threetowers.project.experiments.report import METHOD_NAMES, chosen_on_val, compare, spread
 from threetowers.project.experiments.reproduce import (
     RunSpec,
     prepare_data,
@@ -110,35 +109,6 @@ def jobs(cfg: Config, out: Path) -> list[Job]:
 
 
 # ------------------------------------------------------------------------ report
-def _weight_rows(scores: dict, towers: list[str]) -> list[dict]:
-    """The run's convex combinations as ``{"weights": {part: w}, metric: value}`` rows."""
-    if "alpha_sweep" in scores:
-        (tower,) = towers
-        return [
-            {"weights": {"f": row["alpha"], tower: round(1 - row["alpha"], 10)}} | row
-            for row in scores["alpha_sweep"]
-        ]
-    return scores["alpha_grid"]
-
-
-def best_weights(test: dict, val: dict, towers: list[str]) -> dict[str, dict]:
-    """metric -> the weights that score best on val, with their val and test values; ties
-    go to the first such row in the sweep's order."""
-    val_rows, test_rows = _weight_rows(val, towers), _weight_rows(test, towers)
-    chosen = {}
-    for metric in METRICS:
-        index = max(range(len(val_rows)), key=lambda i: (val_rows[i][metric], -i))
-        weights = val_rows[index]["weights"]
-        if test_rows[index]["weights"] != weights:
-            raise ValueError("eval.json and eval_val.json sweep different weights")
-        chosen[metric] = {
-            "weights": weights,
-            "val": val_rows[index][metric],
-            "test": test_rows[index][metric],
-        }
-    return chosen
-
-
 def run_record(spec: RunSpec, run_dir: Path) -> dict:
     """One run's entry of results.json: the grid's schema (setting, method, seed, metrics),
     and for 3T the weights chosen on val."""
@@ -148,7 +118,7 @@ def run_record(spec: RunSpec, run_dir: Path) -> dict:
     if spec.method == "3t":
         val = read_json(run_dir / "eval_val.json")
         towers = [tower.name for tower in SETTINGS[spec.setting]]
-        record["best_alpha"] = best_weights(test, val, towers)
+        record["best_alpha"] = chosen_on_val(test, val, tuple(towers), METRICS)
     return record
 
 
@@ -171,13 +141,9 @@ def rows(records: list[dict]) -> list[tuple[str, list[dict]]]:
     return out
 
 
-def _spread(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def summary(records: list[dict]) -> dict[str, dict[str, tuple[float, float]]]:
     return {
-        label: {k: _spread([run[k] for run in runs]) for k in METRICS}
+        label: {k: spread([run[k] for run in runs]) for k in METRICS}
         for label, runs in rows(records)
     }
 

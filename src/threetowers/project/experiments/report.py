@@ -48,7 +48,8 @@ def run_record(setting: str, method: str, seed: int, run_dir: Path) -> dict:
     return record
 
 
-def _spread(values: list[float]) -> tuple[float, float]:
+def spread(values: list[float]) -> tuple[float, float]:
+    """(mean, sample standard deviation) over seeds; one seed: a spread of 0."""
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
@@ -58,7 +59,7 @@ def summarise(records: list[dict]) -> dict[tuple[str, str], dict[str, tuple[floa
     for record in records:
         groups.setdefault((record["setting"], record["method"]), []).append(record)
     return {
-        key: {k: _spread([r[k] for r in rows]) for k in METRICS} | {"seeds": len(rows)}
+        key: {k: spread([r[k] for r in rows]) for k in METRICS} | {"seeds": len(rows)}
         for key, rows in groups.items()
     }
 
@@ -222,3 +223,35 @@ def write_report(out: Path, cfg: Config, records: list[dict], classifiers: dict)
     if sweeps:
         plot_alpha_sweep(sweeps, SWEEP_METRICS, out / "alpha.png")
     return results
+
+
+def weight_rows(scores: dict, parts: tuple[str, ...]) -> list[dict]:
+    """eval.json's mixture as ``{"weights": {part: w}, metric: value}`` rows; ``parts``: the
+    run's parts besides f (the one tower's name for an ``alpha_sweep``)."""
+    if "alpha_sweep" in scores:
+        (part,) = parts
+        return [
+            {"weights": {"f": row["alpha"], part: round(1 - row["alpha"], 10)}} | row
+            for row in scores["alpha_sweep"]
+        ]
+    return scores["alpha_grid"]
+
+
+def chosen_on_val(
+    test: dict, val: dict, parts: tuple[str, ...], metrics: tuple[str, ...]
+) -> dict[str, dict]:
+    """metric -> the mixture weights that score best on val, with their val and test values
+    (ties on val go to the first such weights in the sweep's order); ``test`` and ``val``:
+    a run's eval.json on each split."""
+    val_rows, test_rows = weight_rows(val, parts), weight_rows(test, parts)
+    if [r["weights"] for r in val_rows] != [r["weights"] for r in test_rows]:
+        raise ValueError("eval.json and eval_val.json sweep different weights")
+    chosen = {}
+    for metric in metrics:
+        best = max(range(len(val_rows)), key=lambda i: (val_rows[i][metric], -i))
+        chosen[metric] = {
+            "weights": val_rows[best]["weights"],
+            "val": val_rows[best][metric],
+            "test": test_rows[best][metric],
+        }
+    return chosen

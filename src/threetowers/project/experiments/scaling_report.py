@@ -11,7 +11,7 @@ import statistics
 from pathlib import Path
 
 from threetowers.config import Config
-from threetowers.project.experiments.report import HEADLINE, LABELS, METHOD_NAMES, compare
+from threetowers.project.experiments.report import HEADLINE, LABELS, METHOD_NAMES, compare, spread
 
 AXES = ("pairs", "towers", "third")
 AXIS_LABELS = {
@@ -19,10 +19,6 @@ AXIS_LABELS = {
     "towers": "parameters of f and g",
     "third": "parameters of the frozen tower h",
 }
-
-
-def spread(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def curves(records: list[dict]) -> dict[str, dict[str, list[dict]]]:

@@ -15,6 +15,7 @@ from threetowers.backbones.classifier import (
     load_classifier_backbone,
     save_classifier,
 )
+from threetowers.backbones.trained_pair import load_run_pair
 from threetowers.cli import main
 from threetowers.files.checkpoints import (
     FROZEN_SHA256,
@@ -22,6 +23,7 @@ from threetowers.files.checkpoints import (
     CheckpointError,
     check_frozen,
 )
+from threetowers.model.trained import load_trained
 
 
 def save_frozen_tower(path, seed: int) -> None:
@@ -65,6 +67,9 @@ def test_a_frozen_tower_changed_in_place_is_refused_at_resume(world_dir, tmp_pat
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000001"]
     assert main(["eval", str(run)]) == 2  # a loaded run is checked too
     assert "was trained with other frozen towers: model.frozen[0] 'h'" in capsys.readouterr().err
+    # what reads f and g only (an export, a frozen pair) does not need the frozen towers
+    assert load_trained(run, uses_frozen=False).step == 1
+    assert load_run_pair(run).image.feature_dim == cfg.model.embed_dim
 
     save_frozen_tower(weights, seed=0)  # put back: the run resumes and finishes
     assert main(["train", str(config), "--run-dir", str(run), "--quiet"]) == 0

@@ -170,7 +170,7 @@ def load_run_pair(path: str | Path) -> FrozenPair:
             f"{run_dir} trained f and g apart (loss.weights.{MAIN_TERM} 0 in {where}), so its "
             "W_f and W_g share no space; name a run whose main term has a positive weight"
         )
-    run = load_trained(folder)
+    run = load_trained(folder, uses_frozen=False)  # f and g, not its frozen towers
     model = run.model
     return tower_pair(
         Projected(model.image_tower, model.heads["f"]),

@@ -60,12 +60,15 @@ def trained_tokenizer(run_dir: Path, cfg: Config, checkpoint: Checkpoint) -> Cap
     return tokenizer
 
 
-def load_trained(path: str | Path, device: str = "cpu") -> TrainedRun:
-    """``path``: a run directory (its latest valid checkpoint) or one checkpoint directory."""
+def load_trained(path: str | Path, device: str = "cpu", uses_frozen: bool = True) -> TrainedRun:
+    """``path``: a run directory (its latest valid checkpoint) or one checkpoint directory.
+    ``uses_frozen``: refuse frozen towers changed since the checkpoint was written (False: the
+    caller reads f and g only, as an export does)."""
     run_dir, checkpoint = find_checkpoint(path)
     cfg = load_config(run_dir / "config.yaml")
     model = build_model(cfg, device=device)
-    check_frozen(checkpoint, frozen_digests(model), frozen_sources(cfg.model))
+    if uses_frozen:
+        check_frozen(checkpoint, frozen_digests(model), frozen_sources(cfg.model))
     restore_model(model, checkpoint)
     tokenizer = trained_tokenizer(run_dir, cfg, checkpoint)
     identity = {

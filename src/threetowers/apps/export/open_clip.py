@@ -230,7 +230,7 @@ def open_clip_config(run: TrainedRun) -> dict:
 def export_open_clip(run_dir: str | Path, out: str | Path, alpha: float | None = None) -> dict:
     """Write ``run_dir``'s model as an OpenCLIP folder at ``out``; returns its config.
     Raises ExportError, listing every reason, for a run OpenCLIP cannot hold exactly."""
-    run = load_trained(run_dir)
+    run = load_trained(run_dir, uses_frozen=False)  # f and g only
     reasons = refusals(run.cfg, alpha)
     if reasons:
         listed = "\n".join(f"  - {reason}" for reason in reasons)

@@ -152,7 +152,7 @@ def export_teacher(teacher: Config, folder: Path) -> dict:
     from threetowers.backbones.trained_pair import OPEN_CLIP_CONFIG
     from threetowers.model.trained import load_trained
 
-    run = load_trained(teacher.train.run_dir)
+    run = load_trained(teacher.train.run_dir, uses_frozen=False)  # its f and g
     written = folder / OPEN_CLIP_CONFIG
     if written.is_file() and read_json(written)["threetowers"]["fingerprint"] == run.fingerprint:
         return read_json(written)

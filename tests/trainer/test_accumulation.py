@@ -8,13 +8,16 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 from contextlib import nullcontext
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import threetowers as tt
 from tests.conftest import tiny_backbone, tiny_batch, tiny_config
 from threetowers import build_model, distributed
 from threetowers.model.three_towers import batch_embeddings
@@ -224,3 +227,30 @@ def test_a_runs_logged_losses_equal_without_micro_batches_or_checkpointing(world
     assert losses("train.activation_checkpointing=true") == pytest.approx(whole_batch, rel=1e-6)
     both = losses("train.micro_batch=5", "train.activation_checkpointing=true")
     assert both == pytest.approx(whole_batch, rel=1e-5)
+
+
+def test_a_run_resumed_in_micro_batches_goes_on_to_the_same_losses(world_dir, tmp_path):
+    """On smaller GPUs a run goes on in micro-batches with checkpointed blocks (a resume may
+    change them): the steps after the resume log the uninterrupted run's losses."""
+    from tests.helpers.runs import tiny_run_config
+    from threetowers.trainer.loop import train
+
+    def run_config(*overrides: str) -> tt.Config:
+        common = ["train.steps=4", "train.checkpoint_every=2"]
+        return tiny_run_config(world_dir, tmp_path / "cache", *common, *overrides)
+
+    def losses(run: Path) -> dict[int, float]:
+        lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return {line["step"]: line["loss"] for line in lines if "loss" in line}
+
+    whole = train(run_config(), tmp_path / "whole", progress=False)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000004")  # it stopped at step 2
+    smaller = ["train.micro_batch=5", "train.activation_checkpointing=true"]
+    train(run_config(*smaller), resumed, progress=False)
+    expected, got = losses(whole), losses(resumed)
+    assert sorted(got) == [1, 2, 3, 4] and got[2] == expected[2]
+    assert [got[3], got[4]] == pytest.approx([expected[3], expected[4]], rel=1e-5)
+    recorded = tt.load_config(resumed / "config.yaml").train
+    assert (recorded.micro_batch, recorded.activation_checkpointing) == (5, True)

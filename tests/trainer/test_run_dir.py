@@ -16,7 +16,7 @@ import torch
 
 import threetowers as tt
 from threetowers.cli import main
-from threetowers.config import ConfigError
+from threetowers.config import ConfigError, load_config
 from threetowers.trainer.run_dir import (
     MetricsLog,
     config_to_train,
@@ -112,15 +112,43 @@ def test_another_config_is_refused_once_the_run_has_a_checkpoint(tmp_path):
         (["train.steps=8", "train.lr=0.01", "model.embed_dim=16"], "model.embed_dim, train.lr"),
         (["train.steps=6"], "train.steps"),  # fewer steps: not a continuation
         (["train.steps=12", "train.lr=0.01"], "train.steps, train.lr"),
+        (["train.steps=8", "train.lr=0.01", "train.micro_batch=4"], "train.lr"),
     ):
         with pytest.raises(ConfigError) as refused:
             config_to_train(tiny(*overrides), tmp_path, 8)
         assert str(refused.value) == (
             f"{tmp_path} holds a run with a different config ({tmp_path}/config.yaml: {differ} "
             "differ) and a checkpoint of step 8; resuming it with this one would mix two runs. "
-            "Use the same config to resume, only a larger train.steps to continue it, or a new "
-            f"run directory (train.init_from={tmp_path} starts from its weights)"
+            "Use the same config to resume (train.micro_batch, train.activation_checkpointing, "
+            "train.checkpoint_every, train.keep_checkpoints may differ), only a larger "
+            f"train.steps to continue it, or a new run directory (train.init_from={tmp_path} "
+            "starts from its weights)"
         )
+
+
+def test_a_resume_may_change_memory_and_bookkeeping_settings_which_config_yaml_records(
+    tmp_path, caplog
+):
+    record_config(tiny("train.steps=8", "train.precision=fp32"), tmp_path)
+    smaller = ["train.micro_batch=4", "train.activation_checkpointing=true"]
+    with caplog.at_level(logging.INFO, logger="threetowers.trainer.run_dir"):
+        admitted = config_to_train(tiny("train.steps=8", *smaller), tmp_path, 6)
+    train = admitted.train
+    assert (train.micro_batch, train.activation_checkpointing, train.steps) == (4, True, 8)
+    assert train.precision == "fp32"  # as made: a rewritten config.yaml records it, not auto
+    assert caplog.messages == [
+        f"{tmp_path} goes on with train.micro_batch=4 (was 0), "
+        "train.activation_checkpointing=True (was False) (memory and bookkeeping: the same "
+        "training)"
+    ]
+    record_config(admitted, tmp_path)
+    assert load_config(tmp_path / "config.yaml").train.micro_batch == 4
+    # the command that made the run goes on with the settings it names
+    assert config_to_train(tiny("train.steps=8"), tmp_path, 7).train.micro_batch == 0
+    # with a continuation
+    continued = config_to_train(tiny("train.steps=12", "train.keep_checkpoints=9"), tmp_path, 8)
+    assert (continued.train.continued_from, continued.train.keep_checkpoints) == ([8], 9)
+    assert continued.train.micro_batch == 0
 
 
 def test_continued_from_must_lie_before_the_steps():

@@ -53,7 +53,8 @@ class TrainConfig(Section):
     activation_checkpointing: bool = Field(
         False,
         description="Checkpoint each Transformer block of f and g: activation memory of one "
-        "block's input per block, for a second forward of the towers in the backward pass.",
+        "block's input per block, for a second forward of the towers in the backward pass. "
+        "A resume may change it.",
     )
     micro_batch: int = Field(
         0,
@@ -61,7 +62,8 @@ class TrainConfig(Section):
         description="Pairs per rank per pass; 0: the whole local batch. Smaller runs the towers "
         "a micro-batch at a time and accumulates the whole batch's gradients exactly "
         "(GradCache's way: embeddings first, the loss on all of them, then each micro-batch "
-        "again with a graph), so activation memory follows micro_batch, not data.batch_size.",
+        "again with a graph), so activation memory follows micro_batch, not data.batch_size. "
+        "A resume may change it (on smaller GPUs).",
     )
     parallel: Literal["ddp", "fsdp"] = Field(
         "ddp",

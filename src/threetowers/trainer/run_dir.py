@@ -4,7 +4,8 @@ A run directory holds one run, made by one config. Once the run has a checkpoint
 with another config is refused (its exact resume needs the config it was made with), but
 for a continuation: the same config with a larger ``train.steps``, which config.yaml then
 records with the previous steps in ``train.continued_from`` (the learning-rate schedule of
-the added steps: ``trainer.optim.continued_schedule``). Before its first checkpoint a run
+the added steps: ``trainer.optim.continued_schedule``), and but for the memory and
+bookkeeping settings of :data:`RESUME_MAY_CHANGE`. Before its first checkpoint a run
 holds nothing trained, so a start with another config replaces the old one, and what was
 made for the old config (its tokenizer, its evaluation) is made again.
 
@@ -47,6 +48,15 @@ RECORDED_PACKAGES = (
 )
 # What a start makes for its config before the run's first checkpoint.
 MADE_FOR_CONFIG = ("tokenizer.json", "tokenizer_sample.json", "eval.json")
+# What a resume may change: memory and bookkeeping, never what is trained (micro-batches
+# accumulate the whole batch's gradients exactly; a checkpointed block computes the same), so
+# a run goes on on smaller GPUs, or checkpoints more often. config.yaml records the new values.
+RESUME_MAY_CHANGE = (
+    "micro_batch",
+    "activation_checkpointing",
+    "checkpoint_every",
+    "keep_checkpoints",
+)
 
 
 def run_dir_of(cfg: Config, run_dir: str | Path | None) -> Path:
@@ -82,7 +92,8 @@ def config_to_train(cfg: Config, run_dir: Path, checkpoint_step: int | None) -> 
     at ``checkpoint_step`` (None: none). Without a checkpoint, ``cfg``. With one: the recorded
     config when ``cfg`` is that one (``train.continued_from`` may be left out), or its
     continuation when ``cfg`` differs only in a larger ``train.steps``; else a ConfigError.
-    Either way in the precision the run was made with (:func:`_trained_precision`)."""
+    Either may change the settings of :data:`RESUME_MAY_CHANGE`. Either way in the precision
+    the run was made with (:func:`_trained_precision`)."""
     config_file = run_dir / "config.yaml"
     if not config_file.exists():
         return cfg
@@ -92,11 +103,27 @@ def config_to_train(cfg: Config, run_dir: Path, checkpoint_step: int | None) -> 
             return cfg
         return _trained_precision(cfg, recorded, run_dir, rewritten=False)
     recorded = load_config(config_file)
-    cfg = _continued(cfg, cfg.train.continued_from or recorded.train.continued_from)
-    if _same(cfg, recorded):
-        return _trained_precision(cfg, recorded, run_dir, rewritten=False)
+    settings = {
+        key: getattr(cfg.train, key)
+        for key in RESUME_MAY_CHANGE
+        if getattr(cfg.train, key) != getattr(recorded.train, key)
+    }
+    cfg = _with_train(cfg, {key: getattr(recorded.train, key) for key in settings})  # as made
+    cfg = _with_train(
+        cfg, {"continued_from": cfg.train.continued_from or recorded.train.continued_from}
+    )
     before = recorded.train.steps
-    if cfg.train.steps > before and _same(_with_steps(cfg, before), recorded):
+    admitted, continued = cfg, not _same(cfg, recorded)
+    if continued:
+        if not (cfg.train.steps > before and _same(_with_train(cfg, {"steps": before}), recorded)):
+            raise ConfigError(
+                f"{run_dir} holds a run with a different config ({config_file}: "
+                f"{', '.join(_differences(_as_recorded(cfg, recorded), recorded))} differ) and "
+                f"a checkpoint of step {checkpoint_step}; resuming it with this one would mix "
+                f"two runs. Use the same config to resume ({_may_change()} may differ), only a "
+                "larger train.steps to continue it, or a new run directory "
+                f"(train.init_from={run_dir} starts from its weights)"
+            )
         log.info(
             "continuing %s from train.steps=%d to %d: the lr schedule restarts at step %d",
             run_dir,
@@ -104,15 +131,22 @@ def config_to_train(cfg: Config, run_dir: Path, checkpoint_step: int | None) -> 
             cfg.train.steps,
             before,
         )
-        continued = _continued(cfg, [*recorded.train.continued_from, before])
-        return _trained_precision(continued, recorded, run_dir, rewritten=True)
-    raise ConfigError(
-        f"{run_dir} holds a run with a different config ({config_file}: "
-        f"{', '.join(_differences(_as_recorded(cfg, recorded), recorded))} differ) and a "
-        f"checkpoint of step {checkpoint_step}; resuming it with this one would mix two runs. "
-        "Use the same config to resume, only a larger train.steps to continue it, or a new run "
-        f"directory (train.init_from={run_dir} starts from its weights)"
-    )
+        admitted = _with_train(cfg, {"continued_from": [*recorded.train.continued_from, before]})
+    if settings:
+        log.info(
+            "%s goes on with %s (memory and bookkeeping: the same training)",
+            run_dir,
+            ", ".join(
+                f"train.{key}={value} (was {getattr(recorded.train, key)})"
+                for key, value in settings.items()
+            ),
+        )
+    admitted = _with_train(admitted, settings)
+    return _trained_precision(admitted, recorded, run_dir, rewritten=continued or bool(settings))
+
+
+def _may_change() -> str:
+    return ", ".join(f"train.{key}" for key in RESUME_MAY_CHANGE)
 
 
 def record_config(cfg: Config, run_dir: Path) -> None:
@@ -179,18 +213,12 @@ def _device_type(cfg: Config) -> str:
 
 
 def _with_precision(cfg: Config, precision: str) -> Config:
-    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": precision})})
+    return _with_train(cfg, {"precision": precision})
 
 
-def _continued(cfg: Config, history: list[int]) -> Config:
-    """``cfg`` with ``train.continued_from`` set to ``history``."""
-    return cfg.model_copy(
-        update={"train": cfg.train.model_copy(update={"continued_from": list(history)})}
-    )
-
-
-def _with_steps(cfg: Config, steps: int) -> Config:
-    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": steps})})
+def _with_train(cfg: Config, values: dict) -> Config:
+    """``cfg`` with these ``train`` settings (values of a validated config: not checked)."""
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update=values)})
 
 
 def _differences(cfg: Config, recorded: Config) -> list[str]:

@@ -7,8 +7,8 @@ A checkpoint is a directory ``RUN/checkpoints/step_00001234/`` holding
     state.pt            optimizer, scheduler, RNG and data position; plain tensors and
                         containers only, read with ``torch.load(weights_only=True)``
     meta.json           step, sha256 of both files, data fingerprints (tokenizer, frozen
-                        towers, caches),
-                        and the sha256 of all that (a flipped digit must not move the step)
+                        towers, caches), and the sha256 of all that (a flipped digit must
+                        not move the step)
 
 A checkpoint whose checksums do not match, or that holds anything but tensors and plain
 containers (a pickle that would run code), is refused with :class:`CheckpointError`;

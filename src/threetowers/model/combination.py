@@ -54,5 +54,5 @@ def concatenate(
     """:func:`mix` of the parts in ``dims``' order; a part of weight 0 (absent from
     ``weights``) is zeros of its dimension."""
     like = next(iter(parts.values()))
-    present = [parts[p] if p in weights else like.new_zeros(len(like), d) for p, d in dims.items()]
-    return mix(present, [weights.get(p, 0.0) for p in dims])
+    pieces = [parts[p] if p in weights else like.new_zeros(len(like), d) for p, d in dims.items()]
+    return mix(pieces, [weights.get(p, 0.0) for p in dims])

@@ -4,8 +4,8 @@ A run directory holds one run, made by one config. Once the run has a checkpoint
 with another config is refused (its exact resume needs the config it was made with), but
 for a continuation: the same config with a larger ``train.steps``, which config.yaml then
 records with the previous steps in ``train.continued_from`` (the learning-rate schedule of
-the added steps: ``trainer.optim.continued_schedule``), and but for the memory and
-bookkeeping settings of :data:`RESUME_MAY_CHANGE`. Before its first checkpoint a run
+the added steps: ``trainer.optim.continued_schedule``); a resume may also change the memory
+and bookkeeping settings of :data:`RESUME_MAY_CHANGE`. Before its first checkpoint a run
 holds nothing trained, so a start with another config replaces the old one, and what was
 made for the old config (its tokenizer, its evaluation) is made again.
 

@@ -120,9 +120,9 @@ def test_another_config_is_refused_once_the_run_has_a_checkpoint(tmp_path):
             f"{tmp_path} holds a run with a different config ({tmp_path}/config.yaml: {differ} "
             "differ) and a checkpoint of step 8; resuming it with this one would mix two runs. "
             "Use the same config to resume (train.micro_batch, train.activation_checkpointing, "
-            "train.checkpoint_every, train.keep_checkpoints may differ), only a larger "
-            f"train.steps to continue it, or a new run directory (train.init_from={tmp_path} "
-            "starts from its weights)"
+            "train.checkpoint_every, train.keep_checkpoints, train.log_every may differ), only a "
+            f"larger train.steps to continue it, or a new run directory (train.init_from="
+            f"{tmp_path} starts from its weights)"
         )
 
 

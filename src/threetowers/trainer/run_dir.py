@@ -50,12 +50,14 @@ RECORDED_PACKAGES = (
 MADE_FOR_CONFIG = ("tokenizer.json", "tokenizer_sample.json", "eval.json")
 # What a resume may change: memory and bookkeeping, never what is trained (micro-batches
 # accumulate the whole batch's gradients exactly; a checkpointed block computes the same), so
-# a run goes on on smaller GPUs, or checkpoints more often. config.yaml records the new values.
+# a run goes on on smaller GPUs, or checkpoints and logs more often. config.yaml records the
+# new values.
 RESUME_MAY_CHANGE = (
     "micro_batch",
     "activation_checkpointing",
     "checkpoint_every",
     "keep_checkpoints",
+    "log_every",
 )
 
 

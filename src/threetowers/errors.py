@@ -16,6 +16,11 @@ class UserError(Exception):
     what is wrong, where and how to fix it."""
 
 
+def listed(reasons: list[str]) -> str:
+    """Every reason of a refusal, one indented line each (what a message lists)."""
+    return "\n".join(f"  - {reason}" for reason in reasons)
+
+
 class MissingExtraError(UserError, ImportError):
     """A command needs an optional dependency that this install lacks."""
 

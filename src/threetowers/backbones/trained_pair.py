@@ -33,7 +33,7 @@ from threetowers.backbones.frozen import RESIZE_MODES, FrozenBackbone, Preproces
 from threetowers.backbones.pair import FrozenPair
 from threetowers.backbones.text_encoder import FrozenTextEncoder
 from threetowers.data.tokenizer import CaptionTokenizer
-from threetowers.errors import UserError
+from threetowers.errors import UserError, listed
 from threetowers.files.readback import read_json
 from threetowers.model.objective import MAIN_TERM
 from threetowers.towers.text import TextTransformer
@@ -196,11 +196,10 @@ def load_open_clip_pair(path: str | Path) -> FrozenPair:
     config = read_json(config_path, fix="export the run again")
     reasons = _open_clip_refusals(config)
     if reasons:
-        listed = "\n".join(f"  - {reason}" for reason in reasons)
         raise TrainedPairError(
             f"{config_path} is not {EXPORTED}, the one OpenCLIP form a frozen pair reads "
-            f"natively:\n{listed}\nExport the run again, or save another OpenCLIP model as a "
-            "transformers CLIP folder (save_pretrained) and name that folder"
+            f"natively:\n{listed(reasons)}\nExport the run again, or save another OpenCLIP "
+            "model as a transformers CLIP folder (save_pretrained) and name that folder"
         )
     model_cfg = config["model_cfg"]
     try:

@@ -26,7 +26,7 @@ from threetowers.backbones.trained_pair import (
     open_clip_block_names,
 )
 from threetowers.config import Config
-from threetowers.errors import UserError
+from threetowers.errors import UserError, listed
 from threetowers.files.atomic import TMP_MARK, save_tensors, write_atomic
 from threetowers.model.build import structure_of
 from threetowers.model.objective import MAIN_TERM
@@ -233,8 +233,7 @@ def export_open_clip(run_dir: str | Path, out: str | Path, alpha: float | None =
     run = load_trained(run_dir, uses_frozen=False)  # f and g only
     reasons = refusals(run.cfg, alpha)
     if reasons:
-        listed = "\n".join(f"  - {reason}" for reason in reasons)
-        raise ExportError(f"{run_dir} cannot be exported to OpenCLIP exactly:\n{listed}")
+        raise ExportError(f"{run_dir} cannot be exported to OpenCLIP exactly:\n{listed(reasons)}")
     out = Path(out)
     config = open_clip_config(run)
     weights = state_dict(run.model)  # may still refuse (the bias fold): before writing

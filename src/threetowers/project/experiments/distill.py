@@ -34,6 +34,7 @@ import json
 from pathlib import Path
 
 from threetowers.config import Config, ConfigError, FrozenTowerConfig, ModelConfig
+from threetowers.errors import listed
 from threetowers.files.readback import read_json
 from threetowers.project.experiments.distill_report import METRICS, run_record, write_report
 from threetowers.project.experiments.driver import run_experiment
@@ -96,10 +97,9 @@ def teacher_config(cfg: Config, out: Path) -> Config:
     run = run_of(cfg, TEACHER, TEACHER_TOWERS, TEACHER_STEPS, model, out)
     reasons = refusals(run)
     if reasons:
-        listed = "\n".join(f"  - {reason}" for reason in reasons)
         raise ConfigError(
             f"the distill experiment's teacher ({TEACHER_TOWERS} towers, exportable pooling) "
-            f"cannot be exported to OpenCLIP:\n{listed}"
+            f"cannot be exported to OpenCLIP:\n{listed(reasons)}"
         )
     return run
 
